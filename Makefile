@@ -1,0 +1,56 @@
+# Two set-up commands on a fresh machine: `make demo` and `make test`.
+# Both create or reuse .venv and install what they need. Torch is installed as torch==2.13.0
+# when no torch is importable in the venv, so no resolver ever pulls a newer (CUDA) torch.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+PIP    := $(VPY) -m pip install --quiet --disable-pip-version-check
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: demo test test-fast bench lint venv install install-test clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch: | $(VENV)/bin/python
+	@$(VPY) -c "import torch" 2>/dev/null || $(PIP) "torch==$(TORCH_VERSION)"
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) -e .
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
+	$(PIP) -e ".[test]"
+	@touch $@ $(VENV)/.installed
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-test
+	$(PIP) -e ".[dev]"
+	@touch $@
+
+venv install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+## demo: simulate a MOLLI series of a phantom with known T1, fit it, print truth vs estimate, write maps.
+demo: $(VENV)/.installed
+	$(VPY) -m qmrkit.demo --out demo-output
+
+## test: the whole suite (slow tests included), as CI runs it.
+test: $(VENV)/.installed-test
+	$(VPY) -m pytest -q -n 2 --dist loadfile
+
+## test-fast: skip the tests marked slow (for development).
+test-fast: $(VENV)/.installed-test
+	$(VPY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+
+## bench: every benchmark script; tables printed, numbers written to benchmarks/results/.
+bench: $(VENV)/.installed-test
+	@for b in benchmarks/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache
