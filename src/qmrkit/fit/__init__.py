@@ -1,0 +1,32 @@
+"""Generic parameter estimation for any signal model written in PyTorch.
+
+Solvers: :func:`lm` (batched Levenberg–Marquardt, the default for smooth models), :func:`adam`
+(whole-volume gradient descent with Adam/SGDM/RMSProp, L1/L2/Huber losses and regularisers such as
+total variation), :func:`dictionary_search` (starts, or a fit of its own). This package knows no MRI
+physics: models live in :mod:`qmrkit.models` or come from :func:`model_from_function`.
+"""
+
+from .adam import adam
+from .dictionary import dictionary_search
+from .lm import lm
+from .model import FunctionModel, Model, Parameter, model_from_function
+from .problem import Problem, make_problem
+from .regularizers import CustomRegularizer, Regularizer, RegularizerContext, TotalVariation
+from .result import FitResult
+
+__all__ = [
+    "Model",
+    "Parameter",
+    "FunctionModel",
+    "model_from_function",
+    "Problem",
+    "make_problem",
+    "FitResult",
+    "lm",
+    "adam",
+    "Regularizer",
+    "RegularizerContext",
+    "TotalVariation",
+    "CustomRegularizer",
+    "dictionary_search",
+]

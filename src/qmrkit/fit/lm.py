@@ -1,0 +1,294 @@
+"""Batched Levenberg–Marquardt over all voxels at once.
+
+Each voxel is an independent small least-squares problem. All of them iterate together: residuals
+and Jacobians of every active voxel come from one batched forward-mode autodiff pass per parameter
+(no hand-written derivatives), the P×P damped normal equations are solved in float64 for every voxel
+in one batched Cholesky, and damping, acceptance and convergence are decided per voxel. A converged
+voxel leaves the active set, so it stops costing compute.
+
+Damping follows Nielsen's gain-ratio rule with Marquardt's diagonal scaling (scale-invariant in each
+parameter); bounds are respected by projecting each trial step onto the box.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from .._progress import get_logger, progress_bar
+from ..errors import ConvergenceWarning, ParameterError
+from .problem import Problem, make_problem
+from .result import FitResult
+from .starts import initial_theta
+
+log = get_logger("fit.lm")
+
+#: convergence reasons stored per voxel in ``FitResult.settings["reasons"]`` counts
+REASONS = {0: "running", 1: "ftol", 2: "xtol", 3: "exact", 4: "stalled", -1: "max_iter"}
+
+
+_FORWARD_AD_READY = False
+
+
+def _load_forward_ad() -> None:
+    """Torch loads its forward-mode decompositions on first use (≈1 s, once per process) and
+    emits a DeprecationWarning about torch.jit.script while doing so; keep that out of users' logs."""
+    global _FORWARD_AD_READY
+    if not _FORWARD_AD_READY:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            with fwAD.dual_level():
+                fwAD.make_dual(torch.zeros(1), torch.zeros(1))
+        _FORWARD_AD_READY = True
+
+
+def residual_and_jacobian(problem: Problem, theta: torch.Tensor, idx: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residuals ``(v, m)`` and Jacobian ``(v, m, P)`` of voxels ``idx`` at ``theta (v, P)``.
+
+    Forward-mode autodiff: one jvp per parameter over the whole batch (each voxel's residual depends
+    only on its own parameters, so a one-hot tangent column gives a Jacobian column). Falls back to
+    reverse mode if the model uses an operation without forward-mode support.
+    """
+    theta = theta.detach()
+    P = theta.shape[1]
+    _load_forward_ad()
+    try:
+        cols = []
+        r = None
+        with fwAD.dual_level():
+            for j in range(P):
+                tangent = torch.zeros_like(theta)
+                tangent[:, j] = 1.0
+                out = fwAD.unpack_dual(problem.residual(fwAD.make_dual(theta, tangent), idx))
+                if out.tangent is None:  # residual does not depend on this parameter
+                    cols.append(torch.zeros_like(out.primal))
+                else:
+                    cols.append(out.tangent)
+                r = out.primal
+        return r.detach(), torch.stack(cols, dim=-1).detach()
+    except (RuntimeError, NotImplementedError) as exc:  # pragma: no cover - exotic user models
+        log.debug("forward-mode Jacobian failed (%s); using reverse mode", exc)
+    with torch.enable_grad():
+        th = theta.clone().requires_grad_(True)
+        r = problem.residual(th, idx)
+        rows = [torch.autograd.grad(r[:, m].sum(), th, retain_graph=True, allow_unused=True)[0]
+                for m in range(r.shape[1])]
+        rows = [torch.zeros_like(th) if g is None else g for g in rows]
+    return r.detach(), torch.stack(rows, dim=1).detach()
+
+
+def _damped_step(H: torch.Tensor, g: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve (H + λ·diag(H)) δ = −g per voxel; returns δ and a success flag."""
+    d = torch.diagonal(H, dim1=-2, dim2=-1)
+    floor = d.amax(dim=-1, keepdim=True) * 1e-12 + 1e-300
+    D = torch.maximum(d, floor)
+    A = H + torch.diag_embed(lam[:, None] * D)
+    L, info = torch.linalg.cholesky_ex(A)
+    ok = info == 0
+    delta = torch.cholesky_solve(-g[..., None], L)[..., 0]
+    delta = torch.where(ok[:, None] & torch.isfinite(delta), delta, torch.zeros_like(delta))
+    return delta, ok & torch.isfinite(delta).all(dim=-1)
+
+
+def _lm_chunk(problem: Problem, theta0: torch.Tensor, *, max_iter: int, ftol: float, xtol: float,
+              lambda0: float, bar: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+    V, P = theta0.shape
+    dev = problem.device
+    theta = problem.clamp(theta0.detach().clone())
+    status = torch.zeros(V, dtype=torch.int8, device=dev)
+    iters = torch.zeros(V, dtype=torch.int32, device=dev)
+    act = torch.arange(V, device=dev)
+
+    r, J = residual_and_jacobian(problem, theta, act)
+    cost_all = 0.5 * r.double().pow(2).sum(dim=1)
+    history = [float(cost_all.sum())]
+    Jd = J.double()
+    H = Jd.transpose(1, 2) @ Jd
+    g = (Jd.transpose(1, 2) @ r.double()[..., None])[..., 0]
+    cost = cost_all.clone()
+    lam = torch.full((V,), lambda0, dtype=torch.float64, device=dev)
+    nu = torch.full((V,), 2.0, dtype=torch.float64, device=dev)
+    exact = cost <= 1e-30
+    status[exact] = 3
+    keep = ~exact
+    act, H, g, cost, lam, nu = act[keep], H[keep], g[keep], cost[keep], lam[keep], nu[keep]
+
+    for _ in range(max_iter):
+        if act.numel() == 0:
+            break
+        iters[act] += 1
+        th_a = theta[act]
+        delta, ok = _damped_step(H, g, lam)
+        trial = problem.clamp(th_a + delta.to(theta.dtype))
+        step = (trial - th_a).double()
+        with torch.no_grad():
+            r_t = problem.residual(trial, act)
+        cost_t = 0.5 * r_t.double().pow(2).sum(dim=1)
+        predicted = -(step * g).sum(-1) - 0.5 * (step[:, None, :] @ H @ step[..., None])[:, 0, 0]
+        actual = cost - cost_t
+        accept = ok & torch.isfinite(cost_t) & (actual > 0)
+        rho = actual / predicted.clamp_min(1e-300)
+        conv_f = (accept & (actual <= ftol * cost)) | (ok & (lam <= 1.0) & (predicted <= ftol * cost))
+        conv_x = accept & (step.abs() <= xtol * (th_a.double().abs() + xtol)).all(dim=-1)
+        # Nielsen's damping update
+        lam = torch.where(
+            accept,
+            lam * torch.clamp(1 - (2 * rho - 1) ** 3, min=1.0 / 3.0),
+            lam * nu,
+        )
+        nu = torch.where(accept, torch.full_like(nu, 2.0), nu * 2)
+
+        # converged: an accepted step gained little, or (mildly damped) the quadratic model
+        # predicts no gain worth having, which also ends float32 voxels at their noise floor
+        conv_e = accept & (cost_t <= 1e-30)
+        stalled = ~accept & (lam > 1e16)
+        theta[act[accept]] = trial[accept]
+        cost = torch.where(accept, cost_t, cost)
+        cost_all[act] = cost
+
+        done = conv_f | conv_x | conv_e | stalled
+        code = torch.zeros_like(status[act])
+        code = torch.where(stalled, torch.full_like(code, 4), code)
+        code = torch.where(conv_x, torch.full_like(code, 2), code)
+        code = torch.where(conv_f, torch.full_like(code, 1), code)
+        code = torch.where(conv_e, torch.full_like(code, 3), code)
+        status[act] = torch.where(done, code, status[act])
+
+        keep = ~done
+        refresh = accept & keep  # moved and still iterating: new Jacobian needed
+        if refresh.any():
+            ridx = act[refresh]
+            r_new, J_new = residual_and_jacobian(problem, theta[ridx], ridx)
+            Jd = J_new.double()
+            H[refresh] = Jd.transpose(1, 2) @ Jd
+            g[refresh] = (Jd.transpose(1, 2) @ r_new.double()[..., None])[..., 0]
+        act, H, g, cost, lam, nu = act[keep], H[keep], g[keep], cost[keep], lam[keep], nu[keep]
+        history.append(float(cost_all.sum()))
+        bar.update(1)
+        bar.set_postfix(active=int(act.numel()))
+    status[act] = -1
+    return theta, status, iters, history
+
+
+def _add_histories(a: list[float], b: list[float]) -> list[float]:
+    """Sum two chunks' cost histories, holding each one's last value once it has stopped."""
+    if not a:
+        return list(b)
+    n = max(len(a), len(b))
+    a = a + [a[-1]] * (n - len(a))
+    b = b + [b[-1]] * (n - len(b))
+    return [x + y for x, y in zip(a, b, strict=True)]
+
+
+def lm(
+    model: Any,
+    data: Any,
+    *,
+    mask: Any = None,
+    weights: Any = None,
+    init: Any = None,
+    start: str = "auto",
+    max_iter: int = 100,
+    ftol: float | None = None,
+    xtol: float | None = None,
+    lambda0: float = 1e-3,
+    batch_size: int | None = None,
+    memory_budget: int = 2 << 30,
+    n_atoms: int = 5000,
+    seed: int | None = 0,
+    device: Any = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool | None = None,
+) -> FitResult:
+    """Fit a model to every voxel by batched Levenberg–Marquardt (least squares).
+
+    Parameters
+    ----------
+    model : Model
+        Signal model (``qmrkit.models.*`` or :func:`model_from_function`).
+    data : array (*spatial, n_meas)
+        Image series, measurement axis last (NIfTI order). Real or complex.
+    mask : array (*spatial), optional
+        Voxels to fit (default: all). Voxels with NaN/Inf are excluded with a warning.
+    weights : array (*spatial) or (*spatial, n_meas), optional
+        Non-negative weights of the squared residuals (e.g. 1/σ²).
+    init : FitResult or dict, optional
+        Starting values (maps in image shape or scalars, physical units).
+    start : {"auto", "closed_form", "dictionary", "typical"}
+        Where to start when ``init`` is not given (``"auto"``: closed form if the model has one,
+        else a dictionary search of ``n_atoms`` random parameter sets).
+    max_iter : int
+        Maximum iterations per voxel (LM usually needs tens).
+    ftol, xtol : float, optional
+        Stop a voxel when an accepted step lowers its cost by less than ``ftol``·cost, or changes
+        every parameter by less than ``xtol``·(|θ| + xtol). Defaults: 1e-8 in float64, 1e-6 in
+        float32 (the float32 noise floor).
+    lambda0 : float
+        Initial damping (relative to the Jacobian's diagonal).
+    batch_size : int, optional
+        Voxels per chunk; default from ``memory_budget`` (bytes).
+    seed : int
+        Seed of the dictionary start (results are reproducible).
+    device, dtype
+        Where and in which precision to compute (float32 or float64; the damped normal equations
+        are always solved in float64).
+    progress : bool, optional
+        Show a progress bar (default: when stderr is a terminal).
+
+    Returns
+    -------
+    FitResult
+        Maps, per-voxel iterations and convergence, RMS residual map, cost history.
+    """
+    if max_iter < 1:
+        raise ParameterError(f"max_iter must be >= 1, got {max_iter}")
+    if lambda0 <= 0:
+        raise ParameterError(f"lambda0 must be > 0, got {lambda0}")
+    ftol = (1e-8 if dtype == torch.float64 else 1e-6) if ftol is None else float(ftol)
+    xtol = (1e-8 if dtype == torch.float64 else 1e-6) if xtol is None else float(xtol)
+    if ftol < 0 or xtol < 0:
+        raise ParameterError(f"ftol and xtol must be >= 0, got ftol={ftol}, xtol={xtol}")
+    t0 = time.perf_counter()
+    problem = make_problem(model, data, mask=mask, weights=weights, device=device, dtype=dtype,
+                           solver="lm")
+    theta0, origin = initial_theta(problem, init, start=start, n_atoms=n_atoms, seed=seed)
+    V, P, M = problem.n_voxels, problem.model.n_params, problem.n_meas
+    if batch_size is None:
+        per_voxel = 8 * (4 * M * (P + 2) + 6 * P * P + 16 * P + 16)
+        batch_size = max(1024, int(memory_budget // per_voxel))
+    if batch_size < 1:
+        raise ParameterError(f"batch_size must be >= 1, got {batch_size}")
+    theta = torch.empty_like(theta0)
+    status = torch.empty(V, dtype=torch.int8, device=problem.device)
+    iters = torch.empty(V, dtype=torch.int32, device=problem.device)
+    history: list[float] = []
+    bar = progress_bar(total=max_iter * ((V + batch_size - 1) // batch_size), desc="lm",
+                       progress=progress)
+    with bar:
+        for c0 in range(0, V, batch_size):
+            idx = torch.arange(c0, min(V, c0 + batch_size), device=problem.device)
+            sub = problem.subset(idx) if batch_size < V else problem
+            th, st, it, hist = _lm_chunk(sub, theta0[idx], max_iter=max_iter, ftol=ftol,
+                                         xtol=xtol, lambda0=lambda0, bar=bar)
+            theta[idx], status[idx], iters[idx] = th, st, it
+            history = _add_histories(history, hist)
+    n_unconv = int((status == -1).sum())
+    if n_unconv:
+        warnings.warn(
+            f"lm: {n_unconv} of {V} voxels did not converge in max_iter={max_iter} iterations",
+            ConvergenceWarning, stacklevel=2,
+        )
+    reasons = {REASONS[int(k)]: int((status == k).sum()) for k in REASONS if (status == k).any()}
+    log.info("lm: %d voxels, %s, start=%s, %.3f s", V, reasons, origin, time.perf_counter() - t0)
+    return FitResult.from_theta(
+        problem, theta, solver="lm", converged=status > 0, iterations=iters,
+        loss_history=[h * problem.scale**2 / V for h in history], elapsed_s=time.perf_counter() - t0,
+        settings={"max_iter": max_iter, "ftol": ftol, "xtol": xtol, "lambda0": lambda0,
+                  "start": origin, "dtype": str(dtype), "device": str(problem.device),
+                  "batch_size": batch_size, "reasons": reasons},
+    )

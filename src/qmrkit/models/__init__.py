@@ -1,0 +1,6 @@
+"""Signal models (each a :class:`qmrkit.fit.Model`): relaxometry now, diffusion later."""
+
+from .registry import available, get
+from .relaxometry import InversionRecovery, MolliT1, MonoExp, VfaT1, recovery_start
+
+__all__ = ["MolliT1", "InversionRecovery", "VfaT1", "MonoExp", "recovery_start", "get", "available"]

@@ -1,0 +1,299 @@
+"""Relaxometry models: MOLLI T1, inversion recovery, variable flip angle T1, mono-exponential decay.
+
+Times are in ms, rates in 1/s, flip angles in degrees, B1 as a fraction of nominal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ParameterError, ShapeError
+from ..fit.model import Model, Parameter
+
+
+def _vector(name: str, values: Any, *, positive: bool = True, unit: str = "") -> np.ndarray:
+    arr = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    if arr.ndim != 1 or arr.size == 0:
+        raise ShapeError(f"{name} must be a non-empty 1-D list of values, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ParameterError(f"{name} contains NaN or Inf: {arr}")
+    if positive and (arr < 0).any():
+        raise ParameterError(f"{name} must be >= 0 {unit}, got {arr}")
+    return arr
+
+
+def _scalar(name: str, value: Any, unit: str) -> float:
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ParameterError(f"{name} must be a positive number in {unit}, got {value}")
+    return v
+
+
+# -------------------------------------------------------------------------------------------------
+# shared closed-form start for |A − B·exp(−t/τ)| signals (MOLLI, inversion recovery)
+# -------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def recovery_start(t: torch.Tensor, data: torch.Tensor, tau_lo: float, tau_hi: float,
+                   n_tau: int = 40) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Start values (A, B, τ) for magnitude data ``|A − B·exp(−t/τ)|`` (each ``(V,)``).
+
+    Polarity restoration: the signal crosses zero at most once, near its smallest magnitude sample
+    (index kmin in time order). Candidates negate the first k samples for k ∈ {0, kmin−1, kmin,
+    kmin+1, kmin+2}: with noise, the smallest sample may sit one step past the crossing when two
+    TIs straddle it. For every candidate and every τ on a log grid, (A, B) follow by linear least
+    squares in closed form; the combination with the smallest residual wins. This resolves the
+    magnitude sign ambiguity without iterating; LM refines τ from there.
+    """
+    if data.shape[0] > 32768:  # bound the (V, M+1, n_tau) temporaries
+        parts = [recovery_start(t, data[i : i + 32768], tau_lo, tau_hi, n_tau)
+                 for i in range(0, data.shape[0], 32768)]
+        return tuple(torch.cat(x) for x in zip(*parts, strict=True))  # type: ignore[return-value]
+    order = torch.argsort(t)
+    ts = t[order].to(torch.float64)
+    d = data[:, order].abs().to(torch.float64)
+    V, M = d.shape
+    kmin = d.argmin(dim=1, keepdim=True)
+    k = torch.cat([torch.zeros_like(kmin), kmin - 1, kmin, kmin + 1, kmin + 2], dim=1).clamp(0, M)
+    pos = torch.arange(M, device=d.device)
+    signs = torch.where(pos[None, None, :] < k[..., None], -1.0, 1.0).to(torch.float64)
+    Y = signs * d[:, None, :]  # (V, K, M)
+    yy = (d * d).sum(-1)[:, None, None]
+    log_lo, log_hi = math.log(tau_lo), math.log(tau_hi)
+    taus = torch.exp(torch.linspace(log_lo, log_hi, n_tau, dtype=torch.float64, device=d.device))
+    cost, A, B = _varpro_costs(ts, Y, yy, taus[None, None, :])
+    # refine τ per candidate on a fine grid around its coarse optimum, so that the choice between
+    # neighbouring polarity candidates is made at (nearly) their true minima
+    step = (log_hi - log_lo) / (n_tau - 1)
+    g0 = torch.log(taus[cost.argmin(dim=-1)])  # (V, K)
+    offsets = torch.linspace(-step, step, 17, dtype=torch.float64, device=d.device)
+    fine = torch.exp((g0[..., None] + offsets).clamp(log_lo, log_hi))  # (V, K, F)
+    cost, A, B = _varpro_costs(ts, Y, yy, fine)
+    flat = cost.reshape(V, -1)
+    best = flat.argmin(dim=1, keepdim=True)
+    a = A.reshape(V, -1).gather(1, best)[:, 0]
+    b = B.reshape(V, -1).gather(1, best)[:, 0]
+    tau = fine.reshape(V, -1).gather(1, best)[:, 0]
+    fail = ~torch.isfinite(flat.gather(1, best)[:, 0])
+    a, b, tau = (torch.where(fail, torch.full_like(a, float("nan")), x) for x in (a, b, tau))
+    return a.to(data.dtype), b.to(data.dtype), tau.to(data.dtype)
+
+
+def _varpro_costs(ts: torch.Tensor, Y: torch.Tensor, yy: torch.Tensor, taus: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Least-squares cost and (A, B) of y ≈ A − B·exp(−t/τ) for sign candidates ``Y (V, K, M)``
+    and time constants ``taus`` broadcastable to ``(V, K, G)``."""
+    E = torch.exp(-ts / taus[..., None])  # (.., G, M)
+    M = ts.numel()
+    se, see = E.sum(-1), (E * E).sum(-1)
+    sy = Y.sum(-1)[..., None]  # (V, K, 1)
+    if E.shape[0] == 1 and E.shape[1] == 1:
+        sey = Y @ E[0, 0].T  # (V, K, G)
+    else:
+        sey = (E * Y[:, :, None, :]).sum(-1)
+    # normal equations:  [M, −Σe; −Σe, Σe²][A; B] = [Σy; −Σey]
+    det = (M * see - se * se).clamp_min(1e-12)
+    A = (see * sy - se * sey) / det
+    B = (se * sy - M * sey) / det
+    cost = yy - (A * sy - B * sey)  # ‖y‖² − bᵀx
+    cost = torch.where((A > 0) & (B > 0), cost, torch.full_like(cost, float("inf")))
+    return cost, A, B
+
+
+class MolliT1(Model):
+    """MOLLI T1: S(TI) = |A − B·exp(−TI/T1*)|, T1 = T1*·(B/A − 1) (Look–Locker correction).
+
+    Parameters
+    ----------
+    ti : sequence of float
+        Inversion times in ms, one per image of the series (any order, e.g. the 8 TIs of a
+        5(3)3 MOLLI).
+    """
+
+    name = "molli"
+    measurement_axis = "inversion times (ti)"
+    parameters = (
+        Parameter("A", 0.0, 10.0, "a.u.", amplitude=True, description="apparent steady state"),
+        Parameter("B", 0.0, 30.0, "a.u.", amplitude=True, description="inversion amplitude"),
+        Parameter("T1star", 1.0, 6000.0, "ms", start=1000.0, log_scale=True,
+                  description="apparent (Look-Locker) T1"),
+    )
+    map_names = {"T1": "T1map", "T1star": "T1starmap", "A": "Amap", "B": "Bmap"}
+    derived_units = {"T1": "ms"}
+
+    def __init__(self, ti: Sequence[float]):
+        super().__init__(ti=_vector("ti", ti, unit="ms"))
+
+    def forward(self, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.abs(p["A"] - p["B"] * torch.exp(-self.ti / p["T1star"]))
+
+    def initial_guess(self, data, inputs):
+        lo, hi = self.parameter("T1star").lower, self.parameter("T1star").upper
+        a, b, tau = recovery_start(self.ti, data, max(lo, 5.0), min(hi, 5000.0))
+        return {"A": a, "B": b, "T1star": tau}
+
+    def derived(self, p):
+        ratio = p["B"] / p["A"]
+        return {"T1": (p["T1star"] * (ratio - 1.0)).reshape(-1)}
+
+
+class InversionRecovery(Model):
+    """Inversion recovery (long TR): S(TI) = |M0·(1 − (1 + η)·exp(−TI/T1))|.
+
+    η is the inversion efficiency (1: perfect 180° inversion, 0: saturation recovery).
+
+    Parameters
+    ----------
+    ti : sequence of float
+        Inversion times in ms.
+    """
+
+    name = "ir"
+    measurement_axis = "inversion times (ti)"
+    parameters = (
+        Parameter("M0", 0.0, 10.0, "a.u.", amplitude=True, description="equilibrium signal"),
+        Parameter("T1", 1.0, 10000.0, "ms", start=1000.0, log_scale=True,
+                  description="longitudinal relaxation time"),
+        Parameter("eta", 0.0, 1.5, "", start=1.0, description="inversion efficiency"),
+    )
+    map_names = {"T1": "T1map", "M0": "M0map", "eta": "InversionEfficiencymap"}
+
+    def __init__(self, ti: Sequence[float]):
+        super().__init__(ti=_vector("ti", ti, unit="ms"))
+
+    def forward(self, p):
+        return torch.abs(p["M0"] * (1.0 - (1.0 + p["eta"]) * torch.exp(-self.ti / p["T1"])))
+
+    def initial_guess(self, data, inputs):
+        a, b, tau = recovery_start(self.ti, data, 5.0, 8000.0)
+        return {"M0": a, "T1": tau, "eta": (b / a - 1.0).clamp(0.0, 1.5)}
+
+
+class VfaT1(Model):
+    """Variable flip angle T1 (spoiled gradient echo, DESPOT1), optionally B1-corrected.
+
+    S(α) = M0·sin(α·B1)·(1 − E1) / (1 − cos(α·B1)·E1), E1 = exp(−TR/T1).
+
+    Parameters
+    ----------
+    flip_angles : sequence of float
+        Nominal flip angles in degrees, one per image.
+    tr : float
+        Repetition time in ms.
+    b1 : array or float, optional
+        B1 map (fraction of nominal) in the image shape, or a scalar; default 1.
+    """
+
+    name = "vfa"
+    measurement_axis = "flip angles (flip_angles)"
+    covariates = ("b1",)
+    parameters = (
+        Parameter("M0", 0.0, 1000.0, "a.u.", amplitude=True, description="equilibrium signal"),
+        Parameter("T1", 1.0, 10000.0, "ms", start=1000.0, log_scale=True,
+                  description="longitudinal relaxation time"),
+    )
+    map_names = {"T1": "T1map", "M0": "M0map"}
+
+    def __init__(self, flip_angles: Sequence[float], tr: float, b1: Any = None):
+        fa = _vector("flip_angles", flip_angles, unit="degrees")
+        if (fa <= 0).any() or (fa >= 180).any():
+            raise ParameterError(f"flip_angles must be in (0, 180) degrees, got {fa}")
+        if fa.size < 2:
+            raise ShapeError("VFA T1 needs at least two flip angles")
+        super().__init__(covariate_maps={"b1": b1}, flip_angles=fa, tr=_scalar("tr", tr, "ms"))
+
+    def forward(self, p):
+        a = torch.deg2rad(self.flip_angles) * p.get("b1", 1.0)
+        e1 = torch.exp(-self.tr / p["T1"])
+        return p["M0"] * torch.sin(a) * (1.0 - e1) / (1.0 - torch.cos(a) * e1)
+
+    def initial_guess(self, data, inputs):
+        b1 = inputs.get("b1")
+        a = torch.deg2rad(self.flip_angles)[None, :] * (b1 if b1 is not None else 1.0)
+        y = data / torch.sin(a)
+        x = data / torch.tan(a)
+        xm, ym = x.mean(1, keepdim=True), y.mean(1, keepdim=True)
+        slope = ((x - xm) * (y - ym)).sum(1) / ((x - xm) ** 2).sum(1).clamp_min(1e-30)
+        e1 = slope.clamp(1e-6, 1 - 1e-6)
+        intercept = ym[:, 0] - slope * xm[:, 0]
+        t1 = (-self.tr / torch.log(e1)).clamp(1.0, 10000.0)
+        m0 = intercept / (1 - e1)
+        bad = ~torch.isfinite(m0) | (m0 <= 0)
+        return {"M0": torch.where(bad, torch.full_like(m0, float("nan")), m0), "T1": t1}
+
+
+_DECAY_KINDS = {
+    # kind: (parameter, unit, bounds, is_rate, BIDS stem, description)
+    "T2": ("T2", "ms", (0.1, 5000.0), False, "T2map", "transverse relaxation time"),
+    "T2star": ("T2star", "ms", (0.1, 2000.0), False, "T2starmap", "effective transverse relaxation time"),
+    "R2": ("R2", "1/s", (0.2, 10000.0), True, "R2map", "transverse relaxation rate"),
+    "R2star": ("R2star", "1/s", (0.5, 10000.0), True, "R2starmap", "effective transverse relaxation rate"),
+}
+
+
+class MonoExp(Model):
+    """Mono-exponential decay: S(TE) = S0·exp(−TE/T2) (or T2*, R2 = 1000/T2, R2*), optional offset.
+
+    Parameters
+    ----------
+    te : sequence of float
+        Echo times in ms.
+    kind : {"T2", "T2star", "R2", "R2star"}
+        Which quantity to fit (rates in 1/s, times in ms).
+    offset : bool
+        Add a constant baseline C (e.g. a noise floor): S = S0·exp(−TE/T2) + C.
+    """
+
+    name = "monoexp"
+    measurement_axis = "echo times (te)"
+
+    def __init__(self, te: Sequence[float], kind: str = "T2", offset: bool = False):
+        if kind not in _DECAY_KINDS:
+            raise ParameterError(f"kind must be one of {sorted(_DECAY_KINDS)}, got {kind!r}")
+        te_arr = _vector("te", te, unit="ms")
+        if te_arr.size < 2:
+            raise ShapeError("a decay fit needs at least two echo times")
+        name, unit, (lo, hi), is_rate, stem, desc = _DECAY_KINDS[kind]
+        self.kind, self.offset, self._is_rate, self._pname = kind, bool(offset), is_rate, name
+        params = [
+            Parameter("S0", 0.0, 100.0, "a.u.", amplitude=True, description="signal at TE = 0"),
+            Parameter(name, lo, hi, unit, start=50.0 if not is_rate else 20.0, log_scale=True,
+                      description=desc),
+        ]
+        if offset:
+            params.append(Parameter("C", 0.0, 1.0, "a.u.", amplitude=True, description="baseline"))
+        self.parameters = tuple(params)
+        self.map_names = {name: stem, "S0": "S0map", "C": "Cmap"}
+        super().__init__(te=te_arr)
+
+    def _decay(self, p):
+        x = p[self._pname]
+        return torch.exp(-self.te * x / 1000.0) if self._is_rate else torch.exp(-self.te / x)
+
+    def forward(self, p):
+        s = p["S0"] * self._decay(p)
+        return s + p["C"] if self.offset else s
+
+    def initial_guess(self, data, inputs):
+        # weighted log-linear fit (weights S², which undoes the log's noise amplification)
+        s = data.abs().clamp_min(1e-12 * float(data.abs().max()) + 1e-30)
+        y = torch.log(s)
+        w = s * s
+        te = self.te[None, :]
+        sw = w.sum(1)
+        tm = (w * te).sum(1) / sw
+        ym = (w * y).sum(1) / sw
+        slope = (w * (te - tm[:, None]) * (y - ym[:, None])).sum(1) / (
+            (w * (te - tm[:, None]) ** 2).sum(1).clamp_min(1e-30))
+        rate = (-slope).clamp_min(1e-6)  # 1/ms
+        s0 = torch.exp(ym + rate * tm)
+        lo, hi = self.parameter(self._pname).lower, self.parameter(self._pname).upper
+        val = (rate * 1000.0) if self._is_rate else 1.0 / rate
+        out = {"S0": s0, self._pname: val.clamp(lo, hi)}
+        if self.offset:
+            out["C"] = torch.zeros_like(s0)
+        return out
