@@ -129,7 +129,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                           extra_sidecar={"Input": str(args.data), "Acquisition": {
                               k: v for k, v in settings.items() if k != "b1"}})
     if not args.no_figure:
-        names = [k for k in result.maps if k in model.map_names or k in model.parameter_names]
+        derived = [k for k in result.maps if k not in model.parameter_names]
+        names = derived + [k for k in model.parameter_names if k in result.maps]
         written.append(save_map_figure(args.out / "maps.png", result.maps, units=result.units,
                                        names=names, title=f"{model.name} ({result.solver})"))
     print(result.summary())

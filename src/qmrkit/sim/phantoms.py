@@ -46,8 +46,10 @@ def _grid(shape: Sequence[int]) -> list[np.ndarray]:
 
 def _check_shape(shape: Sequence[int], ndims: tuple[int, ...] = (2, 3)) -> tuple[int, ...]:
     shp = tuple(int(s) for s in shape)
-    if len(shp) not in ndims or any(s < 8 for s in shp):
-        raise ShapeError(f"phantom shape must have {ndims} axes of at least 8 voxels, got {shape}")
+    if len(shp) not in ndims or any(s < 8 for s in shp[:2]) or any(s < 1 for s in shp[2:]):
+        raise ShapeError(
+            f"phantom shape must have {ndims} axes, the first two of at least 8 voxels, got {shape}"
+        )
     return shp
 
 

@@ -1,0 +1,26 @@
+"""Shared fixtures: the compute device(s) and thread settings."""
+
+import os
+
+import pytest
+import torch
+
+# under pytest-xdist each worker gets one thread, so two workers share two cores without thrashing
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="no CUDA device on this machine")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Every device-agnostic test runs on the CPU and, when present, on CUDA."""
+    return torch.device(request.param)
