@@ -39,17 +39,18 @@ def _scalar(name: str, value: Any, unit: str) -> float:
 # -------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def recovery_start(t: torch.Tensor, data: torch.Tensor, tau_lo: float, tau_hi: float,
-                   n_tau: int = 40) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   n_tau: int = 48) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Start values (A, B, τ) for magnitude data ``|A − B·exp(−t/τ)|`` (each ``(V,)``).
 
     Polarity restoration: the signal crosses zero at most once, near its smallest magnitude sample
     (index kmin in time order). Candidates negate the first k samples for k ∈ {0, kmin−1, kmin,
     kmin+1, kmin+2}: with noise, the smallest sample may sit one step past the crossing when two
     TIs straddle it. For every candidate and every τ on a log grid, (A, B) follow by linear least
-    squares in closed form; the combination with the smallest residual wins. This resolves the
-    magnitude sign ambiguity without iterating; LM refines τ from there.
+    squares in closed form; the combination with the smallest residual (refined between grid
+    points by a parabola in log τ) wins. This resolves the magnitude sign ambiguity without
+    iterating; LM refines from there.
     """
-    if data.shape[0] > 32768:  # bound the (V, M+1, n_tau) temporaries
+    if data.shape[0] > 32768:  # bound the (V, 5, n_tau) temporaries
         parts = [recovery_start(t, data[i : i + 32768], tau_lo, tau_hi, n_tau)
                  for i in range(0, data.shape[0], 32768)]
         return tuple(torch.cat(x) for x in zip(*parts, strict=True))  # type: ignore[return-value]
@@ -64,21 +65,28 @@ def recovery_start(t: torch.Tensor, data: torch.Tensor, tau_lo: float, tau_hi: f
     Y = signs * d[:, None, :]  # (V, K, M)
     yy = (d * d).sum(-1)[:, None, None]
     log_lo, log_hi = math.log(tau_lo), math.log(tau_hi)
-    taus = torch.exp(torch.linspace(log_lo, log_hi, n_tau, dtype=torch.float64, device=d.device))
-    cost, A, B = _varpro_costs(ts, Y, yy, taus[None, None, :])
-    # refine τ per candidate on a fine grid around its coarse optimum, so that the choice between
-    # neighbouring polarity candidates is made at (nearly) their true minima
-    step = (log_hi - log_lo) / (n_tau - 1)
-    g0 = torch.log(taus[cost.argmin(dim=-1)])  # (V, K)
-    offsets = torch.linspace(-step, step, 17, dtype=torch.float64, device=d.device)
-    fine = torch.exp((g0[..., None] + offsets).clamp(log_lo, log_hi))  # (V, K, F)
-    cost, A, B = _varpro_costs(ts, Y, yy, fine)
-    flat = cost.reshape(V, -1)
-    best = flat.argmin(dim=1, keepdim=True)
-    a = A.reshape(V, -1).gather(1, best)[:, 0]
-    b = B.reshape(V, -1).gather(1, best)[:, 0]
-    tau = fine.reshape(V, -1).gather(1, best)[:, 0]
-    fail = ~torch.isfinite(flat.gather(1, best)[:, 0])
+    logs = torch.linspace(log_lo, log_hi, n_tau, dtype=torch.float64, device=d.device)
+    cost, _, _ = _varpro_costs(ts, Y, yy, torch.exp(logs)[None, None, :])  # (V, K, G)
+    # refine each candidate's minimum by a parabola through its three best grid points (in log τ),
+    # so the choice between neighbouring polarity candidates is made at their true minima
+    step = float(logs[1] - logs[0])
+    g = cost.argmin(dim=-1, keepdim=True).clamp(1, n_tau - 2)
+    c_m, c_0, c_p = (cost.gather(-1, g + o)[..., 0] for o in (-1, 0, 1))
+    curv = c_m - 2 * c_0 + c_p
+    usable = torch.isfinite(c_m) & torch.isfinite(c_p) & (curv > 0)
+    offset = torch.where(usable, 0.5 * (c_m - c_p) / torch.where(usable, curv, 1.0), 0.0).clamp(-1, 1)
+    c_min = torch.where(usable, c_0 - 0.25 * (c_m - c_p) * offset, c_0)
+    best_k = c_min.argmin(dim=1, keepdim=True)  # (V, 1)
+    log_tau = logs[g[..., 0]] + offset * step
+    tau = torch.exp(log_tau.gather(1, best_k)[:, 0].clamp(log_lo, log_hi))
+    # (A, B) in closed form for the chosen candidate at the refined τ
+    y = Y.gather(1, best_k[..., None].expand(V, 1, M))[:, 0]  # (V, M)
+    e = torch.exp(-ts[None, :] / tau[:, None])
+    se, see, sy, sey = e.sum(1), (e * e).sum(1), y.sum(1), (e * y).sum(1)
+    det = (M * see - se * se).clamp_min(1e-12)
+    a = (see * sy - se * sey) / det
+    b = (se * sy - M * sey) / det
+    fail = ~torch.isfinite(c_min.gather(1, best_k)[:, 0]) | (a <= 0) | (b <= 0)
     a, b, tau = (torch.where(fail, torch.full_like(a, float("nan")), x) for x in (a, b, tau))
     return a.to(data.dtype), b.to(data.dtype), tau.to(data.dtype)
 
@@ -86,15 +94,12 @@ def recovery_start(t: torch.Tensor, data: torch.Tensor, tau_lo: float, tau_hi: f
 def _varpro_costs(ts: torch.Tensor, Y: torch.Tensor, yy: torch.Tensor, taus: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Least-squares cost and (A, B) of y ≈ A − B·exp(−t/τ) for sign candidates ``Y (V, K, M)``
-    and time constants ``taus`` broadcastable to ``(V, K, G)``."""
+    and a shared grid of time constants ``taus`` of shape ``(1, 1, G)``."""
     E = torch.exp(-ts / taus[..., None])  # (.., G, M)
     M = ts.numel()
     se, see = E.sum(-1), (E * E).sum(-1)
     sy = Y.sum(-1)[..., None]  # (V, K, 1)
-    if E.shape[0] == 1 and E.shape[1] == 1:
-        sey = Y @ E[0, 0].T  # (V, K, G)
-    else:
-        sey = (E * Y[:, :, None, :]).sum(-1)
+    sey = Y @ E[0, 0].T  # (V, K, G)
     # normal equations:  [M, −Σe; −Σe, Σe²][A; B] = [Σy; −Σey]
     det = (M * see - se * se).clamp_min(1e-12)
     A = (see * sy - se * sey) / det
