@@ -34,7 +34,9 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def best_time(fn: Callable[[], Any], repeat: int = 3, sync: Callable[[], None] | None = None) -> tuple[float, Any]:
+def best_time(
+    fn: Callable[[], Any], repeat: int = 3, sync: Callable[[], None] | None = None
+) -> tuple[float, Any]:
     """Minimum wall time over ``repeat`` runs (and the last result)."""
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -51,8 +53,12 @@ def best_time(fn: Callable[[], Any], repeat: int = 3, sync: Callable[[], None] |
 def write_results(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-               **payload}
+    payload = {
+        "benchmark": name,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **payload,
+    }
     path.write_text(json.dumps(payload, indent=2))
     return path
 

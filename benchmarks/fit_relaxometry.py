@@ -28,7 +28,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_time, table, write_results  # noqa: E402
-
 from qmrkit import fit, models  # noqa: E402
 from qmrkit.sim import MOLLI_TI, add_noise  # noqa: E402
 
@@ -58,9 +57,13 @@ def generic_start(y):
 def scipy_nelder_mead(data):
     out = np.empty((len(data), 3))
     for v, y in enumerate(data):
-        res = so.minimize(lambda p, y=y: np.mean((molli_np(p) - y) ** 2), generic_start(y),
-                          method="Nelder-Mead", bounds=[(0, None), (0, None), (1, 6000)],
-                          options={"maxiter": 2000, "xatol": 1e-4, "fatol": 1e-8})
+        res = so.minimize(
+            lambda p, y=y: np.mean((molli_np(p) - y) ** 2),
+            generic_start(y),
+            method="Nelder-Mead",
+            bounds=[(0, None), (0, None), (1, 6000)],
+            options={"maxiter": 2000, "xatol": 1e-4, "fatol": 1e-8},
+        )
         out[v] = res.x
     return out
 
@@ -68,8 +71,12 @@ def scipy_nelder_mead(data):
 def scipy_least_squares(data):
     out = np.empty((len(data), 3))
     for v, y in enumerate(data):
-        res = so.least_squares(lambda p, y=y: molli_np(p) - y, generic_start(y),
-                               bounds=([0, 0, 1], [np.inf, np.inf, 6000]), method="trf")
+        res = so.least_squares(
+            lambda p, y=y: molli_np(p) - y,
+            generic_start(y),
+            bounds=([0, 0, 1], [np.inf, np.inf, 6000]),
+            method="trf",
+        )
         out[v] = res.x
     return out
 
@@ -86,7 +93,9 @@ def errors(t1_est, t1_true):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--voxels-scipy", type=int, default=300, help="voxels timed for scipy (scaled up)")
+    ap.add_argument(
+        "--voxels-scipy", type=int, default=300, help="voxels timed for scipy (scaled up)"
+    )
     ap.add_argument("--gpu-voxels", type=int, default=1_000_000)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -104,41 +113,72 @@ def main() -> None:
     t0 = time.perf_counter()
     p_nm = scipy_nelder_mead(data[:k])
     t_nm = (time.perf_counter() - t0) * n / k
-    rows.append({"method": f"scipy Nelder–Mead per voxel ({k} voxels, scaled)", "seconds": t_nm,
-                 **dict(zip(("med", "p95"), errors(t1_from(p_nm), t1[:k]), strict=True))})
+    rows.append(
+        {
+            "method": f"scipy Nelder–Mead per voxel ({k} voxels, scaled)",
+            "seconds": t_nm,
+            **dict(zip(("med", "p95"), errors(t1_from(p_nm), t1[:k]), strict=True)),
+        }
+    )
     t0 = time.perf_counter()
     p_ls = scipy_least_squares(data[:k])
     t_ls = (time.perf_counter() - t0) * n / k
-    rows.append({"method": f"scipy least_squares per voxel ({k} voxels, scaled)", "seconds": t_ls,
-                 **dict(zip(("med", "p95"), errors(t1_from(p_ls), t1[:k]), strict=True))})
+    rows.append(
+        {
+            "method": f"scipy least_squares per voxel ({k} voxels, scaled)",
+            "seconds": t_ls,
+            **dict(zip(("med", "p95"), errors(t1_from(p_ls), t1[:k]), strict=True)),
+        }
+    )
 
     # qmrkit: one warm-up on a small slice, then the best of three runs
     fit.lm(model, series[:4])
     fit.adam(model, series[:4], max_iter=30)
     t_lm, r_lm = best_time(lambda: fit.lm(model, series, progress=False))
-    rows.append({"method": "qmrkit fit.lm (float32)", "seconds": t_lm,
-                 **dict(zip(("med", "p95"), errors(r_lm["T1"].numpy().ravel(), t1), strict=True)),
-                 "iters": float(np.median(r_lm.iterations.numpy()))})
+    rows.append(
+        {
+            "method": "qmrkit fit.lm (float32)",
+            "seconds": t_lm,
+            **dict(zip(("med", "p95"), errors(r_lm["T1"].numpy().ravel(), t1), strict=True)),
+            "iters": float(np.median(r_lm.iterations.numpy())),
+        }
+    )
     t_lm64, r_lm64 = best_time(lambda: fit.lm(model, series, dtype=torch.float64, progress=False))
-    rows.append({"method": "qmrkit fit.lm (float64)", "seconds": t_lm64,
-                 **dict(zip(("med", "p95"), errors(r_lm64["T1"].numpy().ravel(), t1), strict=True)),
-                 "iters": float(np.median(r_lm64.iterations.numpy()))})
+    rows.append(
+        {
+            "method": "qmrkit fit.lm (float64)",
+            "seconds": t_lm64,
+            **dict(zip(("med", "p95"), errors(r_lm64["T1"].numpy().ravel(), t1), strict=True)),
+            "iters": float(np.median(r_lm64.iterations.numpy())),
+        }
+    )
     for loss in ("l2", "l1"):
-        t_ad, r_ad = best_time(lambda loss=loss: fit.adam(model, series, loss=loss, progress=False),
-                               repeat=2)
-        rows.append({"method": f"qmrkit fit.adam ({loss} loss, float32)", "seconds": t_ad,
-                     **dict(zip(("med", "p95"), errors(r_ad["T1"].numpy().ravel(), t1), strict=True)),
-                     "iters": float(r_ad.iterations)})
+        t_ad, r_ad = best_time(
+            lambda loss=loss: fit.adam(model, series, loss=loss, progress=False), repeat=2
+        )
+        rows.append(
+            {
+                "method": f"qmrkit fit.adam ({loss} loss, float32)",
+                "seconds": t_ad,
+                **dict(zip(("med", "p95"), errors(r_ad["T1"].numpy().ravel(), t1), strict=True)),
+                "iters": float(r_ad.iterations),
+            }
+        )
     for r in rows:
         r["voxels_per_s"] = n / r["seconds"]
         r["speedup_vs_nm"] = t_nm / r["seconds"]
         r["med"] *= 100
         r["p95"] *= 100
 
-    cols = [("method", "method", ""), ("seconds", "s (16,384 vox)", ".3f"),
-            ("voxels_per_s", "voxels/s", ",.0f"), ("speedup_vs_nm", "× Nelder–Mead", ".1f"),
-            ("med", "median T1 err %", ".2f"), ("p95", "95th pct T1 err %", ".2f"),
-            ("iters", "iterations", ".0f")]
+    cols = [
+        ("method", "method", ""),
+        ("seconds", "s (16,384 vox)", ".3f"),
+        ("voxels_per_s", "voxels/s", ",.0f"),
+        ("speedup_vs_nm", "× Nelder–Mead", ".1f"),
+        ("med", "median T1 err %", ".2f"),
+        ("p95", "95th pct T1 err %", ".2f"),
+        ("iters", "iterations", ".0f"),
+    ]
     print(f"MOLLI T1, 128×128 voxels, 8 TIs, SNR 50, {torch.get_num_threads()} torch threads, CPU")
     print(table(rows, cols))
 
@@ -148,13 +188,21 @@ def main() -> None:
         dev = torch.device("cuda")
         bt = torch.as_tensor(big, dtype=torch.float32, device=dev)
         fit.lm(model, bt[:1024], device=dev)
-        t_gpu, r_gpu = best_time(lambda: fit.lm(model, bt, device=dev, progress=False),
-                                 sync=torch.cuda.synchronize)
-        gpu = {"voxels": args.gpu_voxels, "seconds": t_gpu, "device": torch.cuda.get_device_name(0),
-               "converged": float(r_gpu.fraction_converged)}
-        print(f"\nGPU: {args.gpu_voxels:,} MOLLI voxels with fit.lm in {t_gpu:.3f} s on {gpu['device']}")
-    path = write_results("fit_relaxometry", {"rows": rows, "gpu": gpu, "voxels": n,
-                                             "scipy_subset": k})
+        t_gpu, r_gpu = best_time(
+            lambda: fit.lm(model, bt, device=dev, progress=False), sync=torch.cuda.synchronize
+        )
+        gpu = {
+            "voxels": args.gpu_voxels,
+            "seconds": t_gpu,
+            "device": torch.cuda.get_device_name(0),
+            "converged": float(r_gpu.fraction_converged),
+        }
+        print(
+            f"\nGPU: {args.gpu_voxels:,} MOLLI voxels with fit.lm in {t_gpu:.3f} s on {gpu['device']}"
+        )
+    path = write_results(
+        "fit_relaxometry", {"rows": rows, "gpu": gpu, "voxels": n, "scipy_subset": k}
+    )
     print(f"\nwrote {path}")
 
 

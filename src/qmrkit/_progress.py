@@ -52,8 +52,9 @@ def progress_bar(total: int | None = None, desc: str = "", progress: bool | None
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def track(iterable: Iterable[T], desc: str = "", total: int | None = None,
-          progress: bool | None = None) -> Iterator[T]:
+def track(
+    iterable: Iterable[T], desc: str = "", total: int | None = None, progress: bool | None = None
+) -> Iterator[T]:
     """Iterate with a progress bar when enabled."""
     if not progress_enabled(progress):
         yield from iterable

@@ -18,7 +18,9 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.replace(",", " ").split()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r}"
+        ) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,34 +29,59 @@ def _parser() -> argparse.ArgumentParser:
         description="Quantitative MRI maps from image series and raw data, on CPU or GPU.",
     )
     p.add_argument("--version", action="version", version=f"qmrkit {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)"
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    f = sub.add_parser("fit", help="fit a signal model to every voxel of an image series (NIfTI)",
-                       description="Fit a signal model to every voxel of a NIfTI image series "
-                       "(measurement axis last) and write NIfTI maps, a PNG figure and a JSON sidecar.")
+    f = sub.add_parser(
+        "fit",
+        help="fit a signal model to every voxel of an image series (NIfTI)",
+        description="Fit a signal model to every voxel of a NIfTI image series "
+        "(measurement axis last) and write NIfTI maps, a PNG figure and a JSON sidecar.",
+    )
     f.add_argument("model", help="model name (see 'qmrkit models'), e.g. molli, vfa, t2, t2star")
-    f.add_argument("--data", required=True, type=Path, help="image series, NIfTI (*spatial, n_meas)")
+    f.add_argument(
+        "--data", required=True, type=Path, help="image series, NIfTI (*spatial, n_meas)"
+    )
     f.add_argument("--ti", type=_floats, help="inversion times in ms, e.g. 100,180,260,...")
     f.add_argument("--te", type=_floats, help="echo times in ms")
-    f.add_argument("--fa", "--flip-angles", dest="flip_angles", type=_floats, help="flip angles in degrees")
+    f.add_argument(
+        "--fa", "--flip-angles", dest="flip_angles", type=_floats, help="flip angles in degrees"
+    )
     f.add_argument("--tr", type=float, help="repetition time in ms")
-    f.add_argument("--b1", type=Path, help="B1 map (fraction of nominal), NIfTI, for models that use one")
+    f.add_argument(
+        "--b1", type=Path, help="B1 map (fraction of nominal), NIfTI, for models that use one"
+    )
     f.add_argument("--protocol", type=Path, help="YAML file with the acquisition settings")
     f.add_argument("--mask", type=Path, help="mask NIfTI (non-zero voxels are fitted)")
-    f.add_argument("--solver", choices=("lm", "adam", "dictionary"), default="lm",
-                   help="lm: Levenberg-Marquardt (default); adam: whole-volume gradient descent; "
-                        "dictionary: dictionary search only")
-    f.add_argument("--loss", choices=("l1", "l2", "huber"), default="l2", help="loss for --solver adam")
-    f.add_argument("--tv", type=float, default=0.0,
-                   help="total-variation weight for --solver adam (on all parameters except amplitudes)")
+    f.add_argument(
+        "--solver",
+        choices=("lm", "adam", "dictionary"),
+        default="lm",
+        help="lm: Levenberg-Marquardt (default); adam: whole-volume gradient descent; "
+        "dictionary: dictionary search only",
+    )
+    f.add_argument(
+        "--loss", choices=("l1", "l2", "huber"), default="l2", help="loss for --solver adam"
+    )
+    f.add_argument(
+        "--tv",
+        type=float,
+        default=0.0,
+        help="total-variation weight for --solver adam (on all parameters except amplitudes)",
+    )
     f.add_argument("--max-iter", type=int, help="maximum iterations")
     f.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     f.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
     f.add_argument("--out", required=True, type=Path, help="output folder")
     f.add_argument("--no-figure", action="store_true", help="do not write the PNG figure")
-    f.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="show a progress bar (default: when the terminal is interactive)")
+    f.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar (default: when the terminal is interactive)",
+    )
 
     sub.add_parser("models", help="list the signal models and their parameters")
     return p
@@ -63,15 +90,23 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models import available, get
 
-    examples = {"molli": {"ti": [100, 1000]}, "ir": {"ti": [100, 1000]},
-                "vfa": {"flip_angles": [3, 15], "tr": 15}, "t2": {"te": [10, 20]},
-                "t2star": {"te": [5, 10]}, "r2star": {"te": [5, 10]}, "monoexp": {"te": [10, 20]}}
+    examples = {
+        "molli": {"ti": [100, 1000]},
+        "ir": {"ti": [100, 1000]},
+        "vfa": {"flip_angles": [3, 15], "tr": 15},
+        "t2": {"te": [10, 20]},
+        "t2star": {"te": [5, 10]},
+        "r2star": {"te": [5, 10]},
+        "monoexp": {"te": [10, 20]},
+    }
     for name, text in available().items():
         print(f"{name:<9} {text}")
         model = get(name, **examples[name])
         for par in model.parameters:
             rel = " x data scale" if par.amplitude else ""
-            print(f"    {par.name:<8} [{par.lower:g}, {par.upper:g}]{rel} {par.unit:<5} {par.description}")
+            print(
+                f"    {par.name:<8} [{par.lower:g}, {par.upper:g}]{rel} {par.unit:<5} {par.description}"
+            )
     return 0
 
 
@@ -82,7 +117,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from .io import load_nifti, load_protocol
     from .io.figures import save_map_figure
     from .models import get
-
     from .models.registry import check_name
 
     check_name(args.model)  # fail fast, before reading any data
@@ -92,7 +126,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         proto_model = settings.pop("model", None)
         settings.pop("description", None)
         if proto_model and proto_model.lower() != args.model.lower():
-            raise QmrkitError(f"the protocol is for model {proto_model!r} but {args.model!r} was asked")
+            raise QmrkitError(
+                f"the protocol is for model {proto_model!r} but {args.model!r} was asked"
+            )
     for key in ("ti", "te", "flip_angles", "tr"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
@@ -116,8 +152,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 names = [p.name for p in model.parameters if not p.amplitude]
                 regs.append(fit.TotalVariation(names, args.tv))
             kw = {"max_iter": args.max_iter} if args.max_iter else {}
-            result = fit.adam(model, data, loss=args.loss, regularizers=regs,
-                              progress=args.progress, **common, **kw)
+            result = fit.adam(
+                model,
+                data,
+                loss=args.loss,
+                regularizers=regs,
+                progress=args.progress,
+                **common,
+                **kw,
+            )
         else:
             result = fit.dictionary_search(model, data, **common)
     from .errors import QmrkitWarning
@@ -125,14 +168,26 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     for w in caught:
         if issubclass(w.category, QmrkitWarning):
             print(f"warning: {w.message}", file=sys.stderr)
-    written = result.save(args.out, affine=affine,
-                          extra_sidecar={"Input": str(args.data), "Acquisition": {
-                              k: v for k, v in settings.items() if k != "b1"}})
+    written = result.save(
+        args.out,
+        affine=affine,
+        extra_sidecar={
+            "Input": str(args.data),
+            "Acquisition": {k: v for k, v in settings.items() if k != "b1"},
+        },
+    )
     if not args.no_figure:
         derived = [k for k in result.maps if k not in model.parameter_names]
         names = derived + [k for k in model.parameter_names if k in result.maps]
-        written.append(save_map_figure(args.out / "maps.png", result.maps, units=result.units,
-                                       names=names, title=f"{model.name} ({result.solver})"))
+        written.append(
+            save_map_figure(
+                args.out / "maps.png",
+                result.maps,
+                units=result.units,
+                names=names,
+                title=f"{model.name} ({result.solver})",
+            )
+        )
     print(result.summary())
     print(f"wrote {len(written)} files to {args.out} in {time.perf_counter() - t0:.2f} s")
     return 0

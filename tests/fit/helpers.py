@@ -48,9 +48,17 @@ def scipy_fit(fun, data, starts, bounds):
     """Per-voxel scipy.optimize.least_squares (trf, tight tolerances) from given starts."""
     out = np.empty_like(starts)
     for v in range(data.shape[0]):
-        res = so.least_squares(lambda p, y=data[v]: fun(p) - y, starts[v], bounds=bounds,
-                               method="trf", x_scale="jac", ftol=1e-15, xtol=1e-15, gtol=1e-15,
-                               max_nfev=2000)
+        res = so.least_squares(
+            lambda p, y=data[v]: fun(p) - y,
+            starts[v],
+            bounds=bounds,
+            method="trf",
+            x_scale="jac",
+            ftol=1e-15,
+            xtol=1e-15,
+            gtol=1e-15,
+            max_nfev=2000,
+        )
         out[v] = res.x
     return out
 

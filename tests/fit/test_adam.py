@@ -119,11 +119,20 @@ def test_tv_3d_with_mask_and_custom_regularizer():
         return float(np.sqrt(np.mean((r["T2"].numpy()[4:] - truth[4:]) ** 2)))
 
     plain = fit.adam(model, data, mask=mask, loss="l2")
-    tv2 = fit.adam(model, data, mask=mask, loss="l2",
-                   regularizers=[fit.TotalVariation("T2", 0.1, dims=2), (prior, 1e-4)])
-    tv3 = fit.adam(model, data, mask=mask, loss="l2",
-                   regularizers=[fit.TotalVariation("T2", 0.1, dims=3, voxel_size=(1, 1, 1)),
-                                 (prior, 1e-4)])
+    tv2 = fit.adam(
+        model,
+        data,
+        mask=mask,
+        loss="l2",
+        regularizers=[fit.TotalVariation("T2", 0.1, dims=2), (prior, 1e-4)],
+    )
+    tv3 = fit.adam(
+        model,
+        data,
+        mask=mask,
+        loss="l2",
+        regularizers=[fit.TotalVariation("T2", 0.1, dims=3, voxel_size=(1, 1, 1)), (prior, 1e-4)],
+    )
     assert calls and np.isnan(tv3["T2"].numpy()[:4]).all()
     assert rmse(tv3) < rmse(tv2) < 0.6 * rmse(plain), (rmse(tv3), rmse(tv2), rmse(plain))
 

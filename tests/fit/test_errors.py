@@ -85,8 +85,12 @@ def test_bad_options():
 
 
 def test_infinite_bounds_rejected_by_adam():
-    model = fit.model_from_function(lambda S0, k, t: S0 * (1 - k * t), {"S0": (0, 10), "k": (-np.inf, np.inf)},
-                                    amplitude=["S0"], t=[0.0, 1, 2])
+    model = fit.model_from_function(
+        lambda S0, k, t: S0 * (1 - k * t),
+        {"S0": (0, 10), "k": (-np.inf, np.inf)},
+        amplitude=["S0"],
+        t=[0.0, 1, 2],
+    )
     with pytest.raises(BoundsError, match="finite bounds"):
         fit.adam(model, np.ones((2, 3)))
 

@@ -7,7 +7,17 @@ import torch
 from qmrkit import fit, models
 from qmrkit.sim import MOLLI_TI, add_noise
 
-from .helpers import maps_array, np_ir, np_molli, np_r2star, np_t2, np_t2_offset, np_vfa, qmrkit_start, scipy_fit
+from .helpers import (
+    maps_array,
+    np_ir,
+    np_molli,
+    np_r2star,
+    np_t2,
+    np_t2_offset,
+    np_vfa,
+    qmrkit_start,
+    scipy_fit,
+)
 
 RNG = np.random.default_rng(1234)
 TI = np.array(MOLLI_TI)
@@ -32,14 +42,21 @@ def _ir_case():
     m0 = RNG.uniform(500, 1000, V)
     eta = RNG.uniform(0.85, 1.0, V)
     clean = np.stack([np_ir(p, IR_TI) for p in zip(m0, t1, eta, strict=True)])
-    return models.InversionRecovery(IR_TI), add_noise(clean, 10.0, seed=2), (lambda p: np_ir(p, IR_TI)), ["M0", "T1", "eta"]
+    return (
+        models.InversionRecovery(IR_TI),
+        add_noise(clean, 10.0, seed=2),
+        (lambda p: np_ir(p, IR_TI)),
+        ["M0", "T1", "eta"],
+    )
 
 
 def _vfa_case():
     t1 = RNG.uniform(400, 2500, V)
     m0 = RNG.uniform(2000, 4000, V)
     b1 = RNG.uniform(0.7, 1.3, V)
-    clean = np.stack([np_vfa(p, FA, TR, b) for p, b in zip(zip(m0, t1, strict=True), b1, strict=True)])
+    clean = np.stack(
+        [np_vfa(p, FA, TR, b) for p, b in zip(zip(m0, t1, strict=True), b1, strict=True)]
+    )
     data = add_noise(clean, 2.0, kind="gaussian", seed=3)
     model = models.VfaT1(FA, TR, b1=b1)
     funs = [lambda p, b=b: np_vfa(p, FA, TR, b) for b in b1]
@@ -50,14 +67,24 @@ def _t2_case():
     t2 = RNG.uniform(20, 150, V)
     s0 = RNG.uniform(500, 1000, V)
     clean = np.stack([np_t2(p, TE) for p in zip(s0, t2, strict=True)])
-    return models.MonoExp(TE, kind="T2"), add_noise(clean, 10.0, kind="gaussian", seed=4), (lambda p: np_t2(p, TE)), ["S0", "T2"]
+    return (
+        models.MonoExp(TE, kind="T2"),
+        add_noise(clean, 10.0, kind="gaussian", seed=4),
+        (lambda p: np_t2(p, TE)),
+        ["S0", "T2"],
+    )
 
 
 def _r2star_case():
     r2s = RNG.uniform(10, 80, V)
     s0 = RNG.uniform(500, 1000, V)
     clean = np.stack([np_r2star(p, TE) for p in zip(s0, r2s, strict=True)])
-    return models.MonoExp(TE, kind="R2star"), add_noise(clean, 10.0, kind="gaussian", seed=5), (lambda p: np_r2star(p, TE)), ["S0", "R2star"]
+    return (
+        models.MonoExp(TE, kind="R2star"),
+        add_noise(clean, 10.0, kind="gaussian", seed=5),
+        (lambda p: np_r2star(p, TE)),
+        ["S0", "R2star"],
+    )
 
 
 def _t2_offset_case():
@@ -65,11 +92,22 @@ def _t2_offset_case():
     s0 = RNG.uniform(500, 1000, V)
     c = RNG.uniform(50, 100, V)
     clean = np.stack([np_t2_offset(p, TE) for p in zip(s0, t2, c, strict=True)])
-    return models.MonoExp(TE, kind="T2", offset=True), add_noise(clean, 5.0, kind="gaussian", seed=6), (lambda p: np_t2_offset(p, TE)), ["S0", "T2", "C"]
+    return (
+        models.MonoExp(TE, kind="T2", offset=True),
+        add_noise(clean, 5.0, kind="gaussian", seed=6),
+        (lambda p: np_t2_offset(p, TE)),
+        ["S0", "T2", "C"],
+    )
 
 
-CASES = {"molli": _molli_case, "ir": _ir_case, "vfa": _vfa_case, "t2": _t2_case,
-         "r2star": _r2star_case, "t2_offset": _t2_offset_case}
+CASES = {
+    "molli": _molli_case,
+    "ir": _ir_case,
+    "vfa": _vfa_case,
+    "t2": _t2_case,
+    "r2star": _r2star_case,
+    "t2_offset": _t2_offset_case,
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -82,13 +120,19 @@ def test_lm_matches_scipy_least_squares(name):
     lo = [p.lower * (scale if p.amplitude else 1) for p in model.parameters]
     hi = [p.upper * (scale if p.amplitude else 1) for p in model.parameters]
     if isinstance(fun, list):  # per-voxel inputs (B1): one function per voxel
-        ref = np.stack([scipy_fit(f, data[v : v + 1], starts[v : v + 1], (lo, hi))[0]
-                        for v, f in enumerate(fun)])
+        ref = np.stack(
+            [
+                scipy_fit(f, data[v : v + 1], starts[v : v + 1], (lo, hi))[0]
+                for v, f in enumerate(fun)
+            ]
+        )
     else:
         ref = scipy_fit(fun, data, starts, (lo, hi))
     rel = np.abs(ours - ref) / np.abs(ref)
     assert result.converged.all()
-    assert rel.max() <= 1e-4, f"max relative difference {rel.max():.2e} at voxel {np.unravel_index(rel.argmax(), rel.shape)}"
+    assert rel.max() <= 1e-4, (
+        f"max relative difference {rel.max():.2e} at voxel {np.unravel_index(rel.argmax(), rel.shape)}"
+    )
 
 
 @pytest.mark.parametrize("name", ["molli", "vfa", "t2"])
@@ -112,8 +156,9 @@ def test_lm_molli_t1_error_no_worse_than_scipy():
     res = fit.lm(model, series)
     ours = np.abs(res["T1"].numpy() - t1) / t1
     starts, scale = qmrkit_start(model, series)
-    ref = scipy_fit(lambda p: np_molli(p, TI), series, starts,
-                    ([0, 0, 1], [10 * scale, 30 * scale, 6000]))
+    ref = scipy_fit(
+        lambda p: np_molli(p, TI), series, starts, ([0, 0, 1], [10 * scale, 30 * scale, 6000])
+    )
     t1_ref = ref[:, 2] * (ref[:, 1] / ref[:, 0] - 1)
     theirs = np.abs(t1_ref - t1) / t1
     assert np.median(ours) <= np.median(theirs) * 1.001
@@ -150,8 +195,11 @@ def test_lm_mask_weights_chunks_and_nonfinite():
     np.testing.assert_allclose(a[ok], b[ok], rtol=1e-5)
     # weights of 2 everywhere leave the least-squares solution unchanged
     w = fit.lm(model, data, mask=mask, weights=np.full(mask.shape, 2.0))
-    np.testing.assert_allclose(w["T2"][mask & np.isfinite(res["T2"].numpy())],
-                               res["T2"][mask & np.isfinite(res["T2"].numpy())], rtol=1e-4)
+    np.testing.assert_allclose(
+        w["T2"][mask & np.isfinite(res["T2"].numpy())],
+        res["T2"][mask & np.isfinite(res["T2"].numpy())],
+        rtol=1e-4,
+    )
 
 
 def test_lm_converges_in_tens_of_iterations():

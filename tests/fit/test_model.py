@@ -22,7 +22,9 @@ def _user_model():
     return fit.model_from_function(
         biexp,
         {"S0": (0, 10), "f": (0, 1), "Dfast": (1.0, 5.0, "µm²/ms"), "Dslow": (0.05, 1.0, "µm²/ms")},
-        amplitude=["S0"], b=B_VALUES, name="biexp",
+        amplitude=["S0"],
+        b=B_VALUES,
+        name="biexp",
     )
 
 
@@ -30,8 +32,12 @@ def test_model_from_function_fits_without_derivatives():
     model = _user_model()
     rng = np.random.default_rng(0)
     n = 200
-    truth = {"S0": rng.uniform(800, 1200, n), "f": rng.uniform(0.2, 0.4, n),
-             "Dfast": rng.uniform(2.0, 3.0, n), "Dslow": rng.uniform(0.3, 0.6, n)}
+    truth = {
+        "S0": rng.uniform(800, 1200, n),
+        "f": rng.uniform(0.2, 0.4, n),
+        "Dfast": rng.uniform(2.0, 3.0, n),
+        "Dslow": rng.uniform(0.3, 0.6, n),
+    }
     data = add_noise(model.simulate(truth).numpy(), 0.5, kind="gaussian", seed=1)
     res = fit.lm(model, data)  # starts from a dictionary search: the model has no closed form
     assert res.settings["start"] == "dictionary"
@@ -46,7 +52,9 @@ def test_model_from_function_fits_without_derivatives():
         p = np.array([res[k][v].item() for k in model.parameter_names], dtype=np.float64)
 
         def r(q, y=data[v]):
-            return q[0] * (q[1] * np.exp(-B_VALUES * q[2]) + (1 - q[1]) * np.exp(-B_VALUES * q[3])) - y
+            return (
+                q[0] * (q[1] * np.exp(-B_VALUES * q[2]) + (1 - q[1]) * np.exp(-B_VALUES * q[3])) - y
+            )
 
         ref = so.least_squares(r, p, method="lm", xtol=1e-12, ftol=1e-12)
         assert ref.cost >= 0.5 * np.sum(r(p) ** 2) * (1 - 1e-4)
@@ -77,8 +85,11 @@ def test_dictionary_search_recovers_atoms_exactly():
     atoms = dictionary_atoms(probe, 500, seed=3)
     pick = atoms[[7, 123, 499]].clone()
     pick[:, 0] = torch.tensor([700.0, 1000.0, 1300.0])
-    data = model.to(None, torch.float64).forward({n: pick[:, j : j + 1] for j, n in
-                                                  enumerate(model.parameter_names)}).numpy()
+    data = (
+        model.to(None, torch.float64)
+        .forward({n: pick[:, j : j + 1] for j, n in enumerate(model.parameter_names)})
+        .numpy()
+    )
     problem = make_problem(model, data, dtype=torch.float64)
     theta = search(problem, dictionary_atoms(problem, 500, seed=3))
     phys = problem.to_physical(theta)

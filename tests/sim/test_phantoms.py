@@ -13,7 +13,9 @@ def test_nist_phantom_reference_values():
     labels, t1, t2 = ph["labels"], ph["T1"], ph["T2"]
     assert set(np.unique(labels)) == set(range(15))
     # Stupic et al. 2021, T1 plate v1, spheres 1 and 14
-    assert t1[labels == 1][0] == pytest.approx(1989.0) and t1[labels == 14][0] == pytest.approx(21.719)
+    assert t1[labels == 1][0] == pytest.approx(1989.0) and t1[labels == 14][0] == pytest.approx(
+        21.719
+    )
     assert t2[labels == 3][0] == pytest.approx(717.9)
     ph2 = nist_phantom((64, 64, 16), plate="T2")
     assert ph2["T2"][ph2["labels"] == 14][0] == pytest.approx(5.592)
@@ -37,8 +39,11 @@ def test_molli_series_truth_is_consistent():
     t1 = np.array([500.0, 1000.0, 1500.0])
     series, truth = molli_series(t1, 1000.0, MOLLI_TI, snr=None)
     np.testing.assert_allclose(truth["T1star"] * (truth["B"] / truth["A"] - 1), t1)
-    np.testing.assert_allclose(series, models.MolliT1(MOLLI_TI).simulate(
-        {k: truth[k] for k in ("A", "B", "T1star")}).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(
+        series,
+        models.MolliT1(MOLLI_TI).simulate({k: truth[k] for k in ("A", "B", "T1star")}).numpy(),
+        rtol=1e-12,
+    )
     with pytest.raises(ParameterError):
         molli_series(t1, 1.0, apparent_ratio=1.5)
 

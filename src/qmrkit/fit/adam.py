@@ -156,13 +156,23 @@ def adam(
         raise ParameterError(f"min_lr_factor must be in (0, 1], got {min_lr_factor}")
     regs = [as_regularizer(r) for r in regularizers]
     t0 = time.perf_counter()
-    problem = make_problem(model, data, mask=mask, weights=weights, device=device, dtype=dtype,
-                           need_finite_bounds=True, solver="adam")
+    problem = make_problem(
+        model,
+        data,
+        mask=mask,
+        weights=weights,
+        device=device,
+        dtype=dtype,
+        need_finite_bounds=True,
+        solver="adam",
+    )
     names = problem.model.parameter_names
     for reg in regs:
         unknown = [p for p in reg.params if p not in names]
         if unknown:
-            raise ParameterError(f"regulariser refers to unknown parameters {unknown}; the model has {names}")
+            raise ParameterError(
+                f"regulariser refers to unknown parameters {unknown}; the model has {names}"
+            )
     theta0, origin = initial_theta(problem, init, start=start, n_atoms=n_atoms, seed=seed)
     mapping = _Sigmoid(problem)
     u = mapping.inverse(theta0).detach().requires_grad_(True)
@@ -177,7 +187,9 @@ def adam(
     spatial_mask = spatial_mask.reshape(problem.spatial_shape)
 
     best_u = u.detach().clone()
-    best_voxel = torch.full((problem.n_voxels,), float("inf"), dtype=problem.dtype, device=problem.device)
+    best_voxel = torch.full(
+        (problem.n_voxels,), float("inf"), dtype=problem.dtype, device=problem.device
+    )
     best_total = float("inf")
     history: list[float] = []
     converged = False
@@ -197,8 +209,11 @@ def adam(
                     total = total + reg(ctx)
             if not torch.isfinite(total):
                 reason = "non-finite loss"
-                warnings.warn("adam: the loss became non-finite; returning the best iterate so far",
-                              ConvergenceWarning, stacklevel=2)
+                warnings.warn(
+                    "adam: the loss became non-finite; returning the best iterate so far",
+                    ConvergenceWarning,
+                    stacklevel=2,
+                )
                 break
             total.backward()
             with torch.no_grad():
@@ -231,33 +246,62 @@ def adam(
     if not converged and reason == "max_iter":
         warnings.warn(
             f"adam: stopped at max_iter={max_iter} before the loss plateaued; raise max_iter or lr",
-            ConvergenceWarning, stacklevel=2,
+            ConvergenceWarning,
+            stacklevel=2,
         )
     with torch.no_grad():
         final_theta = mapping.theta(u.detach())
         best_theta = mapping.theta(best_u)
-    log.info("adam: %d voxels, %d iterations, stop: %s, %.3f s", problem.n_voxels, it, reason,
-             time.perf_counter() - t0)
+    log.info(
+        "adam: %d voxels, %d iterations, stop: %s, %.3f s",
+        problem.n_voxels,
+        it,
+        reason,
+        time.perf_counter() - t0,
+    )
     conv = torch.full((problem.n_voxels,), converged, dtype=torch.bool, device=problem.device)
     return FitResult.from_theta(
-        problem, best_theta, solver="adam", converged=conv, iterations=it, loss_history=history,
-        elapsed_s=time.perf_counter() - t0, final_theta=final_theta,
-        settings={"loss": loss, "optimizer": optimizer, "lr": lr, "max_iter": max_iter,
-                  "convergence_value": convergence_value, "convergence_window": convergence_window,
-                  "lr_decay": lr_decay, "stop_reason": reason, "start": origin,
-                  "regularizers": [type(r).__name__ for r in regs], "dtype": str(dtype),
-                  "device": str(problem.device), "data_scale": problem.scale},
+        problem,
+        best_theta,
+        solver="adam",
+        converged=conv,
+        iterations=it,
+        loss_history=history,
+        elapsed_s=time.perf_counter() - t0,
+        final_theta=final_theta,
+        settings={
+            "loss": loss,
+            "optimizer": optimizer,
+            "lr": lr,
+            "max_iter": max_iter,
+            "convergence_value": convergence_value,
+            "convergence_window": convergence_window,
+            "lr_decay": lr_decay,
+            "stop_reason": reason,
+            "start": origin,
+            "regularizers": [type(r).__name__ for r in regs],
+            "dtype": str(dtype),
+            "device": str(problem.device),
+            "data_scale": problem.scale,
+        },
     )
 
 
-def _context(problem: Problem, theta: torch.Tensor, normalized: torch.Tensor,
-             spatial_mask: torch.Tensor) -> RegularizerContext:
+def _context(
+    problem: Problem, theta: torch.Tensor, normalized: torch.Tensor, spatial_mask: torch.Tensor
+) -> RegularizerContext:
     n = math.prod(problem.spatial_shape)
     maps, norm = {}, {}
     phys = problem.param_dict(theta)
     for j, name in enumerate(problem.model.parameter_names):
         full = torch.zeros(n, dtype=theta.dtype, device=theta.device)
-        maps[name] = full.index_put((problem.index,), phys[name][:, 0]).reshape(problem.spatial_shape)
+        maps[name] = full.index_put((problem.index,), phys[name][:, 0]).reshape(
+            problem.spatial_shape
+        )
         fulln = torch.zeros(n, dtype=theta.dtype, device=theta.device)
-        norm[name] = fulln.index_put((problem.index,), normalized[:, j]).reshape(problem.spatial_shape)
-    return RegularizerContext(maps=maps, normalized=norm, mask=spatial_mask, n_voxels=problem.n_voxels)
+        norm[name] = fulln.index_put((problem.index,), normalized[:, j]).reshape(
+            problem.spatial_shape
+        )
+    return RegularizerContext(
+        maps=maps, normalized=norm, mask=spatial_mask, n_voxels=problem.n_voxels
+    )

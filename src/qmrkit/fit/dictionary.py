@@ -47,8 +47,9 @@ def dictionary_atoms(problem: Problem, n_atoms: int, seed: int | None = 0) -> to
 
 
 @torch.no_grad()
-def search(problem: Problem, atoms: torch.Tensor, *, voxel_chunk: int = 16384,
-           atom_chunk: int = 4096) -> torch.Tensor:
+def search(
+    problem: Problem, atoms: torch.Tensor, *, voxel_chunk: int = 16384, atom_chunk: int = 4096
+) -> torch.Tensor:
     """Best atom per voxel (internal ``theta (V, P)``), amplitude scaled by projection."""
     amp = problem.amplitude_mask
     has_amp = bool(amp.any())
@@ -149,13 +150,23 @@ def dictionary_search(
     if n_atoms < 1:
         raise ParameterError(f"n_atoms must be >= 1, got {n_atoms}")
     t0 = time.perf_counter()
-    problem = make_problem(model, data, mask=mask, weights=weights, device=device, dtype=dtype,
-                           solver="dictionary_search")
+    problem = make_problem(
+        model,
+        data,
+        mask=mask,
+        weights=weights,
+        device=device,
+        dtype=dtype,
+        solver="dictionary_search",
+    )
     theta = search(problem, dictionary_atoms(problem, n_atoms, seed))
     return FitResult.from_theta(
-        problem, theta, solver="dictionary_search",
+        problem,
+        theta,
+        solver="dictionary_search",
         converged=torch.ones(problem.n_voxels, dtype=torch.bool, device=problem.device),
         iterations=torch.zeros(problem.n_voxels, dtype=torch.int32, device=problem.device),
-        loss_history=[], elapsed_s=time.perf_counter() - t0,
+        loss_history=[],
+        elapsed_s=time.perf_counter() - t0,
         settings={"n_atoms": n_atoms, "seed": seed},
     )

@@ -46,8 +46,9 @@ def _load_forward_ad() -> None:
         _FORWARD_AD_READY = True
 
 
-def residual_and_jacobian(problem: Problem, theta: torch.Tensor, idx: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def residual_and_jacobian(
+    problem: Problem, theta: torch.Tensor, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Residuals ``(v, m)`` and Jacobian ``(v, m, P)`` of voxels ``idx`` at ``theta (v, P)``.
 
     Forward-mode autodiff: one jvp per parameter over the whole batch (each voxel's residual depends
@@ -76,13 +77,17 @@ def residual_and_jacobian(problem: Problem, theta: torch.Tensor, idx: torch.Tens
     with torch.enable_grad():
         th = theta.clone().requires_grad_(True)
         r = problem.residual(th, idx)
-        rows = [torch.autograd.grad(r[:, m].sum(), th, retain_graph=True, allow_unused=True)[0]
-                for m in range(r.shape[1])]
+        rows = [
+            torch.autograd.grad(r[:, m].sum(), th, retain_graph=True, allow_unused=True)[0]
+            for m in range(r.shape[1])
+        ]
         rows = [torch.zeros_like(th) if g is None else g for g in rows]
     return r.detach(), torch.stack(rows, dim=1).detach()
 
 
-def _damped_step(H: torch.Tensor, g: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _damped_step(
+    H: torch.Tensor, g: torch.Tensor, lam: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve (H + λ·diag(H)) δ = −g per voxel; returns δ and a success flag."""
     d = torch.diagonal(H, dim1=-2, dim2=-1)
     floor = d.amax(dim=-1, keepdim=True) * 1e-12 + 1e-300
@@ -95,8 +100,16 @@ def _damped_step(H: torch.Tensor, g: torch.Tensor, lam: torch.Tensor) -> tuple[t
     return delta, ok & torch.isfinite(delta).all(dim=-1)
 
 
-def _lm_chunk(problem: Problem, theta0: torch.Tensor, *, max_iter: int, ftol: float, xtol: float,
-              lambda0: float, bar: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+def _lm_chunk(
+    problem: Problem,
+    theta0: torch.Tensor,
+    *,
+    max_iter: int,
+    ftol: float,
+    xtol: float,
+    lambda0: float,
+    bar: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
     V, P = theta0.shape
     dev = problem.device
     theta = problem.clamp(theta0.detach().clone())
@@ -133,7 +146,9 @@ def _lm_chunk(problem: Problem, theta0: torch.Tensor, *, max_iter: int, ftol: fl
         actual = cost - cost_t
         accept = ok & torch.isfinite(cost_t) & (actual > 0)
         rho = actual / predicted.clamp_min(1e-300)
-        conv_f = (accept & (actual <= ftol * cost)) | (ok & (lam <= 1.0) & (predicted <= ftol * cost))
+        conv_f = (accept & (actual <= ftol * cost)) | (
+            ok & (lam <= 1.0) & (predicted <= ftol * cost)
+        )
         conv_x = accept & (step.abs() <= xtol * (th_a.double().abs() + xtol)).all(dim=-1)
         # Nielsen's damping update
         lam = torch.where(
@@ -254,8 +269,9 @@ def lm(
     if ftol < 0 or xtol < 0:
         raise ParameterError(f"ftol and xtol must be >= 0, got ftol={ftol}, xtol={xtol}")
     t0 = time.perf_counter()
-    problem = make_problem(model, data, mask=mask, weights=weights, device=device, dtype=dtype,
-                           solver="lm")
+    problem = make_problem(
+        model, data, mask=mask, weights=weights, device=device, dtype=dtype, solver="lm"
+    )
     theta0, origin = initial_theta(problem, init, start=start, n_atoms=n_atoms, seed=seed)
     V, P, M = problem.n_voxels, problem.model.n_params, problem.n_meas
     if batch_size is None:
@@ -267,28 +283,44 @@ def lm(
     status = torch.empty(V, dtype=torch.int8, device=problem.device)
     iters = torch.empty(V, dtype=torch.int32, device=problem.device)
     history: list[float] = []
-    bar = progress_bar(total=max_iter * ((V + batch_size - 1) // batch_size), desc="lm",
-                       progress=progress)
+    bar = progress_bar(
+        total=max_iter * ((V + batch_size - 1) // batch_size), desc="lm", progress=progress
+    )
     with bar:
         for c0 in range(0, V, batch_size):
             idx = torch.arange(c0, min(V, c0 + batch_size), device=problem.device)
             sub = problem.subset(idx) if batch_size < V else problem
-            th, st, it, hist = _lm_chunk(sub, theta0[idx], max_iter=max_iter, ftol=ftol,
-                                         xtol=xtol, lambda0=lambda0, bar=bar)
+            th, st, it, hist = _lm_chunk(
+                sub, theta0[idx], max_iter=max_iter, ftol=ftol, xtol=xtol, lambda0=lambda0, bar=bar
+            )
             theta[idx], status[idx], iters[idx] = th, st, it
             history = _add_histories(history, hist)
     n_unconv = int((status == -1).sum())
     if n_unconv:
         warnings.warn(
             f"lm: {n_unconv} of {V} voxels did not converge in max_iter={max_iter} iterations",
-            ConvergenceWarning, stacklevel=2,
+            ConvergenceWarning,
+            stacklevel=2,
         )
     reasons = {REASONS[int(k)]: int((status == k).sum()) for k in REASONS if (status == k).any()}
     log.info("lm: %d voxels, %s, start=%s, %.3f s", V, reasons, origin, time.perf_counter() - t0)
     return FitResult.from_theta(
-        problem, theta, solver="lm", converged=status > 0, iterations=iters,
-        loss_history=[h * problem.scale**2 / V for h in history], elapsed_s=time.perf_counter() - t0,
-        settings={"max_iter": max_iter, "ftol": ftol, "xtol": xtol, "lambda0": lambda0,
-                  "start": origin, "dtype": str(dtype), "device": str(problem.device),
-                  "batch_size": batch_size, "reasons": reasons},
+        problem,
+        theta,
+        solver="lm",
+        converged=status > 0,
+        iterations=iters,
+        loss_history=[h * problem.scale**2 / V for h in history],
+        elapsed_s=time.perf_counter() - t0,
+        settings={
+            "max_iter": max_iter,
+            "ftol": ftol,
+            "xtol": xtol,
+            "lambda0": lambda0,
+            "start": origin,
+            "dtype": str(dtype),
+            "device": str(problem.device),
+            "batch_size": batch_size,
+            "reasons": reasons,
+        },
     )

@@ -146,12 +146,16 @@ class Model:
             raise ModelError(f"{self.name}: duplicate parameter names {names}")
 
     # -- binding ---------------------------------------------------------------------------------
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Model:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Model:
         """A copy whose acquisition tensors live on ``device`` in ``dtype``."""
         new = copy.copy(self)
         new._device = torch.device(device) if device is not None else self._device
         new._dtype = dtype or self._dtype
-        new._bound = {k: v.to(device=new._device, dtype=new._dtype) for k, v in self.acquisition.items()}
+        new._bound = {
+            k: v.to(device=new._device, dtype=new._dtype) for k, v in self.acquisition.items()
+        }
         return new
 
     def __getattr__(self, name: str) -> torch.Tensor:
@@ -179,7 +183,9 @@ class Model:
         for p in self.parameters:
             if p.name == name:
                 return p
-        raise ParameterError(f"{self.name} has no parameter {name!r}; it has {self.parameter_names}")
+        raise ParameterError(
+            f"{self.name} has no parameter {name!r}; it has {self.parameter_names}"
+        )
 
     def _typical_batch(self, n: int) -> dict[str, torch.Tensor]:
         p = {
@@ -192,10 +198,14 @@ class Model:
 
     def describe(self) -> str:
         """A table of the parameters with bounds and units."""
-        lines = [f"{self.name}: {type(self).__doc__.strip().splitlines()[0] if type(self).__doc__ else ''}"]
+        lines = [
+            f"{self.name}: {type(self).__doc__.strip().splitlines()[0] if type(self).__doc__ else ''}"
+        ]
         for p in self.parameters:
             rel = " (x data scale)" if p.amplitude else ""
-            lines.append(f"  {p.name:<10} [{p.lower:g}, {p.upper:g}]{rel} {p.unit}  {p.description}")
+            lines.append(
+                f"  {p.name:<10} [{p.lower:g}, {p.upper:g}]{rel} {p.unit}  {p.description}"
+            )
         for c in self.covariates:
             lines.append(f"  input {c} (per-voxel map, optional)")
         return "\n".join(lines)
@@ -205,7 +215,9 @@ class Model:
         """Signal ``(V, n_meas)`` for parameters ``p`` (each ``(V, 1)``)."""
         raise NotImplementedError
 
-    def initial_guess(self, data: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    def initial_guess(
+        self, data: torch.Tensor, inputs: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor] | None:
         """Closed-form start from data ``(V, n_meas)`` in data units; None if the model has none.
 
         Returns a dict ``name -> (V,)`` in data units (amplitudes in the data's units).
@@ -218,8 +230,12 @@ class Model:
 
     def simulate(self, params: Mapping[str, Any], **inputs: Any) -> torch.Tensor:
         """Noiseless signal ``(*spatial, n_meas)`` for parameter maps of any shape (data units)."""
-        tensors = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v,
-                                      dtype=self._dtype) for k, v in params.items()}
+        tensors = {
+            k: torch.as_tensor(
+                np.asarray(v) if not isinstance(v, torch.Tensor) else v, dtype=self._dtype
+            )
+            for k, v in params.items()
+        }
         missing = [n for n in self.parameter_names if n not in tensors]
         if missing:
             raise ParameterError(f"{self.name}.simulate: missing parameters {missing}")
@@ -227,15 +243,20 @@ class Model:
         flat = {k: t.to(self._device).expand(shape).reshape(-1, 1) for k, t in tensors.items()}
         for c in self.covariates:
             v = inputs.get(c, self.covariate_maps.get(c, 1.0))
-            t = torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v,
-                                dtype=self._dtype, device=self._device)
+            t = torch.as_tensor(
+                np.asarray(v) if not isinstance(v, torch.Tensor) else v,
+                dtype=self._dtype,
+                device=self._device,
+            )
             flat[c] = t.expand(shape).reshape(-1, 1)
         with torch.no_grad():
             out = self.forward(flat)
         return out.reshape(*shape, out.shape[-1])
 
     def __repr__(self) -> str:
-        acq = ", ".join(f"{k}={tuple(v.shape) if v.ndim else float(v)}" for k, v in self.acquisition.items())
+        acq = ", ".join(
+            f"{k}={tuple(v.shape) if v.ndim else float(v)}" for k, v in self.acquisition.items()
+        )
         return f"{type(self).__name__}({acq})"
 
 
@@ -248,18 +269,25 @@ ParamSpec = Parameter | Sequence[Any] | Mapping[str, Any]
 def _to_parameter(name: str, spec: ParamSpec, amplitude: bool) -> Parameter:
     if isinstance(spec, Parameter):
         if spec.name != name:
-            raise ParameterError(f"parameter key {name!r} does not match Parameter.name {spec.name!r}")
+            raise ParameterError(
+                f"parameter key {name!r} does not match Parameter.name {spec.name!r}"
+            )
         return spec
     if isinstance(spec, Mapping):
-        return Parameter(name=name, amplitude=spec.get("amplitude", amplitude),
-                         **{k: v for k, v in spec.items() if k != "amplitude"})
+        return Parameter(
+            name=name,
+            amplitude=spec.get("amplitude", amplitude),
+            **{k: v for k, v in spec.items() if k != "amplitude"},
+        )
     seq = list(spec)
     if len(seq) < 2:
         raise ParameterError(
             f"parameter {name!r}: give (lower, upper) or (lower, upper, unit), got {spec!r}"
         )
     unit = seq[2] if len(seq) > 2 else ""
-    return Parameter(name=name, lower=float(seq[0]), upper=float(seq[1]), unit=unit, amplitude=amplitude)
+    return Parameter(
+        name=name, lower=float(seq[0]), upper=float(seq[1]), unit=unit, amplitude=amplitude
+    )
 
 
 @dataclass
@@ -275,8 +303,14 @@ class _FunctionSpec:
 class FunctionModel(Model):
     """A model made from a plain function (see :func:`model_from_function`)."""
 
-    def __init__(self, spec: _FunctionSpec, name: str, acquisition: Mapping[str, Any],
-                 covariate_maps: Mapping[str, Any] | None, map_names: Mapping[str, str] | None):
+    def __init__(
+        self,
+        spec: _FunctionSpec,
+        name: str,
+        acquisition: Mapping[str, Any],
+        covariate_maps: Mapping[str, Any] | None,
+        map_names: Mapping[str, str] | None,
+    ):
         self.name = name
         self.parameters = spec.params
         self.covariates = spec.cov_names
@@ -360,7 +394,9 @@ def model_from_function(
         raise ModelError("model_from_function needs at least one parameter")
     unknown_amp = set(amplitude) - set(params)
     if unknown_amp:
-        raise ParameterError(f"amplitude names {sorted(unknown_amp)} are not parameters {list(params)}")
+        raise ParameterError(
+            f"amplitude names {sorted(unknown_amp)} are not parameters {list(params)}"
+        )
     plist = tuple(_to_parameter(n, s, n in amplitude) for n, s in params.items())
     cov = dict(covariates or {})
     try:
@@ -378,7 +414,8 @@ def model_from_function(
                 f"its signature is {sig}"
             )
         required = [
-            n for n, p in sig.parameters.items()
+            n
+            for n, p in sig.parameters.items()
             if p.default is inspect.Parameter.empty
             and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         ]
@@ -388,9 +425,12 @@ def model_from_function(
                 f"function {getattr(fn, '__name__', fn)!r} needs arguments {unset} that are "
                 "neither parameters, acquisition settings nor covariates"
             )
-    spec = _FunctionSpec(fn=fn, params=plist, acq_names=tuple(acquisition), cov_names=tuple(cov),
-                         derived_fn=derived)
-    model = FunctionModel(spec, name or getattr(fn, "__name__", "model"), acquisition, cov, map_names)
+    spec = _FunctionSpec(
+        fn=fn, params=plist, acq_names=tuple(acquisition), cov_names=tuple(cov), derived_fn=derived
+    )
+    model = FunctionModel(
+        spec, name or getattr(fn, "__name__", "model"), acquisition, cov, map_names
+    )
     # validate shapes once, on a tiny batch, so mistakes surface here and not inside a solver
     try:
         out = model.forward(model._typical_batch(2))

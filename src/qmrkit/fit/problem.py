@@ -80,7 +80,9 @@ class Problem:
         return torch.tensor([p.amplitude for p in self.model.parameters], device=self.device)
 
     # -- evaluation ------------------------------------------------------------------------------
-    def param_dict(self, theta: torch.Tensor, idx: torch.Tensor | slice | None = None) -> dict[str, torch.Tensor]:
+    def param_dict(
+        self, theta: torch.Tensor, idx: torch.Tensor | slice | None = None
+    ) -> dict[str, torch.Tensor]:
         """Internal ``theta (v, P)`` -> physical dict of ``(v, 1)`` columns plus covariates."""
         sel = slice(None) if idx is None else idx
         p: dict[str, torch.Tensor] = {}
@@ -96,7 +98,9 @@ class Problem:
         out = self.model.forward(self.param_dict(theta, idx))
         return out / self.scale
 
-    def residual(self, theta: torch.Tensor, idx: torch.Tensor | slice | None = None) -> torch.Tensor:
+    def residual(
+        self, theta: torch.Tensor, idx: torch.Tensor | slice | None = None
+    ) -> torch.Tensor:
         """Weighted residual ``sqrt(w)·(f(θ) − d)`` in internal units, real ``(v, M or 2M)``."""
         sel = slice(None) if idx is None else idx
         r = self.predict(theta, idx) - self.data[sel]
@@ -109,7 +113,9 @@ class Problem:
     # -- conversions -----------------------------------------------------------------------------
     def to_physical(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """Internal ``(V, P)`` -> dict ``name -> (V,)`` in physical units."""
-        return {k: v[:, 0] for k, v in self.param_dict(theta).items() if k in self.model.parameter_names}
+        return {
+            k: v[:, 0] for k, v in self.param_dict(theta).items() if k in self.model.parameter_names
+        }
 
     def from_physical(self, values: Mapping[str, Any], *, spatial: bool) -> torch.Tensor:
         """Physical values (maps in image shape if ``spatial``, else ``(V,)``) -> internal theta."""
@@ -260,7 +266,9 @@ def make_problem(
     sel = sel & finite
     index = torch.nonzero(sel).reshape(-1)
     if index.numel() == 0:
-        raise ShapeError(f"{solver}: no voxel to fit (the mask is empty or every voxel is non-finite)")
+        raise ShapeError(
+            f"{solver}: no voxel to fit (the mask is empty or every voxel is non-finite)"
+        )
     dv = flat[index]
     mags = dv.abs().reshape(-1)
     stride = max(1, mags.numel() // 1_000_000)  # quantile of a strided subsample: cheap, robust

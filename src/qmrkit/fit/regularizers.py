@@ -68,9 +68,16 @@ class TotalVariation(Regularizer):
     penalty is averaged over fitted voxels.
     """
 
-    def __init__(self, params: str | Sequence[str], weight: float, *, dims: int | None = None,
-                 voxel_size: Sequence[float] | None = None, isotropic: bool = True,
-                 eps: float = 1e-4):
+    def __init__(
+        self,
+        params: str | Sequence[str],
+        weight: float,
+        *,
+        dims: int | None = None,
+        voxel_size: Sequence[float] | None = None,
+        isotropic: bool = True,
+        eps: float = 1e-4,
+    ):
         self.params = (params,) if isinstance(params, str) else tuple(params)
         if not self.params:
             raise ParameterError("TotalVariation needs at least one parameter name")
@@ -93,8 +100,7 @@ class TotalVariation(Regularizer):
             raise ParameterError(
                 f"voxel_size has {len(vs)} entries but TV runs over {nd} image axes"
             )
-        total = torch.zeros((), dtype=next(iter(ctx.normalized.values())).dtype,
-                            device=mask.device)
+        total = torch.zeros((), dtype=next(iter(ctx.normalized.values())).dtype, device=mask.device)
         for name in self.params:
             x = ctx.normalized[name]
             sq = torch.zeros_like(x)
@@ -124,8 +130,13 @@ class CustomRegularizer(Regularizer):
     torch operations so autograd can differentiate it.
     """
 
-    def __init__(self, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], weight: float = 1.0,
-                 *, normalized: bool = False):
+    def __init__(
+        self,
+        fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        weight: float = 1.0,
+        *,
+        normalized: bool = False,
+    ):
         if not callable(fn):
             raise ParameterError(f"CustomRegularizer needs a callable, got {type(fn).__name__}")
         self.fn, self.weight, self.normalized = fn, float(weight), normalized

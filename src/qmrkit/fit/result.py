@@ -95,7 +95,9 @@ class FitResult:
             converged=problem.to_map(converged),
             iterations=its,
             loss_history=[float(x) for x in loss_history],
-            mask=problem.to_map(torch.ones(problem.n_voxels, dtype=torch.bool, device=theta.device)),
+            mask=problem.to_map(
+                torch.ones(problem.n_voxels, dtype=torch.bool, device=theta.device)
+            ),
             elapsed_s=float(elapsed_s),
             solver=solver,
             model_name=model.name,
@@ -138,15 +140,25 @@ class FitResult:
             vals = v[self.mask]
             vals = vals[torch.isfinite(vals)]
             if vals.numel():
-                q = torch.quantile(vals.double()[:: max(1, vals.numel() // 100000)],
-                                   torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
-                lines.append(f"  {k:<10} median {q[1]:.4g} {self.units.get(k, '')} "
-                             f"(5-95%: {q[0]:.4g} to {q[2]:.4g})")
+                q = torch.quantile(
+                    vals.double()[:: max(1, vals.numel() // 100000)],
+                    torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64),
+                )
+                lines.append(
+                    f"  {k:<10} median {q[1]:.4g} {self.units.get(k, '')} "
+                    f"(5-95%: {q[0]:.4g} to {q[2]:.4g})"
+                )
         return "\n".join(lines)
 
     # -- output ---------------------------------------------------------------------------------
-    def save(self, directory: str | Path, *, affine: Any = None, prefix: str = "",
-             extra_sidecar: dict[str, Any] | None = None) -> list[Path]:
+    def save(
+        self,
+        directory: str | Path,
+        *,
+        affine: Any = None,
+        prefix: str = "",
+        extra_sidecar: dict[str, Any] | None = None,
+    ) -> list[Path]:
         """Write each map as NIfTI with BIDS-style names, plus a JSON sidecar.
 
         Parameters
@@ -172,8 +184,11 @@ class FitResult:
             stem = self.map_names.get(name, name)
             written.append(save_nifti(out / f"{prefix}{stem}.nii.gz", m, affine=affine))
         written.append(save_nifti(out / f"{prefix}residual.nii.gz", self.residual, affine=affine))
-        written.append(save_nifti(out / f"{prefix}converged.nii.gz", self.converged.to(torch.uint8),
-                                  affine=affine))
+        written.append(
+            save_nifti(
+                out / f"{prefix}converged.nii.gz", self.converged.to(torch.uint8), affine=affine
+            )
+        )
         sidecar = {
             "Model": self.model_name,
             "Solver": self.solver,
@@ -184,8 +199,11 @@ class FitResult:
             "FractionConverged": self.fraction_converged,
             "ElapsedSeconds": self.elapsed_s,
             "FinalLoss": self.loss_history[-1] if self.loss_history else None,
-            "Software": {"qmrkit": __version__, "torch": torch.__version__,
-                         "python": platform.python_version()},
+            "Software": {
+                "qmrkit": __version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
         }
         if extra_sidecar:
             sidecar.update(_jsonable(extra_sidecar))

@@ -54,8 +54,10 @@ def initial_theta(
             theta = problem.from_physical(guess, spatial=False)
             bad = ~torch.isfinite(theta).all(dim=1)
             if bad.any():
-                log.info("closed-form start failed in %d voxels; searching a dictionary there",
-                         int(bad.sum()))
+                log.info(
+                    "closed-form start failed in %d voxels; searching a dictionary there",
+                    int(bad.sum()),
+                )
                 sub = problem.subset(torch.nonzero(bad).reshape(-1))
                 theta[bad] = search(sub, dictionary_atoms(sub, n_atoms, seed))
             return problem.clamp(theta), "closed_form"
@@ -66,6 +68,7 @@ def initial_theta(
 
 
 def _typical(problem: Problem, n: int) -> torch.Tensor:
-    vals = torch.tensor([p.typical() for p in problem.model.parameters], dtype=problem.dtype,
-                        device=problem.device)
+    vals = torch.tensor(
+        [p.typical() for p in problem.model.parameters], dtype=problem.dtype, device=problem.device
+    )
     return problem.clamp(vals.expand(n, -1).clone())

@@ -11,8 +11,14 @@ import numpy as np
 import torch
 
 # display ranges that make relaxometry maps readable at a glance (units as in the maps)
-_DEFAULT_RANGES = {"T1": (0, 2500), "T1star": (0, 2000), "T2": (0, 150), "T2star": (0, 100),
-                   "R2star": (0, 100), "R2": (0, 100)}
+_DEFAULT_RANGES = {
+    "T1": (0, 2500),
+    "T1star": (0, 2000),
+    "T2": (0, 150),
+    "T2star": (0, 100),
+    "R2star": (0, 100),
+    "R2": (0, 100),
+}
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -27,9 +33,15 @@ def _slice2d(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def save_map_figure(path: str | Path, maps: Mapping[str, Any], *, units: Mapping[str, str] | None = None,
-                    names: Sequence[str] | None = None, title: str = "",
-                    ranges: Mapping[str, tuple[float, float]] | None = None) -> Path:
+def save_map_figure(
+    path: str | Path,
+    maps: Mapping[str, Any],
+    *,
+    units: Mapping[str, str] | None = None,
+    names: Sequence[str] | None = None,
+    title: str = "",
+    ranges: Mapping[str, tuple[float, float]] | None = None,
+) -> Path:
     """Save a panel of maps (middle slice for 3D), each with a colour bar labelled with its unit."""
     import matplotlib
 
@@ -47,10 +59,23 @@ def save_map_figure(path: str | Path, maps: Mapping[str, Any], *, units: Mapping
     for ax, k in zip(axes.flat, keys, strict=False):
         a = _slice2d(_to_numpy(maps[k]))
         finite = a[np.isfinite(a)]
-        lo, hi = (ranges or {}).get(k) or _DEFAULT_RANGES.get(k) or (
-            (float(np.percentile(finite, 1)), float(np.percentile(finite, 99))) if finite.size else (0, 1))
-        im = ax.imshow(a.T, origin="lower", cmap="magma" if k.startswith("T") else "gray",
-                       vmin=lo, vmax=hi, interpolation="nearest")
+        lo, hi = (
+            (ranges or {}).get(k)
+            or _DEFAULT_RANGES.get(k)
+            or (
+                (float(np.percentile(finite, 1)), float(np.percentile(finite, 99)))
+                if finite.size
+                else (0, 1)
+            )
+        )
+        im = ax.imshow(
+            a.T,
+            origin="lower",
+            cmap="magma" if k.startswith("T") else "gray",
+            vmin=lo,
+            vmax=hi,
+            interpolation="nearest",
+        )
         ax.set_title(k, fontsize=10)
         cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         cb.set_label(units.get(k, ""), fontsize=8)

@@ -31,7 +31,9 @@ def load_protocol(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise DataFileError(f"protocol file {p} is not valid YAML: {exc}") from exc
     if not isinstance(content, dict):
-        raise DataFileError(f"protocol file {p} must hold a mapping of settings, got {type(content).__name__}")
+        raise DataFileError(
+            f"protocol file {p} must hold a mapping of settings, got {type(content).__name__}"
+        )
     unknown = set(content) - KNOWN_KEYS
     if unknown:
         raise ParameterError(

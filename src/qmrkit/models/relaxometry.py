@@ -38,8 +38,9 @@ def _scalar(name: str, value: Any, unit: str) -> float:
 # shared closed-form start for |A − B·exp(−t/τ)| signals (MOLLI, inversion recovery)
 # -------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def recovery_start(t: torch.Tensor, data: torch.Tensor, tau_lo: float, tau_hi: float,
-                   n_tau: int = 48) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def recovery_start(
+    t: torch.Tensor, data: torch.Tensor, tau_lo: float, tau_hi: float, n_tau: int = 48
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Start values (A, B, τ) for magnitude data ``|A − B·exp(−t/τ)|`` (each ``(V,)``).
 
     Polarity restoration: the signal crosses zero at most once, near its smallest magnitude sample
@@ -51,8 +52,10 @@ def recovery_start(t: torch.Tensor, data: torch.Tensor, tau_lo: float, tau_hi: f
     iterating; LM refines from there.
     """
     if data.shape[0] > 32768:  # bound the (V, 5, n_tau) temporaries
-        parts = [recovery_start(t, data[i : i + 32768], tau_lo, tau_hi, n_tau)
-                 for i in range(0, data.shape[0], 32768)]
+        parts = [
+            recovery_start(t, data[i : i + 32768], tau_lo, tau_hi, n_tau)
+            for i in range(0, data.shape[0], 32768)
+        ]
         return tuple(torch.cat(x) for x in zip(*parts, strict=True))  # type: ignore[return-value]
     order = torch.argsort(t)
     ts = t[order].to(torch.float64)
@@ -74,7 +77,9 @@ def recovery_start(t: torch.Tensor, data: torch.Tensor, tau_lo: float, tau_hi: f
     c_m, c_0, c_p = (cost.gather(-1, g + o)[..., 0] for o in (-1, 0, 1))
     curv = c_m - 2 * c_0 + c_p
     usable = torch.isfinite(c_m) & torch.isfinite(c_p) & (curv > 0)
-    offset = torch.where(usable, 0.5 * (c_m - c_p) / torch.where(usable, curv, 1.0), 0.0).clamp(-1, 1)
+    offset = torch.where(usable, 0.5 * (c_m - c_p) / torch.where(usable, curv, 1.0), 0.0).clamp(
+        -1, 1
+    )
     c_min = torch.where(usable, c_0 - 0.25 * (c_m - c_p) * offset, c_0)
     best_k = c_min.argmin(dim=1, keepdim=True)  # (V, 1)
     log_tau = logs[g[..., 0]] + offset * step
@@ -91,8 +96,9 @@ def recovery_start(t: torch.Tensor, data: torch.Tensor, tau_lo: float, tau_hi: f
     return a.to(data.dtype), b.to(data.dtype), tau.to(data.dtype)
 
 
-def _varpro_costs(ts: torch.Tensor, Y: torch.Tensor, yy: torch.Tensor, taus: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _varpro_costs(
+    ts: torch.Tensor, Y: torch.Tensor, yy: torch.Tensor, taus: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Least-squares cost and (A, B) of y ≈ A − B·exp(−t/τ) for sign candidates ``Y (V, K, M)``
     and a shared grid of time constants ``taus`` of shape ``(1, 1, G)``."""
     E = torch.exp(-ts / taus[..., None])  # (.., G, M)
@@ -124,8 +130,15 @@ class MolliT1(Model):
     parameters = (
         Parameter("A", 0.0, 10.0, "a.u.", amplitude=True, description="apparent steady state"),
         Parameter("B", 0.0, 30.0, "a.u.", amplitude=True, description="inversion amplitude"),
-        Parameter("T1star", 1.0, 6000.0, "ms", start=1000.0, log_scale=True,
-                  description="apparent (Look-Locker) T1"),
+        Parameter(
+            "T1star",
+            1.0,
+            6000.0,
+            "ms",
+            start=1000.0,
+            log_scale=True,
+            description="apparent (Look-Locker) T1",
+        ),
     )
     map_names = {"T1": "T1map", "T1star": "T1starmap", "A": "Amap", "B": "Bmap"}
     derived_units = {"T1": "ms"}
@@ -161,8 +174,15 @@ class InversionRecovery(Model):
     measurement_axis = "inversion times (ti)"
     parameters = (
         Parameter("M0", 0.0, 10.0, "a.u.", amplitude=True, description="equilibrium signal"),
-        Parameter("T1", 1.0, 10000.0, "ms", start=1000.0, log_scale=True,
-                  description="longitudinal relaxation time"),
+        Parameter(
+            "T1",
+            1.0,
+            10000.0,
+            "ms",
+            start=1000.0,
+            log_scale=True,
+            description="longitudinal relaxation time",
+        ),
         Parameter("eta", 0.0, 1.5, "", start=1.0, description="inversion efficiency"),
     )
     map_names = {"T1": "T1map", "M0": "M0map", "eta": "InversionEfficiencymap"}
@@ -198,8 +218,15 @@ class VfaT1(Model):
     covariates = ("b1",)
     parameters = (
         Parameter("M0", 0.0, 1000.0, "a.u.", amplitude=True, description="equilibrium signal"),
-        Parameter("T1", 1.0, 10000.0, "ms", start=1000.0, log_scale=True,
-                  description="longitudinal relaxation time"),
+        Parameter(
+            "T1",
+            1.0,
+            10000.0,
+            "ms",
+            start=1000.0,
+            log_scale=True,
+            description="longitudinal relaxation time",
+        ),
     )
     map_names = {"T1": "T1map", "M0": "M0map"}
 
@@ -234,9 +261,23 @@ class VfaT1(Model):
 _DECAY_KINDS = {
     # kind: (parameter, unit, bounds, is_rate, BIDS stem, description)
     "T2": ("T2", "ms", (0.1, 5000.0), False, "T2map", "transverse relaxation time"),
-    "T2star": ("T2star", "ms", (0.1, 2000.0), False, "T2starmap", "effective transverse relaxation time"),
+    "T2star": (
+        "T2star",
+        "ms",
+        (0.1, 2000.0),
+        False,
+        "T2starmap",
+        "effective transverse relaxation time",
+    ),
     "R2": ("R2", "1/s", (0.2, 10000.0), True, "R2map", "transverse relaxation rate"),
-    "R2star": ("R2star", "1/s", (0.5, 10000.0), True, "R2starmap", "effective transverse relaxation rate"),
+    "R2star": (
+        "R2star",
+        "1/s",
+        (0.5, 10000.0),
+        True,
+        "R2starmap",
+        "effective transverse relaxation rate",
+    ),
 }
 
 
@@ -266,8 +307,15 @@ class MonoExp(Model):
         self.kind, self.offset, self._is_rate, self._pname = kind, bool(offset), is_rate, name
         params = [
             Parameter("S0", 0.0, 100.0, "a.u.", amplitude=True, description="signal at TE = 0"),
-            Parameter(name, lo, hi, unit, start=50.0 if not is_rate else 20.0, log_scale=True,
-                      description=desc),
+            Parameter(
+                name,
+                lo,
+                hi,
+                unit,
+                start=50.0 if not is_rate else 20.0,
+                log_scale=True,
+                description=desc,
+            ),
         ]
         if offset:
             params.append(Parameter("C", 0.0, 1.0, "a.u.", amplitude=True, description="baseline"))
@@ -293,7 +341,8 @@ class MonoExp(Model):
         tm = (w * te).sum(1) / sw
         ym = (w * y).sum(1) / sw
         slope = (w * (te - tm[:, None]) * (y - ym[:, None])).sum(1) / (
-            (w * (te - tm[:, None]) ** 2).sum(1).clamp_min(1e-30))
+            (w * (te - tm[:, None]) ** 2).sum(1).clamp_min(1e-30)
+        )
         rate = (-slope).clamp_min(1e-6)  # 1/ms
         s0 = torch.exp(ym + rate * tm)
         lo, hi = self.parameter(self._pname).lower, self.parameter(self._pname).upper

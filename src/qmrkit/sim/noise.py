@@ -9,7 +9,9 @@ import numpy as np
 from ..errors import ParameterError
 
 
-def add_noise(signal: Any, sigma: float, *, kind: str = "rician", seed: int | None = 0) -> np.ndarray:
+def add_noise(
+    signal: Any, sigma: float, *, kind: str = "rician", seed: int | None = 0
+) -> np.ndarray:
     """Add noise of standard deviation ``sigma`` (per real channel).
 
     Parameters

@@ -14,16 +14,87 @@ from ..errors import ParameterError, ShapeError
 
 # --- ISMRM/NIST system phantom, 3 T, 20 °C (ms); Stupic et al. MRM 2021 -------------------------
 NIST_T1_PLATE_T1 = {
-    1: (1989.0, 1454.0, 984.1, 706.0, 496.7, 351.5, 247.13, 175.3, 125.9, 89.0, 62.7, 44.53, 30.84, 21.719),
-    2: (1883.97, 1330.16, 987.27, 690.08, 484.97, 341.58, 240.86, 174.95, 121.08, 85.75, 60.21, 42.89,
-        30.40, 21.44),
+    1: (
+        1989.0,
+        1454.0,
+        984.1,
+        706.0,
+        496.7,
+        351.5,
+        247.13,
+        175.3,
+        125.9,
+        89.0,
+        62.7,
+        44.53,
+        30.84,
+        21.719,
+    ),
+    2: (
+        1883.97,
+        1330.16,
+        987.27,
+        690.08,
+        484.97,
+        341.58,
+        240.86,
+        174.95,
+        121.08,
+        85.75,
+        60.21,
+        42.89,
+        30.40,
+        21.44,
+    ),
 }
-NIST_T1_PLATE_T2 = (1465.0, 1076.0, 717.9, 510.1, 359.6, 255.5, 180.8, 127.3, 90.3, 64.3, 45.7, 31.86,
-                    22.38, 15.83)
-NIST_T2_PLATE_T1 = (2480.0, 2173.0, 1907.0, 1604.0, 1332.0, 1044.0, 801.7, 608.6, 458.4, 336.5, 244.2,
-                    176.6, 126.9, 90.9)
-NIST_T2_PLATE_T2 = (581.3, 403.5, 278.1, 190.94, 133.27, 96.89, 64.07, 46.42, 31.97, 22.56, 15.813,
-                    11.237, 7.911, 5.592)
+NIST_T1_PLATE_T2 = (
+    1465.0,
+    1076.0,
+    717.9,
+    510.1,
+    359.6,
+    255.5,
+    180.8,
+    127.3,
+    90.3,
+    64.3,
+    45.7,
+    31.86,
+    22.38,
+    15.83,
+)
+NIST_T2_PLATE_T1 = (
+    2480.0,
+    2173.0,
+    1907.0,
+    1604.0,
+    1332.0,
+    1044.0,
+    801.7,
+    608.6,
+    458.4,
+    336.5,
+    244.2,
+    176.6,
+    126.9,
+    90.9,
+)
+NIST_T2_PLATE_T2 = (
+    581.3,
+    403.5,
+    278.1,
+    190.94,
+    133.27,
+    96.89,
+    64.07,
+    46.42,
+    31.97,
+    22.56,
+    15.813,
+    11.237,
+    7.911,
+    5.592,
+)
 
 # --- cardiac tissues at 3 T (typical native MOLLI-range values, ms) -------------------------------
 CARDIAC_TISSUES = {
@@ -53,8 +124,9 @@ def _check_shape(shape: Sequence[int], ndims: tuple[int, ...] = (2, 3)) -> tuple
     return shp
 
 
-def _maps_from_labels(labels: np.ndarray, props: dict[int, tuple[float, float, float]]
-                      ) -> dict[str, np.ndarray]:
+def _maps_from_labels(
+    labels: np.ndarray, props: dict[int, tuple[float, float, float]]
+) -> dict[str, np.ndarray]:
     t1 = np.zeros(labels.shape)
     t2 = np.zeros(labels.shape)
     pd = np.zeros(labels.shape)
@@ -99,8 +171,9 @@ def cardiac_phantom(shape: Sequence[int] = (128, 128)) -> dict[str, np.ndarray |
     return out
 
 
-def nist_phantom(shape: Sequence[int] = (128, 128), *, plate: str = "T1", version: int = 1
-                 ) -> dict[str, np.ndarray | dict]:
+def nist_phantom(
+    shape: Sequence[int] = (128, 128), *, plate: str = "T1", version: int = 1
+) -> dict[str, np.ndarray | dict]:
     """The ISMRM/NIST system phantom's T1 or T2 plate at 3 T, 20 °C (Stupic et al. 2021).
 
     14 spheres (10 on an outer ring, 4 inside) of radius ≈ 8/200 of the field of view, with the

@@ -13,8 +13,15 @@ from .noise import add_noise
 MOLLI_TI = (100.0, 180.0, 260.0, 1000.0, 1080.0, 1900.0, 2000.0, 2800.0)
 
 
-def molli_series(t1: Any, m0: Any, ti: Any = MOLLI_TI, *, apparent_ratio: float = 0.85,
-                 snr: float | None = 50.0, seed: int | None = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def molli_series(
+    t1: Any,
+    m0: Any,
+    ti: Any = MOLLI_TI,
+    *,
+    apparent_ratio: float = 0.85,
+    snr: float | None = 50.0,
+    seed: int | None = 0,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """A MOLLI magnitude series from T1 and M0 maps.
 
     The three-parameter model S = |A − B·exp(−TI/T1*)| with T1* = ``apparent_ratio``·T1 (the
