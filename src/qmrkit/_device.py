@@ -84,10 +84,12 @@ def as_tensor(
             raise DTypeError(f"{name}: expected a numeric array, got an array of Python objects")
         if arr.dtype.byteorder not in ("=", "|") and arr.dtype.byteorder != _native_order():
             arr = arr.astype(arr.dtype.newbyteorder("="))
-        if arr.dtype == np.bool_:
-            t = torch.from_numpy(np.ascontiguousarray(arr))
-        else:
-            t = torch.from_numpy(np.ascontiguousarray(arr))
+        # ascontiguousarray would turn a 0-d array into shape (1,)
+        t = (
+            torch.tensor(arr.item())
+            if arr.ndim == 0
+            else torch.from_numpy(np.ascontiguousarray(arr))
+        )
     dev = resolve_device(device, t)
     if dtype is not None:
         if t.is_complex() and not dtype.is_complex:

@@ -9,6 +9,7 @@ physics: models live in :mod:`qmrkit.models` or come from :func:`model_from_func
 from .adam import adam
 from .dictionary import dictionary_search
 from .lm import lm
+from .mcmc import McmcResult, mcmc
 from .model import FunctionModel, Model, Parameter, model_from_function
 from .problem import Problem, make_problem
 from .regularizers import CustomRegularizer, Regularizer, RegularizerContext, TotalVariation
@@ -24,6 +25,8 @@ __all__ = [
     "FitResult",
     "lm",
     "adam",
+    "mcmc",
+    "McmcResult",
     "Regularizer",
     "RegularizerContext",
     "TotalVariation",

@@ -39,6 +39,8 @@ def _to_tensor(x: Any, name: str) -> torch.Tensor:
         raise DTypeError(f"{name}: cannot convert {type(x).__name__} to an array") from exc
     if arr.dtype == object or arr.dtype.kind not in "biufc":
         raise DTypeError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
+    if arr.ndim == 0:  # ascontiguousarray would turn a scalar into shape (1,)
+        return torch.tensor(arr.item())
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
