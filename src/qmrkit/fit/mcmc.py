@@ -598,26 +598,33 @@ def _run_chunk(
     return trace[:k], (accepted / max(proposed, 1)).to(x.dtype)
 
 
-def _autocorr_time(trace: torch.Tensor, c: float = 5.0) -> torch.Tensor:
+def _autocorr_time(trace: torch.Tensor, c: float = 5.0, max_bytes: int = 256 << 20) -> torch.Tensor:
     """Integrated autocorrelation time per (voxel, parameter) from ``trace (T, Vc, W, D)``.
 
     The normalised autocorrelation function of each walker's chain (by FFT) is averaged over
     walkers, summed into τ(M) = 1 + 2·Σ_{t≤M} ρ(t), and cut at Sokal's automatic window, the
-    smallest M with M ≥ c·τ(M) — the estimator Goodman & Weare and emcee use.
+    smallest M with M ≥ c·τ(M) — the estimator Goodman & Weare and emcee use. Voxels are processed
+    in groups so the FFT buffers stay within ``max_bytes``.
     """
-    T = trace.shape[0]
-    x = trace.double() - trace.double().mean(0, keepdim=True)
+    T, Vc, W, D = trace.shape
     n = 1 << (2 * T - 1).bit_length()
-    f = torch.fft.rfft(x, n=n, dim=0)
-    acf = torch.fft.irfft(f * f.conj(), n=n, dim=0)[:T]
-    acf = acf / acf[:1].clamp_min(1e-300)
-    rho = acf.mean(2)  # average over walkers: (T, Vc, D)
-    taus = 2.0 * torch.cumsum(rho, 0) - 1.0
-    m = torch.arange(T, device=trace.device, dtype=torch.float64)[:, None, None]
-    ok = m >= c * taus
-    first = torch.where(ok.any(0), ok.double().argmax(0), torch.full_like(taus[0], T - 1).long())
-    tau = taus.gather(0, first[None])[0]
-    return tau.clamp_min(1.0)
+    per_voxel = W * D * (n + 2) * 8 * 3
+    group = max(1, int(max_bytes // per_voxel))
+    out = []
+    m = torch.arange(T, device=trace.device, dtype=torch.float32)[:, None, None]
+    for g0 in range(0, Vc, group):
+        x = trace[:, g0 : g0 + group].float()
+        x = x - x.mean(0, keepdim=True)
+        f = torch.fft.rfft(x, n=n, dim=0)
+        acf = torch.fft.irfft(f * f.conj(), n=n, dim=0)[:T]
+        del f
+        acf = acf / acf[:1].clamp_min(1e-30)
+        rho = acf.mean(2)  # average over walkers: (T, g, D)
+        taus = 2.0 * torch.cumsum(rho, 0) - 1.0
+        ok = m >= c * taus
+        first = torch.where(ok.any(0), ok.float().argmax(0), torch.full_like(taus[0], T - 1)).long()
+        out.append(taus.gather(0, first[None])[0].clamp_min(1.0))
+    return torch.cat(out, dim=0).to(trace.dtype)
 
 
 def _rhat(trace: torch.Tensor) -> torch.Tensor:
