@@ -53,6 +53,7 @@ def pdhg(
     tau: float | None = None,
     theta: float = 1.0,
     strong_convexity: float = 0.0,
+    adaptive: bool = True,
     max_iter: int = 100,
     tol: float = 1e-6,
     callback: Callable[[int, torch.Tensor, torch.Tensor], bool | None] | None = None,
@@ -94,6 +95,13 @@ def pdhg(
     strong_convexity : float
         ``γ > 0`` when ``g`` is ``γ``-strongly convex (e.g. ``γ = 1`` for ``½‖x − b‖²``): use
         Chambolle–Pock's accelerated variant (θ, τ, σ adapted each iteration, O(1/k²)).
+    adaptive : bool
+        Balance the primal and dual steps during the run (Goldstein, Li & Yuan 2015): when the
+        primal residual exceeds the dual one by more than a factor 1.5, ``τ`` grows and ``σ``
+        shrinks (``στ`` fixed), and the other way round; the adaptation fades geometrically
+        (factor 0.95 per change), so convergence is kept. It removes most of the sensitivity to
+        the ratio ``σ/τ`` (i.e. to the relative scale of image and dual variables). Default
+        True; ``info["tau"]``/``info["sigma"]`` report the final steps. Ignored when ``strong_convexity > 0``.
     max_iter, tol
         Stop when the relative primal–dual residual (below) is at most ``tol`` (0: run all).
     callback : callable, optional
@@ -161,6 +169,8 @@ def pdhg(
     prox = prox_g if prox_g is not None else (lambda v, t: v)
 
     x = x0.clone()
+    alpha, eta, delta = 0.5, 0.95, 1.5  # adaptive balancing (Goldstein et al. 2015)
+    n_adapt = 0
     KHz = K.H(z)
     Kxbar = Kx
     history: list[float] = []
@@ -190,6 +200,12 @@ def pdhg(
                 tau, sigma = th * tau, sigma / th
             else:
                 th = theta
+                if adaptive and p_res > delta * d_res:
+                    tau, sigma, alpha, n_adapt = tau / (1 - alpha), sigma * (1 - alpha), \
+                        alpha * eta, n_adapt + 1
+                elif adaptive and d_res > delta * p_res:
+                    tau, sigma, alpha, n_adapt = tau * (1 - alpha), sigma / (1 - alpha), \
+                        alpha * eta, n_adapt + 1
             Kxbar = Kx_new + th * (Kx_new - Kx)
             x, z, Kx, KHz = x_new, z_new, Kx_new, KHz_new
             if not math.isfinite(rel):
@@ -206,7 +222,7 @@ def pdhg(
     log.debug("pdhg: %d iterations, residual %.3g", it, history[-1])
     return PdhgResult(x=x, iterations=it, residual_history=history, converged=converged,
                       elapsed_s=elapsed, info={"sigma": sigma, "tau": tau, "norm2": norm2,
-                                               "batch_ndim": nb},
+                                               "batch_ndim": nb, "step_adaptations": n_adapt},
                       z=z, primal_residual_history=p_hist, dual_residual_history=d_hist)
 
 
