@@ -45,8 +45,9 @@ OPERATORS = {
     "sense3d-coil-last": lambda dt: Sense(_c((6, 5, 4, 3), 3, dt), coil_axis=-1),
     "fd2-periodic": lambda dt: FiniteDifference((12, 10)),
     "fd3-neumann": lambda dt: FiniteDifference((5, 6, 7), boundary="neumann"),
-    "fd-time-voxel": lambda dt: FiniteDifference((4, 6, 5), axes=(0, 1, 2),
-                                                 voxel_size=(1.0, 0.7, 1.3), boundary="neumann"),
+    "fd-time-voxel": lambda dt: FiniteDifference(
+        (4, 6, 5), axes=(0, 1, 2), voxel_size=(1.0, 0.7, 1.3), boundary="neumann"
+    ),
     "diagonal-complex": lambda dt: Diagonal(_c((12, 10), 5, dt)),
     "diagonal-real-broadcast": lambda dt: Diagonal(torch.rand(1, 10), shape=(12, 10)),
     "matrix": lambda dt: Matrix(_c((7, 4), 6, dt)),

@@ -15,14 +15,19 @@ def _cnp(*shape):
 
 
 # -- FFT ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape,axes", [((16, 12), None), ((7, 9), None), ((5, 6, 7), (0, 2)),
-                                        ((4, 8, 6), (-2, -1))])
+@pytest.mark.parametrize(
+    "shape,axes", [((16, 12), None), ((7, 9), None), ((5, 6, 7), (0, 2)), ((4, 8, 6), (-2, -1))]
+)
 def test_fft_matches_numpy_centred_ortho(shape, axes, device):
     x = _cnp(3, *shape)
-    np_axes = tuple(range(-len(shape), 0)) if axes is None else tuple(
-        a - len(shape) if a >= 0 else a for a in axes)
-    ref = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(x, axes=np_axes), axes=np_axes,
-                                      norm="ortho"), axes=np_axes)
+    np_axes = (
+        tuple(range(-len(shape), 0))
+        if axes is None
+        else tuple(a - len(shape) if a >= 0 else a for a in axes)
+    )
+    ref = np.fft.fftshift(
+        np.fft.fftn(np.fft.ifftshift(x, axes=np_axes), axes=np_axes, norm="ortho"), axes=np_axes
+    )
     F = FFT(shape, axes=axes)
     y = F(torch.from_numpy(x).to(device)).cpu().numpy()
     assert np.max(np.abs(y - ref)) / np.max(np.abs(ref)) < 1e-5
@@ -120,8 +125,9 @@ def test_sense_forward_and_adjoint_against_explicit_sums(device):
     np.testing.assert_allclose(fx, ref_f, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ahy, ref_a, rtol=1e-5, atol=1e-5)
     ref_n = np.sum(np.abs(maps) ** 2, axis=0) * x
-    np.testing.assert_allclose(S.N(torch.from_numpy(x).to(device)).cpu().numpy(), ref_n,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        S.N(torch.from_numpy(x).to(device)).cpu().numpy(), ref_n, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_sense_coil_axis_and_errors():
@@ -149,10 +155,12 @@ def test_cartesian_sense_normal_against_dense_matrix():
     eye = torch.eye(ny * nx, dtype=torch.complex128).reshape(ny * nx, ny, nx)
     Am = A(eye).reshape(ny * nx, -1).T.numpy()  # columns = A e_j
     x = _cnp(ny, nx).astype(np.complex128)
-    np.testing.assert_allclose(A(torch.from_numpy(x)).numpy().ravel(), Am @ x.ravel(),
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(A.N(torch.from_numpy(x)).numpy().ravel(),
-                               Am.conj().T @ Am @ x.ravel(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        A(torch.from_numpy(x)).numpy().ravel(), Am @ x.ravel(), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        A.N(torch.from_numpy(x)).numpy().ravel(), Am.conj().T @ Am @ x.ravel(), rtol=1e-5, atol=1e-5
+    )
 
 
 # -- Mask, Diagonal, Matrix, Reshape, Vstack -------------------------------------------------------

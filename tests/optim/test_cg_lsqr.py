@@ -27,8 +27,12 @@ def test_cg_hermitian_complex64_matches_numpy_solve(device):
     S = spd_matrix(24, 30, 2, np.complex128)
     b = np.random.default_rng(3).standard_normal(24) + 0j
     St = torch.from_numpy(S.astype(np.complex64)).to(device)
-    res = cg(lambda x: St @ x, torch.from_numpy(b.astype(np.complex64)).to(device),
-             max_iter=200, tol=1e-6)
+    res = cg(
+        lambda x: St @ x,
+        torch.from_numpy(b.astype(np.complex64)).to(device),
+        max_iter=200,
+        tol=1e-6,
+    )
     ref = np.linalg.solve(S, b)
     err = np.linalg.norm(res.x.cpu().numpy() - ref) / np.linalg.norm(ref)
     assert res.converged and err < 1e-5
@@ -69,7 +73,7 @@ def test_cg_small_cartesian_sense_equals_dense_least_squares():
     maps = crandn((nc, ny, nx), 8, torch.complex64)
     mask = torch.zeros(ny, 1, dtype=torch.bool)
     mask[::2] = True
-    mask[ny // 2 - 1: ny // 2 + 1] = True
+    mask[ny // 2 - 1 : ny // 2 + 1] = True
     shape = (nc, ny, nx)
     A = Mask(mask, shape=shape) @ FFT(shape, axes=(-2, -1)) @ Sense(maps)
     x_true = crandn((ny, nx), 9, torch.complex64)
@@ -91,8 +95,7 @@ def test_cg_start_callback_and_trivial_cases():
     res = cg(lambda x: S @ x, torch.zeros(10, dtype=torch.float64))
     assert res.converged and res.iterations == 0 and torch.all(res.x == 0)
     seen = []
-    res = cg(lambda x: S @ x, b, max_iter=50, tol=0,
-             callback=lambda k, x: seen.append(k) or k == 3)
+    res = cg(lambda x: S @ x, b, max_iter=50, tol=0, callback=lambda k, x: seen.append(k) or k == 3)
     assert res.iterations == 3 and seen == [1, 2, 3] and not res.converged
     res = cg(lambda x: S @ x, b, max_iter=4, tol=0)
     assert res.iterations == 4 and len(res.residual_history) == 4 and not res.converged
@@ -121,8 +124,12 @@ def test_lsqr_matches_numpy_lstsq_on_tall_complex_matrix(dtype, tol, device):
     A = crandn((50, 15), 20)
     y = crandn((50,), 21)
     ref = np.linalg.lstsq(A.numpy(), y.numpy(), rcond=None)[0]
-    res = lsqr(Matrix(A.to(dtype)), y.to(dtype).to(device), max_iter=100,
-               tol=1e-12 if dtype == torch.complex128 else 1e-6)
+    res = lsqr(
+        Matrix(A.to(dtype)),
+        y.to(dtype).to(device),
+        max_iter=100,
+        tol=1e-12 if dtype == torch.complex128 else 1e-6,
+    )
     err = np.linalg.norm(res.x.cpu().numpy() - ref) / np.linalg.norm(ref)
     assert err < tol, err
     assert res.info["algorithm"] == "CGLS"

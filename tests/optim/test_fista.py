@@ -33,8 +33,12 @@ def test_lasso_general_matrix_optimality_conditions(dtype, atol, device):
     x_true[[1, 5, 11]] = torch.tensor([2.0 + 1j, -1.5j, 1.0], dtype=torch.complex128)
     y = A @ x_true + 0.05 * crandn((30,), 3)
     lam = 2.0
-    res = fista((Matrix(A.to(dtype)), y.to(dtype).to(device)), P.L1(lam), max_iter=5000,
-                tol=1e-13 if dtype == torch.complex128 else 1e-7)
+    res = fista(
+        (Matrix(A.to(dtype)), y.to(dtype).to(device)),
+        P.L1(lam),
+        max_iter=5000,
+        tol=1e-13 if dtype == torch.complex128 else 1e-7,
+    )
     x = res.x.cpu().to(torch.complex128)
     g = A.conj().T @ (y - A @ x)
     on = x.abs() > 1e-6
@@ -63,10 +67,15 @@ def test_nonnegative_least_squares_matches_scipy_nnls(device):
     ref, _ = scipy.optimize.nnls(A, y)
     At = torch.from_numpy(A).to(device)
     yt = torch.from_numpy(y).to(device)
-    res = fista(lambda x: At.T @ (At @ x - yt), P.Box(lower=0.0), x0=torch.zeros(10,
-                dtype=torch.float64, device=device), step=1 / np.linalg.norm(A, 2) ** 2,
-                max_iter=20000, tol=1e-14,
-                objective=lambda x: 0.5 * float(((At @ x - yt) ** 2).sum()))
+    res = fista(
+        lambda x: At.T @ (At @ x - yt),
+        P.Box(lower=0.0),
+        x0=torch.zeros(10, dtype=torch.float64, device=device),
+        step=1 / np.linalg.norm(A, 2) ** 2,
+        max_iter=20000,
+        tol=1e-14,
+        objective=lambda x: 0.5 * float(((At @ x - yt) ** 2).sum()),
+    )
     np.testing.assert_allclose(res.x.cpu().numpy(), ref, atol=1e-9)
     assert (ref == 0).any()  # the constraint is active
     assert res.objective_history[-1] <= res.objective_history[0]

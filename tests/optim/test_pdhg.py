@@ -1,5 +1,7 @@
 """PDHG on TV denoising and TV reconstruction against independent high-accuracy references."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,8 @@ from ._problems import crandn
 def _piecewise_1d(n=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     b = torch.zeros(n, dtype=torch.float64)
-    b[n // 4: n // 2] = 1.0
-    b[n // 2: 3 * n // 4] = -0.5
+    b[n // 4 : n // 2] = 1.0
+    b[n // 2 : 3 * n // 4] = -0.5
     return b + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
 
 
@@ -37,14 +39,17 @@ def _tv_dual_reference(D, b, lam, axis):
 
 
 def _tv_primal(D, b, lam, axis):
-    return lambda x: 0.5 * float(torch.linalg.vector_norm(x - b) ** 2) + lam * float(
-        torch.linalg.vector_norm(D(x), dim=axis).sum())
+    return lambda x: (
+        0.5 * float(torch.linalg.vector_norm(x - b) ** 2)
+        + lam * float(torch.linalg.vector_norm(D(x), dim=axis).sum())
+    )
 
 
 def _tv_dual(D, b):
     def dual(z):
         w = D.H(z)
         return float((w.conj() * b).real.sum()) - 0.5 * float(torch.linalg.vector_norm(w) ** 2)
+
     return dual
 
 
@@ -68,14 +73,20 @@ def test_pdhg_tv_1d_matches_reference_and_gap_decreases(device):
     ref, _ = _tv_dual_reference(D, b, lam, axis=-2)
     primal, dual = _tv_primal(D, b, lam, -2), _tv_dual(D, b)
     gaps = []
-    res = pdhg(D, P.conjugate(P.GroupL1(lam, axis=-2)), P.L2Squared(b.to(device)),
-               x0=b.to(device), max_iter=5000, tol=1e-11,
-               callback=lambda k, x, z: gaps.append(primal(x.cpu()) - dual(z.cpu())))
+    res = pdhg(
+        D,
+        P.conjugate(P.GroupL1(lam, axis=-2)),
+        P.L2Squared(b.to(device)),
+        x0=b.to(device),
+        max_iter=5000,
+        tol=1e-11,
+        callback=lambda k, x, z: gaps.append(primal(x.cpu()) - dual(z.cpu())),
+    )
     assert res.converged
     torch.testing.assert_close(res.x.cpu(), ref, rtol=0, atol=1e-8)
     assert min(gaps) >= -1e-10  # weak duality
     checkpoints = [gaps[k] for k in (10, 100, 400, len(gaps) - 1)]
-    assert all(a > b for a, b in zip(checkpoints, checkpoints[1:])), checkpoints
+    assert all(a > b for a, b in itertools.pairwise(checkpoints)), checkpoints
     assert gaps[-1] < 1e-9
     assert res.residual_history[-1] <= 1e-11
     assert len(res.primal_residual_history) == res.iterations
@@ -86,14 +97,20 @@ def test_pdhg_isotropic_tv_2d_complex(dtype, atol, device):
     b, lam = _phantom_2d(), 0.2
     D = FiniteDifference((12, 12), boundary="neumann")
     ref, _ = _tv_dual_reference(D, b, lam, axis=-3)
-    res = pdhg(D, P.conjugate(P.GroupL1(lam, axis=-3)), P.L2Squared(b.to(dtype).to(device)),
-               x0=b.to(dtype).to(device), max_iter=3000,
-               tol=1e-10 if dtype == torch.complex128 else 1e-6)
+    res = pdhg(
+        D,
+        P.conjugate(P.GroupL1(lam, axis=-3)),
+        P.L2Squared(b.to(dtype).to(device)),
+        x0=b.to(dtype).to(device),
+        max_iter=3000,
+        tol=1e-10 if dtype == torch.complex128 else 1e-6,
+    )
     err = float((res.x.cpu().to(torch.complex128) - ref).abs().max())
     assert err < atol, (err, res.iterations)
     # isotropic, not anisotropic: the anisotropic (L1) solution is measurably different
-    aniso = pdhg(D, P.conjugate(P.L1(lam)), P.L2Squared(b), x0=b.clone(), max_iter=3000,
-                 tol=1e-10).x
+    aniso = pdhg(
+        D, P.conjugate(P.L1(lam)), P.L2Squared(b), x0=b.clone(), max_iter=3000, tol=1e-10
+    ).x
     assert float((aniso - ref).abs().max()) > 100 * atol
 
 
@@ -118,8 +135,15 @@ def test_pdhg_accelerated_variant_converges_to_the_same_solution():
     b, lam = _phantom_2d(), 0.2
     D = FiniteDifference((12, 12), boundary="neumann")
     ref, _ = _tv_dual_reference(D, b, lam, axis=-3)
-    res = pdhg(D, P.conjugate(P.GroupL1(lam, axis=-3)), P.L2Squared(b), x0=b.clone(),
-               max_iter=2000, tol=0, strong_convexity=1.0)
+    res = pdhg(
+        D,
+        P.conjugate(P.GroupL1(lam, axis=-3)),
+        P.L2Squared(b),
+        x0=b.clone(),
+        max_iter=2000,
+        tol=0,
+        strong_convexity=1.0,
+    )
     # O(1/k²) guarantees, but here slower than the plain method's near-linear convergence
     assert float((res.x - ref).abs().max()) < 5e-4
     assert res.info["tau"] < 0.05 < res.info["sigma"]  # steps were adapted
@@ -129,7 +153,7 @@ def _undersampled_problem(n=16, seed=3):
     x = _phantom_2d(n, seed, noise=0)
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(n, 1, generator=g) < 0.5
-    mask[n // 2 - 2: n // 2 + 2] = True
+    mask[n // 2 - 2 : n // 2 + 2] = True
     A = Mask(mask, shape=(n, n)) @ FFT((n, n))
     y = A(x) + 0.02 * Mask(mask, shape=(n, n))(crandn((n, n), seed + 1))
     return A, mask, y
@@ -170,8 +194,9 @@ def test_pdhg_batch_equals_separate_solves():
     both = pdhg(D, P.conjugate(P.GroupL1(lam, axis=-3)), P.L2Squared(B), x0=B.clone(), **kw)
     assert both.info["batch_ndim"] == 1 and both.z.shape == (2, 2, 12, 12)
     for i in range(2):
-        one = pdhg(D, P.conjugate(P.GroupL1(lam, axis=-3)), P.L2Squared(B[i]), x0=B[i].clone(),
-                   **kw)
+        one = pdhg(
+            D, P.conjugate(P.GroupL1(lam, axis=-3)), P.L2Squared(B[i]), x0=B[i].clone(), **kw
+        )
         # the batch shares (adaptive) steps, so iterates differ; the solutions agree
         torch.testing.assert_close(both.x[i], one.x, rtol=0, atol=1e-6)
 
@@ -185,16 +210,32 @@ def test_pdhg_step_rules_and_bad_input():
     assert s == pytest.approx(t) and s * t * n2 == pytest.approx(1 / 1.05, rel=1e-9)
     assert abs(n2 - 4.0) < 1e-3  # periodic 1-D difference on an even grid: ‖D‖² = 4
     res = pdhg(D, fstar, g, x0=b.clone(), tau=0.1, max_iter=3, tol=0, adaptive=False)
-    assert res.info["tau"] == 0.1 and res.info["sigma"] * 0.1 * res.info["norm2"] == \
-        pytest.approx(1 / 1.05)
-    res = pdhg(D, fstar, g, x0=b.clone(), tau=0.1, sigma=0.2, max_iter=3, tol=0,
-               callback=lambda k, x, z: k == 2)
+    assert res.info["tau"] == 0.1 and res.info["sigma"] * 0.1 * res.info["norm2"] == pytest.approx(
+        1 / 1.05
+    )
+    res = pdhg(
+        D,
+        fstar,
+        g,
+        x0=b.clone(),
+        tau=0.1,
+        sigma=0.2,
+        max_iter=3,
+        tol=0,
+        callback=lambda k, x, z: k == 2,
+    )
     assert res.info["norm2"] is None and res.iterations == 2
     # default start: zeros in the requested dtype
     res = pdhg(D, fstar, g, max_iter=2, tol=0, dtype=torch.float64)
     assert res.x.dtype == torch.float64
-    for bad in (dict(sigma=0.0), dict(tau=-1.0), dict(theta=1.5), dict(tol=-1.0),
-                dict(max_iter=0), dict(strong_convexity=-1.0)):
+    for bad in (
+        dict(sigma=0.0),
+        dict(tau=-1.0),
+        dict(theta=1.5),
+        dict(tol=-1.0),
+        dict(max_iter=0),
+        dict(strong_convexity=-1.0),
+    ):
         with pytest.raises(ParameterError):
             pdhg(D, fstar, g, x0=b.clone(), **bad)
     with pytest.raises(ShapeError, match=r"x0 must have shape \(\*batch, 8\)"):

@@ -23,8 +23,9 @@ def test_power_iteration_matches_spectral_norm(device):
 def test_power_iteration_known_norms(device):
     assert abs(power_iteration(FFT((8, 8)), device=device) - 1.0) < 1e-5
     # periodic 2-D gradient on an even grid: ‖D‖² = 4 + 4 = 8 (checkerboard eigenvector)
-    est = power_iteration(FiniteDifference((16, 16)), n_iter=500, tol=1e-10,
-                          dtype=torch.complex128, device=device)
+    est = power_iteration(
+        FiniteDifference((16, 16)), n_iter=500, tol=1e-10, dtype=torch.complex128, device=device
+    )
     assert abs(est - 8.0) < 1e-3
 
 
@@ -56,12 +57,16 @@ def _is_prox(prox, g, v, t, n_trials=200, scale=1e-2, seed=0):
     return True
 
 
-@pytest.mark.parametrize("make", [
-    lambda: P.L1(0.7),
-    lambda: P.GroupL1(0.7, axis=0),
-    lambda: P.L2Squared(crandn((3, 5), 9), lam=2.0),
-    lambda: P.Zero(),
-], ids=["l1", "group-l1", "l2sq", "zero"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: P.L1(0.7),
+        lambda: P.GroupL1(0.7, axis=0),
+        lambda: P.L2Squared(crandn((3, 5), 9), lam=2.0),
+        lambda: P.Zero(),
+    ],
+    ids=["l1", "group-l1", "l2sq", "zero"],
+)
 def test_prox_minimises_its_objective(make):
     p = make()
     v = crandn((3, 5), 1)
@@ -84,11 +89,15 @@ def test_group_soft_threshold_is_isotropic():
     assert torch.all(out[:, 1] == 0)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: P.L1(0.7),
-    lambda: P.GroupL1(0.7, axis=0),
-    lambda: P.L2Squared(crandn((3, 5), 9), lam=2.0),
-], ids=["l1", "group-l1", "l2sq"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: P.L1(0.7),
+        lambda: P.GroupL1(0.7, axis=0),
+        lambda: P.L2Squared(crandn((3, 5), 9), lam=2.0),
+    ],
+    ids=["l1", "group-l1", "l2sq"],
+)
 @pytest.mark.parametrize("sigma", [0.1, 1.0, 7.0])
 def test_closed_form_conjugates_match_moreau_identity(make, sigma):
     p = make()
@@ -107,8 +116,9 @@ def test_projections():
     inside = 0.01 * v
     torch.testing.assert_close(P.L2Ball(2.0)(inside), inside)
     per_row = P.L2Ball(1.0, dim=-1)(v)
-    torch.testing.assert_close(torch.linalg.vector_norm(per_row, dim=-1),
-                               torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(per_row, dim=-1), torch.ones(4, dtype=torch.float64)
+    )
     c = torch.ones(4, 6, dtype=torch.complex128)
     assert float(torch.linalg.vector_norm(P.L2Ball(1.0, center=c)(v) - c)) == pytest.approx(1.0)
     r = v.real

@@ -49,8 +49,9 @@ class FiniteDifference(LinearOperator):
         if not self.axes:
             raise ParameterError("FiniteDifference: axes is empty")
         if boundary not in _BOUNDARIES:
-            raise ParameterError(f"FiniteDifference: boundary must be one of {_BOUNDARIES}, got "
-                                 f"{boundary!r}")
+            raise ParameterError(
+                f"FiniteDifference: boundary must be one of {_BOUNDARIES}, got {boundary!r}"
+            )
         if voxel_size is None:
             h = [1.0] * len(self.axes)
         elif isinstance(voxel_size, (int, float)):
@@ -58,11 +59,14 @@ class FiniteDifference(LinearOperator):
         else:
             h = [float(v) for v in voxel_size]
             if len(h) != len(self.axes):
-                raise ShapeError(f"FiniteDifference: voxel_size has {len(h)} entries but "
-                                 f"{len(self.axes)} axes are differenced")
+                raise ShapeError(
+                    f"FiniteDifference: voxel_size has {len(h)} entries but "
+                    f"{len(self.axes)} axes are differenced"
+                )
         if any(not (v > 0) or v == float("inf") for v in h):
-            raise ParameterError(f"FiniteDifference: voxel_size must be positive and finite, got "
-                                 f"{tuple(h)}")
+            raise ParameterError(
+                f"FiniteDifference: voxel_size must be positive and finite, got {tuple(h)}"
+            )
         super().__init__(shape, (len(self.axes), *shape))
         self.boundary = boundary
         self.voxel_size = tuple(h)
@@ -87,14 +91,16 @@ class FiniteDifference(LinearOperator):
     def _forward(self, x):
         k = len(self.ishape)
         # axes are negative relative to the input; the stacked output gets the new axis at -k-1
-        parts = [self._diff(x, a) / h if h != 1.0 else self._diff(x, a)
-                 for a, h in zip(self.axes, self.voxel_size)]
+        parts = [
+            self._diff(x, a) / h if h != 1.0 else self._diff(x, a)
+            for a, h in zip(self.axes, self.voxel_size, strict=True)
+        ]
         return torch.stack(parts, dim=-k - 1)
 
     def _adjoint(self, y):
         k = len(self.ishape)
         out = None
-        for j, (a, h) in enumerate(zip(self.axes, self.voxel_size)):
+        for j, (a, h) in enumerate(zip(self.axes, self.voxel_size, strict=True)):
             yj = y.select(-k - 1, j)
             t = self._diff_adjoint(yj, a)
             if h != 1.0:
@@ -103,5 +109,6 @@ class FiniteDifference(LinearOperator):
         return out
 
     def __repr__(self) -> str:
-        return (f"FiniteDifference(shape={self.ishape}, axes={self.axes}, "
-                f"boundary={self.boundary!r})")
+        return (
+            f"FiniteDifference(shape={self.ishape}, axes={self.axes}, boundary={self.boundary!r})"
+        )

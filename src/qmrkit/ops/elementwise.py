@@ -31,8 +31,10 @@ class Diagonal(LinearOperator):
         except RuntimeError:
             ok = False
         if not ok:
-            raise ShapeError(f"Diagonal: weights of shape {tuple(w.shape)} do not broadcast to "
-                             f"the data shape {shape}")
+            raise ShapeError(
+                f"Diagonal: weights of shape {tuple(w.shape)} do not broadcast to "
+                f"the data shape {shape}"
+            )
         super().__init__(shape, shape)
         self.weights = w
         self._w = TensorCache(w)
@@ -84,8 +86,10 @@ class Reshape(LinearOperator):
     def __init__(self, ishape: Sequence[int], oshape: Sequence[int]):
         super().__init__(ishape, oshape)
         if _prod(self.ishape) != _prod(self.oshape):
-            raise ShapeError(f"Reshape: cannot reshape {self.ishape} ({_prod(self.ishape)} "
-                             f"elements) to {self.oshape} ({_prod(self.oshape)} elements)")
+            raise ShapeError(
+                f"Reshape: cannot reshape {self.ishape} ({_prod(self.ishape)} "
+                f"elements) to {self.oshape} ({_prod(self.oshape)} elements)"
+            )
 
     def _forward(self, x):
         return x.reshape(*x.shape[: x.ndim - len(self.ishape)], *self.oshape)

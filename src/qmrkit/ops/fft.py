@@ -78,8 +78,10 @@ class FFT(LinearOperator):
         return scale * (x if x.is_complex() else x.to(_complex(x.dtype)))
 
     def __repr__(self) -> str:
-        return (f"FFT(shape={self.ishape}, axes={self.axes}, centred={self.centred}, "
-                f"norm={self.norm!r})")
+        return (
+            f"FFT(shape={self.ishape}, axes={self.axes}, centred={self.centred}, "
+            f"norm={self.norm!r})"
+        )
 
 
 def _complex(dtype: torch.dtype) -> torch.dtype:

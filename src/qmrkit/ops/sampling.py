@@ -38,8 +38,10 @@ class Mask(LinearOperator):
     def __init__(self, mask, shape: Sequence[int] | None = None):
         m = as_tensor(mask, name="mask")
         if m.is_complex():
-            raise DTypeError("Mask: the mask must be real (bool or 0/1), got a complex array; "
-                             "use Diagonal for complex weights")
+            raise DTypeError(
+                "Mask: the mask must be real (bool or 0/1), got a complex array; "
+                "use Diagonal for complex weights"
+            )
         if m.dtype != torch.bool:
             if not bool(((m == 0) | (m == 1)).all()):
                 raise ParameterError(
@@ -51,20 +53,26 @@ class Mask(LinearOperator):
             shape = tuple(m.shape)
         shape = tuple(int(s) for s in shape)
         if m.ndim > len(shape):
-            raise ShapeError(f"Mask: mask of shape {tuple(m.shape)} has more dimensions than the "
-                             f"data shape {shape}")
+            raise ShapeError(
+                f"Mask: mask of shape {tuple(m.shape)} has more dimensions than the "
+                f"data shape {shape}"
+            )
         try:
             torch.broadcast_shapes(tuple(m.shape), shape)
         except RuntimeError as exc:
-            raise ShapeError(f"Mask: mask of shape {tuple(m.shape)} does not broadcast to the data "
-                             f"shape {shape}") from exc
+            raise ShapeError(
+                f"Mask: mask of shape {tuple(m.shape)} does not broadcast to the data shape {shape}"
+            ) from exc
         if torch.broadcast_shapes(tuple(m.shape), shape) != shape:
-            raise ShapeError(f"Mask: mask of shape {tuple(m.shape)} does not broadcast to the data "
-                             f"shape {shape}")
+            raise ShapeError(
+                f"Mask: mask of shape {tuple(m.shape)} does not broadcast to the data shape {shape}"
+            )
         n = int(m.sum())
         if n == 0:
-            raise ParameterError("Mask: the mask samples nothing (all values are 0/False); "
-                                 "expected at least one sampled point")
+            raise ParameterError(
+                "Mask: the mask samples nothing (all values are 0/False); "
+                "expected at least one sampled point"
+            )
         super().__init__(shape, shape)
         self.mask = m
         self._m = TensorCache(m)

@@ -40,16 +40,21 @@ class Sense(LinearOperator):
     def __init__(self, maps, coil_axis: int = 0, ishape: Sequence[int] | None = None):
         m = as_tensor(maps, name="maps")
         if m.ndim < 2:
-            raise ShapeError(f"Sense: maps need a coil axis and at least one spatial axis, got "
-                             f"shape {tuple(m.shape)}")
+            raise ShapeError(
+                f"Sense: maps need a coil axis and at least one spatial axis, got "
+                f"shape {tuple(m.shape)}"
+            )
         if not -m.ndim <= coil_axis < m.ndim:
-            raise ShapeError(f"Sense: coil_axis={coil_axis} is out of range for maps of shape "
-                             f"{tuple(m.shape)}")
+            raise ShapeError(
+                f"Sense: coil_axis={coil_axis} is out of range for maps of shape {tuple(m.shape)}"
+            )
         m = torch.movedim(m, coil_axis, 0)
         img = tuple(m.shape[1:])
         if ishape is not None and tuple(int(s) for s in ishape) != img:
-            raise ShapeError(f"Sense: maps have spatial shape {img} (coils={m.shape[0]}) but the "
-                             f"image shape is {tuple(int(s) for s in ishape)}")
+            raise ShapeError(
+                f"Sense: maps have spatial shape {img} (coils={m.shape[0]}) but the "
+                f"image shape is {tuple(int(s) for s in ishape)}"
+            )
         if not m.is_complex():
             m = m.to(torch.complex128 if m.dtype == torch.float64 else torch.complex64)
         super().__init__(img, (m.shape[0], *img))

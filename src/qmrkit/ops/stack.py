@@ -39,8 +39,10 @@ class Vstack(LinearOperator):
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         """The blocks of ``y`` (``(*batch, total)``) as views ``(*batch, *oshapeᵢ)``."""
         batch = y.shape[:-1]
-        return [b.reshape(*batch, *op.oshape)
-                for b, op in zip(torch.split(y, self.sizes, dim=-1), self.ops)]
+        return [
+            b.reshape(*batch, *op.oshape)
+            for b, op in zip(torch.split(y, self.sizes, dim=-1), self.ops, strict=True)
+        ]
 
     def _forward(self, x):
         batch = x.shape[: x.ndim - len(self.ishape)]
@@ -52,7 +54,7 @@ class Vstack(LinearOperator):
 
     def _adjoint(self, y):
         out = None
-        for b, op in zip(self.split(y), self.ops):
+        for b, op in zip(self.split(y), self.ops, strict=True):
             t = op._adjoint(b)
             out = t if out is None else out + t
         return out

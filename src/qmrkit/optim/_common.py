@@ -48,9 +48,11 @@ class SolverResult:
 
     def __repr__(self) -> str:
         last = f"{self.residual_history[-1]:.3g}" if self.residual_history else "n/a"
-        return (f"{type(self).__name__}(x={tuple(self.x.shape)} {self.x.dtype}, "
-                f"iterations={self.iterations}, converged={self.converged}, "
-                f"residual={last}, elapsed_s={self.elapsed_s:.3g})")
+        return (
+            f"{type(self).__name__}(x={tuple(self.x.shape)} {self.x.dtype}, "
+            f"iterations={self.iterations}, converged={self.converged}, "
+            f"residual={last}, elapsed_s={self.elapsed_s:.3g})"
+        )
 
 
 def check_max_iter(max_iter: int, name: str) -> int:
@@ -66,8 +68,9 @@ def check_tol(tol: float, name: str) -> float:
     except (TypeError, ValueError):
         raise ParameterError(f"{name}: tol must be a number, got {tol!r}") from None
     if not math.isfinite(t) or t < 0:
-        raise ParameterError(f"{name}: tol must be a finite number >= 0 (0 runs all iterations), "
-                             f"got {tol!r}")
+        raise ParameterError(
+            f"{name}: tol must be a finite number >= 0 (0 runs all iterations), got {tol!r}"
+        )
     return t
 
 
@@ -99,19 +102,22 @@ def check_tensor(t: Any, what: str, name: str) -> torch.Tensor:
     return t
 
 
-def check_same_shape(a: torch.Tensor, b: torch.Tensor, what_a: str, what_b: str,
-                     name: str) -> None:
+def check_same_shape(a: torch.Tensor, b: torch.Tensor, what_a: str, what_b: str, name: str) -> None:
     if a.shape != b.shape:
-        raise ShapeError(f"{name}: {what_a} has shape {tuple(a.shape)} but {what_b} has shape "
-                         f"{tuple(b.shape)}; they must match")
+        raise ShapeError(
+            f"{name}: {what_a} has shape {tuple(a.shape)} but {what_b} has shape "
+            f"{tuple(b.shape)}; they must match"
+        )
 
 
 def check_ends_in(t: torch.Tensor, shape: Sequence[int], what: str, name: str) -> int:
     """Check ``t`` is ``(*batch, *shape)``; return the number of batch dimensions."""
     n = len(shape)
-    if t.ndim < n or tuple(t.shape[t.ndim - n:]) != tuple(shape):
-        raise ShapeError(f"{name}: {what} must have shape (*batch, {', '.join(map(str, shape))})"
-                         f" for this operator, got {tuple(t.shape)}")
+    if t.ndim < n or tuple(t.shape[t.ndim - n :]) != tuple(shape):
+        raise ShapeError(
+            f"{name}: {what} must have shape (*batch, {', '.join(map(str, shape))})"
+            f" for this operator, got {tuple(t.shape)}"
+        )
     return t.ndim - n
 
 
@@ -134,8 +140,7 @@ def as_normal(a: LinearOperator | Callable[[torch.Tensor], torch.Tensor], name: 
         return a.normal
     if callable(a):
         return a
-    raise ParameterError(f"{name}: expected a LinearOperator or a callable, got "
-                         f"{type(a).__name__}")
+    raise ParameterError(f"{name}: expected a LinearOperator or a callable, got {type(a).__name__}")
 
 
 def call_back(callback, *args) -> bool:
@@ -146,5 +151,8 @@ def call_back(callback, *args) -> bool:
 
 
 def warn_nonfinite(name: str, k: int) -> None:
-    warnings.warn(f"{name}: non-finite values at iteration {k}; stopping (check step sizes and "
-                  "inputs)", ConvergenceWarning, stacklevel=3)
+    warnings.warn(
+        f"{name}: non-finite values at iteration {k}; stopping (check step sizes and inputs)",
+        ConvergenceWarning,
+        stacklevel=3,
+    )

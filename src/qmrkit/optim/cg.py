@@ -95,8 +95,10 @@ def cg(
         nb = 0
     if batch_ndim is not None:
         if not 0 <= int(batch_ndim) < max(b.ndim, 1):
-            raise ParameterError(f"{name}: batch_ndim must be in [0, {b.ndim - 1}] for b of shape "
-                                 f"{tuple(b.shape)}, got {batch_ndim}")
+            raise ParameterError(
+                f"{name}: batch_ndim must be in [0, {b.ndim - 1}] for b of shape "
+                f"{tuple(b.shape)}, got {batch_ndim}"
+            )
         nb = int(batch_ndim)
     if x0 is not None:
         check_tensor(x0, "x0", name)
@@ -152,7 +154,18 @@ def cg(
             rs = torch.where(active, rs_new, rs)
     synchronize(x.device)
     elapsed = time.perf_counter() - t0
-    log.debug("cg: %d iterations, residual %.3g, converged=%s, %.3f s", it,
-              history[-1] if history else 0.0, converged, elapsed)
-    return SolverResult(x=x, iterations=it, residual_history=history, converged=converged,
-                        elapsed_s=elapsed, info={"lam": lam, "batch_ndim": nb})
+    log.debug(
+        "cg: %d iterations, residual %.3g, converged=%s, %.3f s",
+        it,
+        history[-1] if history else 0.0,
+        converged,
+        elapsed,
+    )
+    return SolverResult(
+        x=x,
+        iterations=it,
+        residual_history=history,
+        converged=converged,
+        elapsed_s=elapsed,
+        info={"lam": lam, "batch_ndim": nb},
+    )

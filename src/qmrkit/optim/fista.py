@@ -94,14 +94,16 @@ def fista(
     if step is not None:
         step = check_positive(step, "step", name)
     if prox_g is not None and not callable(prox_g):
-        raise ParameterError(f"{name}: prox_g must be callable prox(v, t), got "
-                             f"{type(prox_g).__name__}")
+        raise ParameterError(
+            f"{name}: prox_g must be callable prox(v, t), got {type(prox_g).__name__}"
+        )
 
     t_start = time.perf_counter()
     if isinstance(problem, tuple):
         if len(problem) != 2 or not isinstance(problem[0], LinearOperator):
-            raise ParameterError(f"{name}: problem must be (LinearOperator, y) or a gradient "
-                                 "callable")
+            raise ParameterError(
+                f"{name}: problem must be (LinearOperator, y) or a gradient callable"
+            )
         A, y = problem
         check_tensor(y, "y", name)
         check_ends_in(y, A.oshape, "y", name)
@@ -111,11 +113,13 @@ def fista(
             return A.N(x) - aty
 
         if step is None:
-            L = power_iteration(A, n_iter=power_iter, seed=seed, dtype=_cplx(aty.dtype),
-                                device=aty.device)
+            L = power_iteration(
+                A, n_iter=power_iter, seed=seed, dtype=_cplx(aty.dtype), device=aty.device
+            )
             if L <= 0:
-                raise ParameterError(f"{name}: the operator is zero (‖A‖² estimate {L}); "
-                                     "nothing to solve")
+                raise ParameterError(
+                    f"{name}: the operator is zero (‖A‖² estimate {L}); nothing to solve"
+                )
             step = 1.0 / (STEP_SAFETY * L)
         if x0 is None:
             x0 = torch.zeros_like(aty)
@@ -127,12 +131,16 @@ def fista(
         if x0 is None:
             raise ParameterError(f"{name}: x0 is required when problem is a gradient callable")
         if step is None:
-            raise ParameterError(f"{name}: step is required when problem is a gradient callable "
-                                 "(step <= 1/L, L the Lipschitz constant of the gradient)")
+            raise ParameterError(
+                f"{name}: step is required when problem is a gradient callable "
+                "(step <= 1/L, L the Lipschitz constant of the gradient)"
+            )
         check_tensor(x0, "x0", name)
     else:
-        raise ParameterError(f"{name}: problem must be (LinearOperator, y) or a gradient callable, "
-                             f"got {type(problem).__name__}")
+        raise ParameterError(
+            f"{name}: problem must be (LinearOperator, y) or a gradient callable, "
+            f"got {type(problem).__name__}"
+        )
 
     prox = prox_g if prox_g is not None else (lambda v, t: v)
     x = x0.clone()
@@ -150,7 +158,8 @@ def fista(
             x_new = prox(z - step * grad(z), step)
             dx = x_new - x
             rel = float(torch.linalg.vector_norm(dx)) / max(
-                float(torch.linalg.vector_norm(x_new)), torch.finfo(_real(x_new.dtype)).tiny)
+                float(torch.linalg.vector_norm(x_new)), torch.finfo(_real(x_new.dtype)).tiny
+            )
             history.append(rel)
             if objective is not None:
                 objectives.append(float(objective(x_new)))
@@ -174,9 +183,15 @@ def fista(
     synchronize(x.device)
     elapsed = time.perf_counter() - t_start
     log.debug("fista: %d iterations, change %.3g, restarts %d", it, history[-1], restarts)
-    return SolverResult(x=x, iterations=it, residual_history=history, converged=converged,
-                        elapsed_s=elapsed, objective_history=objectives,
-                        info={"step": step, "restarts": restarts})
+    return SolverResult(
+        x=x,
+        iterations=it,
+        residual_history=history,
+        converged=converged,
+        elapsed_s=elapsed,
+        objective_history=objectives,
+        info={"step": step, "restarts": restarts},
+    )
 
 
 def _cplx(dtype: torch.dtype) -> torch.dtype:

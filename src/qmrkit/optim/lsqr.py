@@ -74,8 +74,10 @@ def lsqr(
     tol = check_tol(tol, name)
     lam = check_nonnegative(lam, "lam", name)
     if not isinstance(A, LinearOperator):
-        raise ParameterError(f"{name}: A must be a LinearOperator, got {type(A).__name__}; "
-                             "for a callable normal operator use cg")
+        raise ParameterError(
+            f"{name}: A must be a LinearOperator, got {type(A).__name__}; "
+            "for a callable normal operator use cg"
+        )
     y = check_tensor(y, "y", name)
     nb = check_ends_in(y, A.oshape, "y", name)
     batch = tuple(y.shape[:nb])
@@ -83,8 +85,9 @@ def lsqr(
         check_tensor(x0, "x0", name)
         check_ends_in(x0, A.ishape, "x0", name)
         if tuple(x0.shape[: x0.ndim - len(A.ishape)]) != batch:
-            raise ParameterError(f"{name}: x0 has batch shape {tuple(x0.shape[:-len(A.ishape)])}"
-                                 f" but y has {batch}")
+            raise ParameterError(
+                f"{name}: x0 has batch shape {tuple(x0.shape[: -len(A.ishape)])} but y has {batch}"
+            )
 
     t0 = time.perf_counter()
     aty = A.H(y)
@@ -132,19 +135,30 @@ def lsqr(
                 break
             if stop:
                 break
-            beta = torch.where(active & (gamma > 0), gamma_new / torch.where(gamma > 0, gamma, 1),
-                               0)
+            beta = torch.where(
+                active & (gamma > 0), gamma_new / torch.where(gamma > 0, gamma, 1), 0
+            )
             p = s + beta * p
             gamma = torch.where(active, gamma_new, gamma)
     synchronize(x.device)
     elapsed = time.perf_counter() - t0
-    data_res = float(torch.linalg.vector_norm(r.reshape(*batch, -1), dim=-1).max()) if r.numel() \
-        else 0.0
-    log.debug("lsqr (CGLS): %d iterations, residual %.3g, converged=%s", it,
-              history[-1] if history else 0.0, converged)
-    return SolverResult(x=x, iterations=it, residual_history=history, converged=converged,
-                        elapsed_s=elapsed, info={"lam": lam, "data_residual": data_res,
-                                                 "algorithm": "CGLS"})
+    data_res = (
+        float(torch.linalg.vector_norm(r.reshape(*batch, -1), dim=-1).max()) if r.numel() else 0.0
+    )
+    log.debug(
+        "lsqr (CGLS): %d iterations, residual %.3g, converged=%s",
+        it,
+        history[-1] if history else 0.0,
+        converged,
+    )
+    return SolverResult(
+        x=x,
+        iterations=it,
+        residual_history=history,
+        converged=converged,
+        elapsed_s=elapsed,
+        info={"lam": lam, "data_residual": data_res, "algorithm": "CGLS"},
+    )
 
 
 def _expand(alpha: torch.Tensor, like: torch.Tensor, nb: int) -> torch.Tensor:

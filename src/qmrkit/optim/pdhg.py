@@ -101,7 +101,8 @@ def pdhg(
         shrinks (``στ`` fixed), and the other way round; the adaptation fades geometrically
         (factor 0.95 per change), so convergence is kept. It removes most of the sensitivity to
         the ratio ``σ/τ`` (i.e. to the relative scale of image and dual variables). Default
-        True; ``info["tau"]``/``info["sigma"]`` report the final steps. Ignored when ``strong_convexity > 0``.
+        True; ``info["tau"]``/``info["sigma"]`` report the final steps. Ignored when
+        ``strong_convexity > 0``.
     max_iter, tol
         Stop when the relative primal–dual residual (below) is at most ``tol`` (0: run all).
     callback : callable, optional
@@ -155,9 +156,13 @@ def pdhg(
 
     norm2 = None
     if sigma is None or tau is None:
-        norm2 = power_iteration(K, n_iter=power_iter, seed=seed,
-                                dtype=x0.dtype if x0.is_complex() else _cplx(x0.dtype),
-                                device=x0.device)
+        norm2 = power_iteration(
+            K,
+            n_iter=power_iter,
+            seed=seed,
+            dtype=x0.dtype if x0.is_complex() else _cplx(x0.dtype),
+            device=x0.device,
+        )
         if norm2 <= 0:
             raise ParameterError(f"{name}: K is zero (‖K‖² estimate {norm2}); nothing to solve")
         if sigma is None and tau is None:
@@ -171,7 +176,6 @@ def pdhg(
     x = x0.clone()
     alpha, eta, delta = 0.5, 0.95, 1.5  # adaptive balancing (Goldstein et al. 2015)
     n_adapt = 0
-    KHz = K.H(z)
     Kxbar = Kx
     history: list[float] = []
     p_hist: list[float] = []
@@ -201,13 +205,21 @@ def pdhg(
             else:
                 th = theta
                 if adaptive and p_res > delta * d_res:
-                    tau, sigma, alpha, n_adapt = tau / (1 - alpha), sigma * (1 - alpha), \
-                        alpha * eta, n_adapt + 1
+                    tau, sigma, alpha, n_adapt = (
+                        tau / (1 - alpha),
+                        sigma * (1 - alpha),
+                        alpha * eta,
+                        n_adapt + 1,
+                    )
                 elif adaptive and d_res > delta * p_res:
-                    tau, sigma, alpha, n_adapt = tau * (1 - alpha), sigma / (1 - alpha), \
-                        alpha * eta, n_adapt + 1
+                    tau, sigma, alpha, n_adapt = (
+                        tau * (1 - alpha),
+                        sigma / (1 - alpha),
+                        alpha * eta,
+                        n_adapt + 1,
+                    )
             Kxbar = Kx_new + th * (Kx_new - Kx)
-            x, z, Kx, KHz = x_new, z_new, Kx_new, KHz_new
+            x, z, Kx = x_new, z_new, Kx_new
             if not math.isfinite(rel):
                 warn_nonfinite(name, it)
                 break
@@ -220,10 +232,23 @@ def pdhg(
     synchronize(x.device)
     elapsed = time.perf_counter() - t_start
     log.debug("pdhg: %d iterations, residual %.3g", it, history[-1])
-    return PdhgResult(x=x, iterations=it, residual_history=history, converged=converged,
-                      elapsed_s=elapsed, info={"sigma": sigma, "tau": tau, "norm2": norm2,
-                                               "batch_ndim": nb, "step_adaptations": n_adapt},
-                      z=z, primal_residual_history=p_hist, dual_residual_history=d_hist)
+    return PdhgResult(
+        x=x,
+        iterations=it,
+        residual_history=history,
+        converged=converged,
+        elapsed_s=elapsed,
+        info={
+            "sigma": sigma,
+            "tau": tau,
+            "norm2": norm2,
+            "batch_ndim": nb,
+            "step_adaptations": n_adapt,
+        },
+        z=z,
+        primal_residual_history=p_hist,
+        dual_residual_history=d_hist,
+    )
 
 
 def _n(t: torch.Tensor) -> float:

@@ -61,8 +61,9 @@ def power_iteration(
         normal = op
         shape = tuple(ishape)
     else:
-        raise ParameterError(f"power_iteration: expected a LinearOperator or a callable, got "
-                             f"{type(op).__name__}")
+        raise ParameterError(
+            f"power_iteration: expected a LinearOperator or a callable, got {type(op).__name__}"
+        )
     dev = resolve_device(device)
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
     real = _REAL.get(dtype, dtype)

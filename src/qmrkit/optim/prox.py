@@ -58,8 +58,11 @@ class Prox:
         return None
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_")
-                           and not isinstance(v, torch.Tensor))
+        params = ", ".join(
+            f"{k}={v!r}"
+            for k, v in vars(self).items()
+            if not k.startswith("_") and not isinstance(v, torch.Tensor)
+        )
         return f"{type(self).__name__}({params})"
 
 
@@ -119,8 +122,7 @@ class LinfBall(Prox):
         if not v.is_complex():
             return torch.clamp(v, -self.radius, self.radius)
         mag = v.abs()
-        return v * torch.clamp(self.radius / torch.where(mag > 0, mag, torch.ones_like(mag)),
-                               max=1)
+        return v * torch.clamp(self.radius / torch.where(mag > 0, mag, torch.ones_like(mag)), max=1)
 
     def value(self, x):
         return 0.0 if float(x.abs().max()) <= self.radius * (1 + 1e-6) else float("inf")
@@ -135,8 +137,7 @@ class GroupLinfBall(Prox):
 
     def __call__(self, v, t=None):
         mag = torch.linalg.vector_norm(v, dim=self.axis, keepdim=True)
-        return v * torch.clamp(self.radius / torch.where(mag > 0, mag, torch.ones_like(mag)),
-                               max=1)
+        return v * torch.clamp(self.radius / torch.where(mag > 0, mag, torch.ones_like(mag)), max=1)
 
     def value(self, x):
         m = float(torch.linalg.vector_norm(x, dim=self.axis).max())
@@ -150,8 +151,12 @@ class L2Ball(Prox):
     the whole tensor is one vector.
     """
 
-    def __init__(self, radius: float, center: torch.Tensor | None = None,
-                 dim: int | Sequence[int] | None = None):
+    def __init__(
+        self,
+        radius: float,
+        center: torch.Tensor | None = None,
+        dim: int | Sequence[int] | None = None,
+    ):
         self.radius = check_nonnegative(radius, "radius", "L2Ball")
         self.center = center
         self.dim = dim
@@ -173,12 +178,18 @@ class L2Ball(Prox):
 class Box(Prox):
     """Indicator of ``{lower <= x <= upper}`` for real tensors (either bound may be None)."""
 
-    def __init__(self, lower: float | torch.Tensor | None = None,
-                 upper: float | torch.Tensor | None = None):
+    def __init__(
+        self, lower: float | torch.Tensor | None = None, upper: float | torch.Tensor | None = None
+    ):
         if lower is None and upper is None:
             raise ParameterError("Box: give at least one of lower and upper")
-        if (lower is not None and upper is not None and not isinstance(lower, torch.Tensor)
-                and not isinstance(upper, torch.Tensor) and lower > upper):
+        if (
+            lower is not None
+            and upper is not None
+            and not isinstance(lower, torch.Tensor)
+            and not isinstance(upper, torch.Tensor)
+            and lower > upper
+        ):
             raise ParameterError(f"Box: lower ({lower}) must not exceed upper ({upper})")
         self.lower, self.upper = lower, upper
 
@@ -276,8 +287,10 @@ class Stack(Prox):
 
     def __call__(self, v, t):
         batch = v.shape[:-1]
-        parts = [p(b, t).reshape(*batch, -1) for p, b in zip(self.proxes, self.op.split(v))]
+        parts = [
+            p(b, t).reshape(*batch, -1) for p, b in zip(self.proxes, self.op.split(v), strict=True)
+        ]
         return torch.cat(parts, dim=-1)
 
     def value(self, x):
-        return float(sum(p.value(b) for p, b in zip(self.proxes, self.op.split(x))))
+        return float(sum(p.value(b) for p, b in zip(self.proxes, self.op.split(x), strict=True)))
