@@ -67,6 +67,19 @@ def test_cg_batched_right_hand_sides_are_independent_systems(device):
     assert torch.count_nonzero(cg(A, B0, max_iter=50, tol=1e-10).x[1]) == 0
 
 
+def test_cg_callable_with_batch_ndim():
+    S = torch.from_numpy(spd_matrix(12, 50, 13))
+    B = torch.from_numpy(np.random.default_rng(14).standard_normal((3, 12))) * torch.tensor(
+        [[1.0], [1e-4], [1e4]], dtype=torch.float64
+    )
+    res = cg(lambda x: x @ S.T, B, batch_ndim=1, max_iter=100, tol=1e-12)
+    ref = torch.linalg.solve(S, B.T).T
+    assert res.converged
+    torch.testing.assert_close(res.x, ref, rtol=1e-9, atol=0)
+    with pytest.raises(ParameterError, match="batch_ndim"):
+        cg(lambda x: x @ S.T, B, batch_ndim=2)
+
+
 def test_cg_small_cartesian_sense_equals_dense_least_squares():
     """CG on Mask·FFT·Sense equals the least-squares solution of the explicit matrix (1e-5)."""
     ny, nx, nc = 8, 6, 4
