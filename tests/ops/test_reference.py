@@ -16,7 +16,17 @@ def _cnp(*shape):
 
 # -- FFT ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "shape,axes", [((16, 12), None), ((7, 9), None), ((5, 6, 7), (0, 2)), ((4, 8, 6), (-2, -1))]
+    "shape,axes",
+    [
+        ((16, 12), None),  # even: checkerboard-modulation route, n/2 even
+        ((6, 10), None),  # even, n/2 odd: the modulation's sign flips
+        ((2, 6, 10), None),
+        ((7, 9), None),  # odd: roll route
+        ((6, 7), None),  # mixed: roll route
+        ((5, 6, 7), (0, 2)),
+        ((4, 8, 6), (-2, -1)),
+        ((5, 6, 10), (1, 2)),  # even transform axes, odd batch-like axis
+    ],
 )
 def test_fft_matches_numpy_centred_ortho(shape, axes, device):
     x = _cnp(3, *shape)
@@ -29,6 +39,7 @@ def test_fft_matches_numpy_centred_ortho(shape, axes, device):
         np.fft.fftn(np.fft.ifftshift(x, axes=np_axes), axes=np_axes, norm="ortho"), axes=np_axes
     )
     F = FFT(shape, axes=axes)
+    assert F._modulate == all(shape[a] % 2 == 0 for a in np_axes)
     y = F(torch.from_numpy(x).to(device)).cpu().numpy()
     assert np.max(np.abs(y - ref)) / np.max(np.abs(ref)) < 1e-5
     # unitary: the adjoint inverts it and the normal operator is the identity

@@ -173,5 +173,15 @@ def test_lsqr_bad_input():
         lsqr(lambda x: x, crandn((6,), 1))
     with pytest.raises(ShapeError, match="x0"):
         lsqr(A, crandn((6,), 1), x0=crandn((6,), 1))
+    with pytest.raises(ShapeError, match=r"x0 has batch shape \(3,\) but y has batch shape \(2,\)"):
+        lsqr(A, crandn((2, 6), 1), x0=crandn((3, 4), 1))
     with pytest.raises(ParameterError, match="tol"):
         lsqr(A, crandn((6,), 1), tol=float("nan"))
+
+
+def test_cg_stops_and_warns_on_non_finite_values():
+    from qmrkit.errors import ConvergenceWarning
+
+    with pytest.warns(ConvergenceWarning, match="non-finite"):
+        res = cg(lambda x: x * float("nan"), torch.ones(3, dtype=torch.float64), max_iter=10)
+    assert not res.converged and res.iterations == 1

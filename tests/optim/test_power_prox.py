@@ -159,3 +159,20 @@ def test_prox_parameter_errors():
         P.L2Ball(-1.0)
     with pytest.raises(ParameterError, match="step"):
         P._Moreau(P.L1(1.0))(torch.ones(3), 0.0)
+
+
+def test_fast_inner_products_match_the_definitions():
+    from qmrkit.optim._common import abs2, norm, rdot
+
+    a, b = crandn((3, 4, 5), 1), crandn((3, 4, 5), 2)
+    torch.testing.assert_close(abs2(a), a.abs() ** 2)
+    assert norm(a) == pytest.approx(float(torch.linalg.vector_norm(a)), rel=1e-12)
+    full = rdot(a, b)
+    assert full.shape == (1, 1, 1)
+    assert float(full) == pytest.approx(float(torch.vdot(a.reshape(-1), b.reshape(-1)).real))
+    per = rdot(a, b, 1)
+    assert per.shape == (3, 1, 1)
+    torch.testing.assert_close(per.reshape(3), (a.conj() * b).real.sum((1, 2)))
+    r = torch.randn(3, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(rdot(a, r, 1).reshape(3), (a.conj() * r).real.sum((1, 2)))
+    torch.testing.assert_close(rdot(a.conj(), b), rdot(a.conj().resolve_conj(), b))

@@ -38,6 +38,8 @@ class Diagonal(LinearOperator):
         super().__init__(shape, shape)
         self.weights = w
         self._w = TensorCache(w)
+        with torch.no_grad():
+            self._w2 = TensorCache(w.real**2 + w.imag**2 if w.is_complex() else w * w)
 
     def _forward(self, x):
         return x * self._w.like(x)
@@ -47,8 +49,9 @@ class Diagonal(LinearOperator):
         return y * (w.conj() if w.is_complex() else w)
 
     def _normal(self, x):
-        w = self._w.like(x)
-        return x * (w.abs() ** 2 if w.is_complex() else w * w)
+        if self.weights.requires_grad:  # keep the graph through the weights
+            return self._adjoint(self._forward(x))
+        return x * self._w2.like(x)
 
 
 class Matrix(LinearOperator):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import ParameterError
-from ._util import normalise_axes
+from ._util import TensorCache, normalise_axes
 from .base import LinearOperator
 
 _ADJOINT_NORM = {"ortho": "ortho", "backward": "forward", "forward": "backward"}
@@ -58,14 +58,37 @@ class FFT(LinearOperator):
         for a in self.axes:
             n *= self.ishape[a]
         self._n = n
+        # For even sizes the shifts are a checkerboard modulation:
+        #   fftshift(fftn(ifftshift(x))) = s · c ⊙ fftn(c ⊙ x),  c_i = (−1)^i,  s = (−1)^(n/2)
+        # per axis (the same holds for the inverse). Two multiplications, one of them in place,
+        # are cheaper than two rolls (≈25% of a 2-D centred FFT of 8×256² on CPU).
+        self._modulate = self.centred and all(self.ishape[a] % 2 == 0 for a in self.axes)
+        if self._modulate:
+            c = torch.ones((1,) * len(self.ishape), dtype=torch.float64)
+            sign = 1.0
+            for a in self.axes:
+                m = self.ishape[a]
+                shape = [1] * len(self.ishape)
+                shape[a] = m
+                c = c * (1.0 - 2.0 * (torch.arange(m, dtype=torch.float64) % 2)).reshape(shape)
+                if (m // 2) % 2:
+                    sign = -sign
+            self._c = TensorCache(c)
+            self._sc = TensorCache(sign * c)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._modulate:
+            k = torch.fft.fftn(x * self._c.like(x), dim=self.axes, norm=self.norm)
+            return k.mul_(self._sc.like(k))
         if self.centred:
             x = torch.fft.ifftshift(x, dim=self.axes)
         k = torch.fft.fftn(x, dim=self.axes, norm=self.norm)
         return torch.fft.fftshift(k, dim=self.axes) if self.centred else k
 
     def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        if self._modulate:
+            x = torch.fft.ifftn(y * self._c.like(y), dim=self.axes, norm=_ADJOINT_NORM[self.norm])
+            return x.mul_(self._sc.like(x))
         if self.centred:
             y = torch.fft.ifftshift(y, dim=self.axes)
         x = torch.fft.ifftn(y, dim=self.axes, norm=_ADJOINT_NORM[self.norm])

@@ -121,10 +121,35 @@ def check_ends_in(t: torch.Tensor, shape: Sequence[int], what: str, name: str) -
     return t.ndim - n
 
 
+def _real_view(t: torch.Tensor) -> torch.Tensor:
+    """Complex ``t`` as a real tensor with a trailing (re, im) axis (a view, no copy)."""
+    return torch.view_as_real(t.resolve_conj())
+
+
+def abs2(t: torch.Tensor) -> torch.Tensor:
+    """``|t|²`` elementwise as a real tensor.
+
+    For complex tensors this works on the (re, im) view: on CPU it is many times faster than
+    ``t.abs()`` (which goes through ``hypot``) and than ``torch.linalg.vector_norm``.
+    """
+    if t.is_complex():
+        return _real_view(t).pow(2).sum(-1)
+    return t * t
+
+
 def rdot(a: torch.Tensor, b: torch.Tensor, batch_ndim: int = 0) -> torch.Tensor:
-    """Real part of ⟨a, b⟩ = Σ conj(a)·b over all but the first ``batch_ndim`` dims (kept)."""
-    prod = a.conj() * b if a.is_complex() else a * b
-    prod = prod.real if prod.is_complex() else prod
+    """Real part of ⟨a, b⟩ = Σ conj(a)·b over all but the first ``batch_ndim`` dims (kept).
+
+    Returns a real tensor of shape ``(*batch, 1, ..., 1)`` (``a.ndim`` dimensions), so it
+    broadcasts against ``a``.
+    """
+    if a.is_complex() or b.is_complex():
+        dt = torch.promote_types(a.dtype, b.dtype)
+        ar, br = _real_view(a.to(dt)), _real_view(b.to(dt))
+        prod = ar * br  # re·re and im·im: their sum is Re(conj(a)·b)
+        dims = tuple(range(batch_ndim, a.ndim + 1))
+        return prod.sum(dim=dims, keepdim=True).squeeze(-1)
+    prod = a * b
     dims = tuple(range(batch_ndim, a.ndim))
     if not dims:
         return prod
@@ -132,7 +157,8 @@ def rdot(a: torch.Tensor, b: torch.Tensor, batch_ndim: int = 0) -> torch.Tensor:
 
 
 def norm(a: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a))
+    """Euclidean norm of the whole tensor (fast for complex; see :func:`abs2`)."""
+    return float(torch.linalg.vector_norm(_real_view(a) if a.is_complex() else a))
 
 
 def as_normal(a: LinearOperator | Callable[[torch.Tensor], torch.Tensor], name: str):

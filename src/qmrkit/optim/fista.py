@@ -21,6 +21,7 @@ from ._common import (
     check_same_shape,
     check_tensor,
     check_tol,
+    norm,
     rdot,
     warn_nonfinite,
 )
@@ -157,9 +158,7 @@ def fista(
             it += 1
             x_new = prox(z - step * grad(z), step)
             dx = x_new - x
-            rel = float(torch.linalg.vector_norm(dx)) / max(
-                float(torch.linalg.vector_norm(x_new)), torch.finfo(_real(x_new.dtype)).tiny
-            )
+            rel = norm(dx) / max(norm(x_new), torch.finfo(_real(x_new.dtype)).tiny)
             history.append(rel)
             if objective is not None:
                 objectives.append(float(objective(x_new)))

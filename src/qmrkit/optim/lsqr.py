@@ -9,10 +9,11 @@ import torch
 
 from .._device import synchronize
 from .._progress import get_logger, progress_bar
-from ..errors import ParameterError
+from ..errors import ParameterError, ShapeError
 from ..ops.base import LinearOperator
 from ._common import (
     SolverResult,
+    abs2,
     call_back,
     check_ends_in,
     check_max_iter,
@@ -85,8 +86,9 @@ def lsqr(
         check_tensor(x0, "x0", name)
         check_ends_in(x0, A.ishape, "x0", name)
         if tuple(x0.shape[: x0.ndim - len(A.ishape)]) != batch:
-            raise ParameterError(
-                f"{name}: x0 has batch shape {tuple(x0.shape[: -len(A.ishape)])} but y has {batch}"
+            raise ShapeError(
+                f"{name}: x0 has batch shape {tuple(x0.shape[: x0.ndim - len(A.ishape)])} but y "
+                f"has batch shape {batch}; they must match"
             )
 
     t0 = time.perf_counter()
@@ -142,9 +144,7 @@ def lsqr(
             gamma = torch.where(active, gamma_new, gamma)
     synchronize(x.device)
     elapsed = time.perf_counter() - t0
-    data_res = (
-        float(torch.linalg.vector_norm(r.reshape(*batch, -1), dim=-1).max()) if r.numel() else 0.0
-    )
+    data_res = float(abs2(r.reshape(*batch, -1)).sum(-1).max().sqrt()) if r.numel() else 0.0
     log.debug(
         "lsqr (CGLS): %d iterations, residual %.3g, converged=%s",
         it,

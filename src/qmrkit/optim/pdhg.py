@@ -23,6 +23,7 @@ from ._common import (
     check_same_shape,
     check_tensor,
     check_tol,
+    norm,
     warn_nonfinite,
 )
 from .power import power_iteration
@@ -252,7 +253,7 @@ def pdhg(
 
 
 def _n(t: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(t))
+    return norm(t)
 
 
 def _cplx(dtype: torch.dtype) -> torch.dtype:

@@ -9,7 +9,7 @@ import torch
 from .._device import resolve_device
 from ..errors import ParameterError
 from ..ops.base import LinearOperator
-from ._common import check_max_iter, check_tol, rdot
+from ._common import check_max_iter, check_tol, norm, rdot
 
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
@@ -71,14 +71,14 @@ def power_iteration(
     if dtype.is_complex:
         x = torch.complex(x, torch.randn(shape, generator=gen, dtype=real))
     x = x.to(dev)
-    x = x / torch.linalg.vector_norm(x)
+    x = x / norm(x)
     est = 0.0
     with torch.no_grad():
         for _ in range(n_iter):
             y = normal(x)
             new = float(rdot(x, y))
-            ny = torch.linalg.vector_norm(y)
-            if float(ny) == 0.0:
+            ny = norm(y)
+            if ny == 0.0:
                 return 0.0
             x = y / ny
             if abs(new - est) <= tol * abs(new):
