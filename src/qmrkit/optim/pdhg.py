@@ -187,14 +187,15 @@ def pdhg(
     with bar:
         while it < max_iter:
             it += 1
-            z_new = prox_fstar(z + sigma * Kxbar, sigma)
+            z_new = prox_fstar(torch.add(z, Kxbar, alpha=sigma), sigma)
             KHz_new = K.H(z_new)
-            x_new = prox(x - tau * KHz_new, tau)
+            x_new = prox(torch.add(x, KHz_new, alpha=-tau), tau)
             Kx_new = K(x_new)
-            # residuals of the optimality conditions at (x_new, z_new)
-            p_res = _n(x - x_new) / tau
-            d_res = _n((z - z_new) / sigma + (Kxbar - Kx_new))
-            scale = math.hypot(_n(KHz_new), _n(Kx_new))
+            # residuals of the optimality conditions at (x_new, z_new); in-place on temporaries
+            with torch.no_grad():
+                p_res = _n(x - x_new) / tau
+                d_res = _n((z - z_new).div_(sigma).add_(Kxbar).sub_(Kx_new))
+                scale = math.hypot(_n(KHz_new), _n(Kx_new))
             rel = math.hypot(p_res, d_res) / max(scale, 1e-30)
             history.append(rel)
             p_hist.append(p_res)
@@ -219,7 +220,7 @@ def pdhg(
                         alpha * eta,
                         n_adapt + 1,
                     )
-            Kxbar = Kx_new + th * (Kx_new - Kx)
+            Kxbar = torch.add(Kx_new, Kx_new - Kx, alpha=th)
             x, z, Kx = x_new, z_new, Kx_new
             if not math.isfinite(rel):
                 warn_nonfinite(name, it)
