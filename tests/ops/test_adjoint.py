@@ -43,6 +43,7 @@ OPERATORS = {
     "mask-lines": lambda dt: Mask(_mask((12, 1), 2), shape=(12, 10)),
     "sense2d": lambda dt: Sense(_c((4, 12, 10), 3, dt)),
     "sense3d-coil-last": lambda dt: Sense(_c((6, 5, 4, 3), 3, dt), coil_axis=-1),
+    "sense-two-sets": lambda dt: Sense(_c((2, 4, 12, 10), 3, dt), coil_axis=1, set_axis=0),
     "fd2-periodic": lambda dt: FiniteDifference((12, 10)),
     "fd3-neumann": lambda dt: FiniteDifference((5, 6, 7), boundary="neumann"),
     "fd-time-voxel": lambda dt: FiniteDifference(
@@ -126,3 +127,11 @@ def test_operator_data_follows_input_device_and_dtype(device):
     assert y.device.type == device.type and y.dtype == torch.complex128
     m = Mask(_mask((6, 5), 3))
     assert m(x).dtype == torch.complex128
+
+
+def test_vstack_with_an_opaque_block_is_differentiable(device):
+    op = Vstack([_OpaqueFFT((6, 5)), FiniteDifference((6, 5))])
+    assert not op.autograd_safe
+    x = _c((2, 6, 5), 3, torch.complex128).to(device).requires_grad_(True)
+    (g,) = torch.autograd.grad(op(x).abs().pow(2).sum(), x)
+    torch.testing.assert_close(g, 2 * op.N(x.detach()), rtol=1e-10, atol=1e-10)

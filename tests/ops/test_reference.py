@@ -141,6 +141,24 @@ def test_sense_forward_and_adjoint_against_explicit_sums(device):
     )
 
 
+def test_sense_with_map_sets_against_explicit_sums():
+    maps = _cnp(4, 2, 6, 5)  # (coils, sets, ny, nx): axes given explicitly
+    x = _cnp(3, 2, 6, 5)  # 3 frames, one image per set
+    y = _cnp(3, 4, 6, 5)
+    S = Sense(maps, coil_axis=0, set_axis=1)
+    assert S.ishape == (2, 6, 5) and S.oshape == (4, 6, 5) and S.n_sets == 2
+    fx = S(torch.from_numpy(x)).numpy()
+    ahy = S.H(torch.from_numpy(y)).numpy()
+    ref_f = np.einsum("csyx,tsyx->tcyx", maps, x)
+    ref_a = np.einsum("csyx,tcyx->tsyx", np.conj(maps), y)
+    np.testing.assert_allclose(fx, ref_f, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ahy, ref_a, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ShapeError, match="same axis"):
+        Sense(maps, coil_axis=1, set_axis=-3)
+    with pytest.raises(ShapeError, match="set_axis=7"):
+        Sense(maps, set_axis=7)
+
+
 def test_sense_coil_axis_and_errors():
     maps = _cnp(6, 5, 4)
     a = Sense(maps, coil_axis=-1)

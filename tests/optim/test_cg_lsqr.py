@@ -185,3 +185,11 @@ def test_cg_stops_and_warns_on_non_finite_values():
     with pytest.warns(ConvergenceWarning, match="non-finite"):
         res = cg(lambda x: x * float("nan"), torch.ones(3, dtype=torch.float64), max_iter=10)
     assert not res.converged and res.iterations == 1
+
+
+def test_progress_bar_option_runs(capsys):
+    A = Matrix(crandn((6, 4), 0))
+    res = cg(A, A.H(crandn((6,), 1)), max_iter=5, tol=0, progress=True)
+    assert res.iterations == 5
+    res = lsqr(A, crandn((6,), 1), max_iter=5, tol=0, progress=True)
+    assert res.iterations == 5
