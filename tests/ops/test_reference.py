@@ -234,3 +234,12 @@ def test_diagonal_matrix_reshape_vstack():
     torch.testing.assert_close(g, G(x))
     with pytest.raises(ShapeError, match="same input shape"):
         Vstack([F, Diagonal(np.ones((4, 5)))])
+
+
+def test_coil_count_mismatch_is_caught_when_composing():
+    maps = _cnp(3, 8, 6)
+    with pytest.raises(ShapeError, match=r"FFT takes \(4, 8, 6\) but Sense gives \(3, 8, 6\)"):
+        FFT((4, 8, 6), axes=(-2, -1)) @ Sense(maps)
+    A = FFT((3, 8, 6), axes=(-2, -1)) @ Sense(maps)
+    with pytest.raises(ShapeError, match=r"must end in shape \(3, 8, 6\), got \(4, 8, 6\)"):
+        A.H(torch.zeros(4, 8, 6, dtype=torch.complex64))
