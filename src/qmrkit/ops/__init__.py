@@ -1,5 +1,29 @@
-"""Linear operators (autograd-safe): the base class, composition and the dot test."""
+"""Linear operators (autograd-safe): the base class, composition, the dot test, and the concrete
+operators of reconstruction: FFT, sampling masks, coil sensitivities, finite differences,
+diagonal weights, dense matrices, reshapes and vertical stacks."""
 
 from .base import Adjoint, Compose, Identity, LinearOperator, Scale, Sum, check_adjoint
+from .diff import FiniteDifference
+from .elementwise import Diagonal, Matrix, Reshape
+from .fft import FFT
+from .sampling import Mask
+from .sense import Sense
+from .stack import Vstack
 
-__all__ = ["LinearOperator", "Adjoint", "Compose", "Sum", "Scale", "Identity", "check_adjoint"]
+__all__ = [
+    "LinearOperator",
+    "Adjoint",
+    "Compose",
+    "Sum",
+    "Scale",
+    "Identity",
+    "check_adjoint",
+    "FFT",
+    "Mask",
+    "Sense",
+    "FiniteDifference",
+    "Diagonal",
+    "Matrix",
+    "Reshape",
+    "Vstack",
+]
