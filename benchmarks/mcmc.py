@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results  # noqa: E402
-
 from qmrkit import fit  # noqa: E402
 
 B = np.array([0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.2, 1.6, 2.0, 2.5, 3.0])
@@ -39,11 +38,17 @@ def make(n: int, seed: int = 0):
     model = fit.model_from_function(
         ivim,
         {"S0": (0, 10), "f": (0.0, 0.6), "Dp": (3.0, 50.0, "µm²/ms"), "D": (0.2, 3.0, "µm²/ms")},
-        amplitude=["S0"], b=B, name="ivim",
+        amplitude=["S0"],
+        b=B,
+        name="ivim",
     )
     rng = np.random.default_rng(seed)
-    truth = {"S0": np.full(n, 1000.0), "f": rng.uniform(0.1, 0.3, n), "Dp": rng.uniform(8, 25, n),
-             "D": rng.uniform(0.6, 1.4, n)}
+    truth = {
+        "S0": np.full(n, 1000.0),
+        "f": rng.uniform(0.1, 0.3, n),
+        "Dp": rng.uniform(8, 25, n),
+        "D": rng.uniform(0.6, 1.4, n),
+    }
     sigma = 20.0
     y = model.simulate(truth).numpy() + rng.normal(0, sigma, (n, B.size))
     return model, y, sigma
@@ -95,39 +100,80 @@ def main() -> None:
     for method, walkers in (("ensemble", W), ("mh", 4)):
         sync()
         t0 = time.perf_counter()
-        res = fit.mcmc(model, y, method=method, noise=sigma, n_walkers=walkers, n_steps=steps,
-                       burnin=burn, init=init, device=dev, progress=False)
+        res = fit.mcmc(
+            model,
+            y,
+            method=method,
+            noise=sigma,
+            n_walkers=walkers,
+            n_steps=steps,
+            burnin=burn,
+            init=init,
+            device=dev,
+            progress=False,
+        )
         sync()
         el = time.perf_counter() - t0
         ess = float(np.median(res.ess["D"].cpu().numpy()))
-        rows.append({"method": f"qmrkit mcmc {method} ({walkers} {'walkers' if method == 'ensemble' else 'chains'})",
-                     "seconds": el, "ess": ess, "acc": float(res.acceptance.median())})
+        rows.append(
+            {
+                "method": f"qmrkit mcmc {method} ({walkers} {'walkers' if method == 'ensemble' else 'chains'})",
+                "seconds": el,
+                "ess": ess,
+                "acc": float(res.acceptance.median()),
+            }
+        )
 
     # emcee on a subset, scaled
     k = args.emcee_voxels
-    starts = np.stack([init[p].cpu().numpy()[:k] for p in ("S0", "f", "Dp", "D")], 1).astype(np.float64)
+    starts = np.stack([init[p].cpu().numpy()[:k] for p in ("S0", "f", "Dp", "D")], 1).astype(
+        np.float64
+    )
     scale = np.percentile(np.abs(y), 99)
     lo = np.array([0.0, 0.0, 3.0, 0.2])
     hi = np.array([10 * scale, 0.6, 50.0, 3.0])
     t0 = time.perf_counter()
     ess_e = run_emcee(y[:k], sigma, starts, lo, hi, W, steps, burn)
     el = (time.perf_counter() - t0) * n / k
-    rows.insert(0, {"method": f"emcee EnsembleSampler per voxel ({W} walkers; {k} voxels, scaled)",
-                    "seconds": el, "ess": float(np.median(ess_e)), "acc": None})
+    rows.insert(
+        0,
+        {
+            "method": f"emcee EnsembleSampler per voxel ({W} walkers; {k} voxels, scaled)",
+            "seconds": el,
+            "ess": float(np.median(ess_e)),
+            "acc": None,
+        },
+    )
     t_emcee = rows[0]["seconds"]
     for r in rows:
         r["ms_per_voxel"] = 1000 * r["seconds"] / n
         r["speedup"] = t_emcee / r["seconds"]
         r["ess_per_s"] = r["ess"] * n / r["seconds"]
-    cols = [("method", "method", ""), ("seconds", f"s ({n:,} voxels)", ".1f"),
-            ("ms_per_voxel", "ms/voxel", ".3f"), ("speedup", "× emcee", ".0f"),
-            ("ess", "median ESS of D per voxel", ".0f"), ("ess_per_s", "ESS/s (all voxels)", ",.0f"),
-            ("acc", "acceptance", ".2f")]
-    print(f"IVIM (4 parameters), {n:,} voxels, {steps} steps, device {dev}, "
-          f"{torch.get_num_threads()} threads")
+    cols = [
+        ("method", "method", ""),
+        ("seconds", f"s ({n:,} voxels)", ".1f"),
+        ("ms_per_voxel", "ms/voxel", ".3f"),
+        ("speedup", "× emcee", ".0f"),
+        ("ess", "median ESS of D per voxel", ".0f"),
+        ("ess_per_s", "ESS/s (all voxels)", ",.0f"),
+        ("acc", "acceptance", ".2f"),
+    ]
+    print(
+        f"IVIM (4 parameters), {n:,} voxels, {steps} steps, device {dev}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(table(rows, cols))
-    path = write_results("mcmc", {"rows": rows, "voxels": n, "steps": steps, "walkers": W,
-                                  "device": str(dev), "emcee_subset": k})
+    path = write_results(
+        "mcmc",
+        {
+            "rows": rows,
+            "voxels": n,
+            "steps": steps,
+            "walkers": W,
+            "device": str(dev),
+            "emcee_subset": k,
+        },
+    )
     print(f"\nwrote {path}")
 
 

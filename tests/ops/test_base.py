@@ -25,7 +25,9 @@ class Matrix(LinearOperator):
 
 def _rand(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.complex(torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)).to(torch.complex128)
+    return torch.complex(torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)).to(
+        torch.complex128
+    )
 
 
 def test_algebra_matches_dense_matrices():
@@ -38,6 +40,10 @@ def test_algebra_matches_dense_matrices():
     torch.testing.assert_close((B + B).N(x), 4 * (x @ (b.conj().T @ b).T))
     assert check_adjoint(A @ B, dtype=torch.complex128) < 1e-12
     assert check_adjoint((3 - 1j) * A, dtype=torch.complex128) < 1e-12
+    assert (
+        check_adjoint(torch.tensor(2 + 1j, dtype=torch.complex128) * A, dtype=torch.complex128)
+        < 1e-12
+    )
     assert A.H.H is A
 
 

@@ -210,20 +210,23 @@ class Scale(LinearOperator):
         super().__init__(op.ishape, op.oshape)
         self.op, self.c = op, c
 
+    @property
+    def _c_conj(self):
+        if isinstance(self.c, torch.Tensor):
+            return self.c.conj()
+        return self.c.conjugate() if isinstance(self.c, complex) else self.c
+
     def forward(self, x):
         return self.c * self.op.forward(x)
 
     def adjoint(self, y):
-        return self.c.conjugate() * self.op.adjoint(y) if isinstance(self.c, complex) else (
-            self.c * self.op.adjoint(y)
-        )
+        return self._c_conj * self.op.adjoint(y)
 
     def _forward(self, x):
         return self.c * self.op._forward(x)
 
     def _adjoint(self, y):
-        c = self.c.conjugate() if isinstance(self.c, complex) else self.c
-        return c * self.op._adjoint(y)
+        return self._c_conj * self.op._adjoint(y)
 
 
 class Identity(LinearOperator):
@@ -257,10 +260,14 @@ def check_adjoint(
     shape_x = (*batch, *op.ishape)
     shape_y = (*batch, *op.oshape)
     if dtype.is_complex:
-        x = torch.complex(torch.randn(shape_x, generator=g, dtype=real),
-                          torch.randn(shape_x, generator=g, dtype=real))
-        y = torch.complex(torch.randn(shape_y, generator=g, dtype=real),
-                          torch.randn(shape_y, generator=g, dtype=real))
+        x = torch.complex(
+            torch.randn(shape_x, generator=g, dtype=real),
+            torch.randn(shape_x, generator=g, dtype=real),
+        )
+        y = torch.complex(
+            torch.randn(shape_y, generator=g, dtype=real),
+            torch.randn(shape_y, generator=g, dtype=real),
+        )
     else:
         x = torch.randn(shape_x, generator=g, dtype=dtype)
         y = torch.randn(shape_y, generator=g, dtype=dtype)
