@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("errors", "fit", "models", "ops", "nufft", "optim", "sim", "io", "pipelines")
+_SUBPACKAGES = ("errors", "fit", "models", "ops", "nufft", "optim", "sim", "io", "mrf", "recon", "pipelines")
 
 __all__ = ["__version__", *_SUBPACKAGES]
 
