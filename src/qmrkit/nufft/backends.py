@@ -18,6 +18,17 @@ import torch
 from .._optional import require
 
 
+def library_eps(eps: float, upsampfac: float | None) -> float:
+    """Tolerance passed to (cu)FINUFFT so that the achieved relative ℓ2 error stays ≤ ``eps``.
+
+    FINUFFT's tolerance is a target, not a bound: it achieves about 0.55·ε at σ = 2 (measured up
+    to 1.08·ε on small 3D problems) and 0.6–1.6·ε at σ = 1.25, so it is asked for half (σ = 2)
+    or 40 % (σ < 2) of the requested accuracy.
+    """
+    factor = 0.5 if upsampfac is None or upsampfac >= 2.0 else 0.4
+    return max(eps * factor, 1e-15)
+
+
 class FinufftEngine:
     """FINUFFT (CPU) for one trajectory, batches ``(B, *N) <-> (B, M)``.
 
@@ -58,6 +69,7 @@ class FinufftEngine:
         self.opts: dict = {}
         if upsampfac is not None:
             self.opts["upsampfac"] = float(upsampfac)
+        self.lib_eps = library_eps(eps, upsampfac)
         self.opts["nthreads"] = int(nthreads or torch.get_num_threads())
         if fftw == "measure":
             self.opts["fftw"] = 0  # FFTW_MEASURE
@@ -69,7 +81,7 @@ class FinufftEngine:
         key = (kind, b)
         p = self._plans.get(key)
         if p is None:
-            p = self.lib.Plan(kind, self.im_size, n_trans=b, eps=self.eps,
+            p = self.lib.Plan(kind, self.im_size, n_trans=b, eps=self.lib_eps,
                               isign=-1 if kind == 2 else 1, dtype=self.np_complex, **self.opts)
             p.setpts(*self.pts)
             self._plans[key] = p
@@ -117,6 +129,7 @@ class CufinufftEngine:
         self.opts: dict = {}
         if upsampfac is not None:
             self.opts["upsampfac"] = float(upsampfac)
+        self.lib_eps = library_eps(eps, upsampfac)
         self.upsampfac = upsampfac
         self._plans: dict[tuple[int, int], object] = {}
 
@@ -125,7 +138,7 @@ class CufinufftEngine:
         p = self._plans.get(key)
         if p is None:
             with torch.cuda.device(self.device):
-                p = self.lib.Plan(kind, self.im_size, n_trans=b, eps=self.eps,
+                p = self.lib.Plan(kind, self.im_size, n_trans=b, eps=self.lib_eps,
                                   isign=-1 if kind == 2 else 1, dtype=self.np_complex,
                                   **self.opts)
                 p.setpts(*self.pts)

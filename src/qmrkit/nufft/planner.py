@@ -30,7 +30,7 @@ import torch
 from .._device import synchronize
 from .._progress import get_logger
 from .grid import grid_size
-from .kernels import Kernel, choose_kernel, width_rule
+from .kernels import MAX_WIDTH, Kernel, beta_rule, estimate_error, width_rule
 
 log = get_logger("nufft.planner")
 
@@ -115,12 +115,25 @@ def _fft_cost(grid: tuple[int, ...]) -> float:
     return g * math.log2(max(g, 2))
 
 
+def choose_for_sigma(eps: float, sigma: float, im_size: tuple[int, ...]
+                     ) -> tuple[Kernel, float, tuple[int, ...]]:
+    """Narrowest kernel reaching ``eps`` at oversampling ``sigma``, its estimate and its grid.
+
+    The grid depends on W (it is at least 2W cells), so each width is judged on its own grid.
+    """
+    w = max(2, width_rule(eps, sigma) - 1)
+    while True:
+        grid = tuple(grid_size(n, sigma, w) for n in im_size)
+        kernel = Kernel(w, beta_rule(w, sigma), sigma)
+        est = estimate_error(kernel, im_size, grid)
+        if est <= eps or w >= MAX_WIDTH:
+            return kernel, est, grid
+        w += 1
+
+
 def native_candidate(p: Problem, method: str, sigma: float) -> Candidate | None:
     """A torch-native candidate with its kernel; None when ε is out of reach at this σ."""
-    w0 = width_rule(p.eps, sigma)
-    grid = tuple(grid_size(n, sigma, w0) for n in p.im_size)
-    kernel, est = choose_kernel(p.eps, sigma, p.im_size, grid)
-    grid = tuple(grid_size(n, sigma, kernel.width) for n in p.im_size)
+    kernel, est, grid = choose_for_sigma(p.eps, sigma, p.im_size)
     if est > p.eps:
         return None
     if p.dtype == torch.complex64 and p.eps < 1e-6:
@@ -142,7 +155,7 @@ def external_candidate(p: Problem, backend: str, sigma: float) -> Candidate | No
     """A FINUFFT / cuFINUFFT candidate (kernel chosen by the library; W estimated by the rule)."""
     if p.eps < 1e-9 and sigma < 2.0:
         return None  # FINUFFT needs σ = 2 for ε below ~1e-9
-    w = width_rule(p.eps, sigma) + (1 if sigma < 2 else 0)
+    w = width_rule(p.eps * (0.4 if sigma < 2 else 0.5), sigma)
     grid = tuple(grid_size(n, sigma, w) for n in p.im_size)
     c_fft, c_int, c_mem = COST[f"{backend}/{backend}"]
     cost = p.batch * p.n_traj * (2 * c_fft * _fft_cost(grid) + c_int * p.n_samples * w**p.ndim
