@@ -87,8 +87,10 @@ def _validate_traj(traj: Any, im_size: Any, device, ) -> tuple[torch.Tensor, tup
     if isinstance(im_size, int):
         im_size = (im_size,)
     try:
+        if isinstance(im_size, str):
+            raise TypeError(im_size)
         size = tuple(int(n) for n in im_size)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ShapeError(f"im_size must be a sequence of 1 to 3 ints, got {im_size!r}") from exc
     if not 1 <= len(size) <= 3 or any(n < 1 for n in size):
         raise ShapeError(f"im_size must have 1 to 3 positive entries, got {size}")
