@@ -56,11 +56,33 @@ def test_pad_crop_roundtrip(n, g):
     assert grid.abs().sum() == pytest.approx(x.abs().sum().item(), rel=1e-5)
 
 
-def test_heuristic_prefers_finufft_on_cpu_when_installed():
+def test_heuristic_picks_cheapest_candidate():
     op = nufft.plan(TRAJ, (32, 32), eps=1e-3, batch=4)
-    expected = "finufft" if available("finufft") else "torch"
-    assert op.info.backend == expected
+    backends = ["torch"] + (["finufft"] if available("finufft") else [])
+    prob = planner.Problem((32, 32), TRAJ.shape[0], 1, 1e-3, torch.complex64, 4,
+                           torch.device("cpu"))
+    best = planner.candidates(prob, backends, ["sparse", "gather"])[0]
+    assert (op.info.backend, op.info.method, op.info.oversampling) == (
+        best.backend, best.method, best.sigma)
     assert op.info.tune == "heuristic" and "cost model" in op.info.reason
+
+
+@pytest.mark.skipif(not available("finufft"), reason="finufft is not installed")
+def test_heuristic_single_coil_3d_prefers_finufft_many_coils_2d_prefers_sparse():
+    """Sparse products pay per matrix row: worth it for many coils, not for one."""
+    one = planner.Problem((128,) * 3, 2**20, 1, 1e-3, torch.complex64, 1, torch.device("cpu"))
+    many = planner.Problem((256, 256), 205824, 1, 1e-3, torch.complex64, 32,
+                           torch.device("cpu"))
+    assert planner.candidates(one, ["torch", "finufft"], ["sparse", "gather"])[0].backend == (
+        "finufft")
+    assert planner.candidates(many, ["torch", "finufft"], ["sparse", "gather"])[0].method == (
+        "sparse")
+
+
+def test_finufft_single_precision_low_sigma_excluded_at_high_accuracy():
+    p = planner.Problem((64, 64), 5000, 1, 1e-6, torch.complex64, 1, torch.device("cpu"))
+    assert planner.external_candidate(p, "finufft", 1.25) is None
+    assert planner.external_candidate(p, "finufft", 2.0) is not None
 
 
 def test_heuristic_oversampling_falls_with_undersampling():

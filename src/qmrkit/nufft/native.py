@@ -32,9 +32,9 @@ CHUNK_BYTES = 32 * 2**20
 
 
 def sparse_bytes(n_samples: int, width: int, ndim: int, real_bytes: int) -> int:
-    """Memory of the sparse method: the interpolation matrix and its transpose (int32 indices)."""
+    """Memory of the sparse method: the interpolation matrix and its transpose (int64 indices)."""
     nnz = n_samples * width**ndim
-    return 2 * nnz * (real_bytes + 4) + 4 * n_samples
+    return 2 * nnz * (real_bytes + 8) + 8 * n_samples
 
 
 class NativeEngine:
@@ -120,7 +120,10 @@ class NativeEngine:
     def _build_sparse(self) -> None:
         m, taps = self.n_samples, self.taps
         gtot = int(np.prod(self.grid))
-        itype = torch.int32 if m * taps < 2**31 - 1 and gtot < 2**31 - 1 else torch.int64
+        # int64 indices: torch's CPU CSR product takes its MKL path only with them (2-3x faster
+        # than int32 measured on 2D radial data); cuSPARSE is fine with int32
+        small = m * taps < 2**31 - 1 and gtot < 2**31 - 1
+        itype = torch.int32 if small and self.device.type == "cuda" else torch.int64
         cols, vals = [], []
         step = max(1, (64 * 2**20) // (taps * 16))
         for s in range(0, m, step):

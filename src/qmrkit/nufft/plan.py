@@ -27,7 +27,7 @@ METHODS = ("auto", "gather", "sparse")
 NORMALS = ("auto", "toeplitz", "direct")
 TUNES = ("heuristic", "measure")
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of precomputed interpolation data allowed by default
-MEASURE_TOP = 6  # candidates timed by tune="measure"
+MEASURE_TOP = 5  # candidates timed by tune="measure"
 
 
 @dataclass
@@ -315,7 +315,8 @@ def plan(traj: Any, im_size: int | Sequence[int], *, eps: float = 1e-3, batch: i
     b = int(batch or 1)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     if dtype == torch.complex64 and eps < 1e-6:
-        log.warning("eps=%g requested in complex64: single precision floors near 1e-6; "
+        log.warning("eps=%g requested in complex64: single precision floors near 1e-6 "
+                    "(expected_error includes it); "
                     "use dtype=torch.complex128 for higher accuracy", eps)
 
     # -- backends and methods ---------------------------------------------------------------------
@@ -425,25 +426,43 @@ def _measure(p: pl.Problem, cands: list[pl.Candidate], trajs: torch.Tensor,
     x = _random((p.batch, *size), dtype, p.device)
     y = _random((p.batch, p.n_samples), dtype, p.device, seed=1)
     timings: dict[str, float] = {}
-    best, best_t = None, math.inf
+
+    def pair(eng, reps):
+        tf = pl.time_call(lambda: eng.forward(x), p.device, reps=reps)
+        ta = pl.time_call(lambda: eng.adjoint(y), p.device, reps=reps)
+        return (tf + ta) * p.n_traj
+
+    # pass 1: every picked candidate, best of 2
     for c in pick:
         try:
             eng = _engine(c, trajs[0], size, eps, dtype)
         except (RuntimeError, MemoryError) as exc:  # e.g. out of memory for a sparse matrix
             log.info("NUFFT measure: %s failed to build: %s", c.label(), exc)
             continue
-        tf = pl.time_call(lambda e=eng: e.forward(x), p.device)
-        ta = pl.time_call(lambda e=eng: e.adjoint(y), p.device)
-        c.measured = (tf + ta) * p.n_traj
-        timings[c.label()] = c.measured
-        if c.measured < best_t:
-            best, best_t = c, c.measured
+        c.measured = pair(eng, 2)
         del eng
-    assert best is not None
+    timed = sorted((c for c in pick if c.measured is not None), key=lambda c: c.measured)
+    if not timed:
+        raise ParameterError("NUFFT measure: no candidate could be built (out of memory?)")
+    # pass 2: the three fastest again, interleaved, so a burst of load on a shared machine does
+    # not decide alone (the minimum over both passes counts)
+    finalists = [(c, _engine(c, trajs[0], size, eps, dtype)) for c in timed[:3]]
+    for _ in range(2):
+        for c, eng in finalists:
+            c.measured = min(c.measured, pair(eng, 1))
+    for c in timed:
+        timings[c.label()] = c.measured
+    best = min(timed, key=lambda c: c.measured)
+    best_t = best.measured
     if normal_choice is None:
         psf = _psf(best.backend, trajs[:1], size, eps, dtype)
         toep = ToeplitzNormal(psf[0], size)
-        tt = pl.time_call(lambda: toep(x), p.device) * p.n_traj
+        eng = next(e for c, e in finalists if c is best)
+        tt = math.inf
+        for _ in range(3):
+            tt = min(tt, pl.time_call(lambda: toep(x), p.device, reps=1) * p.n_traj)
+            best_t = min(best_t, pair(eng, 1))
         timings["toeplitz normal"] = tt
+        timings[best.label()] = best_t
         normal_choice = "toeplitz" if tt < best_t else "direct"
     return best, normal_choice, timings

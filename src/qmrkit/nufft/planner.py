@@ -4,7 +4,7 @@ A *candidate* is a (backend, method, oversampling σ) triple; with σ and ε fix
 W, the grid size and the expected error follow (:mod:`qmrkit.nufft.kernels`). The heuristic cost
 model estimates the seconds of one forward + adjoint pair as
 
-    batch · (c_fft · G·log2 G  +  c_interp · M · W^d  +  c_mem · G)
+    batch · (2·c_fft · G·log2 G  +  c_tapb · M·W^d  +  c_mem · G)  +  c_tap · M·W^d
 
 with constants per backend and method calibrated on a 2-core AVX-512 CPU (see
 ``docs/nufft.md``); the normal operator by Toeplitz embedding costs two pruned FFTs of size 2N.
@@ -30,6 +30,8 @@ import torch
 from .._device import synchronize
 from .._progress import get_logger
 from .grid import grid_size
+from .backends import library_eps
+from .native import sparse_bytes
 from .kernels import MAX_WIDTH, Kernel, beta_rule, estimate_error, width_rule
 
 log = get_logger("nufft.planner")
@@ -37,17 +39,30 @@ log = get_logger("nufft.planner")
 SIGMAS = (1.25, 1.5, 1.75, 2.0)
 FINUFFT_SIGMAS = (1.25, 2.0)
 
-# seconds per unit, measured on the development machine (2 cores, AVX-512, MKL FFT, FFTW)
+# Seconds per unit, fitted to measurements on the development machine (2 cores, AVX-512, MKL
+# FFT in torch, FINUFFT 2.5 with FFTW), forward + adjoint together:
+#   c_fft  per grid element · log2(grid size) · batch (one FFT; two are counted),
+#   c_tap  per kernel tap (M·W^d) independent of the batch (sparse-matrix row overhead),
+#   c_tapb per kernel tap and batch element,
+#   c_mem  per grid element and batch element (zero-fill, padding, transposes, deapodisation).
+# E.g. torch CSR on 2D radial, 32 coils: 1e-8 s per tap for all coils; on 3D radial, 1 coil:
+# 3.7e-9 s per tap (so a fixed part per tap); FINUFFT: 1.1e-9 s per tap and coil in both.
 COST = {
-    # backend/method: (c_fft per element·log2 per batch, c_interp per tap per batch (fwd+adj),
-    #                  c_mem per grid element per batch)
-    "torch/sparse": (6.0e-10, 1.6e-9, 4.0e-9),
-    "torch/gather": (6.0e-10, 8.0e-9, 4.0e-9),
-    "finufft/finufft": (6.0e-10, 0.45e-9, 1.0e-9),
-    "cufinufft/cufinufft": (2.0e-12, 2.0e-12, 1.0e-12),
-    "torch-cuda/sparse": (5.0e-12, 2.0e-11, 1.0e-11),
-    "torch-cuda/gather": (5.0e-12, 6.0e-11, 1.0e-11),
+    "torch/sparse": (4.0e-10, 3.5e-9, 2.0e-10, 4.0e-9),
+    "torch/gather": (4.0e-10, 2.0e-9, 5.0e-9, 4.0e-9),
+    "finufft/finufft": (4.0e-10, 0.0, 1.1e-9, 1.0e-9),
+    "cufinufft/cufinufft": (2.0e-12, 0.0, 2.0e-12, 1.0e-12),
+    "torch-cuda/sparse": (5.0e-12, 1.0e-11, 2.0e-11, 1.0e-11),
+    "torch-cuda/gather": (5.0e-12, 1.0e-11, 6.0e-11, 1.0e-11),
 }
+
+
+def _model(key: str, p: Problem, grid: tuple[int, ...], taps: int) -> float:
+    c_fft, c_tap, c_tapb, c_mem = COST[key]
+    g = math.prod(grid)
+    per_traj = (p.batch * (2 * c_fft * _fft_cost(grid) + c_tapb * p.n_samples * taps + c_mem * g)
+                + c_tap * p.n_samples * taps)
+    return p.n_traj * per_traj
 
 
 @dataclass
@@ -136,16 +151,14 @@ def native_candidate(p: Problem, method: str, sigma: float) -> Candidate | None:
     kernel, est, grid = choose_for_sigma(p.eps, sigma, p.im_size)
     if est > p.eps:
         return None
-    if p.dtype == torch.complex64 and p.eps < 1e-6:
-        est = max(est, 1e-6)  # float32 floor
+    if p.dtype == torch.complex64:
+        est += 1e-6  # float32 rounding of the FFT and the W^d-term sums (not in our control)
     key = ("torch-cuda/" if p.device.type == "cuda" else "torch/") + method
-    c_fft, c_int, c_mem = COST[key]
     taps = kernel.width**p.ndim
-    cost = p.batch * p.n_traj * (2 * c_fft * _fft_cost(grid) + c_int * p.n_samples * taps
-                                 + c_mem * math.prod(grid))
+    cost = _model(key, p, grid, taps)
     real_bytes = 4 if p.dtype == torch.complex64 else 8
     if method == "sparse":
-        mem = p.n_traj * 2 * p.n_samples * taps * (real_bytes + 4)
+        mem = p.n_traj * sparse_bytes(p.n_samples, kernel.width, p.ndim, real_bytes)
     else:
         mem = p.n_traj * p.n_samples * kernel.width * p.ndim * (real_bytes + 8)
     return Candidate("torch", method, sigma, kernel.width, kernel.beta, grid, est, cost, mem)
@@ -155,11 +168,13 @@ def external_candidate(p: Problem, backend: str, sigma: float) -> Candidate | No
     """A FINUFFT / cuFINUFFT candidate (kernel chosen by the library; W estimated by the rule)."""
     if p.eps < 1e-9 and sigma < 2.0:
         return None  # FINUFFT needs σ = 2 for ε below ~1e-9
-    w = width_rule(p.eps * (0.4 if sigma < 2 else 0.5), sigma)
+    if p.dtype == torch.complex64 and sigma < 2.0 and p.eps < 6e-5:
+        # single-precision FINUFFT caps the width at 8 for σ = 1.25 ("ns reducing ... to
+        # prevent catastrophic cancellation"): measured 2.6e-5 error at ε = 1e-6
+        return None
+    w = width_rule(library_eps(p.eps, sigma), sigma)
     grid = tuple(grid_size(n, sigma, w) for n in p.im_size)
-    c_fft, c_int, c_mem = COST[f"{backend}/{backend}"]
-    cost = p.batch * p.n_traj * (2 * c_fft * _fft_cost(grid) + c_int * p.n_samples * w**p.ndim
-                                 + c_mem * math.prod(grid))
+    cost = _model(f"{backend}/{backend}", p, grid, w**p.ndim)
     est = max(p.eps, 1e-6) if p.dtype == torch.complex64 and p.eps < 1e-6 else p.eps
     return Candidate(backend, backend, sigma, w, float("nan"), grid, est, cost,
                      p.n_traj * p.n_samples * p.ndim * 8)
@@ -171,7 +186,7 @@ def toeplitz_cost(p: Problem) -> float:
     prune = {1: 1.0, 2: 0.75, 3: 7.0 / 12.0}[nd]
     big = tuple(2 * n for n in p.im_size)
     c_fft = COST["torch-cuda/gather" if p.device.type == "cuda" else "torch/gather"][0]
-    c_mem = COST["torch-cuda/gather" if p.device.type == "cuda" else "torch/gather"][2]
+    c_mem = COST["torch-cuda/gather" if p.device.type == "cuda" else "torch/gather"][3]
     return p.batch * (2 * prune * c_fft * _fft_cost(big) + c_mem * math.prod(big))
 
 
