@@ -4,6 +4,7 @@ from .dictionary import Dictionary, log_grid
 from .epg import epg_fisp
 from .match import B1RangeWarning, MatchResult, match
 from .sequences import Schedule, fisp_schedule
+from .subspace import SubspaceNufft, subspace_recon
 
 __all__ = [
     "Schedule",
@@ -14,4 +15,6 @@ __all__ = [
     "match",
     "MatchResult",
     "B1RangeWarning",
+    "SubspaceNufft",
+    "subspace_recon",
 ]
