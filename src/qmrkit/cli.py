@@ -84,6 +84,57 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("models", help="list the signal models and their parameters")
+
+    sv = sub.add_parser(
+        "serve",
+        help="run the MRD streaming reconstruction server",
+        description="Serve reconstructions over the MRD/ISMRMRD streaming protocol.",
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=9002, help="TCP port (default 9002)")
+    sv.add_argument(
+        "--store", type=Path, help="dependency store directory (shared volume in a cluster)"
+    )
+    sv.add_argument(
+        "--max-concurrent", type=int, default=1, help="reconstructions at once (others queue)"
+    )
+    sv.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    sv.add_argument(
+        "--grace", type=float, default=600.0, help="seconds to drain in-flight scans on SIGTERM"
+    )
+    sv.add_argument(
+        "--read-timeout", type=float, default=120.0, help="drop a connection idle this long (s)"
+    )
+    sv.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for TLS")
+    sv.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    sv.add_argument(
+        "--tls-ca", type=Path, help="CA bundle: require client certificates signed by it"
+    )
+
+    sd = sub.add_parser("send", help="stream an ISMRMRD file to a server and save what comes back")
+    sd.add_argument("scan", type=Path, help="ISMRMRD/MRD HDF5 file")
+    sd.add_argument("--host", default="127.0.0.1")
+    sd.add_argument("--port", type=int, default=9002)
+    sd.add_argument("--config", required=True, help="pipeline name, e.g. fit:molli, store-b1, null")
+    sd.add_argument(
+        "--compress", type=float, help="tolerated SNR loss for raw-data compression, e.g. 0.01"
+    )
+    sd.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="extra pipeline parameter (repeatable), e.g. ti=[100,200]",
+    )
+    sd.add_argument("--retries", type=int, default=3)
+    sd.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
+    sd.add_argument("--tls-key", type=Path)
+    sd.add_argument(
+        "--tls-ca", type=Path, help="CA that signed the server's certificate (enables TLS)"
+    )
+    sd.add_argument(
+        "--out", required=True, type=Path, help="output folder (images.h5, NIfTI, log.txt)"
+    )
     return p
 
 
@@ -193,6 +244,77 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import Limits, run_server, tls_context
+    from .serve.store import DirectoryStore
+
+    ctx = tls_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    store = DirectoryStore(args.store) if args.store else None
+    run_server(
+        args.host,
+        args.port,
+        store=store,
+        max_concurrent=args.max_concurrent,
+        ssl_context=ctx,
+        metrics_port=args.metrics_port,
+        grace_s=args.grace,
+        limits=Limits(read_timeout=args.read_timeout),
+    )
+    return 0
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    import json
+
+    import ismrmrd
+
+    from .pipelines import noise_statistics
+    from .serve import client_tls_context, read_mrd_file, save_reply, send_scan
+
+    header, acqs, images = read_mrd_file(args.scan)
+    params = {}
+    for item in args.param:
+        key, _, val = item.partition("=")
+        try:
+            params[key] = json.loads(val)
+        except json.JSONDecodeError:
+            params[key] = val
+    sigma = None
+    if args.compress is not None:
+        noise = [a for a in acqs if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+        if not noise:
+            raise QmrkitError(
+                "--compress needs noise scans in the file (acquisitions flagged as noise)"
+            )
+        import numpy as np
+
+        sigma = noise_statistics(np.concatenate([a.data for a in noise], axis=1))["sigma"]
+    ctx = client_tls_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_ca else None
+    reply = send_scan(
+        args.host,
+        args.port,
+        retries=args.retries,
+        config=args.config,
+        header_xml=header,
+        acquisitions=acqs,
+        images=images,
+        parameters=params or None,
+        compress=args.compress,
+        noise_sigma=sigma,
+        ssl_context=ctx,
+        progress=None,
+    )
+    for line in reply.texts:
+        print(f"server: {line}")
+    written = save_reply(reply, args.out, header_xml=header)
+    ratio = reply.bytes_raw / max(reply.bytes_sent, 1)
+    print(
+        f"sent {reply.bytes_sent:,} bytes ({ratio:.2f}x smaller than raw), received {len(reply.images)} "
+        f"images in {reply.seconds:.2f} s; wrote {len(written)} files to {args.out}"
+    )
+    return 1 if reply.errors else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qmrkit`` console script; returns the exit status."""
     parser = _parser()
@@ -203,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"fit": _cmd_fit, "models": _cmd_models}
+    handlers = {"fit": _cmd_fit, "models": _cmd_models, "serve": _cmd_serve, "send": _cmd_send}
     try:
         return handlers[args.command](args)
     except QmrkitError as exc:

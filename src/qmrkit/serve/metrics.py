@@ -1,0 +1,67 @@
+"""Prometheus metrics of the service (prefix ``qmrkit_``, base units, no patient identifiers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Metrics:
+    """The service's metrics in their own registry (so several servers can live in one process)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.in_flight = Gauge(
+            "qmrkit_reconstructions_in_flight", "Reconstructions running now", registry=r
+        )
+        self.queued = Gauge(
+            "qmrkit_reconstructions_queued", "Scans waiting for a reconstruction slot", registry=r
+        )
+        self.connections = Counter(
+            "qmrkit_connections_total", "Client connections accepted", registry=r
+        )
+        self.duration = Histogram(
+            "qmrkit_reconstruction_duration_seconds",
+            "Pipeline run time",
+            ["pipeline"],
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+        )
+        self.stage = Histogram(
+            "qmrkit_stage_duration_seconds",
+            "Time per pipeline stage",
+            ["pipeline", "stage"],
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "qmrkit_queue_time_seconds", "Wait for a reconstruction slot", registry=r
+        )
+        self.bytes_received = Counter(
+            "qmrkit_received_bytes_total", "Bytes received", ["encoding"], registry=r
+        )
+        self.errors = Counter(
+            "qmrkit_errors_total", "Failed sessions by kind", ["kind"], registry=r
+        )
+        self.gpu_memory = Gauge(
+            "qmrkit_gpu_memory_bytes", "GPU memory allocated by torch", registry=r
+        )
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                self.gpu_memory.set(torch.cuda.memory_allocated())
+        except Exception:  # pragma: no cover - metrics must never fail a request
+            pass
+        return generate_latest(self.registry)
+
+    def start_http(self, port: int, addr: str = "127.0.0.1") -> Any:
+        """Serve ``/metrics`` on ``addr:port`` in a background thread."""
+        from prometheus_client import start_http_server
+
+        return start_http_server(port, addr=addr, registry=self.registry)

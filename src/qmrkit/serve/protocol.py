@@ -1,0 +1,304 @@
+"""The MRD (ISMRMRD v1) streaming protocol: framing with size limits, for asyncio streams.
+
+Every message is a little-endian ``uint16`` id and a body (see the table in the project's
+REFERENCE). The ``ismrmrd`` package's header structs and (de)serialisers do the byte layout; this
+module adds what a server facing the network needs: every length is checked against limits
+*before* anything is allocated, every read has a timeout, and every malformed input raises
+:class:`~qmrkit.errors.ProtocolError` with a message saying what was wrong.
+
+Compressed acquisitions (flag ``ACQ_COMPRESSION2``) carry, after the header and trajectory, a
+``uint32`` byte count and a payload from :mod:`qmrkit.serve.compression` instead of raw samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import io
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+
+from ..errors import ProtocolError
+
+
+class MessageId(IntEnum):
+    CONFIG_FILE = 1
+    CONFIG_TEXT = 2
+    HEADER = 3
+    CLOSE = 4
+    TEXT = 5
+    ACQUISITION = 1008
+    IMAGE = 1022
+    WAVEFORM = 1026
+
+
+CONFIG_FILE_SIZE = 1024
+_IMAGE_DTYPES = {
+    1: np.uint16,
+    2: np.int16,
+    3: np.uint32,
+    4: np.int32,
+    5: np.float32,
+    6: np.float64,
+    7: np.complex64,
+    8: np.complex128,
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one message may ask the server to allocate, and on waiting."""
+
+    max_text_bytes: int = 16 << 20
+    max_channels: int = 1024
+    max_samples: int = 1 << 20
+    max_trajectory_dims: int = 16
+    max_acquisition_bytes: int = 256 << 20
+    max_image_bytes: int = 2 << 30
+    max_attribute_bytes: int = 16 << 20
+    max_waveform_bytes: int = 64 << 20
+    read_timeout: float = 120.0  # seconds without progress before a connection is dropped
+
+
+@dataclass
+class Message:
+    """A decoded message: its id and value (str, ismrmrd object, or None for CLOSE)."""
+
+    id: MessageId
+    value: Any = None
+    nbytes: int = 0  # bytes on the wire (for metrics)
+    compressed: bool = False
+
+
+def _acq_header_type():
+    import ismrmrd
+
+    return ismrmrd.AcquisitionHeader
+
+
+class MessageReader:
+    """Reads messages from an ``asyncio.StreamReader`` with limits and timeouts."""
+
+    def __init__(self, reader: asyncio.StreamReader, limits: Limits | None = None):
+        self.reader = reader
+        self.limits = limits or Limits()
+        self.bytes_read = 0
+
+    async def _exactly(self, n: int, what: str) -> bytes:
+        try:
+            data = await asyncio.wait_for(
+                self.reader.readexactly(n), timeout=self.limits.read_timeout
+            )
+        except asyncio.IncompleteReadError as exc:
+            raise ProtocolError(
+                f"connection closed in the middle of {what}: expected {n} bytes, got {len(exc.partial)}"
+            ) from None
+        except asyncio.TimeoutError:
+            raise ProtocolError(
+                f"timed out after {self.limits.read_timeout:g} s waiting for {what}"
+            ) from None
+        self.bytes_read += n
+        return data
+
+    async def read(self) -> Message:
+        """The next message; raises ProtocolError on malformed input, EOFError at a clean end."""
+        try:
+            head = await asyncio.wait_for(
+                self.reader.readexactly(2), timeout=self.limits.read_timeout
+            )
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                raise EOFError("the peer closed the connection") from None
+            raise ProtocolError("connection closed inside a message id") from None
+        except asyncio.TimeoutError:
+            raise ProtocolError(
+                f"timed out after {self.limits.read_timeout:g} s waiting for a message"
+            ) from None
+        self.bytes_read += 2
+        (mid,) = struct.unpack("<H", head)
+        start = self.bytes_read - 2
+        if mid == MessageId.CONFIG_FILE:
+            raw = await self._exactly(CONFIG_FILE_SIZE, "a CONFIG_FILE body")
+            return Message(
+                MessageId.CONFIG_FILE,
+                _text(raw.split(b"\x00", 1)[0], "CONFIG_FILE"),
+                self.bytes_read - start,
+            )
+        if mid in (MessageId.CONFIG_TEXT, MessageId.HEADER, MessageId.TEXT):
+            (n,) = struct.unpack("<I", await self._exactly(4, "a text length"))
+            if n > self.limits.max_text_bytes:
+                raise ProtocolError(
+                    f"{MessageId(mid).name} message of {n} bytes exceeds the limit of {self.limits.max_text_bytes}"
+                )
+            raw = await self._exactly(n, f"a {MessageId(mid).name} body")
+            return Message(
+                MessageId(mid),
+                _text(raw.rstrip(b"\x00"), MessageId(mid).name),
+                self.bytes_read - start,
+            )
+        if mid == MessageId.CLOSE:
+            return Message(MessageId.CLOSE, None, 2)
+        if mid == MessageId.ACQUISITION:
+            acq, compressed = await self._acquisition()
+            return Message(MessageId.ACQUISITION, acq, self.bytes_read - start, compressed)
+        if mid == MessageId.IMAGE:
+            return Message(MessageId.IMAGE, await self._image(), self.bytes_read - start)
+        if mid == MessageId.WAVEFORM:
+            return Message(MessageId.WAVEFORM, await self._waveform(), self.bytes_read - start)
+        raise ProtocolError(f"unknown message id {mid}; known ids: {[int(m) for m in MessageId]}")
+
+    async def _acquisition(self):
+        import ismrmrd
+
+        H = ismrmrd.AcquisitionHeader
+        raw = await self._exactly(ctypes.sizeof(H), "an acquisition header")
+        h = H.from_buffer_copy(raw)
+        lim = self.limits
+        ns, nc, nt = int(h.number_of_samples), int(h.active_channels), int(h.trajectory_dimensions)
+        if nc > lim.max_channels or ns > lim.max_samples or nt > lim.max_trajectory_dims:
+            raise ProtocolError(
+                f"acquisition with {nc} channels × {ns} samples × {nt} trajectory dims exceeds the limits "
+                f"({lim.max_channels} channels, {lim.max_samples} samples, {lim.max_trajectory_dims} dims)"
+            )
+        compressed = bool(h.flags & (1 << (ismrmrd.ACQ_COMPRESSION2 - 1)))
+        if 4 * nt * ns + (0 if compressed else 8 * nc * ns) > lim.max_acquisition_bytes:
+            raise ProtocolError(
+                f"acquisition of {4 * nt * ns + 8 * nc * ns} bytes exceeds the limit of {lim.max_acquisition_bytes}"
+            )
+        traj = await self._exactly(4 * nt * ns, "acquisition trajectory")
+        if compressed:
+            from .compression import decode_samples
+
+            (nbytes,) = struct.unpack("<I", await self._exactly(4, "a compressed length"))
+            if nbytes > max(8 * nc * ns * 2, 4096) or nbytes > lim.max_acquisition_bytes:
+                raise ProtocolError(
+                    f"compressed acquisition payload of {nbytes} bytes is implausibly large"
+                )
+            payload = await self._exactly(nbytes, "compressed acquisition data")
+            data = decode_samples(payload, nc, ns)
+            h.flags &= ~(1 << (ismrmrd.ACQ_COMPRESSION2 - 1))
+        else:
+            data = np.frombuffer(
+                await self._exactly(8 * nc * ns, "acquisition data"), dtype=np.complex64
+            )
+            data = data.reshape(nc, ns)
+        acq = ismrmrd.Acquisition(h)
+        if nt:
+            acq.traj[:] = np.frombuffer(traj, dtype=np.float32).reshape(ns, nt)
+        if nc and ns:
+            acq.data[:] = data
+        return acq, compressed
+
+    async def _image(self):
+        import ismrmrd
+
+        H = ismrmrd.ImageHeader
+        raw = await self._exactly(ctypes.sizeof(H), "an image header")
+        h = H.from_buffer_copy(raw)
+        (nattr,) = struct.unpack("<Q", await self._exactly(8, "an image attribute length"))
+        if nattr > self.limits.max_attribute_bytes:
+            raise ProtocolError(
+                f"image attributes of {nattr} bytes exceed the limit of {self.limits.max_attribute_bytes}"
+            )
+        attr = await self._exactly(nattr, "image attributes")
+        dt = _IMAGE_DTYPES.get(int(h.data_type))
+        if dt is None:
+            raise ProtocolError(
+                f"image data_type {int(h.data_type)} is not one of {sorted(_IMAGE_DTYPES)}"
+            )
+        n = int(h.matrix_size[0]) * int(h.matrix_size[1]) * int(h.matrix_size[2]) * int(h.channels)
+        nbytes = n * np.dtype(dt).itemsize
+        if nbytes > self.limits.max_image_bytes:
+            raise ProtocolError(
+                f"image of {nbytes} bytes exceeds the limit of {self.limits.max_image_bytes}"
+            )
+        pixels = await self._exactly(nbytes, "image pixels")
+        buf = io.BytesIO(raw + struct.pack("<Q", nattr) + attr + pixels)
+        try:
+            return ismrmrd.Image.deserialize_from(buf.read)
+        except Exception as exc:  # malformed meta XML and the like
+            raise ProtocolError(f"cannot decode image: {exc}") from exc
+
+    async def _waveform(self):
+        import ismrmrd
+
+        H = ismrmrd.WaveformHeader
+        raw = await self._exactly(ctypes.sizeof(H), "a waveform header")
+        h = H.from_buffer_copy(raw)
+        nbytes = 4 * int(h.channels) * int(h.number_of_samples)
+        if nbytes > self.limits.max_waveform_bytes:
+            raise ProtocolError(
+                f"waveform of {nbytes} bytes exceeds the limit of {self.limits.max_waveform_bytes}"
+            )
+        data = await self._exactly(nbytes, "waveform data")
+        try:
+            return ismrmrd.Waveform.deserialize_from(io.BytesIO(raw + data).read)
+        except Exception as exc:
+            raise ProtocolError(f"cannot decode waveform: {exc}") from exc
+
+
+def _text(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"{what} message is not valid UTF-8 text: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# encoding
+# ------------------------------------------------------------------------------------------------
+def encode_config_file(name: str) -> bytes:
+    raw = name.encode("utf-8")
+    if len(raw) >= CONFIG_FILE_SIZE:
+        raise ProtocolError(
+            f"config name too long ({len(raw)} bytes; at most {CONFIG_FILE_SIZE - 1})"
+        )
+    return struct.pack("<H", MessageId.CONFIG_FILE) + raw + b"\x00" * (CONFIG_FILE_SIZE - len(raw))
+
+
+def encode_text(text: str, mid: MessageId = MessageId.TEXT) -> bytes:
+    """A length-prefixed text message; like the FIRE tools, a NUL is appended and counted."""
+    raw = text.encode("utf-8") + b"\x00"
+    return struct.pack("<HI", mid, len(raw)) + raw
+
+
+def encode_close() -> bytes:
+    return struct.pack("<H", MessageId.CLOSE)
+
+
+def encode_object(obj: Any) -> bytes:
+    """An ismrmrd Acquisition, Image, Waveform or header (serialised by the ismrmrd package)."""
+    import ismrmrd
+    from ismrmrd.serialization import ProtocolSerializer
+    from ismrmrd.xsd import ismrmrdHeader
+
+    if isinstance(obj, ismrmrdHeader):
+        return encode_text(obj.toXML(), MessageId.HEADER)
+    if not isinstance(obj, ismrmrd.Acquisition | ismrmrd.Image | ismrmrd.Waveform):
+        raise ProtocolError(f"cannot encode {type(obj).__name__} as an MRD message")
+    buf = io.BytesIO()
+    ProtocolSerializer(buf).serialize(obj)
+    return buf.getvalue()
+
+
+def encode_compressed_acquisition(acq: Any, sigma: np.ndarray, tolerance: float) -> bytes:
+    """An acquisition whose samples are quantised within the SNR-loss ``tolerance``."""
+    import ismrmrd
+
+    from .compression import encode_samples
+
+    payload = encode_samples(np.asarray(acq.data), sigma, tolerance)
+    h = acq.getHead()
+    h.flags |= 1 << (ismrmrd.ACQ_COMPRESSION2 - 1)
+    traj = np.ascontiguousarray(acq.traj, dtype=np.float32).tobytes()
+    return (
+        struct.pack("<H", MessageId.ACQUISITION)
+        + bytes(h)
+        + traj
+        + struct.pack("<I", len(payload))
+        + payload
+    )
