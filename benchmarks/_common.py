@@ -59,8 +59,17 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         **payload,
     }
-    path.write_text(json.dumps(payload, indent=2))
+    path.write_text(json.dumps(payload, indent=2, default=_plain))
     return path
+
+
+def _plain(obj: Any) -> Any:
+    """JSON fallback for NumPy scalars and arrays."""
+    if hasattr(obj, "item") and getattr(obj, "size", 1) == 1:
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
 
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:

@@ -89,10 +89,15 @@ class MessageReader:
         self.bytes_read = 0
 
     async def _exactly(self, n: int, what: str) -> bytes:
+        if n == 0:
+            return b""
+        # already buffered (StreamReader keeps its bytes in _buffer): no need to arm a timeout
+        if len(self.reader._buffer) >= n:
+            data = await self.reader.readexactly(n)
+            self.bytes_read += n
+            return data
         try:
-            data = await asyncio.wait_for(
-                self.reader.readexactly(n), timeout=self.limits.read_timeout
-            )
+            data = await _with_timeout(self.reader.readexactly(n), self.limits.read_timeout)
         except asyncio.IncompleteReadError as exc:
             raise ProtocolError(
                 f"connection closed in the middle of {what}: expected {n} bytes, got {len(exc.partial)}"
@@ -107,9 +112,7 @@ class MessageReader:
     async def read(self) -> Message:
         """The next message; raises ProtocolError on malformed input, EOFError at a clean end."""
         try:
-            head = await asyncio.wait_for(
-                self.reader.readexactly(2), timeout=self.limits.read_timeout
-            )
+            head = await _with_timeout(self.reader.readexactly(2), self.limits.read_timeout)
         except asyncio.IncompleteReadError as exc:
             if not exc.partial:
                 raise EOFError("the peer closed the connection") from None
@@ -173,6 +176,7 @@ class MessageReader:
         if compressed:
             from .compression import decode_samples
 
+            traj = await self._exactly(4 * nt * ns, "acquisition trajectory")
             (nbytes,) = struct.unpack("<I", await self._exactly(4, "a compressed length"))
             if nbytes > max(8 * nc * ns * 2, 4096) or nbytes > lim.max_acquisition_bytes:
                 raise ProtocolError(
@@ -239,6 +243,18 @@ class MessageReader:
             return ismrmrd.Waveform.deserialize_from(io.BytesIO(raw + data).read)
         except Exception as exc:
             raise ProtocolError(f"cannot decode waveform: {exc}") from exc
+
+
+if hasattr(asyncio, "timeout"):  # Python ≥ 3.11: a cheap deadline, no extra task per read
+
+    async def _with_timeout(coro: Any, seconds: float) -> Any:
+        async with asyncio.timeout(seconds):
+            return await coro
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _with_timeout(coro: Any, seconds: float) -> Any:
+        return await asyncio.wait_for(coro, timeout=seconds)
 
 
 def _text(raw: bytes, what: str) -> str:
