@@ -289,7 +289,7 @@ def main() -> None:
                     with ThreadPoolExecutor(4) as pool:
                         list(
                             pool.map(
-                                lambda _: send_scan(
+                                lambda _, front=front: send_scan(
                                     "127.0.0.1",
                                     front,
                                     config="fit:molli",
