@@ -1,0 +1,165 @@
+"""Adapters to external NUFFT libraries with qmrkit's conventions: FINUFFT (CPU), cuFINUFFT (GPU).
+
+qmrkit: ``y_m = Σ_r x_r exp(−2πi k_m·r)``, ``k`` in cycles/pixel, ``r = n − N//2``.
+FINUFFT type 2: ``c_j = Σ_k f_k exp(i·isign·k·x_j)`` with ``x`` in radians and modes
+``k ∈ [−N//2, (N−1)//2]`` in order (``modeord=0``). So ``x = 2π·k``, ``isign = −1`` for the forward
+(type 2) and ``+1`` for the adjoint (type 1), and the mode order is exactly our centred index.
+Both libraries are imported lazily through :func:`qmrkit._optional.require`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .._optional import require
+
+
+def library_eps(eps: float, upsampfac: float | None) -> float:
+    """Tolerance passed to (cu)FINUFFT so that the achieved relative ℓ2 error stays ≤ ``eps``.
+
+    FINUFFT's tolerance is a target, not a bound: it achieves about 0.55·ε at σ = 2 (measured up
+    to 1.08·ε on small 3D problems) and 0.6–1.6·ε at σ = 1.25, so it is asked for half (σ = 2)
+    or 40 % (σ < 2) of the requested accuracy.
+    """
+    factor = 0.5 if upsampfac is None or upsampfac >= 2.0 else 0.4
+    return max(eps * factor, 1e-15)
+
+
+class FinufftEngine:
+    """FINUFFT (CPU) for one trajectory, batches ``(B, *N) <-> (B, M)``.
+
+    Parameters
+    ----------
+    traj : Tensor
+        ``(M, ndim)`` in cycles/pixel.
+    im_size : tuple of int
+    eps : float
+        Requested relative accuracy.
+    dtype : torch.dtype
+        ``complex64`` or ``complex128``.
+    upsampfac : float or None
+        Grid oversampling σ (FINUFFT's ``upsampfac``); None lets FINUFFT choose.
+    nthreads : int or None
+        Threads (default: ``torch.get_num_threads()``).
+    fftw : str
+        ``"estimate"`` (FINUFFT's default, fast planning) or ``"measure"`` (slower planning,
+        usually faster FFTs when a plan is reused many times).
+    """
+
+    backend = "finufft"
+    method = "finufft"
+
+    def __init__(self, traj: torch.Tensor, im_size: Sequence[int], eps: float,
+                 dtype: torch.dtype, upsampfac: float | None = None,
+                 nthreads: int | None = None, fftw: str = "estimate"):
+        self.lib = require("finufft")
+        self.im_size = tuple(int(n) for n in im_size)
+        self.ndim = len(self.im_size)
+        self.eps = float(eps)
+        self.dtype = dtype
+        self.np_complex = "complex64" if dtype == torch.complex64 else "complex128"
+        real = np.float32 if dtype == torch.complex64 else np.float64
+        pts = (2.0 * math.pi) * traj.detach().to("cpu", torch.float64).numpy()
+        self.pts = [np.ascontiguousarray(pts[:, i], dtype=real) for i in range(self.ndim)]
+        self.n_samples = int(traj.shape[0])
+        self.opts: dict = {}
+        if upsampfac is not None:
+            self.opts["upsampfac"] = float(upsampfac)
+        self.lib_eps = library_eps(eps, upsampfac)
+        self.opts["nthreads"] = int(nthreads or torch.get_num_threads())
+        if fftw == "measure":
+            self.opts["fftw"] = 0  # FFTW_MEASURE
+        self.upsampfac = upsampfac
+        self.fftw = fftw
+        self._plans: dict[tuple[int, int], object] = {}
+
+    def _plan(self, kind: int, b: int):
+        key = (kind, b)
+        p = self._plans.get(key)
+        if p is None:
+            p = self.lib.Plan(kind, self.im_size, n_trans=b, eps=self.lib_eps,
+                              isign=-1 if kind == 2 else 1, dtype=self.np_complex, **self.opts)
+            p.setpts(*self.pts)
+            self._plans[key] = p
+        return p
+
+    def memory_bytes(self) -> int:
+        return sum(p.nbytes for p in self.pts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        data = x.detach().resolve_conj().contiguous().numpy()
+        out = self._plan(2, b).execute(data[0] if b == 1 else data)
+        return torch.from_numpy(np.asarray(out).reshape(b, self.n_samples))
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        b = y.shape[0]
+        data = y.detach().resolve_conj().contiguous().numpy()
+        out = self._plan(1, b).execute(data[0] if b == 1 else data)
+        return torch.from_numpy(np.asarray(out).reshape(b, *self.im_size))
+
+
+class CufinufftEngine:
+    """cuFINUFFT (CUDA) for one trajectory; same conventions as :class:`FinufftEngine`.
+
+    Data stay on the GPU: torch CUDA tensors are passed to cuFINUFFT through the CUDA array
+    interface. Untested in CI where no GPU is present.
+    """
+
+    backend = "cufinufft"
+    method = "cufinufft"
+
+    def __init__(self, traj: torch.Tensor, im_size: Sequence[int], eps: float,
+                 dtype: torch.dtype, upsampfac: float | None = None):
+        self.lib = require("cufinufft")
+        self.im_size = tuple(int(n) for n in im_size)
+        self.ndim = len(self.im_size)
+        self.eps = float(eps)
+        self.dtype = dtype
+        self.np_complex = "complex64" if dtype == torch.complex64 else "complex128"
+        real = torch.float32 if dtype == torch.complex64 else torch.float64
+        pts = (2.0 * math.pi) * traj.detach().to(torch.float64)
+        self.pts = [pts[:, i].to(real).contiguous() for i in range(self.ndim)]
+        self.n_samples = int(traj.shape[0])
+        self.device = traj.device
+        self.opts: dict = {}
+        if upsampfac is not None:
+            self.opts["upsampfac"] = float(upsampfac)
+        self.lib_eps = library_eps(eps, upsampfac)
+        self.upsampfac = upsampfac
+        self._plans: dict[tuple[int, int], object] = {}
+
+    def _plan(self, kind: int, b: int):
+        key = (kind, b)
+        p = self._plans.get(key)
+        if p is None:
+            with torch.cuda.device(self.device):
+                p = self.lib.Plan(kind, self.im_size, n_trans=b, eps=self.lib_eps,
+                                  isign=-1 if kind == 2 else 1, dtype=self.np_complex,
+                                  **self.opts)
+                p.setpts(*self.pts)
+            self._plans[key] = p
+        return p
+
+    def memory_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.pts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        out = torch.empty((b, self.n_samples), dtype=self.dtype, device=self.device)
+        data = x.detach().resolve_conj().contiguous()
+        with torch.cuda.device(self.device):
+            self._plan(2, b).execute(data[0] if b == 1 else data, out=out[0] if b == 1 else out)
+        return out
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        b = y.shape[0]
+        out = torch.empty((b, *self.im_size), dtype=self.dtype, device=self.device)
+        data = y.detach().resolve_conj().contiguous()
+        with torch.cuda.device(self.device):
+            self._plan(1, b).execute(data[0] if b == 1 else data, out=out[0] if b == 1 else out)
+        return out

@@ -1,0 +1,226 @@
+"""Torch-native NUFFT engine (CPU and CUDA): gridding by gather/scatter or by a sparse matrix.
+
+Data flow of the forward transform ("type 2", image -> samples) for a batch ``x`` of shape
+``(B, *N)``:
+
+1. divide by the kernel's Fourier transform (deapodisation, precomputed, real),
+2. place on a zeroed, batch-last oversampled grid ``(*G, B)`` at indices ``r mod G``,
+3. FFT over the grid axes,
+4. interpolate at the samples with the separable kernel (W points per axis).
+
+The adjoint ("type 1") is the exact conjugate transpose: spread, inverse-sign unnormalised FFT,
+crop, deapodise. The grid is batch-last so that a grid point is one row of ``2B`` reals (real and
+imaginary parts of every coil): interpolation is then a real matrix product, whether the weights
+are computed on the fly (``method="gather"``, memory O(M·W·d)) or held as a sparse CSR matrix
+(``method="sparse"``, memory O(M·W^d), built once).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .grid import crop_from_grid, pad_to_grid
+from .kernels import Kernel, deapodization
+
+#: default bytes of temporary memory per interpolation chunk
+CHUNK_BYTES = 32 * 2**20
+
+
+def sparse_bytes(n_samples: int, width: int, ndim: int, real_bytes: int) -> int:
+    """Memory of the sparse method: the interpolation matrix and its transpose (int32 indices)."""
+    nnz = n_samples * width**ndim
+    return 2 * nnz * (real_bytes + 4) + 4 * n_samples
+
+
+class NativeEngine:
+    """One trajectory's torch-native NUFFT, for batches ``(B, *N) <-> (B, M)``.
+
+    Parameters
+    ----------
+    traj : Tensor
+        ``(M, ndim)`` k-space positions in cycles/pixel, ``[-0.5, 0.5]``.
+    im_size : tuple of int
+        Image size N per axis.
+    grid : tuple of int
+        Oversampled grid size G per axis.
+    kernel : Kernel
+        Spreading kernel.
+    dtype : torch.dtype
+        ``complex64`` or ``complex128``.
+    method : {"gather", "sparse"}
+        On-the-fly kernel weights, or a precomputed sparse interpolation matrix.
+    chunk_bytes : int
+        Temporary memory bound of one interpolation chunk (gather method).
+    """
+
+    backend = "torch"
+
+    def __init__(self, traj: torch.Tensor, im_size: Sequence[int], grid: Sequence[int],
+                 kernel: Kernel, dtype: torch.dtype, method: str = "gather",
+                 chunk_bytes: int = CHUNK_BYTES):
+        self.im_size = tuple(int(n) for n in im_size)
+        self.grid = tuple(int(g) for g in grid)
+        self.ndim = len(self.im_size)
+        self.kernel = kernel
+        self.dtype = dtype
+        self.real = torch.float32 if dtype == torch.complex64 else torch.float64
+        self.method = method
+        self.device = traj.device
+        self.n_samples = int(traj.shape[0])
+        self.chunk_bytes = int(chunk_bytes)
+        w = kernel.width
+        # deapodisation (1/ψ̂ per axis, outer product), float64 then cast
+        scale = None
+        for ax, (n, g) in enumerate(zip(self.im_size, self.grid, strict=True)):
+            v = 1.0 / deapodization(n, g, kernel)
+            shape = [1] * self.ndim
+            shape[ax] = n
+            v = v.reshape(shape)
+            scale = v if scale is None else scale * v
+        self.deapod = torch.as_tensor(scale, dtype=self.real, device=self.device).contiguous()
+        # per-axis base indices and weights, computed in float64 for accuracy
+        t = torch.arange(w, device=self.device, dtype=torch.float64)
+        strides = [int(np.prod(self.grid[ax + 1:])) for ax in range(self.ndim)]
+        self.idx: list[torch.Tensor] = []
+        self.wts: list[torch.Tensor] = []
+        k64 = traj.to(torch.float64)
+        for ax in range(self.ndim):
+            g = self.grid[ax]
+            u = k64[:, ax] * g
+            i0 = torch.ceil(u - w / 2.0)
+            pos = i0[:, None] + t  # (M, W)
+            wt = kernel(u[:, None] - pos)
+            ii = torch.remainder(pos.to(torch.int64), g) * strides[ax]
+            self.idx.append(ii)
+            self.wts.append(wt.to(self.real))
+        self.csr = self.csr_t = None
+        if method == "sparse":
+            self._build_sparse()
+
+    # -- geometry --------------------------------------------------------------------------------
+    @property
+    def taps(self) -> int:
+        return self.kernel.width**self.ndim
+
+    def _combined(self, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat grid indices and weights ``(c, W^d)`` of samples ``s:e``."""
+        idx = self.idx[0][s:e]
+        wt = self.wts[0][s:e]
+        for ax in range(1, self.ndim):
+            c = idx.shape[0]
+            idx = (idx[:, :, None] + self.idx[ax][s:e, None, :]).reshape(c, -1)
+            wt = (wt[:, :, None] * self.wts[ax][s:e, None, :]).reshape(c, -1)
+        return idx, wt
+
+    def _build_sparse(self) -> None:
+        m, taps = self.n_samples, self.taps
+        gtot = int(np.prod(self.grid))
+        itype = torch.int32 if m * taps < 2**31 - 1 and gtot < 2**31 - 1 else torch.int64
+        cols, vals = [], []
+        step = max(1, (64 * 2**20) // (taps * 16))
+        for s in range(0, m, step):
+            i, v = self._combined(s, min(m, s + step))
+            cols.append(i.reshape(-1).to(itype))
+            vals.append(v.reshape(-1))
+        col = torch.cat(cols)
+        val = torch.cat(vals)
+        crow = torch.arange(0, m * taps + 1, taps, device=self.device, dtype=itype)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta" (it works)
+            warnings.simplefilter("ignore", UserWarning)
+            self.csr = torch.sparse_csr_tensor(crow, col, val, size=(m, gtot),
+                                               check_invariants=False)
+        # transpose (grid × samples) in CSR form, built by a stable sort of the column indices
+        order = torch.argsort(col.to(torch.int64), stable=True)
+        rows_t = (order // taps).to(itype)
+        counts = torch.bincount(col.to(torch.int64), minlength=gtot)
+        crow_t = torch.zeros(gtot + 1, dtype=torch.int64, device=self.device)
+        crow_t[1:] = torch.cumsum(counts, 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            self.csr_t = torch.sparse_csr_tensor(crow_t.to(itype), rows_t, val[order],
+                                                 size=(gtot, m), check_invariants=False)
+        # per-axis weights are no longer needed for this method
+        self.idx, self.wts = [], []
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the precomputed interpolation data."""
+        if self.csr is not None:
+            tot = 0
+            for s in (self.csr, self.csr_t):
+                tot += sum(t.numel() * t.element_size()
+                           for t in (s.crow_indices(), s.col_indices(), s.values()))
+            return tot
+        return sum(t.numel() * t.element_size() for t in (*self.idx, *self.wts))
+
+    # -- interpolation ---------------------------------------------------------------------------
+    def _chunk(self, cols: int) -> int:
+        per = self.taps * (cols * self.real.itemsize + 8 + self.real.itemsize)
+        return max(256, self.chunk_bytes // max(per, 1))
+
+    def interp(self, gr: torch.Tensor) -> torch.Tensor:
+        """Grid rows ``(Gtot, C)`` (real) -> samples ``(M, C)``."""
+        if self.csr is not None:
+            return torch.sparse.mm(self.csr, gr) if gr.is_cuda else self.csr @ gr
+        m, cols = self.n_samples, gr.shape[1]
+        out = gr.new_empty((m, cols))
+        step = self._chunk(cols)
+        for s in range(0, m, step):
+            e = min(m, s + step)
+            idx, wt = self._combined(s, e)
+            vals = gr.index_select(0, idx.reshape(-1)).view(e - s, -1, cols)
+            out[s:e] = torch.bmm(wt.unsqueeze(1), vals).squeeze(1)
+        return out
+
+    def spread(self, yr: torch.Tensor) -> torch.Tensor:
+        """Samples ``(M, C)`` (real) -> grid rows ``(Gtot, C)``."""
+        gtot = int(np.prod(self.grid))
+        if self.csr_t is not None:
+            return torch.sparse.mm(self.csr_t, yr) if yr.is_cuda else self.csr_t @ yr
+        cols = yr.shape[1]
+        out = yr.new_zeros((gtot, cols))
+        step = self._chunk(cols)
+        for s in range(0, self.n_samples, step):
+            e = min(self.n_samples, s + step)
+            idx, wt = self._combined(s, e)
+            contrib = wt[:, :, None] * yr[s:e, None, :]
+            out.index_add_(0, idx.reshape(-1), contrib.reshape(-1, cols))
+        return out
+
+    # -- transforms ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Image batch ``(B, *N)`` -> samples ``(B, M)``."""
+        b = x.shape[0]
+        g = pad_to_grid(x * self.deapod, self.grid)  # (*G, B)
+        dims = tuple(range(self.ndim))
+        g = torch.fft.fftn(g, dim=dims)
+        gr = torch.view_as_real(g).reshape(-1, 2 * b)
+        yr = self.interp(gr)  # (M, 2B)
+        y = torch.view_as_complex(yr.view(self.n_samples, b, 2))
+        return y.transpose(0, 1).contiguous()
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """Samples ``(B, M)`` -> image batch ``(B, *N)``."""
+        b = y.shape[0]
+        yr = torch.view_as_real(y.transpose(0, 1).contiguous()).reshape(self.n_samples, 2 * b)
+        gr = self.spread(yr)
+        g = torch.view_as_complex(gr.view(*self.grid, b, 2))
+        dims = tuple(range(self.ndim))
+        g = torch.fft.ifftn(g, dim=dims, norm="forward")
+        return crop_from_grid(g, self.im_size) * self.deapod
+
+
+def oversampled_grid(im_size: Sequence[int], sigma: float, width: int) -> tuple[int, ...]:
+    """Grid sizes of a plan (see :func:`qmrkit.nufft.grid.grid_size`)."""
+    from .grid import grid_size
+
+    return tuple(grid_size(n, sigma, width) for n in im_size)
+
+
+def actual_sigma(im_size: Sequence[int], grid: Sequence[int]) -> float:
+    """Geometric-mean oversampling actually used by a grid."""
+    return float(math.prod(g / n for n, g in zip(im_size, grid, strict=True)) ** (1 / len(grid)))

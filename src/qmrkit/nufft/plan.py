@@ -1,0 +1,449 @@
+"""``plan(...)``: validate a NUFFT problem, choose how to compute it and return the operator."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._device import as_tensor, resolve_device
+from .._optional import available, require
+from .._progress import get_logger
+from ..errors import DeviceError, DTypeError, ParameterError, ShapeError, UnknownNameError
+from ..ops.base import LinearOperator
+from . import planner as pl
+from .backends import CufinufftEngine, FinufftEngine
+from .kernels import MAX_EPS, MIN_EPS
+from .native import NativeEngine
+from .toeplitz import ToeplitzNormal
+
+log = get_logger("nufft")
+
+BACKENDS = ("auto", "torch", "finufft", "cufinufft")
+METHODS = ("auto", "gather", "sparse")
+NORMALS = ("auto", "toeplitz", "direct")
+TUNES = ("heuristic", "measure")
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of precomputed interpolation data allowed by default
+MEASURE_TOP = 6  # candidates timed by tune="measure"
+
+
+@dataclass
+class NufftInfo:
+    """What a plan chose and why.
+
+    Attributes
+    ----------
+    backend : str
+        ``"torch"``, ``"finufft"`` or ``"cufinufft"``.
+    method : str
+        ``"gather"`` (precomputation-free), ``"sparse"`` (precomputed CSR) or the library's name.
+    normal : str
+        ``"toeplitz"`` or ``"direct"`` (adjoint of forward).
+    oversampling : float
+        Grid oversampling σ requested (``upsampfac`` for FINUFFT); the grid is rounded up from it.
+    grid_size : tuple of int
+        Oversampled grid size (cells per axis).
+    kernel_width : int
+        Kernel width W (grid cells); for FINUFFT the width its rule gives (FINUFFT decides).
+    kernel_beta : float
+        ES shape parameter β (NaN for external libraries).
+    eps : float
+        Requested relative accuracy.
+    expected_error : float
+        Estimated relative ℓ2 error of forward and adjoint.
+    tune : str
+        ``"heuristic"``, ``"measure"`` or ``"wisdom"`` (a remembered measurement).
+    reason : str
+        Why this choice (cost-model or measured seconds of the alternatives, fallbacks).
+    memory_bytes : int
+        Bytes of precomputed data held by the plan (interpolation data, Toeplitz kernel).
+    timings : dict
+        Seconds per forward+adjoint of the candidates timed by ``tune="measure"``.
+    """
+
+    backend: str
+    method: str
+    normal: str
+    oversampling: float
+    grid_size: tuple[int, ...]
+    kernel_width: int
+    kernel_beta: float
+    eps: float
+    expected_error: float
+    tune: str
+    reason: str
+    memory_bytes: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+def _validate_traj(traj: Any, im_size: Any, device, ) -> tuple[torch.Tensor, tuple[int, ...]]:
+    t = as_tensor(traj, device=device, name="traj")
+    if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise DTypeError(f"traj must be a real array of k-space positions, got dtype {t.dtype}")
+    t = t.to(torch.float64)
+    if isinstance(im_size, int):
+        im_size = (im_size,)
+    try:
+        if isinstance(im_size, str):
+            raise TypeError(im_size)
+        size = tuple(int(n) for n in im_size)
+    except (TypeError, ValueError) as exc:
+        raise ShapeError(f"im_size must be a sequence of 1 to 3 ints, got {im_size!r}") from exc
+    if not 1 <= len(size) <= 3 or any(n < 1 for n in size):
+        raise ShapeError(f"im_size must have 1 to 3 positive entries, got {size}")
+    if t.ndim < 2 or t.shape[-1] != len(size):
+        raise ShapeError(
+            f"traj must have shape (..., M, ndim) with ndim = len(im_size) = {len(size)}, "
+            f"got shape {tuple(t.shape)}"
+        )
+    if t.shape[-2] < 1:
+        raise ShapeError("traj has no samples (M = 0)")
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = int((~finite).any(-1).sum())
+        raise ParameterError(f"traj contains {bad} non-finite sample position(s) (NaN or Inf)")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -0.5 or hi > 0.5:
+        raise ParameterError(
+            f"traj must be in cycles/pixel within [-0.5, 0.5) (0.5 is accepted and wraps to -0.5); "
+            f"found values in [{lo:.6g}, {hi:.6g}]. Convert radians ([-π, π)) with "
+            f"qmrkit.nufft.from_radians(traj) and ISMRMRD units ([-N/2, N/2]) with "
+            f"qmrkit.nufft.from_ismrmrd(traj, im_size)."
+        )
+    return t, size
+
+
+class NufftPlan(LinearOperator):
+    """A planned NUFFT: ``op(x)`` image -> samples, ``op.H(y)`` samples -> image, ``op.normal(x)``.
+
+    Built by :func:`plan`; see there for conventions. Inputs are ``(*batch, *im_size)`` images and
+    ``(*batch, M)`` samples of the plan's dtype and device; with per-batch trajectories
+    ``(*T, M, ndim)`` the batch dimensions must end in ``T``.
+    """
+
+    autograd_safe = False  # backward of forward is the adjoint (leaner than tracing the gridding)
+
+    def __init__(self, engines: list, im_size: tuple[int, ...], n_samples: int,
+                 traj_batch: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 info: NufftInfo, toeplitz: ToeplitzNormal | None = None):
+        super().__init__(im_size, (n_samples,))
+        self.engines = engines
+        self.im_size = im_size
+        self.n_samples = n_samples
+        self.traj_batch = traj_batch
+        self.dtype = dtype
+        self.device = device
+        self.info = info
+        self.toeplitz = toeplitz
+
+    # -- checks ----------------------------------------------------------------------------------
+    def _check_data(self, t: torch.Tensor, trailing: int, what: str) -> tuple[int, ...]:
+        if t.dtype != self.dtype:
+            raise DTypeError(
+                f"NUFFT plan is {self.dtype} but {what} is {t.dtype}; convert with "
+                f".to({self.dtype}) or plan with dtype={t.dtype}"
+            )
+        if t.device != self.device and not (
+            t.device.type == self.device.type == "cuda" and t.device.index is None
+        ):
+            raise DeviceError(
+                f"NUFFT plan lives on {self.device} but {what} is on {t.device}; move it with "
+                f".to('{self.device}') or plan with device='{t.device}'"
+            )
+        lead = tuple(t.shape[: t.ndim - trailing])
+        nt = len(self.traj_batch)
+        if nt and lead[len(lead) - nt:] != self.traj_batch:
+            raise ShapeError(
+                f"the plan has per-batch trajectories of batch shape {self.traj_batch}; the "
+                f"{what}'s batch dimensions {lead} must end in it"
+            )
+        return lead
+
+    # -- LinearOperator --------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        nd = len(self.im_size)
+        lead = self._check_data(x, nd, "input")
+        ntr = len(self.engines)
+        xb = x.reshape(-1, ntr, *self.im_size)
+        outs = [e.forward(xb[:, i]) for i, e in enumerate(self.engines)]
+        y = outs[0].unsqueeze(1) if ntr == 1 else torch.stack(outs, 1)
+        return y.reshape(*lead, self.n_samples)
+
+    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        lead = self._check_data(y, 1, "adjoint input")
+        ntr = len(self.engines)
+        yb = y.reshape(-1, ntr, self.n_samples)
+        outs = [e.adjoint(yb[:, i]) for i, e in enumerate(self.engines)]
+        x = outs[0].unsqueeze(1) if ntr == 1 else torch.stack(outs, 1)
+        return x.reshape(*lead, *self.im_size)
+
+    def _normal(self, x: torch.Tensor) -> torch.Tensor:
+        if self.toeplitz is not None:
+            self._check_data(x, len(self.im_size), "input")
+            return self.toeplitz(x)
+        return self._adjoint(self._forward(x))
+
+    def normal(self, x: torch.Tensor) -> torch.Tensor:
+        """``AᴴA x``; by Toeplitz embedding when the plan chose it (autograd-traceable then)."""
+        if self.toeplitz is None:
+            return super().normal(x)
+        self._check(x, self.ishape, "input")
+        return self._normal(x)
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (f"NufftPlan(im_size={self.im_size}, M={self.n_samples}, backend={i.backend!r}, "
+                f"method={i.method!r}, normal={i.normal!r}, σ={i.oversampling:g}, "
+                f"W={i.kernel_width}, grid={i.grid_size}, eps={i.eps:g})")
+
+
+# -- building ---------------------------------------------------------------------------------------
+def _engine(c: pl.Candidate, traj: torch.Tensor, im_size: tuple[int, ...], eps: float,
+            dtype: torch.dtype, fftw: str = "estimate"):
+    if c.backend == "torch":
+        return NativeEngine(traj, im_size, c.grid, c.kernel, dtype, c.method)
+    if c.backend == "finufft":
+        return FinufftEngine(traj, im_size, eps, dtype, upsampfac=c.sigma, fftw=fftw)
+    return CufinufftEngine(traj, im_size, eps, dtype, upsampfac=c.sigma)
+
+
+def _random(shape, dtype, device, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    real = torch.float32 if dtype == torch.complex64 else torch.float64
+    z = torch.complex(torch.randn(shape, generator=g, dtype=real),
+                      torch.randn(shape, generator=g, dtype=real))
+    return z.to(device)
+
+
+def _psf(backend: str, trajs: torch.Tensor, im_size: tuple[int, ...], eps: float,
+         dtype: torch.dtype) -> torch.Tensor:
+    """Adjoint NUFFT of unit samples on the doubled image, one per trajectory: ``(T, *2N)``."""
+    big = tuple(2 * n for n in im_size)
+    p = pl.Problem(big, trajs.shape[1], 1, eps, dtype, 1, trajs.device)
+    if backend in ("finufft", "cufinufft"):
+        c = pl.external_candidate(p, backend, 2.0)
+    else:
+        c = pl.native_candidate(p, "gather", 2.0)
+    out = []
+    for t in trajs:
+        eng = _engine(c, t, big, eps, dtype)
+        ones = torch.ones((1, t.shape[0]), dtype=dtype, device=trajs.device)
+        out.append(eng.adjoint(ones)[0])
+    return torch.stack(out)
+
+
+def plan(traj: Any, im_size: int | Sequence[int], *, eps: float = 1e-3, batch: int | None = None,
+         device: Any = None, dtype: torch.dtype = torch.complex64, backend: str = "auto",
+         method: str = "auto", normal: str = "auto", tune: str = "heuristic",
+         memory_budget: int | None = None, oversampling: float | None = None) -> NufftPlan:
+    """Plan a non-uniform FFT for a trajectory, choosing backend, method, σ and W for accuracy ε.
+
+    Convention: ``y_m = Σ_r x_r · exp(−2πi k_m·r)`` ("type 2", unnormalised), with ``k_m`` in
+    cycles/pixel and the centred image index ``r = n − N//2``; the adjoint ("type 1") is its exact
+    conjugate transpose.
+
+    Parameters
+    ----------
+    traj : array_like
+        k-space positions, shape ``(M, ndim)`` or ``(*T, M, ndim)`` for one trajectory per batch
+        entry (frames), in cycles/pixel within ``[-0.5, 0.5)``. Use :func:`from_radians` or
+        :func:`from_ismrmrd` to convert other units.
+    im_size : int or tuple of int
+        Image size ``N`` (pixels per axis, 1 to 3 axes, odd or even).
+    eps : float
+        Requested relative ℓ2 accuracy of forward and adjoint, in ``[1e-14, 1e-1]``. complex64 data
+        reach about 1e-6 at best.
+    batch : int, optional
+        Typical number of images transformed together (coils × frames), used for tuning.
+    device : str or torch.device, optional
+        Device of the plan (default: the trajectory's, else CPU). Data must live there.
+    dtype : torch.dtype
+        ``torch.complex64`` (default) or ``torch.complex128``.
+    backend : {"auto", "torch", "finufft", "cufinufft"}
+        ``"auto"`` considers the torch-native engine and every installed library for the device.
+    method : {"auto", "gather", "sparse"}
+        Torch-native gridding: on-the-fly weights (memory O(M·W·d)) or a precomputed sparse
+        matrix (O(M·W^d), only within ``memory_budget``; otherwise falls back to gather and logs
+        why).
+    normal : {"auto", "toeplitz", "direct"}
+        How ``op.normal`` computes AᴴA: Toeplitz embedding (two 2N FFTs) or adjoint of forward.
+    tune : {"heuristic", "measure"}
+        Cost model, or timing of the best candidates on this problem with the result remembered
+        on disk (``$QMRKIT_WISDOM_DIR``, default ``~/.cache/qmrkit``).
+    memory_budget : int, optional
+        Bytes of precomputed interpolation data allowed (default 1 GiB).
+    oversampling : float, optional
+        Force the grid oversampling σ (else chosen among 1.25, 1.5, 1.75, 2.0).
+
+    Returns
+    -------
+    NufftPlan
+        A :class:`qmrkit.ops.LinearOperator`; ``op.info`` says what was chosen and why.
+    """
+    # -- arguments -------------------------------------------------------------------------------
+    if backend not in BACKENDS:
+        raise UnknownNameError(f"unknown NUFFT backend {backend!r}; known: {BACKENDS}")
+    if method not in METHODS:
+        raise UnknownNameError(f"unknown NUFFT method {method!r}; known: {METHODS}")
+    if normal not in NORMALS:
+        raise UnknownNameError(f"unknown normal-operator method {normal!r}; known: {NORMALS}")
+    if tune not in TUNES:
+        raise UnknownNameError(f"unknown tune mode {tune!r}; known: {TUNES}")
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError) as exc:
+        raise ParameterError(f"eps must be a number, got {eps!r}") from exc
+    if not (MIN_EPS <= eps <= MAX_EPS):
+        raise ParameterError(f"eps must lie in [{MIN_EPS:g}, {MAX_EPS:g}], got {eps:g}")
+    if dtype not in (torch.complex64, torch.complex128):
+        raise DTypeError(f"dtype must be torch.complex64 or torch.complex128, got {dtype}")
+    if memory_budget is not None and memory_budget < 0:
+        raise ParameterError(f"memory_budget must be ≥ 0 bytes, got {memory_budget}")
+    if oversampling is not None and not (1.0 < float(oversampling) <= 4.0):
+        raise ParameterError(f"oversampling must lie in (1, 4], got {oversampling}")
+    dev = resolve_device(device, traj)
+    t, size = _validate_traj(traj, im_size, dev)
+    nd = len(size)
+    traj_batch = tuple(t.shape[:-2])
+    m = int(t.shape[-2])
+    trajs = t.reshape(-1, m, nd)
+    if batch is not None and int(batch) < 1:
+        raise ParameterError(f"batch must be ≥ 1, got {batch}")
+    b = int(batch or 1)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    if dtype == torch.complex64 and eps < 1e-6:
+        log.warning("eps=%g requested in complex64: single precision floors near 1e-6; "
+                    "use dtype=torch.complex128 for higher accuracy", eps)
+
+    # -- backends and methods ---------------------------------------------------------------------
+    if backend == "auto":
+        backends = ["torch"]
+        if dev.type == "cpu" and available("finufft"):
+            backends.append("finufft")
+        if dev.type == "cuda" and available("cufinufft"):
+            backends.append("cufinufft")
+    else:
+        if backend == "finufft":
+            require("finufft")
+            if dev.type != "cpu":
+                raise DeviceError(f"the finufft backend runs on the CPU, but device={dev}; use "
+                                  "backend='cufinufft' or 'torch' on CUDA")
+        if backend == "cufinufft":
+            require("cufinufft")
+            if dev.type != "cuda":
+                raise DeviceError(f"the cufinufft backend needs a CUDA device, got {dev}")
+        backends = [backend]
+    methods = ["sparse", "gather"] if method == "auto" else [method]
+    problem = pl.Problem(size, m, trajs.shape[0], eps, dtype, b, dev)
+    sigmas = (float(oversampling),) if oversampling is not None else None
+    cands = pl.candidates(problem, backends, methods, sigmas)
+    notes: list[str] = []
+    over = [c for c in cands if c.method == "sparse" and c.memory > budget]
+    if over:
+        need = min(c.memory for c in over)
+        msg = (f"sparse interpolation matrix needs {need / 2**20:.0f} MiB > memory_budget "
+               f"{budget / 2**20:.0f} MiB")
+        cands = [c for c in cands if not (c.method == "sparse" and c.memory > budget)]
+        if method == "sparse" and not any(c.method == "sparse" for c in cands):
+            msg += "; falling back to the precomputation-free gather method"
+            log.warning("NUFFT plan: %s", msg)
+            cands = pl.candidates(problem, backends, ["gather"], sigmas)
+        else:
+            log.info("NUFFT plan: %s; sparse candidates dropped", msg)
+        notes.append(msg)
+    if not cands:
+        raise ParameterError(
+            f"no NUFFT configuration reaches eps={eps:g} with backend={backend!r}, "
+            f"oversampling={oversampling}; use a larger eps or oversampling=2"
+        )
+
+    # -- choose -----------------------------------------------------------------------------------
+    timings: dict[str, float] = {}
+    tune_used = tune
+    normal_choice: str | None = None if normal == "auto" else normal
+    chosen: pl.Candidate | None = None
+    key = problem.key() + f"/{backend}/{method}/{normal}/{oversampling}/{budget}"
+    if tune == "measure":
+        entry = pl.load_wisdom().get(key)
+        if entry is not None:
+            chosen = pl.candidate_from_dict(entry["candidate"])
+            if normal_choice is None:
+                normal_choice = entry.get("normal", "direct")
+            timings = entry.get("timings", {})
+            tune_used = "wisdom"
+            notes.append(f"from wisdom ({pl.wisdom_path()})")
+        else:
+            chosen, normal_choice, timings = _measure(problem, cands, trajs, size, eps, dtype,
+                                                      normal_choice)
+            pl.save_wisdom(key, {"candidate": pl.candidate_to_dict(chosen),
+                                 "normal": normal_choice, "timings": timings,
+                                 "signature": problem.signature()})
+            notes.append("measured: " + ", ".join(f"{k} {v * 1e3:.1f} ms"
+                                                  for k, v in sorted(timings.items(),
+                                                                     key=lambda kv: kv[1])))
+    else:
+        chosen = cands[0]
+        alts = ", ".join(f"{c.label()} {c.cost * 1e3:.1f} ms" for c in cands[:4])
+        notes.append(f"cost model (fwd+adj, batch {b}): {alts}")
+        if normal_choice is None:
+            tc = pl.toeplitz_cost(problem)
+            normal_choice = "toeplitz" if tc < chosen.cost else "direct"
+            notes.append(f"normal: toeplitz {tc * 1e3:.1f} ms vs fwd+adj "
+                         f"{chosen.cost * 1e3:.1f} ms")
+    assert chosen is not None and normal_choice is not None
+
+    engines = [_engine(chosen, tr, size, eps, dtype) for tr in trajs]
+    toep = None
+    if normal_choice == "toeplitz":
+        psf = _psf(chosen.backend, trajs, size, eps, dtype)
+        toep = ToeplitzNormal(psf.reshape(*traj_batch, *psf.shape[1:]) if traj_batch
+                              else psf[0], size)
+    mem = sum(e.memory_bytes() for e in engines) + (toep.memory_bytes() if toep else 0)
+    info = NufftInfo(
+        backend=chosen.backend, method=chosen.method, normal=normal_choice,
+        oversampling=chosen.sigma, grid_size=chosen.grid, kernel_width=chosen.width,
+        kernel_beta=chosen.beta, eps=eps, expected_error=chosen.expected_error,
+        tune=tune_used, reason="; ".join(notes), memory_bytes=mem, timings=timings,
+    )
+    log.info("NUFFT plan: %s", info)
+    return NufftPlan(engines, size, m, traj_batch, dtype, dev, info, toep)
+
+
+def _measure(p: pl.Problem, cands: list[pl.Candidate], trajs: torch.Tensor,
+             size: tuple[int, ...], eps: float, dtype: torch.dtype, normal_choice: str | None):
+    """Time forward+adjoint of the best-ranked candidates (and Toeplitz) on the real problem."""
+    # keep the cost model's top candidates, but always time each backend's best and both
+    # extreme oversamplings so a poor model cannot hide the winner
+    pick: list[pl.Candidate] = []
+    for c in cands:
+        if len(pick) < MEASURE_TOP or not any(q.backend == c.backend and q.method == c.method
+                                              for q in pick):
+            pick.append(c)
+    x = _random((p.batch, *size), dtype, p.device)
+    y = _random((p.batch, p.n_samples), dtype, p.device, seed=1)
+    timings: dict[str, float] = {}
+    best, best_t = None, math.inf
+    for c in pick:
+        try:
+            eng = _engine(c, trajs[0], size, eps, dtype)
+        except (RuntimeError, MemoryError) as exc:  # e.g. out of memory for a sparse matrix
+            log.info("NUFFT measure: %s failed to build: %s", c.label(), exc)
+            continue
+        tf = pl.time_call(lambda e=eng: e.forward(x), p.device)
+        ta = pl.time_call(lambda e=eng: e.adjoint(y), p.device)
+        c.measured = (tf + ta) * p.n_traj
+        timings[c.label()] = c.measured
+        if c.measured < best_t:
+            best, best_t = c, c.measured
+        del eng
+    assert best is not None
+    if normal_choice is None:
+        psf = _psf(best.backend, trajs[:1], size, eps, dtype)
+        toep = ToeplitzNormal(psf[0], size)
+        tt = pl.time_call(lambda: toep(x), p.device) * p.n_traj
+        timings["toeplitz normal"] = tt
+        normal_choice = "toeplitz" if tt < best_t else "direct"
+    return best, normal_choice, timings

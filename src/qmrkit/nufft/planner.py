@@ -1,0 +1,266 @@
+"""Choosing how to compute a NUFFT: a cost model ("heuristic"), timing ("measure") and wisdom.
+
+A *candidate* is a (backend, method, oversampling σ) triple; with σ and ε fixed the kernel width
+W, the grid size and the expected error follow (:mod:`qmrkit.nufft.kernels`). The heuristic cost
+model estimates the seconds of one forward + adjoint pair as
+
+    batch · (c_fft · G·log2 G  +  c_interp · M · W^d  +  c_mem · G)
+
+with constants per backend and method calibrated on a 2-core AVX-512 CPU (see
+``docs/nufft.md``); the normal operator by Toeplitz embedding costs two pruned FFTs of size 2N.
+``tune="measure"`` times the best-ranked candidates on the real problem and remembers the winner
+on disk ("wisdom", like FFTW's), keyed by the problem's signature and the device, in
+``$QMRKIT_WISDOM_DIR/nufft-wisdom.json`` (default ``~/.cache/qmrkit``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .._device import synchronize
+from .._progress import get_logger
+from .grid import grid_size
+from .kernels import MAX_WIDTH, Kernel, beta_rule, estimate_error, width_rule
+
+log = get_logger("nufft.planner")
+
+SIGMAS = (1.25, 1.5, 1.75, 2.0)
+FINUFFT_SIGMAS = (1.25, 2.0)
+
+# seconds per unit, measured on the development machine (2 cores, AVX-512, MKL FFT, FFTW)
+COST = {
+    # backend/method: (c_fft per element·log2 per batch, c_interp per tap per batch (fwd+adj),
+    #                  c_mem per grid element per batch)
+    "torch/sparse": (6.0e-10, 1.6e-9, 4.0e-9),
+    "torch/gather": (6.0e-10, 8.0e-9, 4.0e-9),
+    "finufft/finufft": (6.0e-10, 0.45e-9, 1.0e-9),
+    "cufinufft/cufinufft": (2.0e-12, 2.0e-12, 1.0e-12),
+    "torch-cuda/sparse": (5.0e-12, 2.0e-11, 1.0e-11),
+    "torch-cuda/gather": (5.0e-12, 6.0e-11, 1.0e-11),
+}
+
+
+@dataclass
+class Candidate:
+    """One way to compute the transform."""
+
+    backend: str
+    method: str
+    sigma: float
+    width: int
+    beta: float
+    grid: tuple[int, ...]
+    expected_error: float
+    cost: float = math.inf
+    memory: int = 0
+    measured: float | None = None
+
+    @property
+    def kernel(self) -> Kernel:
+        return Kernel(self.width, self.beta, self.sigma)
+
+    def label(self) -> str:
+        return f"{self.backend}/{self.method}/σ={self.sigma:g}"
+
+
+@dataclass
+class Problem:
+    """What is transformed: sizes, accuracy, batch, dtype and device."""
+
+    im_size: tuple[int, ...]
+    n_samples: int
+    n_traj: int
+    eps: float
+    dtype: torch.dtype
+    batch: int
+    device: torch.device
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.im_size)
+
+    def signature(self) -> dict:
+        dev = self.device
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+        return {
+            "im_size": list(self.im_size),
+            "n_samples": self.n_samples,
+            "n_traj": self.n_traj,
+            "eps": self.eps,
+            "dtype": str(self.dtype),
+            "batch": self.batch,
+            "device": f"{dev.type}:{name}",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            **self.extra,
+        }
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(self.signature(), sort_keys=True).encode()).hexdigest()
+
+
+def _fft_cost(grid: tuple[int, ...]) -> float:
+    g = math.prod(grid)
+    return g * math.log2(max(g, 2))
+
+
+def choose_for_sigma(eps: float, sigma: float, im_size: tuple[int, ...]
+                     ) -> tuple[Kernel, float, tuple[int, ...]]:
+    """Narrowest kernel reaching ``eps`` at oversampling ``sigma``, its estimate and its grid.
+
+    The grid depends on W (it is at least 2W cells), so each width is judged on its own grid.
+    """
+    w = max(2, width_rule(eps, sigma) - 1)
+    while True:
+        grid = tuple(grid_size(n, sigma, w) for n in im_size)
+        kernel = Kernel(w, beta_rule(w, sigma), sigma)
+        est = estimate_error(kernel, im_size, grid)
+        if est <= eps or w >= MAX_WIDTH:
+            return kernel, est, grid
+        w += 1
+
+
+def native_candidate(p: Problem, method: str, sigma: float) -> Candidate | None:
+    """A torch-native candidate with its kernel; None when ε is out of reach at this σ."""
+    kernel, est, grid = choose_for_sigma(p.eps, sigma, p.im_size)
+    if est > p.eps:
+        return None
+    if p.dtype == torch.complex64 and p.eps < 1e-6:
+        est = max(est, 1e-6)  # float32 floor
+    key = ("torch-cuda/" if p.device.type == "cuda" else "torch/") + method
+    c_fft, c_int, c_mem = COST[key]
+    taps = kernel.width**p.ndim
+    cost = p.batch * p.n_traj * (2 * c_fft * _fft_cost(grid) + c_int * p.n_samples * taps
+                                 + c_mem * math.prod(grid))
+    real_bytes = 4 if p.dtype == torch.complex64 else 8
+    if method == "sparse":
+        mem = p.n_traj * 2 * p.n_samples * taps * (real_bytes + 4)
+    else:
+        mem = p.n_traj * p.n_samples * kernel.width * p.ndim * (real_bytes + 8)
+    return Candidate("torch", method, sigma, kernel.width, kernel.beta, grid, est, cost, mem)
+
+
+def external_candidate(p: Problem, backend: str, sigma: float) -> Candidate | None:
+    """A FINUFFT / cuFINUFFT candidate (kernel chosen by the library; W estimated by the rule)."""
+    if p.eps < 1e-9 and sigma < 2.0:
+        return None  # FINUFFT needs σ = 2 for ε below ~1e-9
+    w = width_rule(p.eps * (0.4 if sigma < 2 else 0.5), sigma)
+    grid = tuple(grid_size(n, sigma, w) for n in p.im_size)
+    c_fft, c_int, c_mem = COST[f"{backend}/{backend}"]
+    cost = p.batch * p.n_traj * (2 * c_fft * _fft_cost(grid) + c_int * p.n_samples * w**p.ndim
+                                 + c_mem * math.prod(grid))
+    est = max(p.eps, 1e-6) if p.dtype == torch.complex64 and p.eps < 1e-6 else p.eps
+    return Candidate(backend, backend, sigma, w, float("nan"), grid, est, cost,
+                     p.n_traj * p.n_samples * p.ndim * 8)
+
+
+def toeplitz_cost(p: Problem) -> float:
+    """Seconds of one Toeplitz normal application (two pruned 2N FFTs and a product)."""
+    nd = p.ndim
+    prune = {1: 1.0, 2: 0.75, 3: 7.0 / 12.0}[nd]
+    big = tuple(2 * n for n in p.im_size)
+    c_fft = COST["torch-cuda/gather" if p.device.type == "cuda" else "torch/gather"][0]
+    c_mem = COST["torch-cuda/gather" if p.device.type == "cuda" else "torch/gather"][2]
+    return p.batch * (2 * prune * c_fft * _fft_cost(big) + c_mem * math.prod(big))
+
+
+def candidates(p: Problem, backends: list[str], methods: list[str],
+               sigmas: tuple[float, ...] | None = None) -> list[Candidate]:
+    """All feasible candidates, cheapest (by the cost model) first."""
+    out: list[Candidate] = []
+    for b in backends:
+        if b == "torch":
+            for m in methods:
+                for s in sigmas or SIGMAS:
+                    c = native_candidate(p, m, s)
+                    if c is not None:
+                        out.append(c)
+        else:
+            for s in sigmas or FINUFFT_SIGMAS:
+                c = external_candidate(p, b, s)
+                if c is not None:
+                    out.append(c)
+    out.sort(key=lambda c: c.cost)
+    return out
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3,
+              budget_s: float = 2.0) -> float:
+    """Best wall time of ``fn`` over a few repetitions (after one warm-up call)."""
+    fn()
+    synchronize(device)
+    best = math.inf
+    start = time.perf_counter()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return best
+
+
+# -- wisdom ---------------------------------------------------------------------------------------
+def wisdom_path() -> Path:
+    """Where wisdom is kept: ``$QMRKIT_WISDOM_DIR`` or ``~/.cache/qmrkit``."""
+    root = os.environ.get("QMRKIT_WISDOM_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "qmrkit"
+    return base / "nufft-wisdom.json"
+
+
+def load_wisdom() -> dict:
+    path = wisdom_path()
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_wisdom(key: str, entry: dict) -> None:
+    """Add one entry to the wisdom file (atomic replace; failures are logged, not raised)."""
+    path = wisdom_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = load_wisdom()
+        data[key] = entry
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".nufft-wisdom-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:  # read-only home, full disk: tuning still worked
+        log.warning("could not save NUFFT wisdom to %s: %s", path, exc)
+
+
+def forget_wisdom() -> None:
+    """Delete the wisdom file (e.g. after a hardware or library change)."""
+    try:
+        wisdom_path().unlink()
+    except FileNotFoundError:
+        pass
+
+
+def candidate_to_dict(c: Candidate) -> dict:
+    d = asdict(c)
+    d["grid"] = list(c.grid)
+    return d
+
+
+def candidate_from_dict(d: dict) -> Candidate:
+    d = dict(d)
+    d["grid"] = tuple(d["grid"])
+    return Candidate(**d)

@@ -1,0 +1,112 @@
+"""Planner: heuristic choices, measured tuning and on-disk wisdom."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from nufft_testutils import crandn, ndft_matrix, rel
+
+from qmrkit import nufft
+from qmrkit._optional import available
+from qmrkit.nufft import planner
+from qmrkit.nufft.grid import crop_from_grid, grid_size, is_smooth, next_smooth, pad_to_grid
+from qmrkit.nufft.kernels import Kernel, beta_rule, deapodization, kernel_ft, width_rule
+
+TRAJ = nufft.golden_angle_radial(24, 64).numpy()
+
+
+def test_smooth_grid_sizes():
+    assert next_smooth(97) == 98 and is_smooth(98)
+    assert next_smooth(121) == 126
+    for n in range(1, 300):
+        m = next_smooth(n)
+        assert m >= n and m % 2 == 0 and is_smooth(m)
+    for n, s, w in [(256, 1.25, 6), (17, 2.0, 8), (5, 1.25, 7)]:
+        g = grid_size(n, s, w)
+        assert g >= s * n - 1e-9 and g >= 2 * w and is_smooth(g)
+
+
+def test_width_rule_matches_reference():
+    assert width_rule(1e-3, 2.0) == 4 and width_rule(1e-6, 2.0) == 7
+    assert width_rule(1e-3, 1.25) == 5
+    assert beta_rule(4, 2.0) == pytest.approx(9.2)
+
+
+def test_deapodization_is_the_kernel_transform():
+    """Quadrature against a brute-force Riemann sum of the kernel's Fourier transform."""
+    k = Kernel(6, beta_rule(6, 2.0), 2.0)
+    x = np.linspace(-3, 3, 200001)
+    phi = k(torch.tensor(x)).numpy()
+    for r in (0, 5, 17):
+        brute = np.trapezoid(phi * np.cos(2 * np.pi * x * r / 64), x)
+        assert kernel_ft(k, np.array([r]), 64)[0] == pytest.approx(brute, rel=1e-8)
+    d = deapodization(9, 20, k)
+    assert d.shape == (9,) and np.all(d > 0)
+
+
+@pytest.mark.parametrize("n,g", [((5, 6), (8, 12)), ((7,), (14,)), ((3, 4, 5), (6, 8, 10))])
+def test_pad_crop_roundtrip(n, g):
+    x = crandn((2, *n))
+    grid = pad_to_grid(x, g)
+    assert grid.shape == (*g, 2)
+    assert torch.equal(crop_from_grid(grid, n), x)
+    assert grid.abs().sum() == pytest.approx(x.abs().sum().item(), rel=1e-5)
+
+
+def test_heuristic_prefers_finufft_on_cpu_when_installed():
+    op = nufft.plan(TRAJ, (32, 32), eps=1e-3, batch=4)
+    expected = "finufft" if available("finufft") else "torch"
+    assert op.info.backend == expected
+    assert op.info.tune == "heuristic" and "cost model" in op.info.reason
+
+
+def test_heuristic_oversampling_falls_with_undersampling():
+    """Fewer samples per grid cell favour smaller σ (the FFT's share of the work grows)."""
+    dense = planner.Problem((64, 64), 64 * 64 * 8, 1, 1e-3, torch.complex64, 1,
+                            torch.device("cpu"))
+    sparse = planner.Problem((64, 64), 64 * 64 // 8, 1, 1e-3, torch.complex64, 1,
+                             torch.device("cpu"))
+    best_dense = planner.candidates(dense, ["torch"], ["gather"])[0]
+    best_sparse = planner.candidates(sparse, ["torch"], ["gather"])[0]
+    assert best_sparse.sigma <= best_dense.sigma
+
+
+def test_measure_caches_wisdom(tmp_path, monkeypatch):
+    monkeypatch.setenv("QMRKIT_WISDOM_DIR", str(tmp_path))
+    assert nufft.wisdom_path() == tmp_path / "nufft-wisdom.json"
+    op1 = nufft.plan(TRAJ, (32, 32), eps=1e-3, tune="measure", batch=2)
+    assert op1.info.tune == "measure" and op1.info.timings
+    assert "toeplitz normal" in op1.info.timings
+    data = json.loads((tmp_path / "nufft-wisdom.json").read_text())
+    assert len(data) == 1
+    op2 = nufft.plan(TRAJ, (32, 32), eps=1e-3, tune="measure", batch=2)
+    assert op2.info.tune == "wisdom"
+    assert (op2.info.backend, op2.info.method, op2.info.oversampling, op2.info.normal) == (
+        op1.info.backend, op1.info.method, op1.info.oversampling, op1.info.normal)
+    # the measured plan is correct
+    e = ndft_matrix(TRAJ, (32, 32))
+    x = crandn((32, 32), seed=3)
+    assert rel(op2(x).numpy(), e @ x.numpy().ravel().astype(np.complex128)) <= 1e-3
+    nufft.forget_wisdom()
+    assert not (tmp_path / "nufft-wisdom.json").exists()
+
+
+def test_wisdom_unwritable_is_not_fatal(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("QMRKIT_WISDOM_DIR", str(blocker / "sub"))
+    op = nufft.plan(TRAJ, (16, 16), eps=1e-2, tune="measure", backend="torch", method="gather")
+    assert op.info.tune == "measure"
+    assert any("could not save" in r.getMessage() for r in caplog.records)
+
+
+def test_forced_choices_are_honoured():
+    op = nufft.plan(TRAJ, (32, 32), eps=1e-3, backend="torch", method="gather",
+                    oversampling=1.5, normal="direct")
+    i = op.info
+    assert (i.backend, i.method, i.oversampling, i.normal) == ("torch", "gather", 1.5, "direct")
+    assert all(g >= 1.5 * 32 for g in i.grid_size)
+    assert op.toeplitz is None
