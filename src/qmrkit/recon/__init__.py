@@ -19,8 +19,10 @@ from .coils import (
     rss,
     walsh,
 )
+from ._ops import encoding_operator as operator
 from .result import ReconResult
 from .sense import gridding, sense, tv
+from .sgd import sgd
 
 __all__ = [
     "ReconResult",
@@ -34,4 +36,6 @@ __all__ = [
     "sense",
     "tv",
     "gridding",
+    "sgd",
+    "operator",
 ]

@@ -130,3 +130,32 @@ def nufft_operator(maps: torch.Tensor, traj: Any, kdata: torch.Tensor, *, eps: f
     p = nufft.plan(t, spatial, eps=eps, batch=batch, device=dev, dtype=kdata.dtype,
                    normal=normal, backend=backend)
     return Lift(p, (n_c,)) @ Sense(maps), p
+
+
+def encoding_operator(maps: Any, *, mask: Any = None, traj: Any = None,
+                      eps: float = 1e-3, normal: str = "auto", device=None) -> LinearOperator:
+    """The SENSE encoding operator ``A`` (image ``spatial`` -> k-space ``(coils, *k)``).
+
+    Cartesian with ``mask`` (``Mask·FFT·Sense``) or non-Cartesian with ``traj``
+    (``NUFFT·Sense``), as used by :func:`qmrkit.recon.sense`; handy for :func:`qmrkit.recon.sgd`
+    and custom solvers.
+
+    Parameters
+    ----------
+    maps : array ``(coils, *spatial)``
+    mask : array broadcasting to ``spatial``, optional
+    traj : array ``(M, ndim)`` in cycles/pixel, optional
+    eps, normal, device
+        NUFFT accuracy and normal-operator choice; compute device.
+    """
+    dev = resolve_device(device, maps if isinstance(maps, torch.Tensor) else None)
+    s = to_complex(maps, "maps", device=dev)
+    n_c = int(s.shape[0])
+    if (mask is None) == (traj is None):
+        raise ParameterError("give exactly one of mask (Cartesian) or traj (non-Cartesian)")
+    if traj is None:
+        ref = torch.zeros((n_c, *s.shape[1:]), dtype=s.dtype, device=dev)
+        return cartesian_operator(s, mask, ref)[0]
+    t = as_tensor(traj, name="traj")
+    ref = torch.zeros((n_c, int(t.shape[-2])), dtype=s.dtype, device=dev)
+    return nufft_operator(s, t, ref, eps=eps, normal=normal, device=dev)[0]

@@ -122,8 +122,8 @@ def _scale_problem(A: LinearOperator, y: torch.Tensor) -> tuple[float, float]:
 
 def tv(kdata: Any, maps: Any, *, mask: Any = None, traj: Any = None, lam: float = 1e-3,
        dims: Sequence[int] | None = None, max_iter: int = 100, tol: float = 1e-4,
-       eps: float = 1e-3, voxel_size: Sequence[float] | None = None, device=None,
-       progress: bool | None = False) -> ReconResult:
+       eps: float = 1e-3, voxel_size: Sequence[float] | None = None, warm_start: int = 20,
+       x0: Any = None, device=None, progress: bool | None = False) -> ReconResult:
     """TV-regularised SENSE by PDHG: ``min_x ½‖A x − y‖² + λ·s·‖A‖²·TV(x)``.
 
     ``TV`` is isotropic (ℓ2 over the differenced axes, Neumann boundaries). The weight is
@@ -143,6 +143,12 @@ def tv(kdata: Any, maps: Any, *, mask: Any = None, traj: Any = None, lam: float 
         PDHG iterations and tolerance on its relative primal–dual residual.
     voxel_size : sequence of float, optional
         Spacing per TV axis (e.g. mm, and frames for time).
+    warm_start : int
+        CG-SENSE iterations that give PDHG its starting image (0: start from ``Aᴴy``). A few CG
+        iterations (early-stopped, so little noise amplification) cut the PDHG iterations needed
+        severalfold, most of all for non-Cartesian data.
+    x0 : array, optional
+        Starting image ``(*batch, *spatial)`` (overrides ``warm_start``).
 
     Returns
     -------
@@ -171,10 +177,16 @@ def tv(kdata: Any, maps: Any, *, mask: Any = None, traj: Any = None, lam: float 
     fstar = prox.Stack(K, [prox.conjugate(prox.L2Squared(yn)),
                            prox.conjugate(prox.GroupL1(lam, axis=-len(img_shape) - 1))])
     with torch.no_grad():
-        x0 = An.H(yn)
-        res = optim.pdhg(K, fstar, None, x0=x0, max_iter=max_iter, tol=tol, dtype=y.dtype,
+        if x0 is not None:
+            start = to_complex(x0, "x0", device=y.device, dtype=y.dtype) / sc
+        elif warm_start > 0:
+            start = optim.cg(An, An.H(yn), max_iter=int(warm_start), tol=0).x
+        else:
+            start = An.H(yn)
+        res = optim.pdhg(K, fstar, None, x0=start, max_iter=max_iter, tol=tol, dtype=y.dtype,
                          device=y.device, progress=progress)
     info.update(lam=lam, dims=list(dims), max_iter=max_iter, tol=tol, operator_norm2=l2,
+                warm_start=warm_start if x0 is None else "x0",
                 image_scale=sc, n_spatial=n_sp)
     img = res.x * sc  # An x ≈ yn  ⇔  A (sc·x) ≈ y
     return ReconResult(img, "tv", res.iterations, list(res.residual_history),
