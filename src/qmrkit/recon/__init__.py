@@ -21,6 +21,7 @@ from .coils import (
 )
 from ._ops import encoding_operator as operator
 from .result import ReconResult
+from .scan import reconstruct
 from .sense import gridding, sense, tv
 from .sgd import sgd
 
@@ -38,4 +39,5 @@ __all__ = [
     "gridding",
     "sgd",
     "operator",
+    "reconstruct",
 ]

@@ -43,6 +43,7 @@ class ReconResult:
     elapsed_s: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
     objective_history: list[float] = field(default_factory=list)
+    n_spatial: int | None = None
 
     @property
     def magnitude(self) -> torch.Tensor:
@@ -55,10 +56,24 @@ class ReconResult:
         return (f"{self.method}: image {tuple(self.image.shape)}, {self.iterations} iterations, "
                 f"final residual {last}, converged={self.converged}, {self.elapsed_s:.2f} s")
 
+    def to_nifti_order(self, a: np.ndarray | None = None) -> np.ndarray:
+        """An image ``(*batch, [z,] y, x)`` as a NIfTI-ordered array ``(x, y[, z], *batch)``:
+        spatial axes reversed, y flipped so that the first row (anterior) gets the largest y
+        index, batch (frames/echoes) last as :func:`qmrkit.fit` expects."""
+        arr = self.image.detach().cpu().numpy() if a is None else a
+        n_sp = self.n_spatial or min(arr.ndim, 3)
+        n_b = arr.ndim - n_sp
+        arr = np.flip(arr, axis=arr.ndim - 2)
+        perm = list(range(arr.ndim - 1, n_b - 1, -1)) + list(range(n_b))
+        return np.ascontiguousarray(arr.transpose(perm))
+
     def save(self, directory: str | Path, *, name: str = "recon", affine: Any = None,
              png: bool = True) -> list[Path]:
         """Write ``{name}_mag.nii.gz`` (magnitude), ``{name}_phase.nii.gz`` (radians, complex
         images only), ``{name}.json`` (settings and diagnostics) and ``{name}.png``.
+
+        NIfTI arrays are in NIfTI order ``(x, y[, z], *batch)`` (see :meth:`to_nifti_order`);
+        ``affine`` (4×4, mm) maps those voxel indices to positions.
 
         Returns the paths written.
         """
@@ -67,9 +82,11 @@ class ReconResult:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         img = self.image.detach().cpu()
-        out = [save_nifti(d / f"{name}_mag.nii.gz", img.abs().float().numpy(), affine=affine)]
+        mag = self.to_nifti_order(img.abs().float().numpy())
+        out = [save_nifti(d / f"{name}_mag.nii.gz", mag, affine=affine)]
         if img.is_complex():
-            out.append(save_nifti(d / f"{name}_phase.nii.gz", img.angle().float().numpy(),
+            out.append(save_nifti(d / f"{name}_phase.nii.gz",
+                                  self.to_nifti_order(img.angle().float().numpy()),
                                   affine=affine))
         side = {
             "method": self.method,
@@ -87,9 +104,8 @@ class ReconResult:
         if png:
             from ..io.figures import save_map_figure
 
-            mag = img.abs().float().numpy()
             while mag.ndim > 3:  # first frame/echo of a batch
-                mag = mag[0]
+                mag = mag[..., 0]
             out.append(save_map_figure(d / f"{name}.png", {"magnitude": mag},
                                        ranges={"magnitude": (0.0, float(np.percentile(mag, 99.5))
                                                              or 1.0)},

@@ -106,7 +106,8 @@ def sense(kdata: Any, maps: Any, *, mask: Any = None, traj: Any = None, lam: flo
     log.info("sense: %s, %d iterations, %.3f s", info["kind"], res.iterations,
              time.perf_counter() - t0)
     return ReconResult(res.x, "sense", res.iterations, list(res.residual_history),
-                       bool(res.converged) or tol == 0, time.perf_counter() - t0, info)
+                       bool(res.converged) or tol == 0, time.perf_counter() - t0, info,
+                       n_spatial=len(A.ishape))
 
 
 def _scale_problem(A: LinearOperator, y: torch.Tensor) -> tuple[float, float]:
@@ -191,7 +192,7 @@ def tv(kdata: Any, maps: Any, *, mask: Any = None, traj: Any = None, lam: float 
     img = res.x * sc  # An x ≈ yn  ⇔  A (sc·x) ≈ y
     return ReconResult(img, "tv", res.iterations, list(res.residual_history),
                        bool(res.converged) or tol == 0, time.perf_counter() - t0, info,
-                       list(getattr(res, "objective_history", []) or []))
+                       list(getattr(res, "objective_history", []) or []), n_spatial=n_sp)
 
 
 def gridding(kdata: Any, traj: Any, dcf: Any = None, maps: Any = None, *,
@@ -254,7 +255,7 @@ def gridding(kdata: Any, traj: Any, dcf: Any = None, maps: Any = None, *,
             img = torch.sqrt((xc.real**2 + xc.imag**2).sum(-len(im_size) - 1))
     return ReconResult(img, "gridding", 0, [], True, time.perf_counter() - t0,
                        {"kind": "non-cartesian", "dcf": "given" if dcf is not None else
-                        "pipe-menon", "nufft": repr(p)})
+                        "pipe-menon", "nufft": repr(p)}, n_spatial=len(im_size))
 
 
 __all__ = ["sense", "tv", "gridding", "ConvergenceWarning"]

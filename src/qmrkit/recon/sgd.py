@@ -156,4 +156,5 @@ def sgd(A: LinearOperator, y: Any, *, loss: str = "l2", regularizers: Sequence[A
     return ReconResult(img, "sgd", it, [], converged, time.perf_counter() - t0,
                        {"loss": loss, "optimizer": optimizer, "lr": lr, "max_iter": max_iter,
                         "stop_reason": reason, "image_scale": sx, "data_scale": sy,
-                        "regularizers": [type(r).__name__ for r in regs]}, history)
+                        "regularizers": [type(r).__name__ for r in regs]}, history,
+                       n_spatial=len(A.ishape))

@@ -3,6 +3,7 @@
 from .coils import coil_maps
 from .masks import cartesian_mask, calibration_region
 from .noise import add_noise
+from .raw import raw_scan
 from .phantoms import CARDIAC_TISSUES, cardiac_phantom, nist_phantom
 from .relaxometry import MOLLI_TI, molli_series
 from .shepp_logan import SHEPP_LOGAN_TISSUES, shepp_logan
@@ -19,4 +20,5 @@ __all__ = [
     "coil_maps",
     "cartesian_mask",
     "calibration_region",
+    "raw_scan",
 ]
