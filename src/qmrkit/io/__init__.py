@@ -1,6 +1,16 @@
-"""File formats: NIfTI (nibabel) and protocol YAML; ISMRMRD/MRD comes with reconstruction."""
+"""File formats: NIfTI (nibabel), protocol YAML and ISMRMRD/MRD HDF5 raw data and images."""
 
+from .mrd import RawScan, read_mrd, read_mrd_images, write_mrd, write_mrd_images
 from .nifti import load_nifti, save_nifti
 from .protocol import load_protocol
 
-__all__ = ["load_nifti", "save_nifti", "load_protocol"]
+__all__ = [
+    "load_nifti",
+    "save_nifti",
+    "load_protocol",
+    "RawScan",
+    "read_mrd",
+    "write_mrd",
+    "write_mrd_images",
+    "read_mrd_images",
+]

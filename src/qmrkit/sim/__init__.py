@@ -1,8 +1,12 @@
 """Simulation: numerical phantoms, noise, synthetic series (used by tests, demos and benchmarks)."""
 
+from .coils import coil_maps
+from .masks import cartesian_mask, calibration_region
 from .noise import add_noise
+from .raw import raw_scan
 from .phantoms import CARDIAC_TISSUES, cardiac_phantom, nist_phantom
 from .relaxometry import MOLLI_TI, molli_series
+from .shepp_logan import SHEPP_LOGAN_TISSUES, shepp_logan
 
 __all__ = [
     "cardiac_phantom",
@@ -11,4 +15,10 @@ __all__ = [
     "add_noise",
     "molli_series",
     "MOLLI_TI",
+    "shepp_logan",
+    "SHEPP_LOGAN_TISSUES",
+    "coil_maps",
+    "cartesian_mask",
+    "calibration_region",
+    "raw_scan",
 ]

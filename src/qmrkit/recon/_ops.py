@@ -1,0 +1,161 @@
+"""Encoding operators of reconstruction: Cartesian ``Mask·FFT·Sense`` and non-Cartesian
+``NUFFT·Sense``, input checks shared by the recon functions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .._device import as_tensor, resolve_device
+from ..errors import DTypeError, ParameterError, ShapeError
+from ..ops import FFT, LinearOperator, Mask, Sense
+
+
+class Lift(LinearOperator):
+    """Apply ``op`` over extra leading dimensions: ishape ``(*lead, *op.ishape)``.
+
+    Used to give a NUFFT plan (``im -> M``) the coil dimension ``(C, *im) -> (C, M)`` so it
+    composes with :class:`~qmrkit.ops.Sense`, and to give an operator a fixed frame dimension for
+    primal–dual solvers. The normal operator is ``op``'s own (e.g. Toeplitz).
+    """
+
+    def __init__(self, op: LinearOperator, lead: Sequence[int]):
+        lead = tuple(int(s) for s in lead)
+        super().__init__((*lead, *op.ishape), (*lead, *op.oshape))
+        self.op = op
+        self.autograd_safe = op.autograd_safe
+
+    def _forward(self, x):
+        return self.op.forward(x)
+
+    def _adjoint(self, y):
+        return self.op.adjoint(y)
+
+    def _normal(self, x):
+        return self.op.normal(x)
+
+    def normal(self, x):
+        self._check(x, self.ishape, "input")
+        return self.op.normal(x)
+
+
+def to_complex(x: Any, name: str, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Tensor on ``device``; real input becomes complex64 (float64 -> complex128)."""
+    t = as_tensor(x, device=device, name=name)
+    if not t.is_complex():
+        if not t.is_floating_point():
+            raise DTypeError(f"{name} must be complex (or real floating point), got {t.dtype}")
+        t = t.to(torch.complex128 if t.dtype == torch.float64 else torch.complex64)
+    if dtype is not None:
+        t = t.to(dtype)
+    return t
+
+
+def check_maps(kdata: torch.Tensor, maps: torch.Tensor, n_k: int) -> tuple[int, tuple[int, ...]]:
+    """Check maps ``(C, *spatial)`` against k-space ``(*batch, C, *k)`` (``n_k`` trailing k dims).
+
+    Returns the coil count and the spatial shape.
+    """
+    if maps.ndim < 2:
+        raise ShapeError(f"maps must be (coils, *spatial), got shape {tuple(maps.shape)}")
+    n_c = int(maps.shape[0])
+    if kdata.ndim < n_k + 1:
+        raise ShapeError(
+            f"kdata must be (*batch, coils, *k) with {n_k} k-space dimension(s), got shape "
+            f"{tuple(kdata.shape)}"
+        )
+    kc = int(kdata.shape[-n_k - 1])
+    if kc != n_c:
+        raise ShapeError(
+            f"maps have {n_c} coils but kdata has {kc} (coil axis {-n_k - 1} of "
+            f"{tuple(kdata.shape)}); expected maps (coils={kc}, *spatial)"
+        )
+    return n_c, tuple(int(s) for s in maps.shape[1:])
+
+
+def cartesian_operator(maps: torch.Tensor, mask: Any, kdata: torch.Tensor
+                       ) -> tuple[LinearOperator, torch.Tensor]:
+    """``Mask · FFT · Sense`` for k-space ``(*batch, C, *spatial)``; returns the op and the mask."""
+    n_sp = maps.ndim - 1
+    n_c, spatial = check_maps(kdata, maps, n_sp)
+    if tuple(kdata.shape[-n_sp:]) != spatial:
+        raise ShapeError(
+            f"Cartesian kdata must be (*batch, coils, *spatial) with spatial = maps' {spatial}, "
+            f"got {tuple(kdata.shape)}"
+        )
+    shape = (n_c, *spatial)
+    if mask is None:
+        m = (kdata != 0).any(dim=tuple(range(kdata.ndim - n_sp - 1)) + (kdata.ndim - n_sp - 1,))
+    else:
+        m = as_tensor(mask, device=kdata.device, name="mask")
+        if m.is_complex():
+            raise DTypeError(f"mask must be boolean or 0/1, got {m.dtype}")
+        m = m != 0
+        try:
+            torch.broadcast_shapes(tuple(m.shape), spatial)
+        except RuntimeError:
+            raise ShapeError(
+                f"mask of shape {tuple(m.shape)} does not broadcast to the image shape {spatial}"
+            ) from None
+        if m.ndim > n_sp:
+            raise ShapeError(f"mask must broadcast to {spatial} (one mask for all frames), got "
+                             f"{tuple(m.shape)}; reconstruct frames with different masks "
+                             "separately")
+    if not bool(m.any()):
+        raise ParameterError("the mask samples nothing (all entries are False/0)")
+    op = Mask(m, shape=shape) @ FFT(shape, axes=tuple(range(-n_sp, 0))) @ Sense(maps)
+    return op, m
+
+
+def nufft_operator(maps: torch.Tensor, traj: Any, kdata: torch.Tensor, *, eps: float,
+                   normal: str = "auto", backend: str = "auto", device=None):
+    """``NUFFT · Sense`` for k-space ``(*batch, C, M)``; returns (op, plan)."""
+    from .. import nufft
+
+    n_c, spatial = check_maps(kdata, maps, 1)
+    dev = resolve_device(device, kdata)
+    t = as_tensor(traj, device=dev, name="traj")
+    if t.ndim != 2:
+        raise ShapeError(f"traj must be (M, ndim) (one trajectory for all frames), got "
+                         f"{tuple(t.shape)}")
+    if t.shape[-1] != len(spatial):
+        raise ShapeError(f"traj has {t.shape[-1]} dimensions but maps are {len(spatial)}D "
+                         f"(spatial shape {spatial})")
+    if int(t.shape[0]) != int(kdata.shape[-1]):
+        raise ShapeError(f"traj has {t.shape[0]} samples but kdata has {kdata.shape[-1]} "
+                         f"(last axis of {tuple(kdata.shape)})")
+    batch = n_c * max(1, int(torch.tensor(kdata.shape[:-2]).prod()) if kdata.ndim > 2 else 1)
+    p = nufft.plan(t, spatial, eps=eps, batch=batch, device=dev, dtype=kdata.dtype,
+                   normal=normal, backend=backend)
+    return Lift(p, (n_c,)) @ Sense(maps), p
+
+
+def encoding_operator(maps: Any, *, mask: Any = None, traj: Any = None,
+                      eps: float = 1e-3, normal: str = "auto", device=None) -> LinearOperator:
+    """The SENSE encoding operator ``A`` (image ``spatial`` -> k-space ``(coils, *k)``).
+
+    Cartesian with ``mask`` (``Mask·FFT·Sense``) or non-Cartesian with ``traj``
+    (``NUFFT·Sense``), as used by :func:`qmrkit.recon.sense`; handy for :func:`qmrkit.recon.sgd`
+    and custom solvers.
+
+    Parameters
+    ----------
+    maps : array ``(coils, *spatial)``
+    mask : array broadcasting to ``spatial``, optional
+    traj : array ``(M, ndim)`` in cycles/pixel, optional
+    eps, normal, device
+        NUFFT accuracy and normal-operator choice; compute device.
+    """
+    dev = resolve_device(device, maps if isinstance(maps, torch.Tensor) else None)
+    s = to_complex(maps, "maps", device=dev)
+    n_c = int(s.shape[0])
+    if (mask is None) == (traj is None):
+        raise ParameterError("give exactly one of mask (Cartesian) or traj (non-Cartesian)")
+    if traj is None:
+        ref = torch.zeros((n_c, *s.shape[1:]), dtype=s.dtype, device=dev)
+        return cartesian_operator(s, mask, ref)[0]
+    t = as_tensor(traj, name="traj")
+    ref = torch.zeros((n_c, int(t.shape[-2])), dtype=s.dtype, device=dev)
+    return nufft_operator(s, t, ref, eps=eps, normal=normal, device=dev)[0]
