@@ -11,7 +11,20 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("errors", "fit", "models", "ops", "nufft", "optim", "sim", "io", "mrf", "recon", "pipelines", "serve")
+_SUBPACKAGES = (
+    "errors",
+    "fit",
+    "models",
+    "ops",
+    "nufft",
+    "optim",
+    "sim",
+    "io",
+    "mrf",
+    "recon",
+    "pipelines",
+    "serve",
+)
 
 __all__ = ["__version__", *_SUBPACKAGES]
 

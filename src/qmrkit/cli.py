@@ -136,6 +136,32 @@ def _parser() -> argparse.ArgumentParser:
         "--out", required=True, type=Path, help="output folder (images.h5, NIfTI, log.txt)"
     )
     _add_recon_parser(sub)
+
+    mr = sub.add_parser(
+        "mrf",
+        help="MR fingerprinting: ISMRMRD spiral raw data -> T1, T2, PD maps",
+        description="Reconstruct an MRF scan (one spiral interleaf per TR, schedule in the "
+        "header's sequenceParameters) by subspace reconstruction and dictionary matching.",
+    )
+    mr.add_argument("scan", type=Path, help="ISMRMRD/MRD HDF5 raw data")
+    mr.add_argument(
+        "--b1", type=Path, help="B1 map (fraction of nominal), NIfTI in the image's geometry"
+    )
+    mr.add_argument(
+        "--dictionary", type=Path, help="dictionary .npz (default: simulated for the schedule)"
+    )
+    mr.add_argument(
+        "--dictionary-step",
+        type=float,
+        default=0.05,
+        help="relative T1/T2 grid step of the default dictionary (default 0.05 = 5 %%)",
+    )
+    mr.add_argument(
+        "--b1-step", type=float, default=0.05, help="B1 grid step of the default dictionary"
+    )
+    mr.add_argument("--n-iter", type=int, default=0, help="low-rank CG refinement iterations")
+    mr.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    mr.add_argument("--out", required=True, type=Path, help="output folder")
     return p
 
 
@@ -150,11 +176,18 @@ def _add_recon_parser(sub: Any) -> None:
     )
     r.add_argument("scan", type=Path, help="ISMRMRD/MRD HDF5 file (.h5)")
     r.add_argument("--method", choices=("sense", "tv", "gridding"), default="sense")
-    r.add_argument("--lam", type=float, help="regularisation weight (SENSE: Tikhonov, default 0;"
-                   " TV: default 1e-3; scale-free)")
+    r.add_argument(
+        "--lam",
+        type=float,
+        help="regularisation weight (SENSE: Tikhonov, default 0; TV: default 1e-3; scale-free)",
+    )
     r.add_argument("--max-iter", type=int, help="solver iterations (SENSE 30, TV 100)")
-    r.add_argument("--maps", choices=("auto", "espirit", "walsh"), default="auto",
-                   help="coil maps (auto: ESPIRiT for Cartesian, Walsh otherwise)")
+    r.add_argument(
+        "--maps",
+        choices=("auto", "espirit", "walsh"),
+        default="auto",
+        help="coil maps (auto: ESPIRiT for Cartesian, Walsh otherwise)",
+    )
     r.add_argument("--virtual-coils", type=int, help="compress to this many coils first (SVD)")
     r.add_argument("--no-prewhiten", action="store_true", help="skip noise prewhitening")
     r.add_argument("--dataset", default="dataset", help="dataset group in the file")
@@ -313,6 +346,61 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mrf(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .io import load_nifti
+    from .io.mrd import read_mrd
+    from .mrf import Dictionary, log_grid, schedule_from_header
+    from .pipelines import mrf_maps
+
+    t0 = time.perf_counter()
+    scan = read_mrd(args.scan)
+    schedule = schedule_from_header(scan.header)
+    b1 = None
+    if args.b1:
+        b1 = load_nifti(args.b1)[0].T  # NIfTI (x, y) -> image (y, x)
+        if tuple(b1.shape) != tuple(scan.recon_size or scan.matrix_size):
+            raise QmrkitError(
+                f"the B1 map has shape {b1.shape[::-1]} (x, y) but the scan's image is "
+                f"{tuple(scan.recon_size or scan.matrix_size)[::-1]}"
+            )
+    if args.dictionary:
+        dictionary = Dictionary.load(args.dictionary, device=args.device)
+    else:
+        b1_values = (1.0,)
+        if b1 is not None:
+            lo = np.floor(np.nanpercentile(b1, 0.5) / args.b1_step) * args.b1_step
+            hi = np.ceil(np.nanpercentile(b1, 99.5) / args.b1_step) * args.b1_step
+            b1_values = np.round(np.arange(lo, hi + args.b1_step / 2, args.b1_step), 4)
+        t = time.perf_counter()
+        dictionary = Dictionary.build(
+            schedule,
+            t1=log_grid(10, 4000, args.dictionary_step),
+            t2=log_grid(1, 500, args.dictionary_step),
+            b1=b1_values,
+            device=args.device,
+            keep_atoms=False,
+        )
+        print(
+            f"dictionary: {dictionary.n_atoms} atoms (rank {dictionary.rank}) in {time.perf_counter() - t:.1f} s"
+        )
+    maps = mrf_maps(
+        scan,
+        dictionary=dictionary,
+        b1_map=b1,
+        schedule=schedule,
+        n_iter=args.n_iter,
+        device=args.device,
+    )
+    written = maps.save(args.out)
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in maps.stages.items())
+    print(
+        f"mrf: {stages}; wrote {len(written)} files to {args.out} ({time.perf_counter() - t0:.1f} s in all)"
+    )
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .serve import Limits, run_server, tls_context
     from .serve.store import DirectoryStore
@@ -394,8 +482,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"fit": _cmd_fit, "models": _cmd_models, "recon": _cmd_recon, "serve": _cmd_serve,
-                "send": _cmd_send}
+    handlers = {
+        "fit": _cmd_fit,
+        "models": _cmd_models,
+        "recon": _cmd_recon,
+        "serve": _cmd_serve,
+        "send": _cmd_send,
+        "mrf": _cmd_mrf,
+    }
     try:
         return handlers[args.command](args)
     except QmrkitError as exc:

@@ -68,3 +68,13 @@ def test_cg_subspace_recovers_coefficients():
     est = mrf.subspace_recon(y, traj, basis, (N, N), maps=maps, n_iter=60)
     err = lambda a: float((a - c).norm() / c.norm())  # noqa: E731
     assert err(est) < 0.01 and err(est) < 0.2 * err(grid)
+
+
+def test_frame_dcf_equals_union_dcf_for_repeated_interleaves():
+    """Density compensation of frames that repeat interleaves equals that of their union."""
+    arms = nufft.spiral(6, 120, 24).reshape(6, 120, 2).float()
+    traj = arms[torch.arange(18) % 6]  # 18 frames, each interleaf 3 times
+    w = mrf.frame_dcf(traj, (24, 24))
+    ref = nufft.density_compensation(arms.reshape(-1, 2), (24, 24)).reshape(6, 120)
+    torch.testing.assert_close(w[:6] * 3, ref)
+    assert torch.equal(w[:6], w[6:12])

@@ -10,8 +10,12 @@ DEVICES = [
     "cpu",
     pytest.param(
         "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                   reason="CUDA is not available on this machine")],
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="CUDA is not available on this machine"
+            ),
+        ],
     ),
 ]
 

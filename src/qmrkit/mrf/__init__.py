@@ -3,12 +3,13 @@
 from .dictionary import Dictionary, log_grid
 from .epg import epg_fisp
 from .match import B1RangeWarning, MatchResult, match
-from .sequences import Schedule, fisp_schedule
-from .subspace import SubspaceNufft, subspace_recon
+from .sequences import Schedule, fisp_schedule, schedule_from_header
+from .subspace import SubspaceNufft, frame_dcf, subspace_recon
 
 __all__ = [
     "Schedule",
     "fisp_schedule",
+    "schedule_from_header",
     "epg_fisp",
     "Dictionary",
     "log_grid",
@@ -17,4 +18,5 @@ __all__ = [
     "B1RangeWarning",
     "SubspaceNufft",
     "subspace_recon",
+    "frame_dcf",
 ]

@@ -59,6 +59,9 @@ class Dictionary:
     coeff_norms: torch.Tensor | None = None
     energy: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: grid axes (T1, T2, B1 values) and, per atom, its (i_T1, i_T2, i_B1) indices, when built on a grid
+    grid: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    grid_index: torch.Tensor | None = None
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -110,6 +113,10 @@ class Dictionary:
                 f"the dictionary grid is empty after removing T2 > T1 (T1 {t1v.min():g}–{t1v.max():g} ms, "
                 f"T2 {t2v.min():g}–{t2v.max():g} ms)"
             )
+        I1, I2, IB = np.meshgrid(
+            np.arange(t1v.size), np.arange(t2v.size), np.arange(b1v.size), indexing="ij"
+        )
+        index = np.stack([I1[keep], I2[keep], IB[keep]], axis=1)
         T1, T2, B1 = T1[keep], T2[keep], B1[keep]
         t0 = time.perf_counter()
         atoms = epg_fisp(
@@ -126,6 +133,8 @@ class Dictionary:
             norms=norms.to(dtype),
             schedule=schedule,
             info={"simulation_s": elapsed, "atoms_per_s": len(T1) / max(elapsed, 1e-12)},
+            grid=(t1v, t2v, b1v),
+            grid_index=torch.as_tensor(index, device=dev),
         )
         log.info("dictionary: %d atoms simulated in %.2f s", len(T1), elapsed)
         if rank is not None or energy is not None:
@@ -203,6 +212,20 @@ class Dictionary:
             dict(self.info),
         )
 
+    def neighbours(self) -> torch.Tensor | None:
+        """Atom index of the −/+ neighbour along T1 and T2 for every atom, ``(N, 4)``
+        (columns T1−, T1+, T2−, T2+; −1 where the grid has no neighbour), or None without a grid."""
+        if self.grid is None or self.grid_index is None:
+            return None
+        n1, n2, nb = (len(a) for a in self.grid)
+        lut = torch.full((n1 + 2, n2 + 2, nb), -1, dtype=torch.long, device=self.grid_index.device)
+        gi = self.grid_index
+        lut[gi[:, 0] + 1, gi[:, 1] + 1, gi[:, 2]] = torch.arange(gi.shape[0], device=gi.device)
+        i1, i2, ib = gi[:, 0] + 1, gi[:, 1] + 1, gi[:, 2]
+        return torch.stack(
+            [lut[i1 - 1, i2, ib], lut[i1 + 1, i2, ib], lut[i1, i2 - 1, ib], lut[i1, i2 + 1, ib]], 1
+        )
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Subspace coefficients of time courses ``x (..., n_tr)``."""
         if self.basis is None:
@@ -233,10 +256,12 @@ class Dictionary:
             "ti": np.array(s.ti),
             "energy": np.array(np.nan if self.energy is None else self.energy),
         }
-        for name in ("atoms", "basis", "coeffs", "coeff_norms"):
+        for name in ("atoms", "basis", "coeffs", "coeff_norms", "grid_index"):
             t = getattr(self, name)
             if t is not None:
                 arrays[name] = t.cpu().numpy()
+        if self.grid is not None:
+            arrays.update(grid_t1=self.grid[0], grid_t2=self.grid[1], grid_b1=self.grid[2])
         np.savez(p, **arrays)
         return p if p.suffix == ".npz" else p.with_suffix(p.suffix + ".npz")
 

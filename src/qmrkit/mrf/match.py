@@ -37,6 +37,32 @@ class MatchResult:
         return {"T1": self.t1, "T2": self.t2, "B1": self.b1, "PD": self.pd, "score": self.score}
 
 
+def _refine(x, atoms, best, nb, d_t1, d_t2, sel):
+    """Parabolic sub-grid refinement of T1 and T2 along their log grids (see :func:`match`)."""
+    vox = torch.nonzero(sel).reshape(-1)
+    b = best[vox]
+    xv = x[vox]
+
+    def score(idx: torch.Tensor) -> torch.Tensor:
+        return (xv * atoms[idx].conj()).sum(-1).abs()
+
+    s0 = score(b)
+    out = []
+    for (cm, cp), dv in (((0, 1), d_t1), ((2, 3), d_t2)):
+        im, ip = nb[b, cm], nb[b, cp]
+        ok = (im >= 0) & (ip >= 0)
+        im, ip = im.clamp_min(0), ip.clamp_min(0)
+        sm, sp = score(im), score(ip)
+        curv = sm - 2 * s0 + sp
+        ok &= curv < 0  # the best atom is a maximum between its neighbours
+        delta = torch.where(ok, 0.5 * (sm - sp) / torch.where(ok, curv, -1.0), 0.0).clamp(-0.5, 0.5)
+        half_step = 0.5 * (torch.log(dv[ip]) - torch.log(dv[im]))
+        full = dv[best].clone()
+        full[vox] = torch.where(ok, torch.exp(torch.log(dv[b]) + delta * half_step), dv[b])
+        out.append(full)
+    return out[0], out[1]
+
+
 class B1RangeWarning(QmrkitWarning):
     """B1 values outside the dictionary's range were clipped to it."""
 
@@ -49,6 +75,7 @@ def match(
     mask: Any = None,
     chunk: int = 8192,
     atom_chunk: int = 65536,
+    refine: bool = True,
 ) -> MatchResult:
     """Find the best-matching atom for every voxel.
 
@@ -65,6 +92,10 @@ def match(
         Voxels to match (others get NaN / 0).
     chunk, atom_chunk : int
         Voxels and atoms per block (bounds memory).
+    refine : bool
+        Sub-grid refinement: fit a parabola to the match score of the best atom and its T1 and T2
+        neighbours on the dictionary grid (in log T1, log T2) and move to its vertex (at most half a
+        grid step). Needs a dictionary built on a grid.
 
     Returns
     -------
@@ -163,9 +194,13 @@ def match(
         return out.reshape(spatial)
 
     m0 = best_ip / norms[best]
+    t1v, t2v = dictionary.t1[best], dictionary.t2[best]
+    nb = dictionary.neighbours() if refine else None
+    if nb is not None:
+        t1v, t2v = _refine(flat, atoms, best, nb, dictionary.t1, dictionary.t2, sel)
     return MatchResult(
-        t1=to_map(dictionary.t1[best], nan),
-        t2=to_map(dictionary.t2[best], nan),
+        t1=to_map(t1v, nan),
+        t2=to_map(t2v, nan),
         b1=to_map(dictionary.b1[best], nan),
         m0=to_map(m0, 0),
         score=to_map((best_ip.abs() / xnorm).to(norms.dtype), nan),

@@ -108,6 +108,24 @@ class Schedule:
         return cls(arr[:, 0], arr[:, 1], arr[:, 2], phase, inversion=inversion, ti=ti)
 
 
+def schedule_from_header(header: Any) -> Schedule:
+    """The MRF schedule stored in an ISMRMRD header's ``sequenceParameters`` (TR, TE and
+    flipAngle_deg lists, one entry per TR; TI > 0 means an inversion TI ms before the first pulse)."""
+    if isinstance(header, str | bytes):
+        from ismrmrd.xsd import CreateFromDocument
+
+        header = CreateFromDocument(header.encode() if isinstance(header, str) else header)
+    sp = getattr(header, "sequenceParameters", None)
+    fa = list(getattr(sp, "flipAngle_deg", None) or [])
+    if sp is None or len(fa) < 2:
+        raise ParameterError(
+            "the header carries no MRF schedule: sequenceParameters needs one flipAngle_deg (and TR, TE) "
+            "per TR; pass the schedule explicitly"
+        )
+    ti = list(getattr(sp, "TI", None) or [0.0])
+    return Schedule(fa, list(sp.TR), list(sp.TE), 0.0, inversion=float(ti[0]) > 0, ti=float(ti[0]))
+
+
 def _broadcast(name: str, value: Any, n: int) -> np.ndarray:
     a = np.atleast_1d(np.asarray(value, dtype=np.float64))
     if a.size == 1:

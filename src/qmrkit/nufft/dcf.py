@@ -20,8 +20,9 @@ from .plan import _validate_traj
 from .native import NativeEngine
 
 
-def density_compensation(traj, im_size: int | Sequence[int], *, n_iter: int = 20,
-                         width: int = 4, device=None) -> torch.Tensor:
+def density_compensation(
+    traj, im_size: int | Sequence[int], *, n_iter: int = 20, width: int = 4, device=None
+) -> torch.Tensor:
     """Pipe–Menon density-compensation weights for a trajectory.
 
     Parameters

@@ -1,6 +1,7 @@
 """End-to-end functions (raw scan or series → maps/images); the server and CLI call these."""
 
 from .calibration import noise_statistics
+from .mrf import MrfMaps, default_dictionary, mrf_maps
 from .series import fit_maps
 
-__all__ = ["fit_maps", "noise_statistics"]
+__all__ = ["fit_maps", "noise_statistics", "mrf_maps", "MrfMaps", "default_dictionary"]

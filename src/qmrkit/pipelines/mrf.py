@@ -1,0 +1,176 @@
+"""MR fingerprinting: raw spiral k-space → T1, T2, PD (and B1) maps."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._device import resolve_device
+from .._progress import get_logger
+from ..errors import ParameterError, ShapeError
+
+log = get_logger("pipelines.mrf")
+
+
+@dataclass
+class MrfMaps:
+    """Maps from an MRF scan (image shape) and the time spent per stage (s)."""
+
+    t1: torch.Tensor
+    t2: torch.Tensor
+    pd: torch.Tensor
+    b1: torch.Tensor
+    score: torch.Tensor
+    stages: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def maps(self) -> dict[str, torch.Tensor]:
+        return {"T1": self.t1, "T2": self.t2, "PD": self.pd, "B1": self.b1, "score": self.score}
+
+    def save(self, directory: str | Path, *, affine: Any = None) -> list[Path]:
+        """NIfTI ``T1map``, ``T2map``, ``M0map`` (PD), ``B1map``, ``matchscore`` and a PNG panel."""
+        from ..io.figures import save_map_figure
+        from ..io.nifti import save_nifti
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        names = {"T1": "T1map", "T2": "T2map", "PD": "M0map", "B1": "B1map", "score": "matchscore"}
+        out = [
+            save_nifti(d / f"{names[k]}.nii.gz", v.T.cpu(), affine=affine)
+            for k, v in self.maps().items()
+        ]
+        out.append(
+            save_map_figure(
+                d / "maps.png",
+                {k: v.T for k, v in self.maps().items()},
+                units={"T1": "ms", "T2": "ms", "PD": "a.u.", "B1": "fraction"},
+                title="MR fingerprinting",
+                ranges={"T2": (0, 300), "B1": (0.6, 1.4)},
+            )
+        )
+        return out
+
+
+def default_dictionary(
+    schedule: Any, *, b1: Any = None, step: float = 0.05, device: Any = None
+) -> Any:
+    """A dictionary over T1 10–4000 ms and T2 1–500 ms with relative ``step`` (and ``b1`` values)."""
+    from ..mrf import Dictionary, log_grid
+
+    return Dictionary.build(
+        schedule,
+        t1=log_grid(10, 4000, step),
+        t2=log_grid(1, 500, step),
+        b1=(1.0,) if b1 is None else b1,
+        device=device,
+        keep_atoms=False,
+    )
+
+
+def mrf_maps(
+    scan: Any,
+    *,
+    dictionary: Any = None,
+    b1_map: Any = None,
+    schedule: Any = None,
+    n_iter: int = 0,
+    eps: float = 1e-3,
+    device: Any = None,
+) -> MrfMaps:
+    """Reconstruct and match an MRF scan (one spiral interleaf per TR).
+
+    Parameters
+    ----------
+    scan : RawScan
+        ``kdata (coils, frames·samples)`` with ``traj (frames·samples, 2)`` and ``meta["frames"]``
+        (or the frame count from the schedule).
+    dictionary : Dictionary, optional
+        SVD-compressed dictionary for the scan's schedule (default: built from ``schedule`` over the
+        default grid, with the B1 values of ``b1_map`` when one is given).
+    b1_map : array (ny, nx), optional
+        Measured B1 (fraction of nominal): each voxel then matches only atoms at its B1.
+    schedule : Schedule, optional
+        The acquisition (default ``scan.meta["schedule"]`` or the dictionary's).
+    n_iter : int
+        Low-rank conjugate-gradient refinement iterations after the gridding reconstruction.
+    eps : float
+        NUFFT accuracy.
+    """
+    from ..mrf import match, subspace_recon
+    from ..recon import walsh
+
+    dev = resolve_device(device)
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+    sched = (
+        schedule
+        or scan.meta.get("schedule")
+        or (dictionary.schedule if dictionary is not None else None)
+    )
+    if sched is None:
+        raise ParameterError("mrf_maps needs the sequence schedule (schedule=..., or a dictionary)")
+    if dictionary is None:
+        b1_values = None
+        if b1_map is not None:
+            b = np.asarray(b1_map, dtype=np.float64)
+            b1_values = np.round(
+                np.arange(np.floor(np.nanmin(b) * 10) / 10, np.nanmax(b) + 0.1, 0.05), 3
+            )
+        dictionary = default_dictionary(sched, b1=b1_values, device=dev)
+        stages["dictionary"] = time.perf_counter() - t0
+    if dictionary.basis is None:
+        raise ParameterError("the dictionary must be SVD-compressed (Dictionary.compress)")
+    T = sched.n_tr
+    C, M = scan.kdata.shape[-2:]
+    if M % T:
+        raise ShapeError(
+            f"k-space has {M} samples per coil, not a multiple of the {T} frames of the schedule"
+        )
+    S = M // T
+    im_size = tuple(scan.recon_size or scan.matrix_size)
+    kdata = scan.kdata.reshape(C, T, S).to(dev)
+    traj = scan.traj.reshape(T, S, -1).to(dev)
+    basis = dictionary.basis.to(dev)
+    t = time.perf_counter()
+    coil_coeffs = subspace_recon(kdata, traj, basis, im_size, eps=eps, device=dev)  # (C, K, *im)
+    stages["subspace_recon"] = time.perf_counter() - t
+    t = time.perf_counter()
+    maps = walsh(
+        coil_coeffs[:, 0]
+    )  # sensitivities from the first (highest-energy) coefficient image
+    coeffs = (maps.conj()[:, None] * coil_coeffs).sum(0)  # (K, *im)
+    stages["coil_combination"] = time.perf_counter() - t
+    if n_iter > 0:
+        t = time.perf_counter()
+        coeffs = subspace_recon(
+            kdata, traj, basis, im_size, maps=maps, n_iter=n_iter, eps=eps, device=dev
+        )
+        stages["subspace_cg"] = time.perf_counter() - t
+    t = time.perf_counter()
+    x = coeffs.movedim(0, -1)  # (*im, K)
+    mask = _object_mask(x)
+    res = match(x, dictionary, b1_map=b1_map, mask=mask)
+    stages["matching"] = time.perf_counter() - t
+    stages["total"] = time.perf_counter() - t0
+    log.info("mrf_maps: %s", {k: round(v, 3) for k, v in stages.items()})
+    return MrfMaps(
+        t1=res.t1,
+        t2=res.t2,
+        pd=res.pd,
+        b1=res.b1,
+        score=res.score,
+        stages=stages,
+        info={"rank": dictionary.rank, "atoms": dictionary.n_atoms, "b1_clipped": res.n_b1_clipped},
+    )
+
+
+def _object_mask(x: torch.Tensor, fraction: float = 0.05) -> torch.Tensor:
+    """Voxels whose coefficient norm exceeds ``fraction`` of the 99th percentile (the object)."""
+    n = torch.linalg.vector_norm(x, dim=-1)
+    ref = torch.quantile(n.reshape(-1).float()[:: max(1, n.numel() // 100000)], 0.99)
+    return n > fraction * ref
