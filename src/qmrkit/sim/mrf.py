@@ -100,9 +100,13 @@ def mrf_scan(
         kdata[:, frames] = op.forward(maps[:, None] * x[frames][None])
     rng = torch.Generator().manual_seed(seed)
     sigma = noise_level * float(kdata.abs().max())
-    noise = lambda *s: (
-        torch.complex(torch.randn(s, generator=rng), torch.randn(s, generator=rng)) * sigma
-    )  # noqa: E731
+
+    def noise(*shape: int) -> torch.Tensor:
+        return (
+            torch.complex(torch.randn(shape, generator=rng), torch.randn(shape, generator=rng))
+            * sigma
+        )
+
     kdata = kdata + noise(*kdata.shape)
     header = _header(shp, n_coils, sched)
     return RawScan(
