@@ -347,8 +347,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_mrf(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .io import load_nifti
     from .io.mrd import read_mrd
     from .mrf import Dictionary, log_grid, schedule_from_header
@@ -368,11 +366,9 @@ def _cmd_mrf(args: argparse.Namespace) -> int:
     if args.dictionary:
         dictionary = Dictionary.load(args.dictionary, device=args.device)
     else:
-        b1_values = (1.0,)
-        if b1 is not None:
-            lo = np.floor(np.nanpercentile(b1, 0.5) / args.b1_step) * args.b1_step
-            hi = np.ceil(np.nanpercentile(b1, 99.5) / args.b1_step) * args.b1_step
-            b1_values = np.round(np.arange(lo, hi + args.b1_step / 2, args.b1_step), 4)
+        from .pipelines import b1_grid
+
+        b1_values = (1.0,) if b1 is None else b1_grid(b1, args.b1_step)
         t = time.perf_counter()
         dictionary = Dictionary.build(
             schedule,

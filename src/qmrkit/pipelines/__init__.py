@@ -1,7 +1,7 @@
 """End-to-end functions (raw scan or series → maps/images); the server and CLI call these."""
 
 from .calibration import noise_statistics
-from .mrf import MrfMaps, default_dictionary, mrf_maps
+from .mrf import MrfMaps, b1_grid, default_dictionary, mrf_maps
 from .series import fit_maps
 
-__all__ = ["fit_maps", "noise_statistics", "mrf_maps", "MrfMaps", "default_dictionary"]
+__all__ = ["fit_maps", "noise_statistics", "mrf_maps", "MrfMaps", "default_dictionary", "b1_grid"]

@@ -56,6 +56,14 @@ class MrfMaps:
         return out
 
 
+def b1_grid(b1_map: Any, step: float = 0.05) -> np.ndarray:
+    """Dictionary B1 values covering a measured B1 map (0.5–99.5 percentile) in steps of ``step``."""
+    b = np.asarray(b1_map, dtype=np.float64)
+    lo = np.floor(np.nanpercentile(b, 0.5) / step) * step
+    hi = np.ceil(np.nanpercentile(b, 99.5) / step) * step
+    return np.round(np.arange(lo, hi + step / 2, step), 4)
+
+
 def default_dictionary(
     schedule: Any, *, b1: Any = None, step: float = 0.05, device: Any = None
 ) -> Any:

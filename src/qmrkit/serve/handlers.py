@@ -4,7 +4,8 @@ A handler receives the collected :class:`~qmrkit.serve.server.Session` and retur
 text lines to send back. Handlers only call :mod:`qmrkit.pipelines` functions (and the dependency
 store); they never reach into solver internals.
 
-Config names: ``null``, ``fit:<model>`` (image series → maps), ``store-b1`` (a B1 map image →
+Config names: ``null``, ``fit:<model>`` (image series → maps), ``mrf`` (spiral MR fingerprinting
+raw data → T1/T2/PD maps, B1-corrected with a stored B1 map), ``store-b1`` (a B1 map image →
 dependency store), ``store-noise`` (noise acquisitions → noise statistics in the store).
 """
 
@@ -191,3 +192,102 @@ def parse_parameters(text: str) -> dict[str, Any]:
         return {}
     params = obj.get("parameters", obj) if isinstance(obj, dict) else {}
     return params if isinstance(params, dict) else {}
+
+
+_DICTIONARY_CACHE: dict[tuple, Any] = {}
+
+
+def _raw_scan_from_session(session: Session) -> Any:
+    """Spiral acquisitions (one readout per TR, ISMRMRD trajectory units) → a RawScan."""
+    import ismrmrd
+    import torch
+
+    from ..io.mrd import RawScan
+
+    acqs = [a for a in session.acquisitions if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    if not acqs:
+        raise ProtocolError("this pipeline needs acquisitions, but the client sent none")
+    enc = session.header.encoding[0]
+    ms = enc.reconSpace.matrixSize
+    shape = (int(ms.y), int(ms.x))
+    acqs.sort(
+        key=lambda a: (int(a.idx.repetition), int(a.idx.kspace_encode_step_1), int(a.scan_counter))
+    )
+    S = int(acqs[0].number_of_samples)
+    if any(int(a.number_of_samples) != S for a in acqs) or acqs[0].trajectory_dimensions < 2:
+        raise ProtocolError("MRF acquisitions need equal readout lengths and a 2D trajectory")
+    k = np.stack([np.asarray(a.data) for a in acqs], axis=1)  # (C, T, S)
+    tr = np.stack([np.asarray(a.traj)[:, :2] for a in acqs])  # (T, S, 2): (kx, ky) in cycles/FOV
+    tr = tr[..., ::-1] / np.array(shape, dtype=np.float64)
+    tr = np.where(tr >= 0.5, tr - 1.0, tr)
+    return RawScan(
+        header=session.header_xml,
+        kdata=torch.from_numpy(k.reshape(k.shape[0], -1)),
+        traj=torch.from_numpy(tr.reshape(-1, 2)).float(),
+        matrix_size=shape,
+        recon_size=shape,
+        trajectory="spiral",
+        meta={"frames": len(acqs), "samples": S},
+    )
+
+
+@register("mrf")
+def _mrf(session: Session, arg: str | None) -> list[Any]:
+    from ..mrf import Dictionary, log_grid, schedule_from_header
+    from ..pipelines import b1_grid, mrf_maps
+
+    scan = _raw_scan_from_session(session)
+    schedule = schedule_from_header(session.header)
+    b1_map = None
+    if session.store is not None:
+        dep = _find_dependency(session, "b1")
+        if dep is not None:
+            b = dep.arrays[
+                "b1"
+            ].T  # stored in image (x, y) order, like every series; ours is (y, x)
+            shape = scan.recon_size
+            if b.shape == shape:
+                b1_map = b
+                session.log.append("mrf: using the stored B1 map")
+    step = float(session.parameters.get("dictionary_step", 0.05))
+    b1_step = float(session.parameters.get("b1_step", 0.05))
+    b1_values: tuple = (1.0,) if b1_map is None else tuple(b1_grid(b1_map, b1_step))
+    key = (
+        schedule.flip_angles.tobytes(),
+        schedule.tr.tobytes(),
+        schedule.te.tobytes(),
+        schedule.ti,
+        step,
+        b1_values,
+    )
+    t0 = time.perf_counter()
+    dictionary = _DICTIONARY_CACHE.get(key)
+    if dictionary is None:  # the dictionary of a protocol is built once per server process
+        dictionary = Dictionary.build(
+            schedule,
+            t1=log_grid(10, 4000, step),
+            t2=log_grid(1, 500, step),
+            b1=b1_values,
+            keep_atoms=False,
+        )
+        _DICTIONARY_CACHE.clear()
+        _DICTIONARY_CACHE[key] = dictionary
+        session.stage("dictionary", time.perf_counter() - t0)
+    maps = mrf_maps(scan, dictionary=dictionary, b1_map=b1_map, schedule=schedule)
+    for stage, seconds in maps.stages.items():
+        if stage != "total":
+            session.stage(stage, seconds)
+    units = {"T1": "ms", "T2": "ms", "PD": "a.u.", "B1": "fraction", "score": ""}
+    stems = {"T1": "T1map", "T2": "T2map", "PD": "M0map", "B1": "B1map", "score": "matchscore"}
+    out: list[Any] = []
+    for i, (name, m) in enumerate(maps.maps().items(), start=1):
+        meta = {
+            "DataRole": "Quantitative",
+            "SeriesDescription": f"qmrkit_{stems[name]}",
+            "ImageComment": f"{name} [{units[name]}]" if units[name] else name,
+            "Units": units[name],
+            "ImageProcessingHistory": "qmrkit mrf",
+        }
+        out.append(array_to_image(m.T.cpu().numpy(), series_index=i, meta=meta))
+    out.append("mrf: " + ", ".join(f"{k} {v:.2f} s" for k, v in maps.stages.items()))
+    return out

@@ -1,0 +1,66 @@
+"""A full MRF session over loopback: B1 map from an earlier connection, maps equal to the direct call."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from qmrkit import pipelines, sim
+from qmrkit.mrf import Dictionary, log_grid, schedule_from_header
+from qmrkit.serve import DirectoryStore, exchange
+from qmrkit.serve.client import read_mrd_file
+from qmrkit.serve.mrd_images import array_to_image, image_to_array
+
+from .helpers import BackgroundServer
+
+pytestmark = pytest.mark.slow
+
+
+def test_mrf_over_the_wire_equals_direct_pipeline(tmp_path):
+    from qmrkit.io.mrd import read_mrd, write_mrd
+
+    scan = sim.mrf_scan((48, 48), n_coils=2, schedule=None, b1_amplitude=0.2, seed=3)
+    path = write_mrd(tmp_path / "mrf.h5", scan)
+    header, acqs, _ = read_mrd_file(path)
+    b1 = scan.meta["truth"]["B1"].astype(np.float32)
+    params = {"dictionary_step": 0.12, "b1_step": 0.1}
+    with BackgroundServer(store=DirectoryStore(tmp_path / "store")) as srv:
+        r = asyncio.run(
+            exchange(
+                "127.0.0.1",
+                srv.port,
+                config="store-b1",
+                header_xml=header,
+                images=[array_to_image(b1.T, series_index=0)],
+            )
+        )
+        assert not r.errors, r.texts
+        reply = asyncio.run(
+            exchange(
+                "127.0.0.1",
+                srv.port,
+                config="mrf",
+                header_xml=header,
+                acquisitions=acqs,
+                parameters=params,
+            )
+        )
+    assert not reply.errors, reply.texts
+    assert "mrf: using the stored B1 map" in reply.texts
+    got = {str(im.meta["SeriesDescription"]): image_to_array(im) for im in reply.images}
+    # the same computation called directly
+    sched = schedule_from_header(header)
+    b1_values = pipelines.b1_grid(b1, 0.1)
+    d = Dictionary.build(
+        sched,
+        t1=log_grid(10, 4000, 0.12),
+        t2=log_grid(1, 500, 0.12),
+        b1=b1_values,
+        keep_atoms=False,
+    )
+    direct = pipelines.mrf_maps(read_mrd(path), dictionary=d, b1_map=b1, schedule=sched)
+    ref_t1 = np.nan_to_num(direct.t1.numpy().T)
+    np.testing.assert_allclose(got["qmrkit_T1map"], ref_t1, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        got["qmrkit_T2map"], np.nan_to_num(direct.t2.numpy().T), rtol=1e-5, atol=1e-3
+    )
