@@ -27,7 +27,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results  # noqa: E402
-
 from qmrkit import mrf, pipelines, sim  # noqa: E402
 
 
