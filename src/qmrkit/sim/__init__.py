@@ -2,7 +2,7 @@
 
 from .coils import coil_maps
 from .masks import calibration_region, cartesian_mask
-from .mrf import b1_field, mrf_scan, spiral_frames
+from .mrf import b1_field, mrf_scan, mrf_scan_3d, spiral_frames, stack_of_spirals_frames
 from .noise import add_noise
 from .phantoms import CARDIAC_TISSUES, cardiac_phantom, nist_phantom
 from .raw import raw_scan
@@ -25,4 +25,6 @@ __all__ = [
     "mrf_scan",
     "b1_field",
     "spiral_frames",
+    "mrf_scan_3d",
+    "stack_of_spirals_frames",
 ]

@@ -182,7 +182,8 @@ def nist_phantom(
     Parameters
     ----------
     shape : tuple
-        2D or 3D matrix size.
+        2D ``(ny, nx)`` or 3D ``(ny, nx, nz)`` matrix size (NIfTI order; isotropic voxels, the
+        spheres centred in the slab).
     plate : {"T1", "T2"}
         Which plate (its spheres span T1 21–1989 ms or T2 5.6–581 ms).
     version : {1, 2}
@@ -210,7 +211,9 @@ def nist_phantom(
     for k, (cy, cx) in enumerate(centres, start=1):
         d2 = (coords[0] - cy) ** 2 + (coords[1] - cx) ** 2
         if len(shp) == 3:
-            d2 = d2 + coords[2] ** 2  # spheres centred in the slab
+            # isotropic voxels: z in the same units as the in-plane axes, centred in the slab
+            z = (np.arange(shp[2]) + 0.5 - shp[2] / 2) / (max(shp[0], shp[1]) / 2)
+            d2 = d2 + z[None, None, :] ** 2
         labels[d2 <= radius**2] = k
     props = {k: (t1s[k - 1], t2s[k - 1], 1.0) for k in range(1, 15)}
     out: dict[str, np.ndarray | dict] = dict(_maps_from_labels(labels, props))
