@@ -72,9 +72,13 @@ def test_3d_stack_of_spirals_with_partition_undersampling():
     scan = sim.mrf_scan_3d((8, 48, 48), n_coils=4, partition_undersampling=2, seed=0)
     truth = scan.meta["truth"]
     assert scan.traj.shape[-1] == 3 and scan.meta["partition_undersampling"] == 2
-    d = mrf.Dictionary.build(scan.meta["schedule"], t1=mrf.log_grid(10, 4000, 0.08),
-                             t2=mrf.log_grid(1, 500, 0.08), b1=pipelines.b1_grid(truth["B1"], 0.1),
-                             keep_atoms=False)
+    d = mrf.Dictionary.build(
+        scan.meta["schedule"],
+        t1=mrf.log_grid(10, 4000, 0.08),
+        t2=mrf.log_grid(1, 500, 0.08),
+        b1=pipelines.b1_grid(truth["B1"], 0.1),
+        keep_atoms=False,
+    )
     maps = pipelines.mrf_maps(scan, dictionary=d, b1_map=truth["B1"])
     assert maps.t1.shape == (8, 48, 48)
     e1, e2 = [], []

@@ -420,3 +420,26 @@ def test_mutual_tls(tmp_path):
             assert not r.texts, "a client without a valid certificate was served"
             refused += 1
         assert refused == 2
+
+
+@pytest.mark.parametrize("method, trajectory", [("sense", "cartesian"), ("gridding", "radial")])
+def test_image_reconstruction_pipelines(tmp_path, method, trajectory):
+    from qmrkit.io.mrd import read_mrd
+    from qmrkit.recon import reconstruct
+    from qmrkit.serve.client import read_mrd_file
+    from qmrkit.sim import raw_scan
+
+    kwargs = {"acceleration": 2} if trajectory == "cartesian" else {"n_spokes": 40}
+    raw_scan(
+        (32, 32), n_coils=4, trajectory=trajectory, seed=1, path=tmp_path / "scan.h5", **kwargs
+    )
+    header, acqs, _ = read_mrd_file(tmp_path / "scan.h5")
+    with BackgroundServer() as srv:
+        reply = asyncio.run(
+            exchange("127.0.0.1", srv.port, config=method, header_xml=header, acquisitions=acqs)
+        )
+    assert not reply.errors, reply.texts
+    got = image_to_array(reply.images[0])
+    _, direct = reconstruct(read_mrd(tmp_path / "scan.h5"), method)
+    ref = np.abs(direct.numpy()).T
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6 * float(ref.max()))

@@ -5,7 +5,8 @@ text lines to send back. Handlers only call :mod:`qmrkit.pipelines` functions (a
 store); they never reach into solver internals.
 
 Config names: ``null``, ``fit:<model>`` (image series → maps), ``mrf`` (spiral MR fingerprinting
-raw data → T1/T2/PD maps, B1-corrected with a stored B1 map), ``store-b1`` (a B1 map image →
+raw data → T1/T2/PD maps, B1-corrected with a stored B1 map), ``sense``/``tv``/``gridding`` (raw
+data → images through :func:`qmrkit.recon.reconstruct`), ``store-b1`` (a B1 map image →
 dependency store), ``store-noise`` (noise acquisitions → noise statistics in the store).
 """
 
@@ -291,3 +292,63 @@ def _mrf(session: Session, arg: str | None) -> list[Any]:
         out.append(array_to_image(m.T.cpu().numpy(), series_index=i, meta=meta))
     out.append("mrf: " + ", ".join(f"{k} {v:.2f} s" for k, v in maps.stages.items()))
     return out
+
+
+def _scan_from_session(session: Session) -> Any:
+    """The session's header and acquisitions as a RawScan, through the same reader as files
+    (written to a temporary ISMRMRD file, so streamed and stored scans are parsed identically)."""
+    import tempfile
+    from pathlib import Path
+
+    import ismrmrd
+
+    from ..io.mrd import read_mrd
+
+    if not session.acquisitions:
+        raise ProtocolError("this pipeline needs acquisitions, but the client sent none")
+    with tempfile.TemporaryDirectory(prefix="qmrkit-session-") as tmp:
+        path = Path(tmp) / "scan.h5"
+        ds = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
+        try:
+            ds.write_xml_header(session.header_xml)
+            for a in session.acquisitions:
+                ds.append_acquisition(a)
+        finally:
+            ds.close()
+        return read_mrd(path)
+
+
+def _image_recon(session: Session, method: str) -> list[Any]:
+    from ..recon import reconstruct
+
+    t0 = time.perf_counter()
+    scan = _scan_from_session(session)
+    result, image = reconstruct(scan, method)
+    session.stage(method, time.perf_counter() - t0)
+    img = image.detach().cpu().numpy()
+    mag = np.abs(img)
+    arr = mag.T if mag.ndim in (2, 3) else mag  # ours (…, y, x) → MRD (x, y[, z]) order
+    meta = {
+        "DataRole": "Image",
+        "SeriesDescription": f"qmrkit_{method}",
+        "ImageProcessingHistory": f"qmrkit {method}",
+    }
+    return [
+        array_to_image(arr, series_index=1, meta=meta),
+        f"{method}: image {tuple(img.shape)} in {time.perf_counter() - t0:.2f} s",
+    ]
+
+
+@register("sense")
+def _sense(session: Session, arg: str | None) -> list[Any]:
+    return _image_recon(session, "sense")
+
+
+@register("tv")
+def _tv(session: Session, arg: str | None) -> list[Any]:
+    return _image_recon(session, "tv")
+
+
+@register("gridding")
+def _gridding(session: Session, arg: str | None) -> list[Any]:
+    return _image_recon(session, "gridding")

@@ -137,8 +137,15 @@ def mrf_scan(
     )
 
 
-def stack_of_spirals_frames(n_frames: int, n_interleaves: int, samples: int, shape: Sequence[int], *,
-                            partition_undersampling: int = 2, density: float = 1.0) -> torch.Tensor:
+def stack_of_spirals_frames(
+    n_frames: int,
+    n_interleaves: int,
+    samples: int,
+    shape: Sequence[int],
+    *,
+    partition_undersampling: int = 2,
+    density: float = 1.0,
+) -> torch.Tensor:
     """3D trajectory ``(n_frames, n_partitions/R · samples, 3)`` in cycles/pixel, ``(kz, ky, kx)``.
 
     Frame t uses spiral interleaf t mod ``n_interleaves`` on every R-th partition, starting at
@@ -152,10 +159,13 @@ def stack_of_spirals_frames(n_frames: int, n_interleaves: int, samples: int, sha
     kz_all = (torch.arange(nz) - nz // 2).float() / nz
     frames = []
     for t in range(n_frames):
-        kz = kz_all[(t % R)::R]  # (nz/R,)
+        kz = kz_all[(t % R) :: R]  # (nz/R,)
         arm = arms[t % n_interleaves]
-        frames.append(torch.cat([kz[:, None, None].expand(-1, samples, 1), arm[None].expand(len(kz), -1, -1)], -1)
-                      .reshape(-1, 3))
+        frames.append(
+            torch.cat(
+                [kz[:, None, None].expand(-1, samples, 1), arm[None].expand(len(kz), -1, -1)], -1
+            ).reshape(-1, 3)
+        )
     return torch.stack(frames)
 
 
@@ -192,9 +202,13 @@ def mrf_scan_3d(
     inside = pd > 0
     sig = epg_fisp(sched, t1[inside], t2[inside], b1[inside], dtype=torch.float32)
     x = torch.zeros((T, *shp), dtype=torch.complex64)
-    x.reshape(T, -1)[:, torch.as_tensor(inside.reshape(-1))] = (sig * torch.as_tensor(pd[inside], dtype=torch.float32)[:, None]).T
+    x.reshape(T, -1)[:, torch.as_tensor(inside.reshape(-1))] = (
+        sig * torch.as_tensor(pd[inside], dtype=torch.float32)[:, None]
+    ).T
     maps = coil_maps(n_coils, shp)
-    traj = stack_of_spirals_frames(T, n_interleaves, S, shp, partition_undersampling=partition_undersampling)
+    traj = stack_of_spirals_frames(
+        T, n_interleaves, S, shp, partition_undersampling=partition_undersampling
+    )
     P = traj.shape[1]
     kdata = torch.zeros((n_coils, T, P), dtype=torch.complex64)
     period = math.lcm(n_interleaves, partition_undersampling)
@@ -210,13 +224,30 @@ def mrf_scan_3d(
 
     kdata = kdata + noise(*kdata.shape)
     return RawScan(
-        header=_header(shp[1:], n_coils, sched), kdata=kdata.reshape(n_coils, T * P), traj=traj.reshape(T * P, 3),
-        noise=noise(n_coils, 2048), matrix_size=shp, recon_size=shp, fov_mm=(10.0 * shp[0], 250.0, 250.0),
+        header=_header(shp[1:], n_coils, sched),
+        kdata=kdata.reshape(n_coils, T * P),
+        traj=traj.reshape(T * P, 3),
+        noise=noise(n_coils, 2048),
+        matrix_size=shp,
+        recon_size=shp,
+        fov_mm=(10.0 * shp[0], 250.0, 250.0),
         trajectory="spiral",
-        meta={"frames": T, "samples": P, "schedule": sched, "noise_sigma": sigma,
-              "partition_undersampling": partition_undersampling,
-              "truth": {"T1": t1, "T2": t2, "PD": pd, "B1": b1, "labels": ph["labels"], "tissues": ph["tissues"],
-                        "maps": maps}},
+        meta={
+            "frames": T,
+            "samples": P,
+            "schedule": sched,
+            "noise_sigma": sigma,
+            "partition_undersampling": partition_undersampling,
+            "truth": {
+                "T1": t1,
+                "T2": t2,
+                "PD": pd,
+                "B1": b1,
+                "labels": ph["labels"],
+                "tissues": ph["tissues"],
+                "maps": maps,
+            },
+        },
     )
 
 
