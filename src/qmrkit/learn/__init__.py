@@ -14,6 +14,17 @@ Importing this package imports torch only (already needed by qmrkit).
 
 from .dc import CGDataConsistency, GradientDataConsistency
 from .denoisers import ResidualCNN
+from .data import ArrayDataset, SyntheticDataset, sample_operator
+from .train import (
+    NonFiniteLossError,
+    TrainResult,
+    baselines,
+    build_model,
+    evaluate,
+    load_model,
+    model_config,
+    train,
+)
 from .unrolled import MEMORY_MODES, InversionWarning, UnrolledNet
 
 __all__ = [
@@ -23,4 +34,15 @@ __all__ = [
     "GradientDataConsistency",
     "InversionWarning",
     "MEMORY_MODES",
+    "ArrayDataset",
+    "SyntheticDataset",
+    "sample_operator",
+    "train",
+    "evaluate",
+    "baselines",
+    "TrainResult",
+    "NonFiniteLossError",
+    "model_config",
+    "build_model",
+    "load_model",
 ]

@@ -202,12 +202,17 @@ def fixed_point_inverse(
     with torch.no_grad():
         zn = float(torch.linalg.vector_norm(torch.view_as_real(z))) or 1.0
         x = z - f(z)
-        res = math.inf
-        for _ in range(max_iter):
+        res = best = math.inf
+        best_it = 0
+        for it in range(max_iter):
             r = x + f(x) - z
             res = float(torch.linalg.vector_norm(torch.view_as_real(r))) / zn
             if not math.isfinite(res) or res <= tol:
                 break
+            if res < 0.5 * best:
+                best, best_it = res, it
+            elif res > 4 * best or it - best_it > 25:
+                break  # diverging or stalled: f is not a contraction here; fail fast
             x = x - r  # = z - f(x)
         return x, bool(math.isfinite(res) and res <= tol), res
 
