@@ -160,6 +160,11 @@ class UnrolledNet(nn.Module):
         self.on_inversion_failure = on_inversion_failure
         self.ndim = getattr(denoiser, "ndim", None)
         self.last_backward: dict = {}
+        #: fallbacks (recomputations after failed inversions) since construction; the first one
+        #: is logged as a warning and warned with InversionWarning, later ones at info level
+        #: unless ``warn_every_fallback`` is set
+        self.inversion_fallbacks = 0
+        self.warn_every_fallback = False
         if memory in ("reversible", "hybrid"):
             if not (hasattr(denoiser, "residual") or hasattr(denoiser, "inverse")):
                 raise ParameterError(
@@ -333,8 +338,12 @@ class _MEL(torch.autograd.Function):
             stats["fallbacks"] += 1
             if net.on_inversion_failure == "raise" and not hybrid:
                 raise ParameterError(f"UnrolledNet(memory='reversible'): {msg}")
-            log.warning(msg)
-            warnings.warn(msg, InversionWarning, stacklevel=3)
+            net.inversion_fallbacks += 1
+            if net.inversion_fallbacks == 1 or net.warn_every_fallback:
+                log.warning(msg)
+                warnings.warn(msg, InversionWarning, stacklevel=3)
+            else:  # later ones only at info level; the count is in net.inversion_fallbacks
+                log.info(msg)
 
         e, x_end = net.n_unrolls, xN
         for s in reversed(ctx.ck_idx):
