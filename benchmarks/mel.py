@@ -45,8 +45,19 @@ def _rss_now_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(case: str, mode: str, n: int, steps: int, device: str, threads: int, lam: float,
-           cg_iter: int, cg_tol: float, every: int, drift_tol: float | None) -> dict:
+def worker(
+    case: str,
+    mode: str,
+    n: int,
+    steps: int,
+    device: str,
+    threads: int,
+    lam: float,
+    cg_iter: int,
+    cg_tol: float,
+    every: int,
+    drift_tol: float | None,
+) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -57,15 +68,31 @@ def worker(case: str, mode: str, n: int, steps: int, device: str, threads: int, 
     cfg = CASES[case]
     dev = torch.device(device)
     kind = "2d" if cfg["ndim"] == 2 else "3d"
-    ds = SyntheticDataset(1, cfg["shape"], n_coils=cfg["coils"], acceleration=cfg["accel"],
-                          noise=0.01, kind=kind, seed=0)
+    ds = SyntheticDataset(
+        1,
+        cfg["shape"],
+        n_coils=cfg["coils"],
+        acceleration=cfg["accel"],
+        noise=0.01,
+        kind=kind,
+        seed=0,
+    )
     s = {k: v.to(dev) for k, v in ds[0].items()}
     A = sample_operator(s)
     torch.manual_seed(0)
-    den = ResidualCNN(cfg["ndim"], channels=cfg["channels"], layers=cfg["layers"],
-                      spectral_norm=True)
-    net = UnrolledNet(n, den, memory=mode, lam=lam, cg_tol=cg_tol, cg_max_iter=cg_iter,
-                      checkpoint_every=min(every, n), drift_tol=drift_tol).to(dev)
+    den = ResidualCNN(
+        cfg["ndim"], channels=cfg["channels"], layers=cfg["layers"], spectral_norm=True
+    )
+    net = UnrolledNet(
+        n,
+        den,
+        memory=mode,
+        lam=lam,
+        cg_tol=cg_tol,
+        cg_max_iter=cg_iter,
+        checkpoint_every=min(every, n),
+        drift_tol=drift_tol,
+    ).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
 
     def step():
@@ -99,9 +126,17 @@ def worker(case: str, mode: str, n: int, steps: int, device: str, threads: int, 
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     times.sort()
-    return dict(case=case, mode=mode, n_unrolls=n, device=device, peak_mb=peak,
-                step_s=times[len(times) // 2], fallbacks=fallbacks, max_drift=drift,
-                baseline_mb=base)
+    return dict(
+        case=case,
+        mode=mode,
+        n_unrolls=n,
+        device=device,
+        peak_mb=peak,
+        step_s=times[len(times) // 2],
+        fallbacks=fallbacks,
+        max_drift=drift,
+        baseline_mb=base,
+    )
 
 
 def main() -> None:
@@ -115,8 +150,12 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=0.05, help="initial CG weight λ")
     ap.add_argument("--cg-iter", type=int, default=30, help="inner CG iteration cap")
     ap.add_argument("--cg-tol", type=float, default=1e-6, help="inner CG tolerance")
-    ap.add_argument("--drift-tol", type=float, default=None,
-                    help="accepted relative drift of recovered states (default: UnrolledNet's)")
+    ap.add_argument(
+        "--drift-tol",
+        type=float,
+        default=None,
+        help="accepted relative drift of recovered states (default: UnrolledNet's)",
+    )
     ap.add_argument("--every", type=int, default=5, help="hybrid checkpoint interval K")
     ap.add_argument("--quick", action="store_true", help="2D only, 1 and 5 unrolls")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "mel.json")
@@ -124,8 +163,23 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         case, mode, n = args.worker
-        print(json.dumps(worker(case, mode, int(n), args.steps, args.device, args.threads,
-                                args.lam, args.cg_iter, args.cg_tol, args.every, args.drift_tol)))
+        print(
+            json.dumps(
+                worker(
+                    case,
+                    mode,
+                    int(n),
+                    args.steps,
+                    args.device,
+                    args.threads,
+                    args.lam,
+                    args.cg_iter,
+                    args.cg_tol,
+                    args.every,
+                    args.drift_tol,
+                )
+            )
+        )
         return
     if args.quick:
         args.cases, args.unrolls = ["2d"], [1, 5]
@@ -133,10 +187,28 @@ def main() -> None:
     for case in args.cases:
         for n in args.unrolls:
             for mode in args.modes:
-                cmd = [sys.executable, __file__, "--worker", case, mode, str(n), "--steps",
-                       str(args.steps), "--device", args.device, "--threads", str(args.threads),
-                       "--lam", str(args.lam), "--cg-iter", str(args.cg_iter), "--cg-tol",
-                       str(args.cg_tol), "--every", str(args.every)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    case,
+                    mode,
+                    str(n),
+                    "--steps",
+                    str(args.steps),
+                    "--device",
+                    args.device,
+                    "--threads",
+                    str(args.threads),
+                    "--lam",
+                    str(args.lam),
+                    "--cg-iter",
+                    str(args.cg_iter),
+                    "--cg-tol",
+                    str(args.cg_tol),
+                    "--every",
+                    str(args.every),
+                ]
                 if args.drift_tol is not None:
                     cmd += ["--drift-tol", str(args.drift_tol)]
                 p = subprocess.run(cmd, capture_output=True, text=True)
@@ -145,19 +217,34 @@ def main() -> None:
                     raise SystemExit(f"worker {case} {mode} {n} failed")
                 r = json.loads(p.stdout.strip().splitlines()[-1])
                 rows.append(r)
-                print(f"{case} {mode:10s} N={n:2d}: {r['peak_mb']:8.1f} MB  {r['step_s']:7.3f} s"
-                      f"  fallbacks={r['fallbacks']}", file=sys.stderr, flush=True)
+                print(
+                    f"{case} {mode:10s} N={n:2d}: {r['peak_mb']:8.1f} MB  {r['step_s']:7.3f} s"
+                    f"  fallbacks={r['fallbacks']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     # ratios
     ref = {(r["case"], r["n_unrolls"]): r for r in rows if r["mode"] == "standard"}
     one = {r["case"]: r for r in rows if r["mode"] == "standard" and r["n_unrolls"] == 1}
     for r in rows:
         st = ref.get((r["case"], r["n_unrolls"]))
-        r["mem_reduction_vs_standard"] = st["peak_mb"] / r["peak_mb"] if st and r["peak_mb"] > 0 else None
+        r["mem_reduction_vs_standard"] = (
+            st["peak_mb"] / r["peak_mb"] if st and r["peak_mb"] > 0 else None
+        )
         r["time_vs_standard"] = r["step_s"] / st["step_s"] if st else None
         o = one.get(r["case"])
         r["peak_vs_single_unroll"] = r["peak_mb"] / o["peak_mb"] if o and o["peak_mb"] > 0 else None
-    hdr = ("case", "mode", "N", "peak MB", "step s", "mem reduction", "time ratio",
-           "peak/1-unroll", "fallbacks")
+    hdr = (
+        "case",
+        "mode",
+        "N",
+        "peak MB",
+        "step s",
+        "mem reduction",
+        "time ratio",
+        "peak/1-unroll",
+        "fallbacks",
+    )
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
 
     def f(v, fmt):
@@ -174,14 +261,27 @@ def main() -> None:
     print(table)
     import torch
 
-    meta = dict(lam=args.lam, drift_tol=args.drift_tol, cg_iter=args.cg_iter, cg_tol=args.cg_tol, every=args.every,
-                python=platform.python_version(), torch=torch.__version__,
-                machine=platform.machine(), cpus=os.cpu_count(), threads=args.threads,
-                device=args.device, steps=args.steps, cases=CASES,
-                load_avg=os.getloadavg(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    meta = dict(
+        lam=args.lam,
+        drift_tol=args.drift_tol,
+        cg_iter=args.cg_iter,
+        cg_tol=args.cg_tol,
+        every=args.every,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        machine=platform.machine(),
+        cpus=os.cpu_count(),
+        threads=args.threads,
+        device=args.device,
+        steps=args.steps,
+        cases=CASES,
+        load_avg=os.getloadavg(),
+        date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2,
-                                   default=str))
+    args.out.write_text(
+        json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2, default=str)
+    )
     print(f"wrote {args.out}", file=sys.stderr)
 
 

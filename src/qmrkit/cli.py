@@ -110,12 +110,19 @@ def _learn_parser(sub) -> None:
         a.add_argument("--noise", type=float, default=0.02, help="relative k-space noise")
         a.add_argument("--seed", type=int, default=0)
         a.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
-        a.add_argument("--out", type=Path, required=name == "train",
-                       help="output folder (checkpoints, metrics.json)")
+        a.add_argument(
+            "--out",
+            type=Path,
+            required=name == "train",
+            help="output folder (checkpoints, metrics.json)",
+        )
         if name == "train":
             a.add_argument("--unrolls", type=int, default=5)
-            a.add_argument("--memory", choices=("standard", "checkpoint", "reversible", "hybrid"),
-                           default="checkpoint")
+            a.add_argument(
+                "--memory",
+                choices=("standard", "checkpoint", "reversible", "hybrid"),
+                default="checkpoint",
+            )
             a.add_argument("--dc", choices=("cg", "gradient"), default="cg")
             a.add_argument("--channels", type=int, default=32)
             a.add_argument("--layers", type=int, default=5)

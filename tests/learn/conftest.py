@@ -17,7 +17,11 @@ def make_problem(shape=(16, 16), n_coils=3, batch=1, dtype=torch.complex128, see
     mask[..., c - 2 : c + 2, :] = True
     full = (n_coils, *shape)
     axes = tuple(range(-nd, 0))
-    A = ops.Mask(mask.to(device), shape=full) @ ops.FFT(full, axes=axes) @ ops.Sense(maps.to(device))
+    A = (
+        ops.Mask(mask.to(device), shape=full)
+        @ ops.FFT(full, axes=axes)
+        @ ops.Sense(maps.to(device))
+    )
     x = torch.randn((batch, *shape), generator=g, dtype=dtype).to(device)
     y = A(x)
     return A, x, y

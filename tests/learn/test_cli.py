@@ -7,15 +7,55 @@ from qmrkit.cli import main
 
 def test_learn_train_and_eval(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["learn", "train", "--out", str(out), "--n", "3", "--n-val", "2", "--shape", "16",
-               "16", "--coils", "2", "--epochs", "2", "--unrolls", "2", "--channels", "4",
-               "--layers", "2", "--memory", "checkpoint", "--no-progress"])
+    rc = main(
+        [
+            "learn",
+            "train",
+            "--out",
+            str(out),
+            "--n",
+            "3",
+            "--n-val",
+            "2",
+            "--shape",
+            "16",
+            "16",
+            "--coils",
+            "2",
+            "--epochs",
+            "2",
+            "--unrolls",
+            "2",
+            "--channels",
+            "4",
+            "--layers",
+            "2",
+            "--memory",
+            "checkpoint",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert len(m["history"]) == 2 and "cg_sense" in m["baselines"]
     assert (out / "best.pt").exists() and (out / "last.pt").exists()
-    rc = main(["learn", "eval", "--checkpoint", str(out / "best.pt"), "--n-val", "2", "--shape",
-               "16", "16", "--coils", "2", "--out", str(tmp_path / "ev")])
+    rc = main(
+        [
+            "learn",
+            "eval",
+            "--checkpoint",
+            str(out / "best.pt"),
+            "--n-val",
+            "2",
+            "--shape",
+            "16",
+            "16",
+            "--coils",
+            "2",
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+    )
     assert rc == 0
     ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert ev["model"]["nrmse"] > 0

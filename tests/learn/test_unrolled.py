@@ -13,16 +13,43 @@ from .conftest import make_problem
 MODES = ["standard", "checkpoint", "reversible", "hybrid"]
 
 
-def _grads(mode, A, x, y, *, ndim=2, dtype=torch.float64, n_unrolls=4, dc="cg", shared=True,
-           sn=True, scale_weights=None, lam=0.5, cg_tol=1e-12, seed=1, conv="full", **kw):
+def _grads(
+    mode,
+    A,
+    x,
+    y,
+    *,
+    ndim=2,
+    dtype=torch.float64,
+    n_unrolls=4,
+    dc="cg",
+    shared=True,
+    sn=True,
+    scale_weights=None,
+    lam=0.5,
+    cg_tol=1e-12,
+    seed=1,
+    conv="full",
+    **kw,
+):
     torch.manual_seed(seed)
     den = ResidualCNN(ndim, channels=4, layers=3, spectral_norm=sn, conv=conv)
     if scale_weights is not None:
         with torch.no_grad():
             for p in den.parameters():
                 p.mul_(scale_weights)
-    net = UnrolledNet(n_unrolls, den, data_consistency=dc, shared_weights=shared, memory=mode,
-                      lam=lam, step=0.5, cg_tol=cg_tol, cg_max_iter=300, **kw)
+    net = UnrolledNet(
+        n_unrolls,
+        den,
+        data_consistency=dc,
+        shared_weights=shared,
+        memory=mode,
+        lam=lam,
+        step=0.5,
+        cg_tol=cg_tol,
+        cg_max_iter=300,
+        **kw,
+    )
     net = net.to(dtype=dtype, device=x.device).eval()  # eval: spectral-norm estimates fixed
     xin = A.H(y)
     yy = y.clone().requires_grad_(True)
@@ -99,8 +126,9 @@ def test_modes_equal_standard_float32(device):
     A, x, y = make_problem(dtype=torch.complex64, device=device)
     _, ref_g, _, _ = _grads("standard", A, x, y, dtype=torch.float32, cg_tol=1e-7, n_unrolls=4)
     for mode in MODES[1:]:
-        _, g, _, net = _grads(mode, A, x, y, dtype=torch.float32, cg_tol=1e-7, n_unrolls=4,
-                              checkpoint_every=2)
+        _, g, _, net = _grads(
+            mode, A, x, y, dtype=torch.float32, cg_tol=1e-7, n_unrolls=4, checkpoint_every=2
+        )
         assert _rel(g, ref_g) <= 1e-4, (mode, _rel(g, ref_g))
 
 
@@ -133,8 +161,16 @@ def test_reversible_raise_option():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", InversionWarning)
         with pytest.raises(ParameterError, match="could not be inverted"):
-            _grads("reversible", A, x, y, sn=False, scale_weights=4.0, n_unrolls=3,
-                   on_inversion_failure="raise")
+            _grads(
+                "reversible",
+                A,
+                x,
+                y,
+                sn=False,
+                scale_weights=4.0,
+                n_unrolls=3,
+                on_inversion_failure="raise",
+            )
 
 
 def test_reversible_refuses_non_residual_denoiser():
@@ -169,8 +205,9 @@ def test_bad_parameters():
 
 def test_no_grad_forward_and_lambda_positive():
     A, x, y = make_problem()
-    net = UnrolledNet(3, ResidualCNN(2, channels=4, layers=2, spectral_norm=True),
-                      memory="reversible", lam=1e-3).double()
+    net = UnrolledNet(
+        3, ResidualCNN(2, channels=4, layers=2, spectral_norm=True), memory="reversible", lam=1e-3
+    ).double()
     assert float(net.lam.detach().min()) > 0
     with torch.no_grad():
         out = net(y, A)

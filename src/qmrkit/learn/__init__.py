@@ -12,9 +12,9 @@
 Importing this package imports torch only (already needed by qmrkit).
 """
 
+from .data import ArrayDataset, SyntheticDataset, sample_operator
 from .dc import CGDataConsistency, GradientDataConsistency
 from .denoisers import ResidualCNN
-from .data import ArrayDataset, SyntheticDataset, sample_operator
 from .train import (
     NonFiniteLossError,
     TrainResult,

@@ -88,7 +88,10 @@ def dynamic_mask(
     """2D+time mask ``(nt, ny, 1)``: a different random line pattern per frame."""
     nt = int(shape[0])
     return np.stack(
-        [cartesian_mask(shape[1:], acceleration, center_fraction, seed=seed + 7919 * t) for t in range(nt)]
+        [
+            cartesian_mask(shape[1:], acceleration, center_fraction, seed=seed + 7919 * t)
+            for t in range(nt)
+        ]
     )
 
 
@@ -189,22 +192,35 @@ class ArrayDataset(torch.utils.data.Dataset):
         masks = _as_tensor(masks).to(torch.bool)
         n = self.y.shape[0]
         if self.y.ndim < 4:
-            raise ShapeError(f"ArrayDataset: kspace must be (n, coils, *im) with a 2D/3D im, got {tuple(self.y.shape)}")
+            raise ShapeError(
+                f"ArrayDataset: kspace must be (n, coils, *im) with a 2D/3D im, got {tuple(self.y.shape)}"
+            )
         im = tuple(self.y.shape[2:])
         if tuple(self.target.shape) != (n, *im):
-            raise ShapeError(f"ArrayDataset: targets must have shape {(n, *im)}, got {tuple(self.target.shape)}")
+            raise ShapeError(
+                f"ArrayDataset: targets must have shape {(n, *im)}, got {tuple(self.target.shape)}"
+            )
         self.maps = maps if maps.ndim == self.y.ndim else maps.expand(n, *maps.shape)
         if tuple(self.maps.shape) != tuple(self.y.shape):
-            raise ShapeError(f"ArrayDataset: maps must have shape {tuple(self.y.shape)} (or without n), got {tuple(maps.shape)}")
+            raise ShapeError(
+                f"ArrayDataset: maps must have shape {tuple(self.y.shape)} (or without n), got {tuple(maps.shape)}"
+            )
         self.masks = masks if masks.ndim == len(im) + 1 else masks.expand(n, *masks.shape)
         if self.masks.shape[0] != n or self.masks.ndim != len(im) + 1:
-            raise ShapeError(f"ArrayDataset: masks must broadcast to {(n, *im)}, got {tuple(masks.shape)}")
+            raise ShapeError(
+                f"ArrayDataset: masks must broadcast to {(n, *im)}, got {tuple(masks.shape)}"
+            )
 
     def __len__(self) -> int:
         return self.y.shape[0]
 
     def __getitem__(self, i: int) -> dict:
-        return {"y": self.y[i], "maps": self.maps[i], "mask": self.masks[i], "target": self.target[i]}
+        return {
+            "y": self.y[i],
+            "maps": self.maps[i],
+            "mask": self.masks[i],
+            "target": self.target[i],
+        }
 
     @classmethod
     def from_npz(cls, path) -> ArrayDataset:
@@ -240,12 +256,29 @@ class SyntheticDataset(torch.utils.data.Dataset):
     seed : int
     """
 
-    def __init__(self, n: int, shape=(32, 32), n_coils: int = 4, acceleration: float = 4.0,
-                 noise: float = 0.01, kind: str = "2d", seed: int = 0, center_fraction: float = 0.08):
+    def __init__(
+        self,
+        n: int,
+        shape=(32, 32),
+        n_coils: int = 4,
+        acceleration: float = 4.0,
+        noise: float = 0.01,
+        kind: str = "2d",
+        seed: int = 0,
+        center_fraction: float = 0.08,
+    ):
         if n < 1:
             raise ParameterError(f"SyntheticDataset: n must be >= 1, got {n}")
-        self.config = dict(n=n, shape=tuple(shape), n_coils=n_coils, acceleration=acceleration,
-                           noise=noise, kind=kind, seed=seed, center_fraction=center_fraction)
+        self.config = dict(
+            n=n,
+            shape=tuple(shape),
+            n_coils=n_coils,
+            acceleration=acceleration,
+            noise=noise,
+            kind=kind,
+            seed=seed,
+            center_fraction=center_fraction,
+        )
         self.samples = []
         for i in range(n):
             s = seed * 100003 + i

@@ -65,8 +65,11 @@ class _CGSolve(torch.autograd.Function):
         glam = None
         if ctx.needs_input_grad[2]:
             d = z - x
-            glam = (torch.view_as_real(w) * torch.view_as_real(d)).sum().to(lam.dtype).reshape(
-                lam.shape
+            glam = (
+                (torch.view_as_real(w) * torch.view_as_real(d))
+                .sum()
+                .to(lam.dtype)
+                .reshape(lam.shape)
             )
         return gz, grhs, glam, None, None, None, None
 
@@ -134,8 +137,7 @@ class GradientDataConsistency(nn.Module):
         def M(v):
             return v - eta * A.N(v)
 
-        res = _cg(M, b, x0=x, max_iter=max(self.cg_max_iter, 200), tol=tol,
-                  batch_ndim=nb)
+        res = _cg(M, b, x0=x, max_iter=max(self.cg_max_iter, 200), tol=tol, batch_ndim=nb)
         z = res.x
         r = _relnorm(M(z) - b, b)
         ok = bool(math.isfinite(r) and r <= max(10 * tol, 1e-14))

@@ -84,7 +84,9 @@ class ResidualCNN(nn.Module):
         if layers < 2:
             raise ParameterError(f"ResidualCNN: layers must be >= 2, got {layers}")
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ParameterError(f"ResidualCNN: kernel_size must be odd and >= 1, got {kernel_size}")
+            raise ParameterError(
+                f"ResidualCNN: kernel_size must be odd and >= 1, got {kernel_size}"
+            )
         if conv not in ("full", "separable"):
             raise ParameterError(f"ResidualCNN: conv must be 'full' or 'separable', got {conv!r}")
         if conv == "separable" and ndim != 3:

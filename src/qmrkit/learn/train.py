@@ -170,7 +170,6 @@ class TrainResult:
 
 def _seed_all(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -216,8 +215,13 @@ def baselines(dataset, cg_iters: int = 10, lams=(0.0, 1e-3, 1e-2, 1e-1), device=
     arr = np.array(cgs[best])
     return {
         "zero_filled": {k: float(np.mean(v)) for k, v in zf.items()},
-        "cg_sense": {"nrmse": float(arr[:, 0].mean()), "psnr": float(arr[:, 1].mean()),
-                     "ssim": float(arr[:, 2].mean()), "lam": best, "iterations": cg_iters},
+        "cg_sense": {
+            "nrmse": float(arr[:, 0].mean()),
+            "psnr": float(arr[:, 1].mean()),
+            "ssim": float(arr[:, 2].mean()),
+            "lam": best,
+            "iterations": cg_iters,
+        },
     }
 
 
@@ -316,14 +320,25 @@ def train(
                     x = model(s["y"], sample_operator(s))
                     li = lossf(x, s["target"])
                     if not torch.isfinite(li):
-                        _stop(result, epoch, result.steps, f"loss is {float(li.detach())}", ckdir, last_good)
+                        _stop(
+                            result,
+                            epoch,
+                            result.steps,
+                            f"loss is {float(li.detach())}",
+                            ckdir,
+                            last_good,
+                        )
                     (li / batch_size).backward()
                     batch_losses.append(float(li.detach()))
                     bar.update(1)
                 grads = [p.grad for p in model.parameters() if p.grad is not None]
-                gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                gnorm = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g) for g in grads])
+                )
                 if not torch.isfinite(gnorm):
-                    _stop(result, epoch, result.steps, "the gradient is not finite", ckdir, last_good)
+                    _stop(
+                        result, epoch, result.steps, "the gradient is not finite", ckdir, last_good
+                    )
                 if grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 opt.step()
@@ -335,7 +350,14 @@ def train(
                 v = evaluate(model, val_dataset, dev)
                 rec.update({f"val_{k}": val for k, val in v.items()})
                 if not math.isfinite(v["nrmse"]):
-                    _stop(result, epoch, result.steps, "validation NRMSE is not finite", ckdir, last_good)
+                    _stop(
+                        result,
+                        epoch,
+                        result.steps,
+                        "validation NRMSE is not finite",
+                        ckdir,
+                        last_good,
+                    )
                 if result.best_val_nrmse is None or v["nrmse"] < result.best_val_nrmse:
                     result.best_val_nrmse, result.best_epoch = v["nrmse"], epoch
                     if ckdir is not None:
@@ -373,7 +395,9 @@ def _stop(result: TrainResult, epoch: int, step: int, why: str, ckdir, last_good
     where = (
         f"the last good checkpoint is {last_good[0]} (epoch {last_good[1]})"
         if last_good
-        else "no checkpoint was written yet" if ckdir is not None else "no checkpoint_dir was given"
+        else "no checkpoint was written yet"
+        if ckdir is not None
+        else "no checkpoint_dir was given"
     )
     msg = (
         f"train: stopped at epoch {epoch}, step {step}: {why}; the optimiser step was skipped, so "

@@ -120,9 +120,13 @@ class UnrolledNet(nn.Module):
     ):
         super().__init__()
         if int(n_unrolls) != n_unrolls or n_unrolls < 1:
-            raise ParameterError(f"UnrolledNet: n_unrolls must be a positive integer, got {n_unrolls}")
+            raise ParameterError(
+                f"UnrolledNet: n_unrolls must be a positive integer, got {n_unrolls}"
+            )
         if memory not in MEMORY_MODES:
-            raise ParameterError(f"UnrolledNet: memory must be one of {MEMORY_MODES}, got {memory!r}")
+            raise ParameterError(
+                f"UnrolledNet: memory must be one of {MEMORY_MODES}, got {memory!r}"
+            )
         if data_consistency not in ("cg", "gradient"):
             raise ParameterError(
                 f"UnrolledNet: data_consistency must be 'cg' or 'gradient', got {data_consistency!r}"
@@ -152,7 +156,9 @@ class UnrolledNet(nn.Module):
         if checkpoint_every is None:
             checkpoint_every = min(5, self.n_unrolls)
         if int(checkpoint_every) < 1:
-            raise ParameterError(f"UnrolledNet: checkpoint_every must be >= 1, got {checkpoint_every}")
+            raise ParameterError(
+                f"UnrolledNet: checkpoint_every must be >= 1, got {checkpoint_every}"
+            )
         self.checkpoint_every = int(checkpoint_every)
         self.inversion_tol = inversion_tol
         self.inversion_max_iter = int(inversion_max_iter)
@@ -206,7 +212,7 @@ class UnrolledNet(nn.Module):
         try:
             yield
         finally:
-            for m, s in zip(mods, states):
+            for m, s in zip(mods, states, strict=False):
                 m.training = s
 
     @torch.no_grad()
@@ -240,7 +246,9 @@ class UnrolledNet(nn.Module):
             if hasattr(den, "inverse"):
                 x, ok, r2 = den.inverse(z, tol=tol, max_iter=self.inversion_max_iter)
             else:
-                x, ok, r2 = fixed_point_inverse(den.residual, z, tol=tol, max_iter=self.inversion_max_iter)
+                x, ok, r2 = fixed_point_inverse(
+                    den.residual, z, tol=tol, max_iter=self.inversion_max_iter
+                )
             return x, ok, max(r1, r2)
 
     def _check_inputs(self, y, A, x0):
@@ -315,12 +323,18 @@ class _MEL(torch.autograd.Function):
         net: UnrolledNet = ctx.net
         A, nb, params = ctx.A, ctx.nb, ctx.params
         x0, rhs, xN, *cks = ctx.saved_tensors
-        ckpts = dict(zip(ctx.ck_idx, [x0, *cks]))
+        ckpts = dict(zip(ctx.ck_idx, [x0, *cks], strict=False))
         need_x0, need_rhs = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         inv_tol, drift_tol = net._tols(xN.dtype)
         hybrid = net.memory == "hybrid"
-        stats = dict(mode=net.memory, inversions=0, fallbacks=0, recomputed_unrolls=0,
-                     max_drift=0.0, max_inverse_residual=0.0)
+        stats = dict(
+            mode=net.memory,
+            inversions=0,
+            fallbacks=0,
+            recomputed_unrolls=0,
+            max_drift=0.0,
+            max_inverse_residual=0.0,
+        )
         pgrads: list = [None] * len(params)
         g_rhs = None
         rhs_in = rhs.detach().requires_grad_(need_rhs)
