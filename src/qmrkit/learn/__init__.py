@@ -15,6 +15,7 @@ Importing this package imports torch only (already needed by qmrkit).
 from .data import ArrayDataset, SyntheticDataset, sample_operator
 from .dc import CGDataConsistency, GradientDataConsistency
 from .denoisers import ResidualCNN
+from .operators import CoilBatched, noncartesian_sense
 from .train import (
     NonFiniteLossError,
     TrainResult,
@@ -45,4 +46,6 @@ __all__ = [
     "model_config",
     "build_model",
     "load_model",
+    "CoilBatched",
+    "noncartesian_sense",
 ]
