@@ -136,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         "--out", required=True, type=Path, help="output folder (images.h5, NIfTI, log.txt)"
     )
     _add_recon_parser(sub)
+    _learn_parser(sub)
 
     mr = sub.add_parser(
         "mrf",
@@ -238,6 +239,65 @@ def _cmd_recon(args: argparse.Namespace) -> int:
     print(result.summary())
     print(f"wrote {len(written)} files to {args.out} in {time.perf_counter() - t0:.2f} s")
     return 0
+
+
+def _learn_parser(sub) -> None:
+    """``qmrkit learn train|eval``: unrolled networks with memory-efficient training."""
+    lp = sub.add_parser(
+        "learn",
+        help="train or evaluate unrolled reconstruction networks (qmrkit.learn)",
+        description="Train or evaluate MoDL-style unrolled networks on Cartesian multi-coil data "
+        "(an .npz file with kspace, maps, masks, targets, or synthetic phantoms).",
+    )
+    lsub = lp.add_subparsers(dest="learn_command", metavar="ACTION", required=True)
+    for name in ("train", "eval"):
+        a = lsub.add_parser(name, help=f"{name} a network")
+        a.add_argument("--data", type=Path, help="dataset .npz (default: synthetic phantoms)")
+        a.add_argument("--val-data", type=Path, help="validation .npz (train only)")
+        a.add_argument("--n", type=int, default=32, help="synthetic samples (default 32)")
+        a.add_argument("--n-val", type=int, default=8, help="synthetic validation samples")
+        a.add_argument("--kind", choices=("2d", "3d", "2d+t"), default="2d")
+        a.add_argument("--shape", type=int, nargs="+", default=[32, 32], help="image shape")
+        a.add_argument("--coils", type=int, default=4)
+        a.add_argument("--accel", type=float, default=4.0, help="undersampling factor")
+        a.add_argument("--noise", type=float, default=0.02, help="relative k-space noise")
+        a.add_argument("--seed", type=int, default=0)
+        a.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+        a.add_argument(
+            "--out",
+            type=Path,
+            required=name == "train",
+            help="output folder (checkpoints, metrics.json)",
+        )
+        if name == "train":
+            a.add_argument("--unrolls", type=int, default=5)
+            a.add_argument(
+                "--memory",
+                choices=("standard", "checkpoint", "reversible", "hybrid"),
+                default="checkpoint",
+            )
+            a.add_argument("--dc", choices=("cg", "gradient"), default="cg")
+            a.add_argument("--channels", type=int, default=32)
+            a.add_argument("--layers", type=int, default=5)
+            a.add_argument("--conv", choices=("full", "separable"), default="full")
+            a.add_argument("--spectral-norm", action="store_true")
+            a.add_argument("--unshared", action="store_true", help="separate weights per unroll")
+            a.add_argument("--lam", type=float, default=0.05, help="initial CG weight λ")
+            a.add_argument("--cg-iter", type=int, default=10)
+            a.add_argument("--epochs", type=int, default=10)
+            a.add_argument("--lr", type=float, default=1e-3)
+            a.add_argument("--loss", choices=("l1", "l2", "ssim"), default="l2")
+            a.add_argument("--batch-size", type=int, default=1)
+            a.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+            a.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            a.add_argument("--checkpoint", type=Path, required=True, help="best.pt or last.pt")
+
+
+def _cmd_learn(args: argparse.Namespace) -> int:
+    from .learn._cli import run
+
+    return run(args)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -485,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _cmd_serve,
         "send": _cmd_send,
         "mrf": _cmd_mrf,
+        "learn": _cmd_learn,
     }
     try:
         return handlers[args.command](args)
