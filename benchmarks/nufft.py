@@ -75,22 +75,34 @@ def make_case(name: str, quick: bool):
     if name == "2d":
         n = 128 if quick else 256
         traj = nufft.radial(201 if quick else 402, 2 * n)
-        return {"name": f"2D {n}² radial {traj.shape[0]} samples, 32 coils", "im_size": (n, n),
-                "traj": traj, "coils": 32, "key": "2d"}
+        return {
+            "name": f"2D {n}² radial {traj.shape[0]} samples, 32 coils",
+            "im_size": (n, n),
+            "traj": traj,
+            "coils": 32,
+            "key": "2d",
+        }
     n = 64 if quick else 128
     spokes = 1024 if quick else 4096
     traj = nufft.radial_3d(spokes, 2 * n)
     coils = 1 if name == "3d1" else 8
-    return {"name": f"3D {n}³ radial {traj.shape[0]} samples, {coils} coil(s)",
-            "im_size": (n, n, n), "traj": traj, "coils": coils, "key": name}
+    return {
+        "name": f"3D {n}³ radial {traj.shape[0]} samples, {coils} coil(s)",
+        "im_size": (n, n, n),
+        "traj": traj,
+        "coils": coils,
+        "key": name,
+    }
 
 
 def finufft_plans(traj, im_size, eps, coils, dtype="complex64", upsampfac=None):
     import finufft
 
     real = np.float32 if dtype == "complex64" else np.float64
-    pts = [np.ascontiguousarray(2 * math.pi * traj[:, i].numpy(), dtype=real)
-           for i in range(traj.shape[1])]
+    pts = [
+        np.ascontiguousarray(2 * math.pi * traj[:, i].numpy(), dtype=real)
+        for i in range(traj.shape[1])
+    ]
     opts = {"nthreads": ARGS.threads}
     if upsampfac is not None:
         opts["upsampfac"] = upsampfac
@@ -127,13 +139,23 @@ def run_impl(label, fwd, adj, normal, x, y, reps, case, ref, subset, info="", co
     yo0 = np.asarray(yo[0] if yo.ndim > 1 else yo)
     xo0 = np.asarray(xo[0] if xo.ndim > len(case["im_size"]) else xo)
     row = {
-        "case": case["name"], "key": case["key"], "impl": label,
-        "fwd_s": tf, "adj_s": ta, "normal_s": tn, "normal_is_fwd_adj": normal is None,
-        "err_fwd": rel(yo0[subset], ref[0]), "err_adj": rel(xo0, ref[1]), "info": info,
+        "case": case["name"],
+        "key": case["key"],
+        "impl": label,
+        "fwd_s": tf,
+        "adj_s": ta,
+        "normal_s": tn,
+        "normal_is_fwd_adj": normal is None,
+        "err_fwd": rel(yo0[subset], ref[0]),
+        "err_adj": rel(xo0, ref[1]),
+        "info": info,
         "coils_timed": coils_timed or case["coils"],
     }
-    print(f"  {label:<34} fwd {tf:8.3f}s  adj {ta:8.3f}s  normal {tn:8.3f}s  "
-          f"err {row['err_fwd']:.1e}/{row['err_adj']:.1e}  {info}", flush=True)
+    print(
+        f"  {label:<34} fwd {tf:8.3f}s  adj {ta:8.3f}s  normal {tn:8.3f}s  "
+        f"err {row['err_fwd']:.1e}/{row['err_adj']:.1e}  {info}",
+        flush=True,
+    )
     return row
 
 
@@ -141,8 +163,9 @@ def bench_case(case, eps_list, reps):
     im_size, traj, coils = case["im_size"], case["traj"], case["coils"]
     m = traj.shape[0]
     g = torch.Generator().manual_seed(0)
-    x = torch.complex(torch.randn((coils, *im_size), generator=g),
-                      torch.randn((coils, *im_size), generator=g))
+    x = torch.complex(
+        torch.randn((coils, *im_size), generator=g), torch.randn((coils, *im_size), generator=g)
+    )
     y = torch.complex(torch.randn((coils, m), generator=g), torch.randn((coils, m), generator=g))
     subset = np.sort(np.random.default_rng(0).choice(m, size=min(m, 20000), replace=False))
     print(f"\n== {case['name']}", flush=True)
@@ -158,41 +181,85 @@ def bench_case(case, eps_list, reps):
         op = nufft.plan(traj, im_size, eps=eps, batch=coils, tune="measure")
         tplan = time.perf_counter() - t0
         i = op.info
-        rows.append(run_impl("qmrkit planned", op.forward, op.adjoint, op.normal, x, y, reps,
-                             case, ref, subset,
-                             f"{i.backend}/{i.method} σ={i.oversampling:g} W={i.kernel_width} "
-                             f"normal={i.normal} plan {tplan:.1f}s"))
+        rows.append(
+            run_impl(
+                "qmrkit planned",
+                op.forward,
+                op.adjoint,
+                op.normal,
+                x,
+                y,
+                reps,
+                case,
+                ref,
+                subset,
+                f"{i.backend}/{i.method} σ={i.oversampling:g} W={i.kernel_width} "
+                f"normal={i.normal} plan {tplan:.1f}s",
+            )
+        )
         rows[-1]["plan_s"] = tplan
         rows[-1]["tuning_timings_s"] = i.timings
         # qmrkit torch-native forced (measured among torch candidates)
         t0 = time.perf_counter()
-        op = nufft.plan(traj, im_size, eps=eps, batch=coils, tune="measure", backend="torch",
-                        normal="direct")
+        op = nufft.plan(
+            traj, im_size, eps=eps, batch=coils, tune="measure", backend="torch", normal="direct"
+        )
         tplan = time.perf_counter() - t0
         i = op.info
-        rows.append(run_impl("qmrkit torch-native", op.forward, op.adjoint, None, x, y, reps,
-                             case, ref, subset,
-                             f"{i.method} σ={i.oversampling:g} W={i.kernel_width} "
-                             f"grid={i.grid_size[0]} plan {tplan:.1f}s"))
+        rows.append(
+            run_impl(
+                "qmrkit torch-native",
+                op.forward,
+                op.adjoint,
+                None,
+                x,
+                y,
+                reps,
+                case,
+                ref,
+                subset,
+                f"{i.method} σ={i.oversampling:g} W={i.kernel_width} "
+                f"grid={i.grid_size[0]} plan {tplan:.1f}s",
+            )
+        )
         rows[-1]["plan_s"] = tplan
         # qmrkit Toeplitz normal (forced)
-        opt = nufft.plan(traj, im_size, eps=eps, batch=coils, backend="torch", normal="toeplitz",
-                         method=i.method, oversampling=i.oversampling)
-        tn = best_time(lambda: opt.normal(x), reps)
+        opt = nufft.plan(
+            traj,
+            im_size,
+            eps=eps,
+            batch=coils,
+            backend="torch",
+            normal="toeplitz",
+            method=i.method,
+            oversampling=i.oversampling,
+        )
+        tn = best_time(lambda: opt.normal(x), reps)  # noqa: B023 - called right here
         ref_n = op.adjoint(op.forward(x[:1]))
         err_n = rel(opt.normal(x[:1]).numpy(), ref_n.numpy())
-        print(f"  {'qmrkit Toeplitz normal':<34} normal {tn:8.3f}s  "
-              f"(vs torch-native fwd+adj, rel. diff {err_n:.1e})", flush=True)
-        rows.append({"case": case["name"], "key": case["key"], "impl": "qmrkit Toeplitz normal",
-                     "normal_s": tn, "err_normal_vs_fwd_adj": err_n,
-                     "coils_timed": coils})
+        print(
+            f"  {'qmrkit Toeplitz normal':<34} normal {tn:8.3f}s  "
+            f"(vs torch-native fwd+adj, rel. diff {err_n:.1e})",
+            flush=True,
+        )
+        rows.append(
+            {
+                "case": case["name"],
+                "key": case["key"],
+                "impl": "qmrkit Toeplitz normal",
+                "normal_s": tn,
+                "err_normal_vs_fwd_adj": err_n,
+                "coils_timed": coils,
+            }
+        )
         # FINUFFT default and each upsampfac
         for up in (None, 1.25, 2.0):
             p2, p1 = finufft_plans(traj, im_size, eps, coils, upsampfac=up)
             xn, yn = x.numpy(), y.numpy()
             label = "finufft default" if up is None else f"finufft σ={up:g}"
-            rows.append(run_impl(label, p2.execute, p1.execute, None, xn, yn, reps, case, ref,
-                                 subset))
+            rows.append(
+                run_impl(label, p2.execute, p1.execute, None, xn, yn, reps, case, ref, subset)
+            )
             del p2, p1
         # torchkbnufft defaults (only once per case: it has no accuracy parameter)
         if not ARGS.no_tkbn and eps == eps_list[0]:
@@ -220,8 +287,9 @@ def bench_tkbn(case, x, y, ref, subset, heavy):
         return adj_op(v, ktraj)[0]
 
     t0 = time.perf_counter()
-    row = run_impl("torchkbnufft", fwd, adj, None, xs, ys, reps, case, ref, subset, note,
-                   coils_timed=coils)
+    row = run_impl(
+        "torchkbnufft", fwd, adj, None, xs, ys, reps, case, ref, subset, note, coils_timed=coils
+    )
     row["wall_s"] = time.perf_counter() - t0
     return [row]
 
@@ -247,14 +315,18 @@ def ratios(rows):
         best = min(fi, key=pair)
         dflt = by["finufft default"]
         tk = by.get("torchkbnufft")
-        d = {"case": case, "eps": eps,
-             "planned_vs_finufft_best": pair(planned) / pair(best),
-             "planned_vs_finufft_default": pair(planned) / pair(dflt),
-             "finufft_best": best["impl"],
-             "native_vs_finufft_best": pair(native) / pair(best) if native else None,
-             "planned_normal_vs_fwd_adj": planned["normal_s"] / pair(planned),
-             "toeplitz_vs_native_fwd_adj": pair(native) / toep["normal_s"] if toep and native
-             else None}
+        d = {
+            "case": case,
+            "eps": eps,
+            "planned_vs_finufft_best": pair(planned) / pair(best),
+            "planned_vs_finufft_default": pair(planned) / pair(dflt),
+            "finufft_best": best["impl"],
+            "native_vs_finufft_best": pair(native) / pair(best) if native else None,
+            "planned_normal_vs_fwd_adj": planned["normal_s"] / pair(planned),
+            "toeplitz_vs_native_fwd_adj": pair(native) / toep["normal_s"]
+            if toep and native
+            else None,
+        }
         if tk:
             per_coil_tk = pair(tk) / tk["coils_timed"]
             per_coil_pl = pair(planned) / planned["coils_timed"]
@@ -276,26 +348,41 @@ def main():
     rat = ratios(rows)
     print("\n== ratios (time of fwd+adj; < 1 means qmrkit is faster)")
     for d in rat:
-        line = (f"  {d['case']} ε={d['eps']:g}: planned/finufft-best "
-                f"{d['planned_vs_finufft_best']:.2f} ({d['finufft_best']}), planned/finufft-default "
-                f"{d['planned_vs_finufft_default']:.2f}, native/finufft-best "
-                f"{d['native_vs_finufft_best']:.2f}, planned normal/(fwd+adj) "
-                f"{d['planned_normal_vs_fwd_adj']:.2f}, native fwd+adj / Toeplitz "
-                f"{d['toeplitz_vs_native_fwd_adj']:.2f}")
+        line = (
+            f"  {d['case']} ε={d['eps']:g}: planned/finufft-best "
+            f"{d['planned_vs_finufft_best']:.2f} ({d['finufft_best']}), "
+            f"planned/finufft-default "
+            f"{d['planned_vs_finufft_default']:.2f}, native/finufft-best "
+            f"{d['native_vs_finufft_best']:.2f}, planned normal/(fwd+adj) "
+            f"{d['planned_normal_vs_fwd_adj']:.2f}, native fwd+adj / Toeplitz "
+            f"{d['toeplitz_vs_native_fwd_adj']:.2f}"
+        )
         if "torchkbnufft_vs_planned_speedup" in d:
-            line += (f", speed-up over torchkbnufft (per coil) "
-                     f"{d['torchkbnufft_vs_planned_speedup']:.1f}x, error "
-                     f"{d['planned_err']:.1e} vs {d['torchkbnufft_err']:.1e}")
+            line += (
+                f", speed-up over torchkbnufft (per coil) "
+                f"{d['torchkbnufft_vs_planned_speedup']:.1f}x, error "
+                f"{d['planned_err']:.1e} vs {d['torchkbnufft_err']:.1e}"
+            )
         print(line)
     import finufft
 
-    out = Path(ARGS.out) if ARGS.out else ROOT / "benchmarks" / "results" / (
-        "nufft-quick.json" if ARGS.quick else "nufft.json")
+    out = (
+        Path(ARGS.out)
+        if ARGS.out
+        else ROOT / "benchmarks" / "results" / ("nufft-quick.json" if ARGS.quick else "nufft.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": " ".join(sys.argv), "threads": ARGS.threads, "reps": ARGS.reps,
-            "torch": torch.__version__, "finufft": getattr(finufft, "__version__", "?"),
-            "machine": platform.machine(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    meta = {
+        "command": " ".join(sys.argv),
+        "threads": ARGS.threads,
+        "reps": ARGS.reps,
+        "torch": torch.__version__,
+        "finufft": getattr(finufft, "__version__", "?"),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
     try:
         import torchkbnufft
 

@@ -24,5 +24,6 @@ def rel(a, b) -> float:
 def crandn(shape, dtype=torch.complex64, seed=0, device="cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     real = torch.float32 if dtype == torch.complex64 else torch.float64
-    return torch.complex(torch.randn(shape, generator=g, dtype=real),
-                         torch.randn(shape, generator=g, dtype=real)).to(device)
+    return torch.complex(
+        torch.randn(shape, generator=g, dtype=real), torch.randn(shape, generator=g, dtype=real)
+    ).to(device)

@@ -7,17 +7,16 @@ import functools
 import numpy as np
 import pytest
 import torch
+from nufft_testutils import crandn, ndft_matrix, rel
 
 from qmrkit import nufft
 from qmrkit._optional import available
 from qmrkit.errors import ParameterError
 
-from nufft_testutils import crandn, ndft_matrix, rel
-
 HAS_FINUFFT = available("finufft")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def problem(kind: str, im_size: tuple[int, ...]):
     """(trajectory, exact matrix) for a small problem; cached across tests."""
     rng = np.random.default_rng(sum(im_size) + len(kind))
@@ -52,15 +51,25 @@ ENGINES = [
     ("torch", "sparse", None),
     ("torch", "gather", 1.25),
     ("torch", "sparse", 2.0),
-    pytest.param("finufft", "auto", None,
-                 marks=pytest.mark.skipif(not HAS_FINUFFT, reason="finufft is not installed")),
+    pytest.param(
+        "finufft",
+        "auto",
+        None,
+        marks=pytest.mark.skipif(not HAS_FINUFFT, reason="finufft is not installed"),
+    ),
 ]
-ACCURACY = [(torch.complex64, 1e-2), (torch.complex64, 1e-3), (torch.complex64, 1e-4),
-            (torch.complex128, 1e-6), (torch.complex128, 1e-9)]
+ACCURACY = [
+    (torch.complex64, 1e-2),
+    (torch.complex64, 1e-3),
+    (torch.complex64, 1e-4),
+    (torch.complex128, 1e-6),
+    (torch.complex128, 1e-9),
+]
 
 
-@pytest.mark.parametrize("kind,im_size", CASES, ids=[f"{k}-{'x'.join(map(str, s))}"
-                                                      for k, s in CASES])
+@pytest.mark.parametrize(
+    "kind,im_size", CASES, ids=[f"{k}-{'x'.join(map(str, s))}" for k, s in CASES]
+)
 @pytest.mark.parametrize("backend,method,sigma", ENGINES)
 @pytest.mark.parametrize("dtype,eps", ACCURACY, ids=[f"{str(d)[6:]}-{e:g}" for d, e in ACCURACY])
 def test_forward_adjoint_accuracy(kind, im_size, backend, method, sigma, dtype, eps, device):
@@ -68,8 +77,17 @@ def test_forward_adjoint_accuracy(kind, im_size, backend, method, sigma, dtype, 
         pytest.skip("finufft runs on the CPU")
     traj, e = problem(kind, im_size)
     try:
-        op = nufft.plan(traj, im_size, eps=eps, dtype=dtype, backend=backend, method=method,
-                        oversampling=sigma, normal="direct", device=device)
+        op = nufft.plan(
+            traj,
+            im_size,
+            eps=eps,
+            dtype=dtype,
+            backend=backend,
+            method=method,
+            oversampling=sigma,
+            normal="direct",
+            device=device,
+        )
     except ParameterError as exc:
         # a forced low σ cannot reach very small ε with W ≤ 16: the plan must say so
         assert sigma is not None and sigma < 2 and eps <= 1e-9, exc
@@ -106,8 +124,10 @@ def test_odd_even_1d_exact_low_eps(n):
 def test_edge_sample_half_wraps():
     """k = +0.5 is accepted and equals k = −0.5 (periodicity)."""
     x = crandn((8, 8), torch.complex128, seed=4)
-    a = nufft.plan(np.array([[0.5, 0.1]]), (8, 8), eps=1e-9, dtype=torch.complex128,
-                   backend="torch")
-    b = nufft.plan(np.array([[-0.5, 0.1]]), (8, 8), eps=1e-9, dtype=torch.complex128,
-                   backend="torch")
+    a = nufft.plan(
+        np.array([[0.5, 0.1]]), (8, 8), eps=1e-9, dtype=torch.complex128, backend="torch"
+    )
+    b = nufft.plan(
+        np.array([[-0.5, 0.1]]), (8, 8), eps=1e-9, dtype=torch.complex128, backend="torch"
+    )
     assert rel(a(x).numpy(), b(x).numpy()) < 1e-9

@@ -70,8 +70,12 @@ def test_eps_out_of_range(eps):
 
 
 def test_unknown_names():
-    for kw in ({"backend": "nfft"}, {"method": "fast"}, {"tune": "exhaustive"},
-               {"normal": "circulant"}):
+    for kw in (
+        {"backend": "nfft"},
+        {"method": "fast"},
+        {"tune": "exhaustive"},
+        {"normal": "circulant"},
+    ):
         with pytest.raises(UnknownNameError):
             nufft.plan(TRAJ, (16, 16), **kw)
     with pytest.raises(DTypeError):
@@ -112,8 +116,10 @@ def test_sparse_over_budget_falls_back_with_logged_reason(caplog):
         op = nufft.plan(TRAJ, (16, 16), method="sparse", backend="torch", memory_budget=1000)
     assert op.info.method == "gather"
     assert "memory_budget" in op.info.reason
-    assert any("falling back" in r.getMessage() and "memory_budget" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "falling back" in r.getMessage() and "memory_budget" in r.getMessage()
+        for r in caplog.records
+    )
     # within budget the sparse method is used
     op = nufft.plan(TRAJ, (16, 16), method="sparse", backend="torch", memory_budget=10**8)
     assert op.info.method == "sparse" and op.info.memory_bytes > 0
@@ -121,8 +127,9 @@ def test_sparse_over_budget_falls_back_with_logged_reason(caplog):
 
 def test_unreachable_eps_with_forced_low_oversampling():
     with pytest.raises(ParameterError, match="no NUFFT configuration"):
-        nufft.plan(TRAJ, (16, 16), eps=1e-12, dtype=torch.complex128, oversampling=1.25,
-                   backend="torch")
+        nufft.plan(
+            TRAJ, (16, 16), eps=1e-12, dtype=torch.complex128, oversampling=1.25, backend="torch"
+        )
 
 
 def test_complex64_high_accuracy_warns(caplog):

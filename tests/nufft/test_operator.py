@@ -15,8 +15,11 @@ HAS_FINUFFT = available("finufft")
 BACKENDS = [
     ("torch", "gather"),
     ("torch", "sparse"),
-    pytest.param("finufft", "auto",
-                 marks=pytest.mark.skipif(not HAS_FINUFFT, reason="finufft is not installed")),
+    pytest.param(
+        "finufft",
+        "auto",
+        marks=pytest.mark.skipif(not HAS_FINUFFT, reason="finufft is not installed"),
+    ),
 ]
 
 
@@ -29,8 +32,9 @@ def _traj(nd, m=300, seed=0):
 def test_dot_test(backend, method, im_size, device):
     if backend == "finufft" and device != "cpu":
         pytest.skip("finufft runs on the CPU")
-    op = nufft.plan(_traj(len(im_size)), im_size, eps=1e-3, backend=backend, method=method,
-                    device=device)
+    op = nufft.plan(
+        _traj(len(im_size)), im_size, eps=1e-3, backend=backend, method=method, device=device
+    )
     assert isinstance(op, LinearOperator)
     assert check_adjoint(op, batch=(3,), device=device) <= 1e-6
     assert check_adjoint(op, device=device) <= 1e-6
@@ -51,8 +55,15 @@ def test_batch_dims_broadcast(backend, method, device):
     assert op.adjoint(y[0, 0]).shape == (12, 12)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("finufft", marks=pytest.mark.skipif(
-    not HAS_FINUFFT, reason="finufft is not installed"))])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        pytest.param(
+            "finufft", marks=pytest.mark.skipif(not HAS_FINUFFT, reason="finufft is not installed")
+        ),
+    ],
+)
 def test_per_batch_trajectories(backend):
     """traj (T, M, d): frame t uses trajectory t; extra leading dims broadcast."""
     trajs = np.stack([_traj(2, 200, seed=s) for s in range(3)])
@@ -75,9 +86,14 @@ def nufft_errors():
 
 
 @pytest.mark.parametrize("backend,method", BACKENDS)
-@pytest.mark.parametrize("im_size,eps,dtype", [((20, 17), 1e-3, torch.complex64),
-                                               ((15,), 1e-4, torch.complex64),
-                                               ((8, 9, 7), 1e-6, torch.complex128)])
+@pytest.mark.parametrize(
+    "im_size,eps,dtype",
+    [
+        ((20, 17), 1e-3, torch.complex64),
+        ((15,), 1e-4, torch.complex64),
+        ((8, 9, 7), 1e-6, torch.complex128),
+    ],
+)
 def test_toeplitz_matches_adjoint_forward(backend, method, im_size, eps, dtype, device):
     if backend == "finufft" and device != "cpu":
         pytest.skip("finufft runs on the CPU")
@@ -97,8 +113,9 @@ def test_toeplitz_matches_adjoint_forward(backend, method, im_size, eps, dtype, 
 
 def test_toeplitz_per_batch_trajectories():
     trajs = np.stack([_traj(2, 150, seed=s) for s in range(2)])
-    op = nufft.plan(trajs, (9, 10), eps=1e-6, dtype=torch.complex128, normal="toeplitz",
-                    backend="torch")
+    op = nufft.plan(
+        trajs, (9, 10), eps=1e-6, dtype=torch.complex128, normal="toeplitz", backend="torch"
+    )
     x = crandn((4, 2, 9, 10), torch.complex128, seed=5)
     assert rel(op.normal(x), op.H(op(x))) < 1e-6
 
@@ -107,8 +124,15 @@ def test_toeplitz_per_batch_trajectories():
 @pytest.mark.parametrize("im_size", [(7,), (5, 6)])
 def test_gradcheck(backend, method, im_size):
     """The gradient of forward is the adjoint (and vice versa): gradcheck in complex128."""
-    op = nufft.plan(_traj(len(im_size), 20, seed=6), im_size, eps=1e-9, dtype=torch.complex128,
-                    backend=backend, method=method, normal="direct")
+    op = nufft.plan(
+        _traj(len(im_size), 20, seed=6),
+        im_size,
+        eps=1e-9,
+        dtype=torch.complex128,
+        backend=backend,
+        method=method,
+        normal="direct",
+    )
     x = crandn(im_size, torch.complex128, seed=7).requires_grad_()
     y = crandn((20,), torch.complex128, seed=8).requires_grad_()
     assert torch.autograd.gradcheck(op.forward, (x,), eps=1e-6, atol=1e-6, fast_mode=True)
@@ -117,8 +141,14 @@ def test_gradcheck(backend, method, im_size):
 
 
 def test_gradcheck_toeplitz_normal():
-    op = nufft.plan(_traj(2, 30, seed=9), (5, 6), eps=1e-9, dtype=torch.complex128,
-                    backend="torch", normal="toeplitz")
+    op = nufft.plan(
+        _traj(2, 30, seed=9),
+        (5, 6),
+        eps=1e-9,
+        dtype=torch.complex128,
+        backend="torch",
+        normal="toeplitz",
+    )
     x = crandn((5, 6), torch.complex128, seed=10).requires_grad_()
     assert torch.autograd.gradcheck(op.normal, (x,), eps=1e-6, atol=1e-6, fast_mode=True)
 

@@ -59,11 +59,15 @@ def test_pad_crop_roundtrip(n, g):
 def test_heuristic_picks_cheapest_candidate():
     op = nufft.plan(TRAJ, (32, 32), eps=1e-3, batch=4)
     backends = ["torch"] + (["finufft"] if available("finufft") else [])
-    prob = planner.Problem((32, 32), TRAJ.shape[0], 1, 1e-3, torch.complex64, 4,
-                           torch.device("cpu"))
+    prob = planner.Problem(
+        (32, 32), TRAJ.shape[0], 1, 1e-3, torch.complex64, 4, torch.device("cpu")
+    )
     best = planner.candidates(prob, backends, ["sparse", "gather"])[0]
     assert (op.info.backend, op.info.method, op.info.oversampling) == (
-        best.backend, best.method, best.sigma)
+        best.backend,
+        best.method,
+        best.sigma,
+    )
     assert op.info.tune == "heuristic" and "cost model" in op.info.reason
 
 
@@ -71,12 +75,13 @@ def test_heuristic_picks_cheapest_candidate():
 def test_heuristic_single_coil_3d_prefers_finufft_many_coils_2d_prefers_sparse():
     """Sparse products pay per matrix row: worth it for many coils, not for one."""
     one = planner.Problem((128,) * 3, 2**20, 1, 1e-3, torch.complex64, 1, torch.device("cpu"))
-    many = planner.Problem((256, 256), 205824, 1, 1e-3, torch.complex64, 32,
-                           torch.device("cpu"))
+    many = planner.Problem((256, 256), 205824, 1, 1e-3, torch.complex64, 32, torch.device("cpu"))
     assert planner.candidates(one, ["torch", "finufft"], ["sparse", "gather"])[0].backend == (
-        "finufft")
+        "finufft"
+    )
     assert planner.candidates(many, ["torch", "finufft"], ["sparse", "gather"])[0].method == (
-        "sparse")
+        "sparse"
+    )
 
 
 def test_finufft_single_precision_low_sigma_excluded_at_high_accuracy():
@@ -87,10 +92,10 @@ def test_finufft_single_precision_low_sigma_excluded_at_high_accuracy():
 
 def test_heuristic_oversampling_falls_with_undersampling():
     """Fewer samples per grid cell favour smaller σ (the FFT's share of the work grows)."""
-    dense = planner.Problem((64, 64), 64 * 64 * 8, 1, 1e-3, torch.complex64, 1,
-                            torch.device("cpu"))
-    sparse = planner.Problem((64, 64), 64 * 64 // 8, 1, 1e-3, torch.complex64, 1,
-                             torch.device("cpu"))
+    dense = planner.Problem((64, 64), 64 * 64 * 8, 1, 1e-3, torch.complex64, 1, torch.device("cpu"))
+    sparse = planner.Problem(
+        (64, 64), 64 * 64 // 8, 1, 1e-3, torch.complex64, 1, torch.device("cpu")
+    )
     best_dense = planner.candidates(dense, ["torch"], ["gather"])[0]
     best_sparse = planner.candidates(sparse, ["torch"], ["gather"])[0]
     assert best_sparse.sigma <= best_dense.sigma
@@ -107,7 +112,11 @@ def test_measure_caches_wisdom(tmp_path, monkeypatch):
     op2 = nufft.plan(TRAJ, (32, 32), eps=1e-3, tune="measure", batch=2)
     assert op2.info.tune == "wisdom"
     assert (op2.info.backend, op2.info.method, op2.info.oversampling, op2.info.normal) == (
-        op1.info.backend, op1.info.method, op1.info.oversampling, op1.info.normal)
+        op1.info.backend,
+        op1.info.method,
+        op1.info.oversampling,
+        op1.info.normal,
+    )
     # the measured plan is correct
     e = ndft_matrix(TRAJ, (32, 32))
     x = crandn((32, 32), seed=3)
@@ -126,8 +135,15 @@ def test_wisdom_unwritable_is_not_fatal(tmp_path, monkeypatch, caplog):
 
 
 def test_forced_choices_are_honoured():
-    op = nufft.plan(TRAJ, (32, 32), eps=1e-3, backend="torch", method="gather",
-                    oversampling=1.5, normal="direct")
+    op = nufft.plan(
+        TRAJ,
+        (32, 32),
+        eps=1e-3,
+        backend="torch",
+        method="gather",
+        oversampling=1.5,
+        normal="direct",
+    )
     i = op.info
     assert (i.backend, i.method, i.oversampling, i.normal) == ("torch", "gather", 1.5, "direct")
     assert all(g >= 1.5 * 32 for g in i.grid_size)

@@ -53,9 +53,16 @@ class FinufftEngine:
     backend = "finufft"
     method = "finufft"
 
-    def __init__(self, traj: torch.Tensor, im_size: Sequence[int], eps: float,
-                 dtype: torch.dtype, upsampfac: float | None = None,
-                 nthreads: int | None = None, fftw: str = "estimate"):
+    def __init__(
+        self,
+        traj: torch.Tensor,
+        im_size: Sequence[int],
+        eps: float,
+        dtype: torch.dtype,
+        upsampfac: float | None = None,
+        nthreads: int | None = None,
+        fftw: str = "estimate",
+    ):
         self.lib = require("finufft")
         self.im_size = tuple(int(n) for n in im_size)
         self.ndim = len(self.im_size)
@@ -81,8 +88,15 @@ class FinufftEngine:
         key = (kind, b)
         p = self._plans.get(key)
         if p is None:
-            p = self.lib.Plan(kind, self.im_size, n_trans=b, eps=self.lib_eps,
-                              isign=-1 if kind == 2 else 1, dtype=self.np_complex, **self.opts)
+            p = self.lib.Plan(
+                kind,
+                self.im_size,
+                n_trans=b,
+                eps=self.lib_eps,
+                isign=-1 if kind == 2 else 1,
+                dtype=self.np_complex,
+                **self.opts,
+            )
             p.setpts(*self.pts)
             self._plans[key] = p
         return p
@@ -113,8 +127,14 @@ class CufinufftEngine:
     backend = "cufinufft"
     method = "cufinufft"
 
-    def __init__(self, traj: torch.Tensor, im_size: Sequence[int], eps: float,
-                 dtype: torch.dtype, upsampfac: float | None = None):
+    def __init__(
+        self,
+        traj: torch.Tensor,
+        im_size: Sequence[int],
+        eps: float,
+        dtype: torch.dtype,
+        upsampfac: float | None = None,
+    ):
         self.lib = require("cufinufft")
         self.im_size = tuple(int(n) for n in im_size)
         self.ndim = len(self.im_size)
@@ -138,9 +158,15 @@ class CufinufftEngine:
         p = self._plans.get(key)
         if p is None:
             with torch.cuda.device(self.device):
-                p = self.lib.Plan(kind, self.im_size, n_trans=b, eps=self.lib_eps,
-                                  isign=-1 if kind == 2 else 1, dtype=self.np_complex,
-                                  **self.opts)
+                p = self.lib.Plan(
+                    kind,
+                    self.im_size,
+                    n_trans=b,
+                    eps=self.lib_eps,
+                    isign=-1 if kind == 2 else 1,
+                    dtype=self.np_complex,
+                    **self.opts,
+                )
                 p.setpts(*self.pts)
             self._plans[key] = p
         return p

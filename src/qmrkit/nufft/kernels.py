@@ -32,7 +32,7 @@ MIN_EPS, MAX_EPS = 1e-14, 1e-1
 
 @dataclass(frozen=True)
 class Kernel:
-    """An ES kernel: ``width`` W in grid cells, shape ``beta`` β, for grid oversampling ``sigma``."""
+    """An ES kernel: ``width`` W (grid cells), shape ``beta`` β, for grid oversampling ``sigma``."""
 
     width: int
     beta: float
@@ -129,5 +129,6 @@ def estimate_error(kernel: Kernel, n_sizes: tuple[int, ...], grid: tuple[int, ..
     Against direct NDFTs (1D–3D, random/radial, ε 1e-2…1e-12, σ 1.25…2) the achieved error was
     0.3–0.8 of this estimate.
     """
-    return SAFETY * math.sqrt(sum(aliasing_error(kernel, n, g) ** 2
-                                  for n, g in zip(n_sizes, grid, strict=True)))
+    return SAFETY * math.sqrt(
+        sum(aliasing_error(kernel, n, g) ** 2 for n, g in zip(n_sizes, grid, strict=True))
+    )

@@ -60,9 +60,16 @@ class NativeEngine:
 
     backend = "torch"
 
-    def __init__(self, traj: torch.Tensor, im_size: Sequence[int], grid: Sequence[int],
-                 kernel: Kernel, dtype: torch.dtype, method: str = "gather",
-                 chunk_bytes: int = CHUNK_BYTES):
+    def __init__(
+        self,
+        traj: torch.Tensor,
+        im_size: Sequence[int],
+        grid: Sequence[int],
+        kernel: Kernel,
+        dtype: torch.dtype,
+        method: str = "gather",
+        chunk_bytes: int = CHUNK_BYTES,
+    ):
         self.im_size = tuple(int(n) for n in im_size)
         self.grid = tuple(int(g) for g in grid)
         self.ndim = len(self.im_size)
@@ -85,7 +92,7 @@ class NativeEngine:
         self.deapod = torch.as_tensor(scale, dtype=self.real, device=self.device).contiguous()
         # per-axis base indices and weights, computed in float64 for accuracy
         t = torch.arange(w, device=self.device, dtype=torch.float64)
-        strides = [int(np.prod(self.grid[ax + 1:])) for ax in range(self.ndim)]
+        strides = [int(np.prod(self.grid[ax + 1 :])) for ax in range(self.ndim)]
         self.idx: list[torch.Tensor] = []
         self.wts: list[torch.Tensor] = []
         k64 = traj.to(torch.float64)
@@ -135,8 +142,9 @@ class NativeEngine:
         crow = torch.arange(0, m * taps + 1, taps, device=self.device, dtype=itype)
         with warnings.catch_warnings():  # "sparse CSR support is in beta" (it works)
             warnings.simplefilter("ignore", UserWarning)
-            self.csr = torch.sparse_csr_tensor(crow, col, val, size=(m, gtot),
-                                               check_invariants=False)
+            self.csr = torch.sparse_csr_tensor(
+                crow, col, val, size=(m, gtot), check_invariants=False
+            )
         # transpose (grid × samples) in CSR form, built by a stable sort of the column indices
         order = torch.argsort(col.to(torch.int64), stable=True)
         rows_t = (order // taps).to(itype)
@@ -145,8 +153,9 @@ class NativeEngine:
         crow_t[1:] = torch.cumsum(counts, 0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            self.csr_t = torch.sparse_csr_tensor(crow_t.to(itype), rows_t, val[order],
-                                                 size=(gtot, m), check_invariants=False)
+            self.csr_t = torch.sparse_csr_tensor(
+                crow_t.to(itype), rows_t, val[order], size=(gtot, m), check_invariants=False
+            )
         # per-axis weights are no longer needed for this method
         self.idx, self.wts = [], []
 
@@ -155,8 +164,10 @@ class NativeEngine:
         if self.csr is not None:
             tot = 0
             for s in (self.csr, self.csr_t):
-                tot += sum(t.numel() * t.element_size()
-                           for t in (s.crow_indices(), s.col_indices(), s.values()))
+                tot += sum(
+                    t.numel() * t.element_size()
+                    for t in (s.crow_indices(), s.col_indices(), s.values())
+                )
             return tot
         return sum(t.numel() * t.element_size() for t in (*self.idx, *self.wts))
 

@@ -79,7 +79,11 @@ class NufftInfo:
     timings: dict = field(default_factory=dict)
 
 
-def _validate_traj(traj: Any, im_size: Any, device, ) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _validate_traj(
+    traj: Any,
+    im_size: Any,
+    device,
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     t = as_tensor(traj, device=device, name="traj")
     if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise DTypeError(f"traj must be a real array of k-space positions, got dtype {t.dtype}")
@@ -126,9 +130,17 @@ class NufftPlan(LinearOperator):
 
     autograd_safe = False  # backward of forward is the adjoint (leaner than tracing the gridding)
 
-    def __init__(self, engines: list, im_size: tuple[int, ...], n_samples: int,
-                 traj_batch: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 info: NufftInfo, toeplitz: ToeplitzNormal | None = None):
+    def __init__(
+        self,
+        engines: list,
+        im_size: tuple[int, ...],
+        n_samples: int,
+        traj_batch: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        info: NufftInfo,
+        toeplitz: ToeplitzNormal | None = None,
+    ):
         super().__init__(im_size, (n_samples,))
         self.engines = engines
         self.im_size = im_size
@@ -155,7 +167,7 @@ class NufftPlan(LinearOperator):
             )
         lead = tuple(t.shape[: t.ndim - trailing])
         nt = len(self.traj_batch)
-        if nt and lead[len(lead) - nt:] != self.traj_batch:
+        if nt and lead[len(lead) - nt :] != self.traj_batch:
             raise ShapeError(
                 f"the plan has per-batch trajectories of batch shape {self.traj_batch}; the "
                 f"{what}'s batch dimensions {lead} must end in it"
@@ -195,14 +207,22 @@ class NufftPlan(LinearOperator):
 
     def __repr__(self) -> str:
         i = self.info
-        return (f"NufftPlan(im_size={self.im_size}, M={self.n_samples}, backend={i.backend!r}, "
-                f"method={i.method!r}, normal={i.normal!r}, σ={i.oversampling:g}, "
-                f"W={i.kernel_width}, grid={i.grid_size}, eps={i.eps:g})")
+        return (
+            f"NufftPlan(im_size={self.im_size}, M={self.n_samples}, backend={i.backend!r}, "
+            f"method={i.method!r}, normal={i.normal!r}, σ={i.oversampling:g}, "
+            f"W={i.kernel_width}, grid={i.grid_size}, eps={i.eps:g})"
+        )
 
 
-# -- building ---------------------------------------------------------------------------------------
-def _engine(c: pl.Candidate, traj: torch.Tensor, im_size: tuple[int, ...], eps: float,
-            dtype: torch.dtype, fftw: str = "estimate"):
+# -- building -------------------------------------------------------------------------------------
+def _engine(
+    c: pl.Candidate,
+    traj: torch.Tensor,
+    im_size: tuple[int, ...],
+    eps: float,
+    dtype: torch.dtype,
+    fftw: str = "estimate",
+):
     if c.backend == "torch":
         return NativeEngine(traj, im_size, c.grid, c.kernel, dtype, c.method)
     if c.backend == "finufft":
@@ -213,13 +233,15 @@ def _engine(c: pl.Candidate, traj: torch.Tensor, im_size: tuple[int, ...], eps: 
 def _random(shape, dtype, device, seed=0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     real = torch.float32 if dtype == torch.complex64 else torch.float64
-    z = torch.complex(torch.randn(shape, generator=g, dtype=real),
-                      torch.randn(shape, generator=g, dtype=real))
+    z = torch.complex(
+        torch.randn(shape, generator=g, dtype=real), torch.randn(shape, generator=g, dtype=real)
+    )
     return z.to(device)
 
 
-def _psf(backend: str, trajs: torch.Tensor, im_size: tuple[int, ...], eps: float,
-         dtype: torch.dtype) -> torch.Tensor:
+def _psf(
+    backend: str, trajs: torch.Tensor, im_size: tuple[int, ...], eps: float, dtype: torch.dtype
+) -> torch.Tensor:
     """Adjoint NUFFT of unit samples on the doubled image, one per trajectory: ``(T, *2N)``.
 
     Computed once per plan with the fastest available engine for a single transform (FINUFFT on
@@ -244,10 +266,21 @@ def _psf(backend: str, trajs: torch.Tensor, im_size: tuple[int, ...], eps: float
     return torch.stack(out)
 
 
-def plan(traj: Any, im_size: int | Sequence[int], *, eps: float = 1e-3, batch: int | None = None,
-         device: Any = None, dtype: torch.dtype = torch.complex64, backend: str = "auto",
-         method: str = "auto", normal: str = "auto", tune: str = "heuristic",
-         memory_budget: int | None = None, oversampling: float | None = None) -> NufftPlan:
+def plan(
+    traj: Any,
+    im_size: int | Sequence[int],
+    *,
+    eps: float = 1e-3,
+    batch: int | None = None,
+    device: Any = None,
+    dtype: torch.dtype = torch.complex64,
+    backend: str = "auto",
+    method: str = "auto",
+    normal: str = "auto",
+    tune: str = "heuristic",
+    memory_budget: int | None = None,
+    oversampling: float | None = None,
+) -> NufftPlan:
     """Plan a non-uniform FFT for a trajectory, choosing backend, method, σ and W for accuracy ε.
 
     Convention: ``y_m = Σ_r x_r · exp(−2πi k_m·r)`` ("type 2", unnormalised), with ``k_m`` in
@@ -324,9 +357,12 @@ def plan(traj: Any, im_size: int | Sequence[int], *, eps: float = 1e-3, batch: i
     b = int(batch or 1)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     if dtype == torch.complex64 and eps < 1e-6:
-        log.warning("eps=%g requested in complex64: single precision floors near 1e-6 "
-                    "(expected_error includes it); "
-                    "use dtype=torch.complex128 for higher accuracy", eps)
+        log.warning(
+            "eps=%g requested in complex64: single precision floors near 1e-6 "
+            "(expected_error includes it); "
+            "use dtype=torch.complex128 for higher accuracy",
+            eps,
+        )
 
     # -- backends and methods ---------------------------------------------------------------------
     if backend == "auto":
@@ -339,8 +375,10 @@ def plan(traj: Any, im_size: int | Sequence[int], *, eps: float = 1e-3, batch: i
         if backend == "finufft":
             require("finufft")
             if dev.type != "cpu":
-                raise DeviceError(f"the finufft backend runs on the CPU, but device={dev}; use "
-                                  "backend='cufinufft' or 'torch' on CUDA")
+                raise DeviceError(
+                    f"the finufft backend runs on the CPU, but device={dev}; use "
+                    "backend='cufinufft' or 'torch' on CUDA"
+                )
         if backend == "cufinufft":
             require("cufinufft")
             if dev.type != "cuda":
@@ -354,8 +392,10 @@ def plan(traj: Any, im_size: int | Sequence[int], *, eps: float = 1e-3, batch: i
     over = [c for c in cands if c.method == "sparse" and c.memory > budget]
     if over:
         need = min(c.memory for c in over)
-        msg = (f"sparse interpolation matrix needs {need / 2**20:.0f} MiB > memory_budget "
-               f"{budget / 2**20:.0f} MiB")
+        msg = (
+            f"sparse interpolation matrix needs {need / 2**20:.0f} MiB > memory_budget "
+            f"{budget / 2**20:.0f} MiB"
+        )
         cands = [c for c in cands if not (c.method == "sparse" and c.memory > budget)]
         if method == "sparse" and not any(c.method == "sparse" for c in cands):
             msg += "; falling back to the precomputation-free gather method"
@@ -386,14 +426,25 @@ def plan(traj: Any, im_size: int | Sequence[int], *, eps: float = 1e-3, batch: i
             tune_used = "wisdom"
             notes.append(f"from wisdom ({pl.wisdom_path()})")
         else:
-            chosen, normal_choice, timings = _measure(problem, cands, trajs, size, eps, dtype,
-                                                      normal_choice)
-            pl.save_wisdom(key, {"candidate": pl.candidate_to_dict(chosen),
-                                 "normal": normal_choice, "timings": timings,
-                                 "signature": problem.signature()})
-            notes.append("measured: " + ", ".join(f"{k} {v * 1e3:.1f} ms"
-                                                  for k, v in sorted(timings.items(),
-                                                                     key=lambda kv: kv[1])))
+            chosen, normal_choice, timings = _measure(
+                problem, cands, trajs, size, eps, dtype, normal_choice
+            )
+            pl.save_wisdom(
+                key,
+                {
+                    "candidate": pl.candidate_to_dict(chosen),
+                    "normal": normal_choice,
+                    "timings": timings,
+                    "signature": problem.signature(),
+                },
+            )
+            notes.append(
+                "measured: "
+                + ", ".join(
+                    f"{k} {v * 1e3:.1f} ms"
+                    for k, v in sorted(timings.items(), key=lambda kv: kv[1])
+                )
+            )
     else:
         chosen = cands[0]
         alts = ", ".join(f"{c.label()} {c.cost * 1e3:.1f} ms" for c in cands[:4])
@@ -401,36 +452,55 @@ def plan(traj: Any, im_size: int | Sequence[int], *, eps: float = 1e-3, batch: i
         if normal_choice is None:
             tc = pl.toeplitz_cost(problem)
             normal_choice = "toeplitz" if tc < chosen.cost else "direct"
-            notes.append(f"normal: toeplitz {tc * 1e3:.1f} ms vs fwd+adj "
-                         f"{chosen.cost * 1e3:.1f} ms")
+            notes.append(
+                f"normal: toeplitz {tc * 1e3:.1f} ms vs fwd+adj {chosen.cost * 1e3:.1f} ms"
+            )
     assert chosen is not None and normal_choice is not None
 
     engines = [_engine(chosen, tr, size, eps, dtype) for tr in trajs]
     toep = None
     if normal_choice == "toeplitz":
         psf = _psf(chosen.backend, trajs, size, eps, dtype)
-        toep = ToeplitzNormal(psf.reshape(*traj_batch, *psf.shape[1:]) if traj_batch
-                              else psf[0], size)
+        toep = ToeplitzNormal(
+            psf.reshape(*traj_batch, *psf.shape[1:]) if traj_batch else psf[0], size
+        )
     mem = sum(e.memory_bytes() for e in engines) + (toep.memory_bytes() if toep else 0)
     info = NufftInfo(
-        backend=chosen.backend, method=chosen.method, normal=normal_choice,
-        oversampling=chosen.sigma, grid_size=chosen.grid, kernel_width=chosen.width,
-        kernel_beta=chosen.beta, eps=eps, expected_error=chosen.expected_error,
-        tune=tune_used, reason="; ".join(notes), memory_bytes=mem, timings=timings,
+        backend=chosen.backend,
+        method=chosen.method,
+        normal=normal_choice,
+        oversampling=chosen.sigma,
+        grid_size=chosen.grid,
+        kernel_width=chosen.width,
+        kernel_beta=chosen.beta,
+        eps=eps,
+        expected_error=chosen.expected_error,
+        tune=tune_used,
+        reason="; ".join(notes),
+        memory_bytes=mem,
+        timings=timings,
     )
     log.info("NUFFT plan: %s", info)
     return NufftPlan(engines, size, m, traj_batch, dtype, dev, info, toep)
 
 
-def _measure(p: pl.Problem, cands: list[pl.Candidate], trajs: torch.Tensor,
-             size: tuple[int, ...], eps: float, dtype: torch.dtype, normal_choice: str | None):
+def _measure(
+    p: pl.Problem,
+    cands: list[pl.Candidate],
+    trajs: torch.Tensor,
+    size: tuple[int, ...],
+    eps: float,
+    dtype: torch.dtype,
+    normal_choice: str | None,
+):
     """Time forward+adjoint of the best-ranked candidates (and Toeplitz) on the real problem."""
     # keep the cost model's top candidates, but always time each backend's best and both
     # extreme oversamplings so a poor model cannot hide the winner
     pick: list[pl.Candidate] = []
     for c in cands:
-        if len(pick) < MEASURE_TOP or not any(q.backend == c.backend and q.method == c.method
-                                              for q in pick):
+        if len(pick) < MEASURE_TOP or not any(
+            q.backend == c.backend and q.method == c.method for q in pick
+        ):
             pick.append(c)
     x = _random((p.batch, *size), dtype, p.device)
     y = _random((p.batch, p.n_samples), dtype, p.device, seed=1)

@@ -29,10 +29,10 @@ import torch
 
 from .._device import synchronize
 from .._progress import get_logger
-from .grid import grid_size
 from .backends import library_eps
-from .native import sparse_bytes
+from .grid import grid_size
 from .kernels import MAX_WIDTH, Kernel, beta_rule, estimate_error, width_rule
+from .native import sparse_bytes
 
 log = get_logger("nufft.planner")
 
@@ -60,8 +60,10 @@ COST = {
 def _model(key: str, p: Problem, grid: tuple[int, ...], taps: int) -> float:
     c_fft, c_tap, c_tapb, c_mem = COST[key]
     g = math.prod(grid)
-    per_traj = (p.batch * (2 * c_fft * _fft_cost(grid) + c_tapb * p.n_samples * taps + c_mem * g)
-                + c_tap * p.n_samples * taps)
+    per_traj = (
+        p.batch * (2 * c_fft * _fft_cost(grid) + c_tapb * p.n_samples * taps + c_mem * g)
+        + c_tap * p.n_samples * taps
+    )
     return p.n_traj * per_traj
 
 
@@ -130,8 +132,9 @@ def _fft_cost(grid: tuple[int, ...]) -> float:
     return g * math.log2(max(g, 2))
 
 
-def choose_for_sigma(eps: float, sigma: float, im_size: tuple[int, ...]
-                     ) -> tuple[Kernel, float, tuple[int, ...]]:
+def choose_for_sigma(
+    eps: float, sigma: float, im_size: tuple[int, ...]
+) -> tuple[Kernel, float, tuple[int, ...]]:
     """Narrowest kernel reaching ``eps`` at oversampling ``sigma``, its estimate and its grid.
 
     The grid depends on W (it is at least 2W cells), so each width is judged on its own grid.
@@ -176,8 +179,17 @@ def external_candidate(p: Problem, backend: str, sigma: float) -> Candidate | No
     grid = tuple(grid_size(n, sigma, w) for n in p.im_size)
     cost = _model(f"{backend}/{backend}", p, grid, w**p.ndim)
     est = max(p.eps, 1e-6) if p.dtype == torch.complex64 and p.eps < 1e-6 else p.eps
-    return Candidate(backend, backend, sigma, w, float("nan"), grid, est, cost,
-                     p.n_traj * p.n_samples * p.ndim * 8)
+    return Candidate(
+        backend,
+        backend,
+        sigma,
+        w,
+        float("nan"),
+        grid,
+        est,
+        cost,
+        p.n_traj * p.n_samples * p.ndim * 8,
+    )
 
 
 def toeplitz_cost(p: Problem) -> float:
@@ -190,8 +202,9 @@ def toeplitz_cost(p: Problem) -> float:
     return p.batch * (2 * prune * c_fft * _fft_cost(big) + c_mem * math.prod(big))
 
 
-def candidates(p: Problem, backends: list[str], methods: list[str],
-               sigmas: tuple[float, ...] | None = None) -> list[Candidate]:
+def candidates(
+    p: Problem, backends: list[str], methods: list[str], sigmas: tuple[float, ...] | None = None
+) -> list[Candidate]:
     """All feasible candidates, cheapest (by the cost model) first."""
     out: list[Candidate] = []
     for b in backends:
@@ -211,8 +224,9 @@ def candidates(p: Problem, backends: list[str], methods: list[str],
 
 
 # -- measuring ------------------------------------------------------------------------------------
-def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3,
-              budget_s: float = 2.0) -> float:
+def time_call(
+    fn: Callable[[], object], device: torch.device, reps: int = 3, budget_s: float = 2.0
+) -> float:
     """Best wall time of ``fn`` over a few repetitions (after one warm-up call)."""
     fn()
     synchronize(device)

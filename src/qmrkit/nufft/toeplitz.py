@@ -68,8 +68,9 @@ class ToeplitzNormal:
         self.kernel = toeplitz_kernel(psf, self.im_size)
 
     @classmethod
-    def build(cls, adjoint_2n: Callable[[], torch.Tensor], im_size: Sequence[int]
-              ) -> ToeplitzNormal:
+    def build(
+        cls, adjoint_2n: Callable[[], torch.Tensor], im_size: Sequence[int]
+    ) -> ToeplitzNormal:
         return cls(adjoint_2n(), im_size)
 
     def memory_bytes(self) -> int:

@@ -54,8 +54,9 @@ def radial(n_spokes: int, n_readout: int, *, device=None) -> torch.Tensor:
     return _spokes(angles, n_readout)
 
 
-def golden_angle_radial(n_spokes: int, n_readout: int, *, tiny: int = 1,
-                        device=None) -> torch.Tensor:
+def golden_angle_radial(
+    n_spokes: int, n_readout: int, *, tiny: int = 1, device=None
+) -> torch.Tensor:
     """2D radial trajectory with golden-angle increments (π/(φ + tiny − 1), ≈ 111.25° for 1).
 
     Parameters
@@ -70,13 +71,21 @@ def golden_angle_radial(n_spokes: int, n_readout: int, *, tiny: int = 1,
         raise ParameterError(f"tiny must be ≥ 1, got {tiny}")
     dev = resolve_device(device)
     inc = math.pi / (GOLDEN_RATIO + tiny - 1)
-    angles = torch.remainder(torch.arange(n_spokes, dtype=torch.float64, device=dev) * inc,
-                             2 * math.pi)
+    angles = torch.remainder(
+        torch.arange(n_spokes, dtype=torch.float64, device=dev) * inc, 2 * math.pi
+    )
     return _spokes(angles, n_readout)
 
 
-def spiral(n_interleaves: int, n_samples: int, im_size: int, *, density: float = 1.0,
-           oversampling: float = 1.0, device=None) -> torch.Tensor:
+def spiral(
+    n_interleaves: int,
+    n_samples: int,
+    im_size: int,
+    *,
+    density: float = 1.0,
+    oversampling: float = 1.0,
+    device=None,
+) -> torch.Tensor:
     """2D (variable-density) Archimedean spiral with rotated interleaves.
 
     ``k(t) = 0.5·t^density · exp(i(2π·n_turns·t^density... ))`` is parametrised so that
@@ -109,15 +118,17 @@ def spiral(n_interleaves: int, n_samples: int, im_size: int, *, density: float =
     r = 0.5 * t**density
     turns = oversampling * im_size / (2.0 * n_interleaves)
     theta = 2 * math.pi * turns * (r / 0.5)
-    rot = torch.arange(n_interleaves, dtype=torch.float64, device=dev) * (2 * math.pi
-                                                                         / n_interleaves)
+    rot = torch.arange(n_interleaves, dtype=torch.float64, device=dev) * (
+        2 * math.pi / n_interleaves
+    )
     ang = theta[None, :] + rot[:, None]
     k = torch.stack([r * torch.sin(ang), r * torch.cos(ang)], -1).reshape(-1, 2)
     return k.clamp_(-0.5, 0.5 - 1e-12)
 
 
-def stack_of_stars(n_spokes: int, n_readout: int, n_partitions: int, *, golden: bool = True,
-                   device=None) -> torch.Tensor:
+def stack_of_stars(
+    n_spokes: int, n_readout: int, n_partitions: int, *, golden: bool = True, device=None
+) -> torch.Tensor:
     """3D stack of stars: radial (golden-angle by default) in-plane, Cartesian along kz.
 
     Returns
