@@ -225,12 +225,25 @@ def candidates(
 
 # -- measuring ------------------------------------------------------------------------------------
 def time_call(
-    fn: Callable[[], object], device: torch.device, reps: int = 3, budget_s: float = 2.0
+    fn: Callable[[], object],
+    device: torch.device,
+    reps: int = 3,
+    budget_s: float = 2.0,
+    warm: bool = True,
 ) -> float:
-    """Best wall time of ``fn`` over a few repetitions (after one warm-up call)."""
-    fn()
-    synchronize(device)
+    """Best wall time of ``fn`` over a few repetitions (after one warm-up call when ``warm``).
+
+    A warm-up call slower than half the budget is taken as the measurement (slow candidates are
+    not worth more of the planner's time).
+    """
     best = math.inf
+    if warm:
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        first = time.perf_counter() - t0
+        if first > budget_s / 2:
+            return first
     start = time.perf_counter()
     for _ in range(reps):
         t0 = time.perf_counter()
