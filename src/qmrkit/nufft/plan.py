@@ -461,9 +461,9 @@ def plan(
     engines = [_engine(chosen, tr, size, eps, dtype) for tr in trajs]
     toep = None
     if normal_choice == "toeplitz":
-        psf = _psf(chosen.backend, trajs, size, eps, dtype)
+        psf = _psf(chosen.backend, trajs, size, eps, torch.complex128)
         toep = ToeplitzNormal(
-            psf.reshape(*traj_batch, *psf.shape[1:]) if traj_batch else psf[0], size
+            psf.reshape(*traj_batch, *psf.shape[1:]) if traj_batch else psf[0], size, dtype
         )
     mem = sum(e.memory_bytes() for e in engines) + (toep.memory_bytes() if toep else 0)
     info = NufftInfo(
@@ -546,8 +546,8 @@ def _measure(
     best = min(timed, key=lambda c: c.measured)
     best_t = best.measured
     if normal_choice is None:
-        psf = _psf(best.backend, trajs[:1], size, eps, dtype)
-        toep = ToeplitzNormal(psf[0], size)
+        psf = _psf(best.backend, trajs[:1], size, eps, torch.complex128)
+        toep = ToeplitzNormal(psf[0], size, dtype)
         eng = next(e for c, e in finalists if c is best)
         tt = math.inf
         for _ in range(3):
