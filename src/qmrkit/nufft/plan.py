@@ -537,7 +537,11 @@ def _measure(
         raise ParameterError("NUFFT measure: no candidate could be built (out of memory?)")
     # pass 2: the three fastest again, interleaved, so a burst of load on a shared machine does
     # not decide alone (the minimum over both passes counts)
-    finalists = [(c, _engine(c, trajs[0], size, eps, dtype)) for c in timed[:3]]
+    finalists = [
+        (c, _engine(c, trajs[0], size, eps, dtype))
+        for c in timed[:3]
+        if c.measured <= 1.5 * timed[0].measured
+    ]
     for _ in range(2):
         for c, eng in finalists:
             c.measured = min(c.measured, pair(eng, 1))

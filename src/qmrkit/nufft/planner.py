@@ -171,11 +171,11 @@ def external_candidate(p: Problem, backend: str, sigma: float) -> Candidate | No
     """A FINUFFT / cuFINUFFT candidate (kernel chosen by the library; W estimated by the rule)."""
     if p.eps < 1e-9 and sigma < 2.0:
         return None  # FINUFFT needs σ = 2 for ε below ~1e-9
-    if p.dtype == torch.complex64 and sigma < 2.0 and p.eps < 6e-5:
+    if p.dtype == torch.complex64 and sigma < 2.0 and library_eps(p.eps, sigma, p.im_size) < 1.5e-5:
         # single-precision FINUFFT caps the width at 8 for σ = 1.25 ("ns reducing ... to
         # prevent catastrophic cancellation"): measured 2.6e-5 error at ε = 1e-6
         return None
-    w = width_rule(library_eps(p.eps, sigma), sigma)
+    w = width_rule(library_eps(p.eps, sigma, p.im_size), sigma)
     grid = tuple(grid_size(n, sigma, w) for n in p.im_size)
     cost = _model(f"{backend}/{backend}", p, grid, w**p.ndim)
     est = max(p.eps, 1e-6) if p.dtype == torch.complex64 and p.eps < 1e-6 else p.eps
