@@ -36,6 +36,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--eps", default="1e-3,1e-6")
     p.add_argument("--no-tkbn", action="store_true", help="skip torchkbnufft")
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--markdown", default=None, metavar="JSON", help="print a markdown table of a results file"
+    )
     return p.parse_args()
 
 
@@ -415,5 +418,53 @@ def main():
     print(f"\nwritten {out}")
 
 
+def markdown(path: str) -> str:
+    """Markdown tables (timings, then ratios) of a results JSON written by this script."""
+    data = json.loads(Path(path).read_text())
+    lines = [
+        "| case | ε | implementation | fwd s | adj s | normal s | err fwd | err adj | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+
+        def f(k, fmt, r=r):
+            v = r.get(k)
+            return format(v, fmt) if isinstance(v, (int, float)) else ""
+
+        note = r.get("info", "")
+        if r["impl"] == "qmrkit Toeplitz normal":
+            note = f"rel. diff to torch-native fwd+adj {r['err_normal_vs_fwd_adj']:.1e}"
+        elif r.get("normal_is_fwd_adj"):
+            note = (note + "; normal = fwd+adj").strip("; ")
+        lines.append(
+            f"| {r['case']} | {r['eps']:g} | {r['impl']} | {f('fwd_s', '.3f')} | "
+            f"{f('adj_s', '.3f')} | {f('normal_s', '.3f')} | {f('err_fwd', '.1e')} | "
+            f"{f('err_adj', '.1e')} | {note} |"
+        )
+    lines += [
+        "",
+        "| case | ε | planned / finufft best | planned / finufft default | native / finufft best "
+        "| planned normal / (fwd+adj) | native (fwd+adj) / Toeplitz | torchkbnufft / planned "
+        "(per coil) | error planned vs torchkbnufft |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d in data["ratios"]:
+        tk = d.get("torchkbnufft_vs_planned_speedup")
+        lines.append(
+            f"| {d['case']} | {d['eps']:g} | {d['planned_vs_finufft_best']:.2f} "
+            f"({d['finufft_best']}) | {d['planned_vs_finufft_default']:.2f} | "
+            f"{d['native_vs_finufft_best']:.2f} | {d['planned_normal_vs_fwd_adj']:.2f} | "
+            f"{d['toeplitz_vs_native_fwd_adj']:.2f} | "
+            + (f"{tk:.1f}x" if tk else "")
+            + " | "
+            + (f"{d['planned_err']:.1e} vs {d['torchkbnufft_err']:.1e}" if tk else "")
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    if ARGS.markdown:
+        print(markdown(ARGS.markdown))
+    else:
+        main()
