@@ -225,7 +225,15 @@ def _engine(
     fftw: str = "estimate",
 ):
     if c.backend == "torch":
-        return NativeEngine(traj, im_size, c.grid, c.kernel, dtype, c.method)
+        return NativeEngine(
+            traj,
+            im_size,
+            c.grid,
+            c.kernel,
+            dtype,
+            c.method,
+            accumulate_double=dtype == torch.complex64 and eps < 1e-5,
+        )
     if c.backend == "finufft":
         return FinufftEngine(traj, im_size, eps, dtype, upsampfac=c.sigma, fftw=fftw)
     return CufinufftEngine(traj, im_size, eps, dtype, upsampfac=c.sigma)
