@@ -141,3 +141,13 @@ def test_complex64_high_accuracy_warns(caplog):
 def test_errors_are_qmrkit_errors():
     with pytest.raises(QmrkitError):
         nufft.plan(TRAJ + 1, (16, 16))
+
+
+def test_single_precision_finufft_refused_below_its_floor():
+    pytest.importorskip("finufft")
+    with pytest.raises(ParameterError, match="complex128"):
+        nufft.plan(TRAJ, (16, 16), eps=1e-6, backend="finufft")
+    op = nufft.plan(TRAJ, (16, 16), eps=1e-6)  # auto: the torch-native engine takes it
+    assert op.info.backend == "torch"
+    op = nufft.plan(TRAJ, (16, 16), eps=1e-6, backend="finufft", dtype=torch.complex128)
+    assert op.info.backend == "finufft"

@@ -417,6 +417,12 @@ def plan(
         raise ParameterError(
             f"no NUFFT configuration reaches eps={eps:g} with backend={backend!r}, "
             f"oversampling={oversampling}; use a larger eps or oversampling=2"
+            + (
+                f" (single-precision {backend} is trusted only down to eps="
+                f"{pl.FINUFFT_SINGLE_FLOOR:g}: use dtype=torch.complex128 or backend='torch')"
+                if backend in ("finufft", "cufinufft") and dtype == torch.complex64
+                else ""
+            )
         )
 
     # -- choose -----------------------------------------------------------------------------------

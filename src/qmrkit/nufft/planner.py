@@ -37,6 +37,8 @@ from .native import sparse_bytes
 log = get_logger("nufft.planner")
 
 SIGMAS = (1.25, 1.5, 1.75, 2.0)
+#: smallest ε a complex64 (single-precision) FINUFFT plan is trusted with
+FINUFFT_SINGLE_FLOOR = 3e-5
 FINUFFT_SIGMAS = (1.25, 2.0)
 
 # Seconds per unit, fitted to measurements on the development machine (2 cores, AVX-512, MKL
@@ -171,6 +173,10 @@ def external_candidate(p: Problem, backend: str, sigma: float) -> Candidate | No
     """A FINUFFT / cuFINUFFT candidate (kernel chosen by the library; W estimated by the rule)."""
     if p.eps < 1e-9 and sigma < 2.0:
         return None  # FINUFFT needs σ = 2 for ε below ~1e-9
+    if p.dtype == torch.complex64 and p.eps < FINUFFT_SINGLE_FLOOR:
+        # single-precision FINUFFT floors above 1e-6: measured at ε = 1e-6 (σ = 2) 1.2e-5 on
+        # 2D 256² radial and 6.8e-6 on 3D 128³ radial
+        return None
     if p.dtype == torch.complex64 and sigma < 2.0 and library_eps(p.eps, sigma, p.im_size) < 1.5e-5:
         # single-precision FINUFFT caps the width at 8 for σ = 1.25 ("ns reducing ... to
         # prevent catastrophic cancellation"): measured 2.6e-5 error at ε = 1e-6
