@@ -53,6 +53,8 @@ class FinufftEngine:
     fftw : str
         ``"estimate"`` (FINUFFT's default, fast planning) or ``"measure"`` (slower planning,
         usually faster FFTs when a plan is reused many times).
+    double : bool
+        Compute in double precision for complex64 data (below single precision's floor).
     """
 
     backend = "finufft"
@@ -67,14 +69,16 @@ class FinufftEngine:
         upsampfac: float | None = None,
         nthreads: int | None = None,
         fftw: str = "estimate",
+        double: bool = False,
     ):
         self.lib = require("finufft")
         self.im_size = tuple(int(n) for n in im_size)
         self.ndim = len(self.im_size)
         self.eps = float(eps)
         self.dtype = dtype
-        self.np_complex = "complex64" if dtype == torch.complex64 else "complex128"
-        real = np.float32 if dtype == torch.complex64 else np.float64
+        self.compute = torch.complex128 if double else dtype
+        self.np_complex = "complex64" if self.compute == torch.complex64 else "complex128"
+        real = np.float32 if self.compute == torch.complex64 else np.float64
         pts = (2.0 * math.pi) * traj.detach().to("cpu", torch.float64).numpy()
         self.pts = [np.ascontiguousarray(pts[:, i], dtype=real) for i in range(self.ndim)]
         self.n_samples = int(traj.shape[0])
@@ -111,15 +115,15 @@ class FinufftEngine:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        data = x.detach().resolve_conj().contiguous().numpy()
+        data = x.detach().resolve_conj().to(self.compute).contiguous().numpy()
         out = self._plan(2, b).execute(data[0] if b == 1 else data)
-        return torch.from_numpy(np.asarray(out).reshape(b, self.n_samples))
+        return torch.from_numpy(np.asarray(out).reshape(b, self.n_samples)).to(self.dtype)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         b = y.shape[0]
-        data = y.detach().resolve_conj().contiguous().numpy()
+        data = y.detach().resolve_conj().to(self.compute).contiguous().numpy()
         out = self._plan(1, b).execute(data[0] if b == 1 else data)
-        return torch.from_numpy(np.asarray(out).reshape(b, *self.im_size))
+        return torch.from_numpy(np.asarray(out).reshape(b, *self.im_size)).to(self.dtype)
 
 
 class CufinufftEngine:
@@ -139,14 +143,16 @@ class CufinufftEngine:
         eps: float,
         dtype: torch.dtype,
         upsampfac: float | None = None,
+        double: bool = False,
     ):
         self.lib = require("cufinufft")
         self.im_size = tuple(int(n) for n in im_size)
         self.ndim = len(self.im_size)
         self.eps = float(eps)
         self.dtype = dtype
-        self.np_complex = "complex64" if dtype == torch.complex64 else "complex128"
-        real = torch.float32 if dtype == torch.complex64 else torch.float64
+        self.compute = torch.complex128 if double else dtype
+        self.np_complex = "complex64" if self.compute == torch.complex64 else "complex128"
+        real = torch.float32 if self.compute == torch.complex64 else torch.float64
         pts = (2.0 * math.pi) * traj.detach().to(torch.float64)
         self.pts = [pts[:, i].to(real).contiguous() for i in range(self.ndim)]
         self.n_samples = int(traj.shape[0])
@@ -181,16 +187,16 @@ class CufinufftEngine:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        out = torch.empty((b, self.n_samples), dtype=self.dtype, device=self.device)
-        data = x.detach().resolve_conj().contiguous()
+        out = torch.empty((b, self.n_samples), dtype=self.compute, device=self.device)
+        data = x.detach().resolve_conj().to(self.compute).contiguous()
         with torch.cuda.device(self.device):
             self._plan(2, b).execute(data[0] if b == 1 else data, out=out[0] if b == 1 else out)
-        return out
+        return out.to(self.dtype)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         b = y.shape[0]
-        out = torch.empty((b, *self.im_size), dtype=self.dtype, device=self.device)
-        data = y.detach().resolve_conj().contiguous()
+        out = torch.empty((b, *self.im_size), dtype=self.compute, device=self.device)
+        data = y.detach().resolve_conj().to(self.compute).contiguous()
         with torch.cuda.device(self.device):
             self._plan(1, b).execute(data[0] if b == 1 else data, out=out[0] if b == 1 else out)
-        return out
+        return out.to(self.dtype)

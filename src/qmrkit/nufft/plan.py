@@ -235,8 +235,10 @@ def _engine(
             accumulate_double=dtype == torch.complex64 and eps < 1e-5,
         )
     if c.backend == "finufft":
-        return FinufftEngine(traj, im_size, eps, dtype, upsampfac=c.sigma, fftw=fftw)
-    return CufinufftEngine(traj, im_size, eps, dtype, upsampfac=c.sigma)
+        return FinufftEngine(
+            traj, im_size, eps, dtype, upsampfac=c.sigma, fftw=fftw, double=c.double
+        )
+    return CufinufftEngine(traj, im_size, eps, dtype, upsampfac=c.sigma, double=c.double)
 
 
 def _random(shape, dtype, device, seed=0) -> torch.Tensor:
