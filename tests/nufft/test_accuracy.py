@@ -7,17 +7,16 @@ import functools
 import numpy as np
 import pytest
 import torch
+from nufft_testutils import crandn, ndft_matrix, rel
 
 from qmrkit import nufft
 from qmrkit._optional import available
 from qmrkit.errors import ParameterError
 
-from nufft_testutils import crandn, ndft_matrix, rel
-
 HAS_FINUFFT = available("finufft")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def problem(kind: str, im_size: tuple[int, ...]):
     """(trajectory, exact matrix) for a small problem; cached across tests."""
     rng = np.random.default_rng(sum(im_size) + len(kind))
@@ -132,3 +131,23 @@ def test_edge_sample_half_wraps():
         np.array([[-0.5, 0.1]]), (8, 8), eps=1e-9, dtype=torch.complex128, backend="torch"
     )
     assert rel(a(x).numpy(), b(x).numpy()) < 1e-9
+
+
+@pytest.mark.skipif(not HAS_FINUFFT, reason="finufft (the complex128 reference) is not installed")
+@pytest.mark.parametrize("method", ["gather", "sparse"])
+def test_complex64_reaches_1e6_on_dense_radial(method):
+    """ε = 1e-6 in complex64: spreading sums in float64 (float32 sums floored at 1.5e-6)."""
+    import finufft
+
+    n = 128
+    traj = nufft.radial(201, 2 * n)
+    pts = [2 * np.pi * traj[:, i].numpy() for i in range(2)]
+    op = nufft.plan(
+        traj, (n, n), eps=1e-6, backend="torch", method=method, normal="direct", oversampling=1.5
+    )
+    x = crandn((n, n), seed=5)
+    y = crandn((traj.shape[0],), seed=6)
+    yref = finufft.nufft2d2(*pts, x.numpy().astype(np.complex128), eps=1e-12, isign=-1)
+    xref = finufft.nufft2d1(*pts, y.numpy().astype(np.complex128), (n, n), eps=1e-12, isign=1)
+    assert rel(op(x).numpy(), yref) <= 1e-6
+    assert rel(op.H(y).numpy(), xref) <= 1e-6

@@ -141,3 +141,16 @@ def test_complex64_high_accuracy_warns(caplog):
 def test_errors_are_qmrkit_errors():
     with pytest.raises(QmrkitError):
         nufft.plan(TRAJ + 1, (16, 16))
+
+
+def test_single_precision_finufft_runs_double_below_its_floor():
+    pytest.importorskip("finufft")
+    from nufft_testutils import ndft_matrix, rel
+
+    op = nufft.plan(TRAJ, (16, 16), eps=1e-6, backend="finufft")
+    assert op.info.backend == "finufft" and "double" in op.info.reason
+    x = crandn((16, 16), seed=3)
+    y = op(x)
+    assert y.dtype == torch.complex64
+    ref = ndft_matrix(TRAJ, (16, 16)) @ x.numpy().astype(np.complex128).ravel()
+    assert rel(y.numpy(), ref) <= 1e-6

@@ -70,7 +70,7 @@ def test_dcf_radial_grows_with_radius_and_reconstructs():
     r = traj.norm(dim=1)
     inner = w[(r > 0.05) & (r < 0.1)].mean()
     outer = w[(r > 0.35) & (r < 0.4)].mean()
-    assert outer / inner == pytest.approx(float((0.375 / 0.075)), rel=0.25)  # w ∝ |k|
+    assert outer / inner == pytest.approx(float(0.375 / 0.075), rel=0.25)  # w ∝ |k|
     # a smooth image is recovered by the density-compensated adjoint
     op = nufft.plan(traj, (n, n), eps=1e-4, dtype=torch.complex128, backend="torch")
     yy, xx = torch.meshgrid(torch.arange(n) - n // 2, torch.arange(n) - n // 2, indexing="ij")

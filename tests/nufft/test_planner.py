@@ -84,10 +84,17 @@ def test_heuristic_single_coil_3d_prefers_finufft_many_coils_2d_prefers_sparse()
     )
 
 
-def test_finufft_single_precision_low_sigma_excluded_at_high_accuracy():
-    p = planner.Problem((64, 64), 5000, 1, 1e-6, torch.complex64, 1, torch.device("cpu"))
-    assert planner.external_candidate(p, "finufft", 1.25) is None
-    assert planner.external_candidate(p, "finufft", 2.0) is not None
+def test_finufft_single_precision_excluded_at_high_accuracy():
+    """Single-precision FINUFFT floors above 1e-6 (and σ = 1.25 caps its width at 8): below,
+    the complex64 plan runs FINUFFT in double precision."""
+    cpu = torch.device("cpu")
+    p = planner.Problem((64, 64), 5000, 1, 1e-6, torch.complex64, 1, cpu)
+    assert planner.external_candidate(p, "finufft", 1.25).double
+    assert planner.external_candidate(p, "finufft", 2.0).double
+    p = planner.Problem((64, 64), 5000, 1, 1e-6, torch.complex128, 1, cpu)
+    assert not planner.external_candidate(p, "finufft", 2.0).double
+    p = planner.Problem((64, 64), 5000, 1, 1e-4, torch.complex64, 1, cpu)
+    assert not planner.external_candidate(p, "finufft", 2.0).double
 
 
 def test_heuristic_oversampling_falls_with_undersampling():

@@ -14,8 +14,8 @@ unnormalised; the adjoint is its exact conjugate transpose. See ``docs/nufft.md`
 
 from .dcf import density_compensation
 from .kernels import Kernel
-from .planner import forget_wisdom, wisdom_path
 from .plan import NufftInfo, NufftPlan, plan
+from .planner import forget_wisdom, wisdom_path
 from .trajectories import (
     from_ismrmrd,
     from_radians,

@@ -3,8 +3,8 @@
 Weights ``w`` solve ``(C ∗ w)(k_m) = 1`` at every sample, where ``C`` is the (positive, compact)
 gridding-kernel autocorrelation: spreading ``w`` onto an oversampled grid and interpolating back
 (no FFT). The iteration ``w ← w / (C ∗ w)`` (Pipe & Menon, MRM 1999) converges in a few tens of
-steps. The result is scaled (least squares on a smooth Gaussian test image of 2 pixels' width) so that
-``A.H(w · A(x)) ≈ x`` for well-sampled smooth images; full Cartesian sampling gives
+steps. The result is scaled (least squares on a smooth Gaussian test image of 2 pixels' width)
+so that ``A.H(w · A(x)) ≈ x`` for well-sampled smooth images; full Cartesian sampling gives
 ``w ≈ 1/N_total``, i.e. k-space area per sample in cycles/pixel units.
 """
 
@@ -16,8 +16,8 @@ import torch
 
 from .grid import grid_size
 from .kernels import Kernel, beta_rule
-from .plan import _validate_traj
 from .native import NativeEngine
+from .plan import _validate_traj
 
 
 def density_compensation(

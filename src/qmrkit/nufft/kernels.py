@@ -32,7 +32,7 @@ MIN_EPS, MAX_EPS = 1e-14, 1e-1
 
 @dataclass(frozen=True)
 class Kernel:
-    """An ES kernel: ``width`` W in grid cells, shape ``beta`` β, for grid oversampling ``sigma``."""
+    """An ES kernel: ``width`` W (grid cells), shape ``beta`` β, for grid oversampling ``sigma``."""
 
     width: int
     beta: float

@@ -69,6 +69,10 @@ class NativeEngine:
         dtype: torch.dtype,
         method: str = "gather",
         chunk_bytes: int = CHUNK_BYTES,
+<<<<<<< HEAD
+=======
+        accumulate_double: bool = False,
+>>>>>>> nufft
     ):
         self.im_size = tuple(int(n) for n in im_size)
         self.grid = tuple(int(g) for g in grid)
@@ -80,6 +84,9 @@ class NativeEngine:
         self.device = traj.device
         self.n_samples = int(traj.shape[0])
         self.chunk_bytes = int(chunk_bytes)
+        # complex64 plans asking for ε < 1e-5 spread (sum) in float64: float32 sums of many
+        # cancelling contributions (radial centres) floored the adjoint at ~1.5e-6
+        self.acc = torch.float64 if accumulate_double else self.real
         w = kernel.width
         # deapodisation (1/ψ̂ per axis, outer product), float64 then cast
         scale = None
@@ -154,7 +161,15 @@ class NativeEngine:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             self.csr_t = torch.sparse_csr_tensor(
+<<<<<<< HEAD
                 crow_t.to(itype), rows_t, val[order], size=(gtot, m), check_invariants=False
+=======
+                crow_t.to(itype),
+                rows_t,
+                val[order].to(self.acc),
+                size=(gtot, m),
+                check_invariants=False,
+>>>>>>> nufft
             )
         # per-axis weights are no longer needed for this method
         self.idx, self.wts = [], []
@@ -193,17 +208,20 @@ class NativeEngine:
     def spread(self, yr: torch.Tensor) -> torch.Tensor:
         """Samples ``(M, C)`` (real) -> grid rows ``(Gtot, C)``."""
         gtot = int(np.prod(self.grid))
+        out_dtype = yr.dtype
+        yr = yr.to(self.acc)
         if self.csr_t is not None:
-            return torch.sparse.mm(self.csr_t, yr) if yr.is_cuda else self.csr_t @ yr
+            out = torch.sparse.mm(self.csr_t, yr) if yr.is_cuda else self.csr_t @ yr
+            return out.to(out_dtype)
         cols = yr.shape[1]
         out = yr.new_zeros((gtot, cols))
         step = self._chunk(cols)
         for s in range(0, self.n_samples, step):
             e = min(self.n_samples, s + step)
             idx, wt = self._combined(s, e)
-            contrib = wt[:, :, None] * yr[s:e, None, :]
+            contrib = wt.to(self.acc)[:, :, None] * yr[s:e, None, :]
             out.index_add_(0, idx.reshape(-1), contrib.reshape(-1, cols))
-        return out
+        return out.to(out_dtype)
 
     # -- transforms ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

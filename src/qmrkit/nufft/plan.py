@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .._device import as_tensor, resolve_device
+from .._device import as_tensor, resolve_device, synchronize
 from .._optional import available, require
 from .._progress import get_logger
 from ..errors import DeviceError, DTypeError, ParameterError, ShapeError, UnknownNameError
@@ -214,7 +215,11 @@ class NufftPlan(LinearOperator):
         )
 
 
+<<<<<<< HEAD
 # -- building ---------------------------------------------------------------------------------------
+=======
+# -- building -------------------------------------------------------------------------------------
+>>>>>>> nufft
 def _engine(
     c: pl.Candidate,
     traj: torch.Tensor,
@@ -224,10 +229,20 @@ def _engine(
     fftw: str = "estimate",
 ):
     if c.backend == "torch":
-        return NativeEngine(traj, im_size, c.grid, c.kernel, dtype, c.method)
+        return NativeEngine(
+            traj,
+            im_size,
+            c.grid,
+            c.kernel,
+            dtype,
+            c.method,
+            accumulate_double=dtype == torch.complex64 and eps < 1e-5,
+        )
     if c.backend == "finufft":
-        return FinufftEngine(traj, im_size, eps, dtype, upsampfac=c.sigma, fftw=fftw)
-    return CufinufftEngine(traj, im_size, eps, dtype, upsampfac=c.sigma)
+        return FinufftEngine(
+            traj, im_size, eps, dtype, upsampfac=c.sigma, fftw=fftw, double=c.double
+        )
+    return CufinufftEngine(traj, im_size, eps, dtype, upsampfac=c.sigma, double=c.double)
 
 
 def _random(shape, dtype, device, seed=0) -> torch.Tensor:
@@ -408,6 +423,12 @@ def plan(
         raise ParameterError(
             f"no NUFFT configuration reaches eps={eps:g} with backend={backend!r}, "
             f"oversampling={oversampling}; use a larger eps or oversampling=2"
+            + (
+                f" (single-precision {backend} is trusted only down to eps="
+                f"{pl.FINUFFT_SINGLE_FLOOR:g}: use dtype=torch.complex128 or backend='torch')"
+                if backend in ("finufft", "cufinufft") and dtype == torch.complex64
+                else ""
+            )
         )
 
     # -- choose -----------------------------------------------------------------------------------
@@ -460,9 +481,15 @@ def plan(
     engines = [_engine(chosen, tr, size, eps, dtype) for tr in trajs]
     toep = None
     if normal_choice == "toeplitz":
+<<<<<<< HEAD
         psf = _psf(chosen.backend, trajs, size, eps, dtype)
         toep = ToeplitzNormal(
             psf.reshape(*traj_batch, *psf.shape[1:]) if traj_batch else psf[0], size
+=======
+        psf = _psf(chosen.backend, trajs, size, eps, torch.complex128)
+        toep = ToeplitzNormal(
+            psf.reshape(*traj_batch, *psf.shape[1:]) if traj_batch else psf[0], size, dtype
+>>>>>>> nufft
         )
     mem = sum(e.memory_bytes() for e in engines) + (toep.memory_bytes() if toep else 0)
     info = NufftInfo(
@@ -498,18 +525,35 @@ def _measure(
     # extreme oversamplings so a poor model cannot hide the winner
     pick: list[pl.Candidate] = []
     for c in cands:
+<<<<<<< HEAD
         if len(pick) < MEASURE_TOP or not any(
             q.backend == c.backend and q.method == c.method for q in pick
         ):
+=======
+        ratio = c.cost / max(cands[0].cost, 1e-12)
+        new_kind = not any(q.backend == c.backend and q.method == c.method for q in pick)
+        if (len(pick) < MEASURE_TOP and ratio <= 4.0) or (new_kind and ratio <= 10.0):
+>>>>>>> nufft
             pick.append(c)
     x = _random((p.batch, *size), dtype, p.device)
     y = _random((p.batch, p.n_samples), dtype, p.device, seed=1)
     timings: dict[str, float] = {}
+    best_so_far = [math.inf]
 
     def pair(eng, reps):
-        tf = pl.time_call(lambda: eng.forward(x), p.device, reps=reps)
+        # a candidate whose first forward alone is slower than the best pair so far is not
+        # timed further (its pair is at least twice that first call)
+        t0 = time.perf_counter()
+        eng.forward(x)
+        synchronize(p.device)
+        first = time.perf_counter() - t0
+        if first > best_so_far[0]:
+            return 2 * first * p.n_traj
+        tf = pl.time_call(lambda: eng.forward(x), p.device, reps=reps, warm=False)
         ta = pl.time_call(lambda: eng.adjoint(y), p.device, reps=reps)
-        return (tf + ta) * p.n_traj
+        t = (tf + ta) * p.n_traj
+        best_so_far[0] = min(best_so_far[0], t)
+        return t
 
     # pass 1: every picked candidate, best of 2
     for c in pick:
@@ -525,7 +569,11 @@ def _measure(
         raise ParameterError("NUFFT measure: no candidate could be built (out of memory?)")
     # pass 2: the three fastest again, interleaved, so a burst of load on a shared machine does
     # not decide alone (the minimum over both passes counts)
-    finalists = [(c, _engine(c, trajs[0], size, eps, dtype)) for c in timed[:3]]
+    finalists = [
+        (c, _engine(c, trajs[0], size, eps, dtype))
+        for c in timed[:3]
+        if c.measured <= 1.5 * timed[0].measured
+    ]
     for _ in range(2):
         for c, eng in finalists:
             c.measured = min(c.measured, pair(eng, 1))
@@ -534,8 +582,8 @@ def _measure(
     best = min(timed, key=lambda c: c.measured)
     best_t = best.measured
     if normal_choice is None:
-        psf = _psf(best.backend, trajs[:1], size, eps, dtype)
-        toep = ToeplitzNormal(psf[0], size)
+        psf = _psf(best.backend, trajs[:1], size, eps, torch.complex128)
+        toep = ToeplitzNormal(psf[0], size, dtype)
         eng = next(e for c, e in finalists if c is best)
         tt = math.inf
         for _ in range(3):

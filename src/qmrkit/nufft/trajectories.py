@@ -88,10 +88,12 @@ def spiral(
 ) -> torch.Tensor:
     """2D (variable-density) Archimedean spiral with rotated interleaves.
 
-    ``k(t) = 0.5·t^density · exp(i(2π·n_turns·t^density... ))`` is parametrised so that
-    ``|k| = 0.5·t^density``, ``t ∈ [0, 1)``, with the number of turns chosen for Nyquist sampling
-    of an ``im_size`` image at the edge (``n_turns = oversampling·im_size / (2·n_interleaves)``).
-    ``density > 1`` samples the centre more densely (variable density).
+    Each interleave follows ``k(t) = ρ(t)·exp(i(2π·n_turns·2ρ(t) + φ_j))`` with radius
+    ``ρ(t) = 0.5·t^density``, ``t = 0, 1/n, …, (n−1)/n``, and rotation ``φ_j = 2πj/n_interleaves``.
+    The radial distance between turns is constant (Archimedean), set for Nyquist sampling of an
+    ``im_size`` image by all interleaves together:
+    ``n_turns = oversampling·im_size / (2·n_interleaves)``. ``density > 1`` spends more of the
+    readout near the centre (variable density).
 
     Parameters
     ----------
