@@ -211,9 +211,6 @@ def bench_case(case, eps_list, reps, with_tkbn=True):
         # 3D multi-coil case, where timing every gather candidate would take many minutes)
         t0 = time.perf_counter()
         op = nufft.plan(
-<<<<<<< HEAD
-            traj, im_size, eps=eps, batch=coils, tune="measure", backend="torch", normal="direct"
-=======
             traj,
             im_size,
             eps=eps,
@@ -221,7 +218,6 @@ def bench_case(case, eps_list, reps, with_tkbn=True):
             tune="heuristic" if heavy else "measure",
             backend="torch",
             normal="direct",
->>>>>>> nufft
         )
         tplan = time.perf_counter() - t0
         i = op.info
@@ -253,11 +249,7 @@ def bench_case(case, eps_list, reps, with_tkbn=True):
             method=i.method,
             oversampling=i.oversampling,
         )
-<<<<<<< HEAD
-        tn = best_time(lambda: opt.normal(x), reps)
-=======
         tn = best_time(lambda: opt.normal(x), reps)  # noqa: B023 - called right here
->>>>>>> nufft
         ref_n = op.adjoint(op.forward(x[:1]))
         err_n = rel(opt.normal(x[:1]).numpy(), ref_n.numpy())
         print(
@@ -360,36 +352,7 @@ def ratios(rows):
     return out
 
 
-<<<<<<< HEAD
-def main():
-    eps_list = [float(e) for e in ARGS.eps.split(",")]
-    rows = []
-    for key in ARGS.cases.split(","):
-        case = make_case(key, ARGS.quick)
-        rs = bench_case_all(case, eps_list)
-        rows.extend(rs)
-        del case
-    rat = ratios(rows)
-    print("\n== ratios (time of fwd+adj; < 1 means qmrkit is faster)")
-    for d in rat:
-        line = (
-            f"  {d['case']} ε={d['eps']:g}: planned/finufft-best "
-            f"{d['planned_vs_finufft_best']:.2f} ({d['finufft_best']}), planned/finufft-default "
-            f"{d['planned_vs_finufft_default']:.2f}, native/finufft-best "
-            f"{d['native_vs_finufft_best']:.2f}, planned normal/(fwd+adj) "
-            f"{d['planned_normal_vs_fwd_adj']:.2f}, native fwd+adj / Toeplitz "
-            f"{d['toeplitz_vs_native_fwd_adj']:.2f}"
-        )
-        if "torchkbnufft_vs_planned_speedup" in d:
-            line += (
-                f", speed-up over torchkbnufft (per coil) "
-                f"{d['torchkbnufft_vs_planned_speedup']:.1f}x, error "
-                f"{d['planned_err']:.1e} vs {d['torchkbnufft_err']:.1e}"
-            )
-        print(line)
-=======
 def write(rows, rat) -> Path:
->>>>>>> nufft
     import finufft
 
     out = (
@@ -408,10 +371,7 @@ def write(rows, rat) -> Path:
         "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-<<<<<<< HEAD
-=======
         "load_avg_1_5_15": os.getloadavg(),
->>>>>>> nufft
     }
     try:
         import torchkbnufft

@@ -69,10 +69,7 @@ class FinufftEngine:
         upsampfac: float | None = None,
         nthreads: int | None = None,
         fftw: str = "estimate",
-<<<<<<< HEAD
-=======
         double: bool = False,
->>>>>>> nufft
     ):
         self.lib = require("finufft")
         self.im_size = tuple(int(n) for n in im_size)
@@ -146,10 +143,7 @@ class CufinufftEngine:
         eps: float,
         dtype: torch.dtype,
         upsampfac: float | None = None,
-<<<<<<< HEAD
-=======
         double: bool = False,
->>>>>>> nufft
     ):
         self.lib = require("cufinufft")
         self.im_size = tuple(int(n) for n in im_size)

@@ -69,10 +69,7 @@ class NativeEngine:
         dtype: torch.dtype,
         method: str = "gather",
         chunk_bytes: int = CHUNK_BYTES,
-<<<<<<< HEAD
-=======
         accumulate_double: bool = False,
->>>>>>> nufft
     ):
         self.im_size = tuple(int(n) for n in im_size)
         self.grid = tuple(int(g) for g in grid)
@@ -161,15 +158,11 @@ class NativeEngine:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             self.csr_t = torch.sparse_csr_tensor(
-<<<<<<< HEAD
-                crow_t.to(itype), rows_t, val[order], size=(gtot, m), check_invariants=False
-=======
                 crow_t.to(itype),
                 rows_t,
                 val[order].to(self.acc),
                 size=(gtot, m),
                 check_invariants=False,
->>>>>>> nufft
             )
         # per-axis weights are no longer needed for this method
         self.idx, self.wts = [], []

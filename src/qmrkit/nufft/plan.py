@@ -215,11 +215,7 @@ class NufftPlan(LinearOperator):
         )
 
 
-<<<<<<< HEAD
-# -- building ---------------------------------------------------------------------------------------
-=======
 # -- building -------------------------------------------------------------------------------------
->>>>>>> nufft
 def _engine(
     c: pl.Candidate,
     traj: torch.Tensor,
@@ -481,15 +477,9 @@ def plan(
     engines = [_engine(chosen, tr, size, eps, dtype) for tr in trajs]
     toep = None
     if normal_choice == "toeplitz":
-<<<<<<< HEAD
-        psf = _psf(chosen.backend, trajs, size, eps, dtype)
-        toep = ToeplitzNormal(
-            psf.reshape(*traj_batch, *psf.shape[1:]) if traj_batch else psf[0], size
-=======
         psf = _psf(chosen.backend, trajs, size, eps, torch.complex128)
         toep = ToeplitzNormal(
             psf.reshape(*traj_batch, *psf.shape[1:]) if traj_batch else psf[0], size, dtype
->>>>>>> nufft
         )
     mem = sum(e.memory_bytes() for e in engines) + (toep.memory_bytes() if toep else 0)
     info = NufftInfo(
@@ -525,15 +515,9 @@ def _measure(
     # extreme oversamplings so a poor model cannot hide the winner
     pick: list[pl.Candidate] = []
     for c in cands:
-<<<<<<< HEAD
-        if len(pick) < MEASURE_TOP or not any(
-            q.backend == c.backend and q.method == c.method for q in pick
-        ):
-=======
         ratio = c.cost / max(cands[0].cost, 1e-12)
         new_kind = not any(q.backend == c.backend and q.method == c.method for q in pick)
         if (len(pick) < MEASURE_TOP and ratio <= 4.0) or (new_kind and ratio <= 10.0):
->>>>>>> nufft
             pick.append(c)
     x = _random((p.batch, *size), dtype, p.device)
     y = _random((p.batch, p.n_samples), dtype, p.device, seed=1)

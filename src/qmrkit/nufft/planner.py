@@ -199,10 +199,7 @@ def external_candidate(p: Problem, backend: str, sigma: float) -> Candidate | No
         est,
         cost,
         p.n_traj * p.n_samples * p.ndim * 8,
-<<<<<<< HEAD
-=======
         double=double,
->>>>>>> nufft
     )
 
 
@@ -239,13 +236,6 @@ def candidates(
 
 # -- measuring ------------------------------------------------------------------------------------
 def time_call(
-<<<<<<< HEAD
-    fn: Callable[[], object], device: torch.device, reps: int = 3, budget_s: float = 2.0
-) -> float:
-    """Best wall time of ``fn`` over a few repetitions (after one warm-up call)."""
-    fn()
-    synchronize(device)
-=======
     fn: Callable[[], object],
     device: torch.device,
     reps: int = 3,
@@ -257,7 +247,6 @@ def time_call(
     A warm-up call slower than half the budget is taken as the measurement (slow candidates are
     not worth more of the planner's time).
     """
->>>>>>> nufft
     best = math.inf
     if warm:
         t0 = time.perf_counter()
