@@ -33,9 +33,16 @@ def test_radial_sense_modes_equal_standard(normalize):
             g, net = _grads(mode, A, x, y)
             assert net.last_backward["fallbacks"] == 0
         else:
-            # ‖AᴴA‖ ≈ 4000: the closed-form CG inverse amplifies errors by ‖AᴴA‖/λ per unroll;
-            # the drift check notices and recomputes, so the gradients are still exact
-            with pytest.warns(InversionWarning):
+            # ‖AᴴA‖ ≈ 4000: the closed-form CG inverse amplifies rounding errors by ‖AᴴA‖/λ per
+            # unroll. Whether they cross the drift tolerance depends on the thread count and
+            # summation order; when they do, the drift check must notice (a warning and a
+            # recomputation) — either way the gradients must be exact. (The drift check is forced
+            # deterministically in tests/learn with a non-invertible denoiser.)
+            import warnings
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 g, net = _grads(mode, A, x, y)
-            assert net.last_backward["fallbacks"] >= 1
+            warned = any(issubclass(w.category, InversionWarning) for w in caught)
+            assert warned == (net.last_backward["fallbacks"] >= 1)
         assert float((g - ref).norm() / ref.norm()) <= 1e-8, mode
