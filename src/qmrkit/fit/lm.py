@@ -86,9 +86,27 @@ def residual_and_jacobian(
 
 
 def _damped_step(
-    H: torch.Tensor, g: torch.Tensor, lam: torch.Tensor
+    H: torch.Tensor,
+    g: torch.Tensor,
+    lam: torch.Tensor,
+    theta: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve (H + λ·diag(H)) δ = −g per voxel; returns δ and a success flag."""
+    """Solve (H + λ·diag(H)) δ = −g per voxel over the free parameters; returns δ and a flag.
+
+    Box constraints by an active set: a parameter on a bound whose gradient points out of the box
+    is held fixed (its row and column removed), so the step for the others is the correct reduced
+    Levenberg–Marquardt step rather than a projection of an infeasible one (which can stall).
+    """
+    th = theta.double()
+    lo, hi = lower.double(), upper.double()
+    tiny = 1e-12 * (th.abs() + 1.0)
+    active = ((th <= lo + tiny) & (g > 0)) | ((th >= hi - tiny) & (g < 0))
+    if bool(active.any()):
+        free = (~active).double()
+        H = H * free[:, :, None] * free[:, None, :] + torch.diag_embed(active.double())
+        g = g * free
     d = torch.diagonal(H, dim1=-2, dim2=-1)
     floor = d.amax(dim=-1, keepdim=True) * 1e-12 + 1e-300
     D = torch.maximum(d, floor)
@@ -136,7 +154,7 @@ def _lm_chunk(
             break
         iters[act] += 1
         th_a = theta[act]
-        delta, ok = _damped_step(H, g, lam)
+        delta, ok = _damped_step(H, g, lam, th_a, problem.lower, problem.upper)
         trial = problem.clamp(th_a + delta.to(theta.dtype))
         step = (trial - th_a).double()
         with torch.no_grad():
