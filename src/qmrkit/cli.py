@@ -99,11 +99,18 @@ def _add_recon_parser(sub: Any) -> None:
     )
     r.add_argument("scan", type=Path, help="ISMRMRD/MRD HDF5 file (.h5)")
     r.add_argument("--method", choices=("sense", "tv", "gridding"), default="sense")
-    r.add_argument("--lam", type=float, help="regularisation weight (SENSE: Tikhonov, default 0;"
-                   " TV: default 1e-3; scale-free)")
+    r.add_argument(
+        "--lam",
+        type=float,
+        help="regularisation weight (SENSE: Tikhonov, default 0; TV: default 1e-3; scale-free)",
+    )
     r.add_argument("--max-iter", type=int, help="solver iterations (SENSE 30, TV 100)")
-    r.add_argument("--maps", choices=("auto", "espirit", "walsh"), default="auto",
-                   help="coil maps (auto: ESPIRiT for Cartesian, Walsh otherwise)")
+    r.add_argument(
+        "--maps",
+        choices=("auto", "espirit", "walsh"),
+        default="auto",
+        help="coil maps (auto: ESPIRiT for Cartesian, Walsh otherwise)",
+    )
     r.add_argument("--virtual-coils", type=int, help="compress to this many coils first (SVD)")
     r.add_argument("--no-prewhiten", action="store_true", help="skip noise prewhitening")
     r.add_argument("--dataset", default="dataset", help="dataset group in the file")

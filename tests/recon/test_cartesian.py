@@ -31,11 +31,19 @@ def test_cg_sense_equals_dense_least_squares(dtype, tol):
     maps = maps[:, :, 1:11].contiguous()
     mask = cartesian_mask((ny, nx), 2, calib=2)
     g = torch.Generator().manual_seed(0)
-    y = torch.complex(torch.randn(n_c, ny, nx, generator=g, dtype=torch.float64),
-                      torch.randn(n_c, ny, nx, generator=g, dtype=torch.float64)).to(dtype) * mask
+    y = (
+        torch.complex(
+            torch.randn(n_c, ny, nx, generator=g, dtype=torch.float64),
+            torch.randn(n_c, ny, nx, generator=g, dtype=torch.float64),
+        ).to(dtype)
+        * mask
+    )
     e = _dense_matrix(maps, mask)
-    x_ref = np.linalg.lstsq(e.astype(np.complex128), y[mask.expand(n_c, ny, nx)].numpy()
-                            .astype(np.complex128), rcond=None)[0].reshape(ny, nx)
+    x_ref = np.linalg.lstsq(
+        e.astype(np.complex128),
+        y[mask.expand(n_c, ny, nx)].numpy().astype(np.complex128),
+        rcond=None,
+    )[0].reshape(ny, nx)
     res = recon.sense(y, maps, mask=mask, max_iter=200, tol=tol * 1e-2)
     err = np.linalg.norm(res.image.numpy() - x_ref) / np.linalg.norm(x_ref)
     assert err <= tol
@@ -100,8 +108,9 @@ def test_cg_sense_batched_frames_and_tikhonov(device):
     assert res.image.shape == (3, 32, 32) and res.image.device.type == device.type
     for t in range(3):
         one = recon.sense(y[t], maps, mask=mask, max_iter=60, tol=1e-8)
-        torch.testing.assert_close(res.image[t], one.image, atol=2e-4 * float(one.image.abs().max()),
-                                   rtol=0)
+        torch.testing.assert_close(
+            res.image[t], one.image, atol=2e-4 * float(one.image.abs().max()), rtol=0
+        )
     # Tikhonov shrinks the solution
     reg = recon.sense(y[0], maps, mask=mask, lam=0.5, max_iter=60, tol=1e-8)
     assert reg.image.norm() < 0.9 * res.image[0].norm()

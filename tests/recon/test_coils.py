@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,8 +22,9 @@ def test_espirit_matches_simulated_maps_2d():
     assert vec >= 0.99 and mag >= 0.99, (vec, mag)
     assert est.shape == maps.shape and est.dtype == y.dtype
     # unit norm inside the object, zero (cropped) far outside
-    torch.testing.assert_close(est.abs().pow(2).sum(0)[obj], torch.ones(int(obj.sum())),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        est.abs().pow(2).sum(0)[obj], torch.ones(int(obj.sum())), atol=1e-4, rtol=0
+    )
     assert float(ev[obj].min()) > 0.95
 
 
@@ -58,19 +58,25 @@ def test_rss():
 
 def _correlated_noise(n_c, n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    a = torch.complex(torch.randn(n_c, n_c, generator=g, dtype=torch.float64),
-                      torch.randn(n_c, n_c, generator=g, dtype=torch.float64))
+    a = torch.complex(
+        torch.randn(n_c, n_c, generator=g, dtype=torch.float64),
+        torch.randn(n_c, n_c, generator=g, dtype=torch.float64),
+    )
     mix = torch.eye(n_c, dtype=torch.complex128) + 0.4 * a
-    white = torch.complex(torch.randn(n_c, n, generator=g, dtype=torch.float64),
-                          torch.randn(n_c, n, generator=g, dtype=torch.float64)) / math.sqrt(2)
+    white = torch.complex(
+        torch.randn(n_c, n, generator=g, dtype=torch.float64),
+        torch.randn(n_c, n, generator=g, dtype=torch.float64),
+    ) / math.sqrt(2)
     return mix, mix @ white
 
 
 def test_prewhiten_decorrelates():
     mix, noise = _correlated_noise(6, 20000)
     g = torch.Generator().manual_seed(1)  # the scan's own noise: same mixing, new samples
-    white = torch.complex(torch.randn(6, 5000, generator=g, dtype=torch.float64),
-                          torch.randn(6, 5000, generator=g, dtype=torch.float64)) / math.sqrt(2)
+    white = torch.complex(
+        torch.randn(6, 5000, generator=g, dtype=torch.float64),
+        torch.randn(6, 5000, generator=g, dtype=torch.float64),
+    ) / math.sqrt(2)
     data = mix @ white
     w_data, w = recon.prewhiten(data.reshape(6, 50, 100), noise, return_matrix=True)
     cov = recon.noise_covariance(w_data)

@@ -10,7 +10,7 @@ from qmrkit import fit, nufft, recon
 from qmrkit.errors import ParameterError, QmrkitWarning, ShapeError
 from qmrkit.sim import cartesian_mask
 
-from ._helpers import align_phase, cfft, noise_like, nrmse, phantom
+from ._helpers import cfft, noise_like, nrmse, phantom
 
 
 def _disk_limited(x):
@@ -157,8 +157,14 @@ def test_sgd_matches_least_squares_and_tv_helps():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plain = recon.sgd(A8, y8, loss="l1", lr=0.02, max_iter=300)
-        reg = recon.sgd(A8, y8, loss="l1", lr=0.02, max_iter=300,
-                        regularizers=[fit.TotalVariation(("real", "imag"), 3e-3)])
+        reg = recon.sgd(
+            A8,
+            y8,
+            loss="l1",
+            lr=0.02,
+            max_iter=300,
+            regularizers=[fit.TotalVariation(("real", "imag"), 3e-3)],
+        )
     assert nrmse(reg.image, x) < nrmse(plain.image, x)
     with pytest.raises(ParameterError, match="image views"):
         recon.sgd(A8, y8, regularizers=[fit.TotalVariation("T1", 1.0)])

@@ -29,13 +29,18 @@ def test_cli_round_trip_cartesian(tmp_path, method):
     assert main(["recon", str(path), "--method", method, "--out", str(out)]) == 0
     mag, affine = load_nifti(out / "recon_mag.nii.gz")
     direct, _ = recon.reconstruct(read_mrd(path), method)
-    np.testing.assert_allclose(mag, direct.to_nifti_order(direct.image.abs().numpy()),
-                               rtol=1e-4, atol=1e-4 * float(mag.max()))
+    np.testing.assert_allclose(
+        mag,
+        direct.to_nifti_order(direct.image.abs().numpy()),
+        rtol=1e-4,
+        atol=1e-4 * float(mag.max()),
+    )
     assert mag.shape == (48, 48)
     assert affine[0, 0] == pytest.approx(220.0 / 48)
     mrd_img = read_mrd_images(out / "recon.h5")
-    np.testing.assert_allclose(np.abs(mrd_img[0]), direct.image.abs().numpy(), rtol=1e-4,
-                               atol=1e-4 * float(mag.max()))
+    np.testing.assert_allclose(
+        np.abs(mrd_img[0]), direct.image.abs().numpy(), rtol=1e-4, atol=1e-4 * float(mag.max())
+    )
     side = json.loads((out / "recon.json").read_text())
     assert side["method"] == method and "prewhiten" in side["settings"]["pipeline"]
     assert (out / "recon.png").stat().st_size > 1000
@@ -48,8 +53,7 @@ def test_cli_radial_gridding_and_sense(tmp_path):
     s = sim.raw_scan((48, 48), n_coils=8, trajectory="radial", n_spokes=60, path=path)
     for method in ("gridding", "sense"):
         out = tmp_path / method
-        assert main(["recon", str(path), "--method", method, "--out", str(out),
-                     "--no-figure"]) == 0
+        assert main(["recon", str(path), "--method", method, "--out", str(out), "--no-figure"]) == 0
         mag, _ = load_nifti(out / "recon_mag.nii.gz")
         assert mag.shape == (48, 48) and np.isfinite(mag).all()
     res, _ = recon.reconstruct(read_mrd(path), "sense")

@@ -12,8 +12,10 @@ from qmrkit.errors import ParameterError
 def test_cartesian_raw_scan_model_and_noise():
     s = sim.raw_scan((48, 40), n_coils=6, acceleration=2, calib=12, noise_level=0.01, seed=3)
     x, maps = s.meta["truth"], s.meta["maps"]
-    full = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(maps * x, dim=(-2, -1)),
-                                             dim=(-2, -1), norm="ortho"), dim=(-2, -1))
+    full = torch.fft.fftshift(
+        torch.fft.fftn(torch.fft.ifftshift(maps * x, dim=(-2, -1)), dim=(-2, -1), norm="ortho"),
+        dim=(-2, -1),
+    )
     resid = (s.kdata - full * s.mask)[:, s.mask]
     # residual = noise with covariance σ² Ψ: its per-coil variance matches the noise scan's
     var_data = resid.abs().pow(2).mean(1)

@@ -102,9 +102,9 @@ class RawScan:
         """Cartesian k-space of the first batch entry with calibration lines merged in."""
         if not self.is_cartesian:
             raise ParameterError("calibration_data is for Cartesian scans")
-        k = self.kdata.reshape(-1, *self.kdata.shape[len(self.batch_dims):])[0]
+        k = self.kdata.reshape(-1, *self.kdata.shape[len(self.batch_dims) :])[0]
         if self.calib is not None:
-            c = self.calib.reshape(-1, *self.calib.shape[len(self.batch_dims):])[0]
+            c = self.calib.reshape(-1, *self.calib.shape[len(self.batch_dims) :])[0]
             k = torch.where(c != 0, c, k)
         return k
 
@@ -126,20 +126,28 @@ def _make_header(matrix_size, recon_size, fov_mm, n_coils, trajectory, limits) -
         fov3 = list(reversed(fov)) + [float(fov[-1])] * (3 - len(fov))
         return x.encodingSpaceType(
             matrixSize=x.matrixSizeType(x=int(size3[0]), y=int(size3[1]), z=int(size3[2])),
-            fieldOfView_mm=x.fieldOfViewMm(x=float(fov3[0]), y=float(fov3[1]),
-                                           z=float(fov3[2])))
+            fieldOfView_mm=x.fieldOfViewMm(x=float(fov3[0]), y=float(fov3[1]), z=float(fov3[2])),
+        )
 
-    el = x.encodingLimitsType(**{
-        name: x.limitType(minimum=int(lo), center=int(c), maximum=int(hi))
-        for name, (lo, c, hi) in limits.items()})
-    enc = x.encodingType(encodedSpace=space(matrix_size, fov_mm),
-                         reconSpace=space(recon_size, fov_mm), encodingLimits=el,
-                         trajectory=x.trajectoryType(trajectory))
+    el = x.encodingLimitsType(
+        **{
+            name: x.limitType(minimum=int(lo), center=int(c), maximum=int(hi))
+            for name, (lo, c, hi) in limits.items()
+        }
+    )
+    enc = x.encodingType(
+        encodedSpace=space(matrix_size, fov_mm),
+        reconSpace=space(recon_size, fov_mm),
+        encodingLimits=el,
+        trajectory=x.trajectoryType(trajectory),
+    )
     h = x.ismrmrdHeader(
         experimentalConditions=x.experimentalConditionsType(H1resonanceFrequency_Hz=127_740_000),
         acquisitionSystemInformation=x.acquisitionSystemInformationType(
-            receiverChannels=int(n_coils)),
-        encoding=[enc])
+            receiverChannels=int(n_coils)
+        ),
+        encoding=[enc],
+    )
     xml = x.ToXML(h) if hasattr(x, "ToXML") else h.toXML("utf-8")
     return xml.decode() if isinstance(xml, bytes) else xml
 
@@ -156,11 +164,14 @@ def _open(path: str | Path, dataset: str, create: bool):
             with h5py.File(p, "r") as f:
                 keys = list(f.keys())
         except OSError as exc:
-            raise DataFileError(f"{p} is not an HDF5 file (corrupt or another format): {exc}"
-                                ) from exc
+            raise DataFileError(
+                f"{p} is not an HDF5 file (corrupt or another format): {exc}"
+            ) from exc
         if dataset not in keys:
-            raise DataFileError(f"{p} is HDF5 but has no ISMRMRD dataset {dataset!r} "
-                                f"(top-level groups: {keys}); is it an ISMRMRD/MRD file?")
+            raise DataFileError(
+                f"{p} is HDF5 but has no ISMRMRD dataset {dataset!r} "
+                f"(top-level groups: {keys}); is it an ISMRMRD/MRD file?"
+            )
     try:
         return ismrmrd.Dataset(str(p), dataset, create_if_needed=create)
     except Exception as exc:  # h5py/ismrmrd raise various errors for damaged files
@@ -192,8 +203,9 @@ def read_mrd(path: str | Path, *, dataset: str = "dataset", encoding: int = 0) -
             xml = xml.decode() if isinstance(xml, bytes) else xml
             hdr = ismrmrd.xsd.CreateFromDocument(xml)
         except Exception as exc:
-            raise DataFileError(f"{path}: the ISMRMRD XML header is missing or invalid: {exc}"
-                                ) from exc
+            raise DataFileError(
+                f"{path}: the ISMRMRD XML header is missing or invalid: {exc}"
+            ) from exc
         try:
             n_acq = ds.number_of_acquisitions()
         except Exception as exc:
@@ -209,8 +221,17 @@ def read_mrd(path: str | Path, *, dataset: str = "dataset", encoding: int = 0) -
         recon_size = (int(rm.z), int(rm.y), int(rm.x)) if three_d else (int(rm.y), int(rm.x))
         fov = (float(ef.z), float(ef.y), float(ef.x)) if three_d else (float(ef.y), float(ef.x))
         limits = {}
-        for name in ("kspace_encoding_step_1", "kspace_encoding_step_2", "slice", "contrast",
-                     "repetition", "average", "phase", "set", "segment"):
+        for name in (
+            "kspace_encoding_step_1",
+            "kspace_encoding_step_2",
+            "slice",
+            "contrast",
+            "repetition",
+            "average",
+            "phase",
+            "set",
+            "segment",
+        ):
             lim = _limit(enc, name)
             if lim is not None:
                 limits[name] = lim
@@ -222,9 +243,14 @@ def read_mrd(path: str | Path, *, dataset: str = "dataset", encoding: int = 0) -
                 continue
             if a.encoding_space_ref != encoding:
                 continue
-            if any(a.is_flag_set(f) for f in (ismrmrd.ACQ_IS_NAVIGATION_DATA,
-                                              ismrmrd.ACQ_IS_PHASECORR_DATA,
-                                              ismrmrd.ACQ_IS_DUMMYSCAN_DATA)):
+            if any(
+                a.is_flag_set(f)
+                for f in (
+                    ismrmrd.ACQ_IS_NAVIGATION_DATA,
+                    ismrmrd.ACQ_IS_PHASECORR_DATA,
+                    ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
+                )
+            ):
                 continue
             acqs.append(a)
     finally:
@@ -246,9 +272,18 @@ def read_mrd(path: str | Path, *, dataset: str = "dataset", encoding: int = 0) -
     noise_t = None
     if noise:
         noise_t = torch.from_numpy(np.concatenate(noise, axis=1).astype(np.complex64))
-    scan = RawScan(header=xml, kdata=torch.empty(0), matrix_size=matrix, recon_size=recon_size,
-                   fov_mm=fov, trajectory=traj_type, encoding_limits=limits,
-                   batch_dims=batch_dims, noise=noise_t, meta={"path": str(path)})
+    scan = RawScan(
+        header=xml,
+        kdata=torch.empty(0),
+        matrix_size=matrix,
+        recon_size=recon_size,
+        fov_mm=fov,
+        trajectory=traj_type,
+        encoding_limits=limits,
+        batch_dims=batch_dims,
+        noise=noise_t,
+        meta={"path": str(path)},
+    )
     if traj_type == "cartesian":
         nx = matrix[-1]
         k = np.zeros((*batch_shape, n_c, *matrix), dtype=np.complex64)
@@ -264,10 +299,13 @@ def read_mrd(path: str | Path, *, dataset: str = "dataset", encoding: int = 0) -
                 # asymmetric echo / different readout length: centre it on center_sample
                 full = np.zeros((n_c, nx), dtype=np.complex64)
                 off = nx // 2 - int(a.center_sample)
-                full[:, max(off, 0):max(off, 0) + d.shape[1]] = d[:, :nx - max(off, 0)]
+                full[:, max(off, 0) : max(off, 0) + d.shape[1]] = d[:, : nx - max(off, 0)]
                 d = full
-            pe = (int(a.idx.kspace_encode_step_2), int(a.idx.kspace_encode_step_1)) if three_d \
+            pe = (
+                (int(a.idx.kspace_encode_step_2), int(a.idx.kspace_encode_step_1))
+                if three_d
                 else (int(a.idx.kspace_encode_step_1),)
+            )
             if any(p >= m for p, m in zip(pe, matrix[:-1], strict=True)):
                 raise DataFileError(f"{path}: encoding step {pe} outside the matrix {matrix}")
             is_cal = a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
@@ -289,11 +327,13 @@ def read_mrd(path: str | Path, *, dataset: str = "dataset", encoding: int = 0) -
         groups: dict[tuple, list] = {}
         for a in acqs:
             if a.trajectory_dimensions < len(matrix):
-                raise DataFileError(f"{path}: {traj_type} acquisitions need a trajectory with "
-                                    f"{len(matrix)} dimensions, got {a.trajectory_dimensions}")
+                raise DataFileError(
+                    f"{path}: {traj_type} acquisitions need a trajectory with "
+                    f"{len(matrix)} dimensions, got {a.trajectory_dimensions}"
+                )
             groups.setdefault(bidx(a), []).append(a)
         first = next(iter(groups.values()))
-        tr = np.concatenate([np.asarray(a.traj)[:, :len(matrix)] for a in first], axis=0)
+        tr = np.concatenate([np.asarray(a.traj)[:, : len(matrix)] for a in first], axis=0)
         # ISMRMRD: (kx, ky[, kz]) in cycles/FOV -> ours: (.., ky, kx) in cycles/pixel
         tr = tr[:, ::-1] / np.array(matrix, dtype=np.float64)
         tr = np.where(tr >= 0.5, tr - 1.0, tr)
@@ -306,8 +346,9 @@ def read_mrd(path: str | Path, *, dataset: str = "dataset", encoding: int = 0) -
             k[(*key, slice(None), slice(None))] = d
         scan.kdata = torch.from_numpy(k)
         scan.traj = torch.from_numpy(np.ascontiguousarray(tr)).to(torch.float32)
-    log.info("read %s: %s %s, %d coils, kdata %s", path, traj_type, matrix, n_c,
-             tuple(scan.kdata.shape))
+    log.info(
+        "read %s: %s %s, %d coils, kdata %s", path, traj_type, matrix, n_c, tuple(scan.kdata.shape)
+    )
     return scan
 
 
@@ -375,14 +416,14 @@ def write_mrd(path: str | Path, scan: RawScan, *, dataset: str = "dataset") -> P
             tr = scan.traj.numpy().astype(np.float64)
             n_read = int(scan.meta.get("samples_per_readout", tr.shape[0]))
             if tr.shape[0] % n_read:
-                raise ShapeError(f"{tr.shape[0]} samples do not split into readouts of "
-                                 f"{n_read}")
+                raise ShapeError(f"{tr.shape[0]} samples do not split into readouts of {n_read}")
             # ours (.., ky, kx) cycles/pixel -> ISMRMRD (kx, ky[, kz]) cycles/FOV
             tr_i = (tr * np.array(scan.matrix_size))[:, ::-1].astype(np.float32)
             for r in range(tr.shape[0] // n_read):
                 s = slice(r * n_read, (r + 1) * n_read)
-                a = ismrmrd.Acquisition.from_array(np.ascontiguousarray(k[:, s]),
-                                                   np.ascontiguousarray(tr_i[s]))
+                a = ismrmrd.Acquisition.from_array(
+                    np.ascontiguousarray(k[:, s]), np.ascontiguousarray(tr_i[s])
+                )
                 a.center_sample = n_read // 2
                 a.idx.kspace_encode_step_1 = r
                 a.scan_counter = counter
@@ -394,9 +435,15 @@ def write_mrd(path: str | Path, scan: RawScan, *, dataset: str = "dataset") -> P
     return p
 
 
-def write_mrd_images(path: str | Path, image: Any, *, name: str = "image_0",
-                     fov_mm: tuple[float, ...] | None = None, dataset: str = "dataset",
-                     series_index: int = 0) -> Path:
+def write_mrd_images(
+    path: str | Path,
+    image: Any,
+    *,
+    name: str = "image_0",
+    fov_mm: tuple[float, ...] | None = None,
+    dataset: str = "dataset",
+    series_index: int = 0,
+) -> Path:
     """Append reconstructed images to an ISMRMRD HDF5 file (created when missing).
 
     Parameters
@@ -417,14 +464,15 @@ def write_mrd_images(path: str | Path, image: Any, *, name: str = "image_0",
         raise ShapeError(f"image must be at least 2D, got shape {arr.shape}")
     if fov_mm is not None and len(fov_mm) == 3:
         n_sp = 3
-    spatial = arr.shape[arr.ndim - n_sp:]
+    spatial = arr.shape[arr.ndim - n_sp :]
     frames = arr.reshape(-1, *spatial)
     ds = _open(path, dataset, create=True)
     try:
         for i, fr in enumerate(frames):
             img = ismrmrd.Image.from_array(np.ascontiguousarray(fr if n_sp == 3 else fr[None]))
-            img.image_type = ismrmrd.IMTYPE_COMPLEX if np.iscomplexobj(fr) \
-                else ismrmrd.IMTYPE_MAGNITUDE
+            img.image_type = (
+                ismrmrd.IMTYPE_COMPLEX if np.iscomplexobj(fr) else ismrmrd.IMTYPE_MAGNITUDE
+            )
             img.image_index = i
             img.image_series_index = series_index
             if fov_mm is not None:
@@ -436,8 +484,9 @@ def write_mrd_images(path: str | Path, image: Any, *, name: str = "image_0",
     return Path(path)
 
 
-def read_mrd_images(path: str | Path, *, name: str = "image_0", dataset: str = "dataset"
-                    ) -> np.ndarray:
+def read_mrd_images(
+    path: str | Path, *, name: str = "image_0", dataset: str = "dataset"
+) -> np.ndarray:
     """Read the images of group ``name`` back as an array ``(n_images, *spatial)`` (2D images
     come back as ``(n, ny, nx)``)."""
     ds = _open(path, dataset, create=False)
@@ -458,5 +507,11 @@ def read_mrd_images(path: str | Path, *, name: str = "image_0", dataset: str = "
     return np.stack(out)
 
 
-__all__ = ["RawScan", "read_mrd", "write_mrd", "write_mrd_images", "read_mrd_images",
-           "BATCH_COUNTERS"]
+__all__ = [
+    "RawScan",
+    "read_mrd",
+    "write_mrd",
+    "write_mrd_images",
+    "read_mrd_images",
+    "BATCH_COUNTERS",
+]

@@ -75,8 +75,9 @@ def check_maps(kdata: torch.Tensor, maps: torch.Tensor, n_k: int) -> tuple[int, 
     return n_c, tuple(int(s) for s in maps.shape[1:])
 
 
-def cartesian_operator(maps: torch.Tensor, mask: Any, kdata: torch.Tensor
-                       ) -> tuple[LinearOperator, torch.Tensor]:
+def cartesian_operator(
+    maps: torch.Tensor, mask: Any, kdata: torch.Tensor
+) -> tuple[LinearOperator, torch.Tensor]:
     """``Mask · FFT · Sense`` for k-space ``(*batch, C, *spatial)``; returns the op and the mask."""
     n_sp = maps.ndim - 1
     n_c, spatial = check_maps(kdata, maps, n_sp)
@@ -100,17 +101,27 @@ def cartesian_operator(maps: torch.Tensor, mask: Any, kdata: torch.Tensor
                 f"mask of shape {tuple(m.shape)} does not broadcast to the image shape {spatial}"
             ) from None
         if m.ndim > n_sp:
-            raise ShapeError(f"mask must broadcast to {spatial} (one mask for all frames), got "
-                             f"{tuple(m.shape)}; reconstruct frames with different masks "
-                             "separately")
+            raise ShapeError(
+                f"mask must broadcast to {spatial} (one mask for all frames), got "
+                f"{tuple(m.shape)}; reconstruct frames with different masks "
+                "separately"
+            )
     if not bool(m.any()):
         raise ParameterError("the mask samples nothing (all entries are False/0)")
     op = Mask(m, shape=shape) @ FFT(shape, axes=tuple(range(-n_sp, 0))) @ Sense(maps)
     return op, m
 
 
-def nufft_operator(maps: torch.Tensor, traj: Any, kdata: torch.Tensor, *, eps: float,
-                   normal: str = "auto", backend: str = "auto", device=None):
+def nufft_operator(
+    maps: torch.Tensor,
+    traj: Any,
+    kdata: torch.Tensor,
+    *,
+    eps: float,
+    normal: str = "auto",
+    backend: str = "auto",
+    device=None,
+):
     """``NUFFT · Sense`` for k-space ``(*batch, C, M)``; returns (op, plan)."""
     from .. import nufft
 
@@ -118,22 +129,42 @@ def nufft_operator(maps: torch.Tensor, traj: Any, kdata: torch.Tensor, *, eps: f
     dev = resolve_device(device, kdata)
     t = as_tensor(traj, device=dev, name="traj")
     if t.ndim != 2:
-        raise ShapeError(f"traj must be (M, ndim) (one trajectory for all frames), got "
-                         f"{tuple(t.shape)}")
+        raise ShapeError(
+            f"traj must be (M, ndim) (one trajectory for all frames), got {tuple(t.shape)}"
+        )
     if t.shape[-1] != len(spatial):
-        raise ShapeError(f"traj has {t.shape[-1]} dimensions but maps are {len(spatial)}D "
-                         f"(spatial shape {spatial})")
+        raise ShapeError(
+            f"traj has {t.shape[-1]} dimensions but maps are {len(spatial)}D "
+            f"(spatial shape {spatial})"
+        )
     if int(t.shape[0]) != int(kdata.shape[-1]):
-        raise ShapeError(f"traj has {t.shape[0]} samples but kdata has {kdata.shape[-1]} "
-                         f"(last axis of {tuple(kdata.shape)})")
+        raise ShapeError(
+            f"traj has {t.shape[0]} samples but kdata has {kdata.shape[-1]} "
+            f"(last axis of {tuple(kdata.shape)})"
+        )
     batch = n_c * max(1, int(torch.tensor(kdata.shape[:-2]).prod()) if kdata.ndim > 2 else 1)
-    p = nufft.plan(t, spatial, eps=eps, batch=batch, device=dev, dtype=kdata.dtype,
-                   normal=normal, backend=backend)
+    p = nufft.plan(
+        t,
+        spatial,
+        eps=eps,
+        batch=batch,
+        device=dev,
+        dtype=kdata.dtype,
+        normal=normal,
+        backend=backend,
+    )
     return Lift(p, (n_c,)) @ Sense(maps), p
 
 
-def encoding_operator(maps: Any, *, mask: Any = None, traj: Any = None,
-                      eps: float = 1e-3, normal: str = "auto", device=None) -> LinearOperator:
+def encoding_operator(
+    maps: Any,
+    *,
+    mask: Any = None,
+    traj: Any = None,
+    eps: float = 1e-3,
+    normal: str = "auto",
+    device=None,
+) -> LinearOperator:
     """The SENSE encoding operator ``A`` (image ``spatial`` -> k-space ``(coils, *k)``).
 
     Cartesian with ``mask`` (``Mask·FFT·Sense``) or non-Cartesian with ``traj``

@@ -60,8 +60,9 @@ def noise_covariance(noise: Any) -> torch.Tensor:
     return (n @ n.conj().T) / (n.shape[1] - 1)
 
 
-def prewhiten(kdata: Any, noise: Any, *, missing: str = "error",
-              return_matrix: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def prewhiten(
+    kdata: Any, noise: Any, *, missing: str = "error", return_matrix: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decorrelate coil noise: ``y ← L⁻¹ y`` with ``Ψ = L Lᴴ`` (Cholesky), so that the whitened
     channels have unit-variance, uncorrelated noise.
 
@@ -86,8 +87,11 @@ def prewhiten(kdata: Any, noise: Any, *, missing: str = "error",
     y = to_complex(kdata, "kdata")
     if noise is None:
         if missing == "identity":
-            warnings.warn("prewhiten: no noise scan given; returning the data unwhitened",
-                          QmrkitWarning, stacklevel=2)
+            warnings.warn(
+                "prewhiten: no noise scan given; returning the data unwhitened",
+                QmrkitWarning,
+                stacklevel=2,
+            )
             eye = torch.eye(_coil_dim_guess(y), dtype=y.dtype, device=y.device)
             return (y, eye) if return_matrix else y
         raise ParameterError(
@@ -106,8 +110,9 @@ def prewhiten(kdata: Any, noise: Any, *, missing: str = "error",
     try:
         chol = torch.linalg.cholesky(psi)
     except RuntimeError as exc:
-        raise ParameterError("the noise covariance is not positive definite (dead or "
-                             "duplicated channels?)") from exc
+        raise ParameterError(
+            "the noise covariance is not positive definite (dead or duplicated channels?)"
+        ) from exc
     w = torch.linalg.inv(chol).to(y.dtype)
     yw = torch.movedim(torch.tensordot(w, torch.movedim(y, axis, 0), dims=([1], [0])), 0, axis)
     return (yw, w) if return_matrix else yw
@@ -118,8 +123,15 @@ def _coil_dim_guess(y: torch.Tensor) -> int:
 
 
 # ----------------------------------------------------------------------------- coil compression
-def coil_compress(kdata: Any, n_virtual: int, *, method: str = "svd", calib: Any = None,
-                  window: int = 5, return_matrix: bool = False):
+def coil_compress(
+    kdata: Any,
+    n_virtual: int,
+    *,
+    method: str = "svd",
+    calib: Any = None,
+    window: int = 5,
+    return_matrix: bool = False,
+):
     """Compress ``C`` physical coils to ``n_virtual`` virtual coils.
 
     Parameters
@@ -164,8 +176,7 @@ def coil_compress(kdata: Any, n_virtual: int, *, method: str = "svd", calib: Any
     if y.ndim < 3:
         raise ShapeError("gcc needs Cartesian k-space (coils, *phase, readout) with ≥ 2 k axes")
     if cal.shape[-1] != y.shape[-1]:
-        raise ShapeError(f"calib readout length {cal.shape[-1]} differs from kdata's "
-                         f"{y.shape[-1]}")
+        raise ShapeError(f"calib readout length {cal.shape[-1]} differs from kdata's {y.shape[-1]}")
     nx = int(y.shape[-1])
     hc = _cfft(cal, (-1,), inverse=True).reshape(n_c, -1, nx)  # (C, rest, x)
     mats = []
@@ -193,8 +204,11 @@ def coil_compress(kdata: Any, n_virtual: int, *, method: str = "svd", calib: Any
 # ----------------------------------------------------------------------------------------- Walsh
 def _box_smooth(x: torch.Tensor, width: int, n_sp: int) -> torch.Tensor:
     """Moving average over the last ``n_sp`` axes (odd ``width``), on real and imaginary parts."""
-    pool = {1: torch.nn.functional.avg_pool1d, 2: torch.nn.functional.avg_pool2d,
-            3: torch.nn.functional.avg_pool3d}[n_sp]
+    pool = {
+        1: torch.nn.functional.avg_pool1d,
+        2: torch.nn.functional.avg_pool2d,
+        3: torch.nn.functional.avg_pool3d,
+    }[n_sp]
     lead = x.shape[:-n_sp]
     xr = torch.view_as_real(x).movedim(-1, 0).reshape(-1, 1, *x.shape[-n_sp:])
     pad = width // 2
@@ -238,8 +252,9 @@ def walsh(coil_images: Any, *, kernel: int = 7, chunk: int = 1 << 16) -> torch.T
     """
     x = to_complex(coil_images, "coil_images")
     if x.ndim not in (3, 4):
-        raise ShapeError(f"coil_images must be (coils, ny, nx) or (coils, nz, ny, nx), got "
-                         f"{tuple(x.shape)}")
+        raise ShapeError(
+            f"coil_images must be (coils, ny, nx) or (coils, nz, ny, nx), got {tuple(x.shape)}"
+        )
     n_c, sp = int(x.shape[0]), tuple(x.shape[1:])
     kernel = int(kernel) | 1
     r = x[:, None] * x[None].conj()  # (C, C, *sp)
@@ -247,13 +262,14 @@ def walsh(coil_images: Any, *, kernel: int = 7, chunk: int = 1 << 16) -> torch.T
     r = r.reshape(n_c, n_c, -1).permute(2, 0, 1)
     out = torch.empty(r.shape[0], n_c, dtype=x.dtype, device=x.device)
     for s in range(0, r.shape[0], chunk):
-        v, _ = _dominant_eigvec(r[s:s + chunk])
-        out[s:s + chunk] = v.to(x.dtype)
+        v, _ = _dominant_eigvec(r[s : s + chunk])
+        out[s : s + chunk] = v.to(x.dtype)
     return out.T.reshape(n_c, *sp)
 
 
-def low_resolution_images(kdata: Any, calib: int | Sequence[int] = 24, *,
-                          window: bool = True) -> torch.Tensor:
+def low_resolution_images(
+    kdata: Any, calib: int | Sequence[int] = 24, *, window: bool = True
+) -> torch.Tensor:
     """Coil images from the centred calibration region of Cartesian k-space ``(coils, *k)``
     (zero-padded, Hann-windowed), for :func:`walsh` or initial guesses."""
     y = to_complex(kdata, "kdata")
@@ -265,15 +281,23 @@ def low_resolution_images(kdata: Any, calib: int | Sequence[int] = 24, *,
     if window:
         for ax in range(n_sp):
             n = y.shape[1 + ax]
-            s = sl[ax] if ax < n_sp - 1 else slice(n // 2 - min(calib if isinstance(
-                calib, int) else max(calib), n) // 2, None)
+            s = (
+                sl[ax]
+                if ax < n_sp - 1
+                else slice(
+                    n // 2 - min(calib if isinstance(calib, int) else max(calib), n) // 2, None
+                )
+            )
             start = s.start or 0
-            w_len = (s.stop or n) - start if ax < n_sp - 1 else min(
-                (calib if isinstance(calib, int) else max(calib)), n)
+            w_len = (
+                (s.stop or n) - start
+                if ax < n_sp - 1
+                else min((calib if isinstance(calib, int) else max(calib)), n)
+            )
             w = torch.zeros(n, dtype=torch.float64, device=y.device)
-            w[start:start + w_len] = torch.hann_window(w_len + 2, periodic=False,
-                                                       dtype=torch.float64,
-                                                       device=y.device)[1:-1]
+            w[start : start + w_len] = torch.hann_window(
+                w_len + 2, periodic=False, dtype=torch.float64, device=y.device
+            )[1:-1]
             shape = [1] * y.ndim
             shape[1 + ax] = n
             low = low * w.reshape(shape).to(low.dtype)
@@ -289,13 +313,14 @@ def _hankel(cal: torch.Tensor, k: int) -> torch.Tensor:
     for ax in range(1, nd + 1):
         win = win.unfold(ax, k, 1)  # appends a window axis
     # win: (C, p1, ..., pd, k1, ..., kd)
-    n_pos = math.prod(win.shape[1:1 + nd])
+    n_pos = math.prod(win.shape[1 : 1 + nd])
     win = win.reshape(n_c, n_pos, *([k] * nd)).permute(1, 0, *range(2, 2 + nd))
     return win.reshape(n_pos, -1)
 
 
-def _espirit_nd(cal: torch.Tensor, im_size: tuple[int, ...], k: int, thresh: float,
-                crop: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _espirit_nd(
+    cal: torch.Tensor, im_size: tuple[int, ...], k: int, thresh: float, crop: float, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     n_c = cal.shape[0]
     nd = len(im_size)
     a = _hankel(cal.to(torch.complex128), k)
@@ -315,7 +340,7 @@ def _espirit_nd(cal: torch.Tensor, im_size: tuple[int, ...], k: int, thresh: flo
     g = torch.empty(n_img, n_c, n_c, dtype=torch.complex128, device=cal.device)
     for c in range(n_c):
         # corr_{c,c'}(m) = Σ_j Σ_l h_jc(l+m) conj(h_jc'(l)) -> FFT: Σ_j Hc(f) conj(Hc'(f))
-        prod = (kf[:, c:c + 1] * kf.conj()).sum(0)  # (C', *big)
+        prod = (kf[:, c : c + 1] * kf.conj()).sum(0)  # (C', *big)
         corr = torch.fft.ifftn(prod, dim=tuple(range(1, 1 + nd)))
         corr = torch.fft.fftshift(corr, dim=tuple(range(1, 1 + nd)))  # m = 0 at index k
         pad = torch.zeros(n_c, *im_size, dtype=corr.dtype, device=corr.device)
@@ -332,15 +357,23 @@ def _espirit_nd(cal: torch.Tensor, im_size: tuple[int, ...], k: int, thresh: flo
     maps = torch.empty(n_img, n_c, dtype=torch.complex128, device=cal.device)
     ev = torch.empty(n_img, dtype=torch.float64, device=cal.device)
     for s0 in range(0, n_img, chunk):
-        v, e = _dominant_eigvec(g[s0:s0 + chunk])
-        maps[s0:s0 + chunk], ev[s0:s0 + chunk] = v, e
+        v, e = _dominant_eigvec(g[s0 : s0 + chunk])
+        maps[s0 : s0 + chunk], ev[s0 : s0 + chunk] = v, e
     maps = maps * (ev > crop)[:, None]
     return maps.T.reshape(n_c, *im_size), ev.reshape(im_size)
 
 
-def espirit(kdata: Any, calib: int | Sequence[int] = 24, *, kernel: int = 6,
-            thresh: float = 0.02, crop: float = 0.95, decouple_readout: bool | None = None,
-            return_eigenvalues: bool = False, chunk: int = 1 << 16):
+def espirit(
+    kdata: Any,
+    calib: int | Sequence[int] = 24,
+    *,
+    kernel: int = 6,
+    thresh: float = 0.02,
+    crop: float = 0.95,
+    decouple_readout: bool | None = None,
+    return_eigenvalues: bool = False,
+    chunk: int = 1 << 16,
+):
     """Coil sensitivities by ESPIRiT (Uecker et al., MRM 2014), one set of maps.
 
     The calibration region is turned into a block-Hankel matrix; its singular vectors above
@@ -374,16 +407,19 @@ def espirit(kdata: Any, calib: int | Sequence[int] = 24, *, kernel: int = 6,
     """
     y = to_complex(kdata, "kdata")
     if y.ndim not in (3, 4):
-        raise ShapeError(f"kdata must be (coils, ny, nx) or (coils, nz, ny, nx), got "
-                         f"{tuple(y.shape)}")
+        raise ShapeError(
+            f"kdata must be (coils, ny, nx) or (coils, nz, ny, nx), got {tuple(y.shape)}"
+        )
     if not 0 < thresh < 1 or not 0 <= crop < 1:
         raise ParameterError(f"need 0 < thresh < 1 and 0 ≤ crop < 1, got {thresh}, {crop}")
     im_size = tuple(int(s) for s in y.shape[1:])
     nd = len(im_size)
     cal_w = (calib,) * (nd - 1) if isinstance(calib, int) else tuple(calib)
     if any(c < kernel + 1 for c in cal_w):
-        raise ParameterError(f"the calibration region {cal_w} must be wider than the kernel "
-                             f"({kernel}) in every phase-encoding direction")
+        raise ParameterError(
+            f"the calibration region {cal_w} must be wider than the kernel "
+            f"({kernel}) in every phase-encoding direction"
+        )
     sl = calibration_region(im_size, cal_w)
     nx = im_size[-1]
     cw_x = min(max(cal_w), nx)
@@ -394,14 +430,16 @@ def espirit(kdata: Any, calib: int | Sequence[int] = 24, *, kernel: int = 6,
         maps = torch.empty((y.shape[0], *im_size), dtype=torch.complex128, device=y.device)
         ev = torch.empty(im_size, dtype=torch.float64, device=y.device)
         for x in range(nx):
-            m, e = _espirit_nd(hyb[..., x] * math.sqrt(nx), im_size[:2], kernel, thresh, crop,
-                               chunk)
+            m, e = _espirit_nd(
+                hyb[..., x] * math.sqrt(nx), im_size[:2], kernel, thresh, crop, chunk
+            )
             maps[..., x], ev[..., x] = m, e
     else:
         cal = y[(slice(None), *sl)]
         if not bool((cal != 0).all()):
-            log.warning("espirit: the calibration region has zero samples; is it fully "
-                        "sampled and centred?")
+            log.warning(
+                "espirit: the calibration region has zero samples; is it fully sampled and centred?"
+            )
         maps, ev = _espirit_nd(cal, im_size, kernel, thresh, crop, chunk)
     maps = maps.to(y.dtype)
     return (maps, ev) if return_eigenvalues else maps

@@ -53,8 +53,10 @@ class ReconResult:
     def summary(self) -> str:
         """One line: method, shape, iterations, final residual, time."""
         last = f"{self.residual_history[-1]:.2e}" if self.residual_history else "-"
-        return (f"{self.method}: image {tuple(self.image.shape)}, {self.iterations} iterations, "
-                f"final residual {last}, converged={self.converged}, {self.elapsed_s:.2f} s")
+        return (
+            f"{self.method}: image {tuple(self.image.shape)}, {self.iterations} iterations, "
+            f"final residual {last}, converged={self.converged}, {self.elapsed_s:.2f} s"
+        )
 
     def to_nifti_order(self, a: np.ndarray | None = None) -> np.ndarray:
         """An image ``(*batch, [z,] y, x)`` as a NIfTI-ordered array ``(x, y[, z], *batch)``:
@@ -67,8 +69,9 @@ class ReconResult:
         perm = list(range(arr.ndim - 1, n_b - 1, -1)) + list(range(n_b))
         return np.ascontiguousarray(arr.transpose(perm))
 
-    def save(self, directory: str | Path, *, name: str = "recon", affine: Any = None,
-             png: bool = True) -> list[Path]:
+    def save(
+        self, directory: str | Path, *, name: str = "recon", affine: Any = None, png: bool = True
+    ) -> list[Path]:
         """Write ``{name}_mag.nii.gz`` (magnitude), ``{name}_phase.nii.gz`` (radians, complex
         images only), ``{name}.json`` (settings and diagnostics) and ``{name}.png``.
 
@@ -85,9 +88,13 @@ class ReconResult:
         mag = self.to_nifti_order(img.abs().float().numpy())
         out = [save_nifti(d / f"{name}_mag.nii.gz", mag, affine=affine)]
         if img.is_complex():
-            out.append(save_nifti(d / f"{name}_phase.nii.gz",
-                                  self.to_nifti_order(img.angle().float().numpy()),
-                                  affine=affine))
+            out.append(
+                save_nifti(
+                    d / f"{name}_phase.nii.gz",
+                    self.to_nifti_order(img.angle().float().numpy()),
+                    affine=affine,
+                )
+            )
         side = {
             "method": self.method,
             "shape": list(img.shape),
@@ -106,10 +113,14 @@ class ReconResult:
 
             while mag.ndim > 3:  # first frame/echo of a batch
                 mag = mag[..., 0]
-            out.append(save_map_figure(d / f"{name}.png", {"magnitude": mag},
-                                       ranges={"magnitude": (0.0, float(np.percentile(mag, 99.5))
-                                                             or 1.0)},
-                                       title=f"{self.method} reconstruction"))
+            out.append(
+                save_map_figure(
+                    d / f"{name}.png",
+                    {"magnitude": mag},
+                    ranges={"magnitude": (0.0, float(np.percentile(mag, 99.5)) or 1.0)},
+                    title=f"{self.method} reconstruction",
+                )
+            )
         return out
 
 

@@ -54,10 +54,19 @@ def _crop_readout(img: torch.Tensor, scan: RawScan) -> torch.Tensor:
     return out
 
 
-def reconstruct(scan: RawScan, method: str = "sense", *, lam: float | None = None,
-                max_iter: int | None = None, tol: float | None = None, maps: Any = "auto",
-                whiten: bool = True, n_virtual: int | None = None, device=None,
-                progress: bool | None = False) -> tuple[ReconResult, torch.Tensor]:
+def reconstruct(
+    scan: RawScan,
+    method: str = "sense",
+    *,
+    lam: float | None = None,
+    max_iter: int | None = None,
+    tol: float | None = None,
+    maps: Any = "auto",
+    whiten: bool = True,
+    n_virtual: int | None = None,
+    device=None,
+    progress: bool | None = False,
+) -> tuple[ReconResult, torch.Tensor]:
     """Reconstruct a raw scan.
 
     Parameters
@@ -88,6 +97,8 @@ def reconstruct(scan: RawScan, method: str = "sense", *, lam: float | None = Non
     """
     if method not in METHODS:
         raise ParameterError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "gridding" and scan.is_cartesian:
+        raise ParameterError("gridding is for non-Cartesian scans; use method='sense' or 'tv'")
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cpu")
     y = scan.kdata.to(dev)
@@ -99,25 +110,35 @@ def reconstruct(scan: RawScan, method: str = "sense", *, lam: float | None = Non
     mix = None  # coil transform applied to the data (whitening, compression): maps follow it
     if whiten:
         if scan.noise is None:
-            warnings.warn("the scan has no noise scan: reconstructing without prewhitening",
-                          QmrkitWarning, stacklevel=2)
+            warnings.warn(
+                "the scan has no noise scan: reconstructing without prewhitening",
+                QmrkitWarning,
+                stacklevel=2,
+            )
         else:
             yw = torch.movedim(y, coil_axis, 0)
             yw, w = prewhiten(yw, scan.noise.to(dev), return_matrix=True)
             y = torch.movedim(yw, 0, coil_axis)
             if calib is not None:
-                calib = torch.movedim(torch.tensordot(w, torch.movedim(calib, coil_axis, 0),
-                                                  dims=([1], [0])), 0, coil_axis)
+                calib = torch.movedim(
+                    torch.tensordot(w, torch.movedim(calib, coil_axis, 0), dims=([1], [0])),
+                    0,
+                    coil_axis,
+                )
             mix = w
             steps.append("prewhiten")
     if n_virtual is not None:
         yc = torch.movedim(y, coil_axis, 0)
         yc, a = coil_compress(yc.reshape(yc.shape[0], -1), n_virtual, return_matrix=True)
-        y = torch.movedim(yc.reshape(n_virtual, *torch.movedim(y, coil_axis, 0).shape[1:]),
-                          0, coil_axis)
+        y = torch.movedim(
+            yc.reshape(n_virtual, *torch.movedim(y, coil_axis, 0).shape[1:]), 0, coil_axis
+        )
         if calib is not None:
-            calib = torch.movedim(torch.tensordot(a, torch.movedim(calib, coil_axis, 0),
-                                                  dims=([1], [0])), 0, coil_axis)
+            calib = torch.movedim(
+                torch.tensordot(a, torch.movedim(calib, coil_axis, 0), dims=([1], [0])),
+                0,
+                coil_axis,
+            )
         mix = a if mix is None else a @ mix
         steps.append(f"coil_compress({n_virtual})")
     first = y.reshape(-1, *y.shape[coil_axis:])[0]
@@ -126,8 +147,9 @@ def reconstruct(scan: RawScan, method: str = "sense", *, lam: float | None = Non
         if kind == "auto":
             kind = "espirit" if scan.is_cartesian else "walsh"
         if kind not in ("espirit", "walsh"):
-            raise ParameterError(f"maps must be 'auto', 'espirit', 'walsh' or an array, "
-                                 f"got {maps!r}")
+            raise ParameterError(
+                f"maps must be 'auto', 'espirit', 'walsh' or an array, got {maps!r}"
+            )
         if scan.is_cartesian:
             kc = first
             if calib is not None:
@@ -140,8 +162,10 @@ def reconstruct(scan: RawScan, method: str = "sense", *, lam: float | None = Non
                 s = walsh(low_resolution_images(kc, calib=cw))
         else:
             if kind == "espirit":
-                raise ParameterError("ESPIRiT needs Cartesian calibration data; use maps='walsh'"
-                                     " for non-Cartesian scans")
+                raise ParameterError(
+                    "ESPIRiT needs Cartesian calibration data; use maps='walsh'"
+                    " for non-Cartesian scans"
+                )
             # low-resolution coil images from the central k-space (|k| < 0.1 cycles/pixel)
             from ..nufft import density_compensation
 
@@ -163,20 +187,25 @@ def reconstruct(scan: RawScan, method: str = "sense", *, lam: float | None = Non
     mask = scan.mask.to(dev) if scan.is_cartesian else None
     traj = None if scan.is_cartesian else scan.traj.to(dev)
     if method == "sense":
-        kw = {"lam": 0.0 if lam is None else lam, "max_iter": max_iter or 30,
-              "tol": 1e-6 if tol is None else tol}
+        kw = {
+            "lam": 0.0 if lam is None else lam,
+            "max_iter": max_iter or 30,
+            "tol": 1e-6 if tol is None else tol,
+        }
         res = sense(y, s, mask=mask, traj=traj, device=dev, progress=progress, **kw)
     elif method == "tv":
-        kw = {"lam": 1e-3 if lam is None else lam, "max_iter": max_iter or 100,
-              "tol": 1e-4 if tol is None else tol}
+        kw = {
+            "lam": 1e-3 if lam is None else lam,
+            "max_iter": max_iter or 100,
+            "tol": 1e-4 if tol is None else tol,
+        }
         res = tv(y, s, mask=mask, traj=traj, device=dev, progress=progress, **kw)
     else:
-        if scan.is_cartesian:
-            raise ParameterError("gridding is for non-Cartesian scans; use method='sense'")
         from ..nufft import density_compensation
 
-        res = gridding(y, traj, density_compensation(traj, scan.matrix_size, device=dev), s,
-                       device=dev)
+        res = gridding(
+            y, traj, density_compensation(traj, scan.matrix_size, device=dev), s, device=dev
+        )
         kw = {}
     res.image = _crop_readout(res.image, scan)
     res.settings.update(pipeline=steps, method=method, **{k: v for k, v in kw.items()})

@@ -40,22 +40,39 @@ def _prepare(kdata, maps, mask, traj, eps, device, normal="auto"):
         info.update(kind="cartesian", acceleration=float(m.numel() / max(int(m.sum()), 1)))
     else:
         A, p = nufft_operator(s, traj, y, eps=eps, normal=normal, device=dev)
-        info.update(kind="non-cartesian", nufft=repr(p), nufft_backend=p.info.backend,
-                    nufft_normal=p.info.normal)
-    if y.ndim < len(A.oshape) or tuple(y.shape[y.ndim - len(A.oshape):]) != A.oshape:
+        info.update(
+            kind="non-cartesian",
+            nufft=repr(p),
+            nufft_backend=p.info.backend,
+            nufft_normal=p.info.normal,
+        )
+    if y.ndim < len(A.oshape) or tuple(y.shape[y.ndim - len(A.oshape) :]) != A.oshape:
         raise ShapeError(f"kdata must end in {A.oshape}, got {tuple(y.shape)}")
     return A, y, info
 
 
 def _operator_norm2(A: LinearOperator, batch_shape, dtype, device, n_iter: int = 15) -> float:
     with torch.no_grad():
-        return float(optim.power_iteration(A, ishape=A.ishape, n_iter=n_iter, dtype=dtype,
-                                           device=device))
+        return float(
+            optim.power_iteration(A, ishape=A.ishape, n_iter=n_iter, dtype=dtype, device=device)
+        )
 
 
-def sense(kdata: Any, maps: Any, *, mask: Any = None, traj: Any = None, lam: float = 0.0,
-          max_iter: int = 30, tol: float = 1e-6, x0: Any = None, eps: float = 1e-3,
-          normal: str = "auto", device=None, progress: bool | None = False) -> ReconResult:
+def sense(
+    kdata: Any,
+    maps: Any,
+    *,
+    mask: Any = None,
+    traj: Any = None,
+    lam: float = 0.0,
+    max_iter: int = 30,
+    tol: float = 1e-6,
+    x0: Any = None,
+    eps: float = 1e-3,
+    normal: str = "auto",
+    device=None,
+    progress: bool | None = False,
+) -> ReconResult:
     """CG-SENSE: ``min_x ‖A x − y‖² + λ‖x‖²`` with ``A = Mask·FFT·Sense`` or ``NUFFT·Sense``.
 
     Solved by conjugate gradients on ``(AᴴA + λI) x = Aᴴy``; for non-Cartesian data ``AᴴA`` uses
@@ -100,14 +117,21 @@ def sense(kdata: Any, maps: Any, *, mask: Any = None, traj: Any = None, lam: flo
         lam_abs = lam * _operator_norm2(A, (), y.dtype, y.device)
     x0t = None if x0 is None else to_complex(x0, "x0", device=y.device, dtype=y.dtype)
     with torch.no_grad():
-        res = optim.cg(A, b, x0=x0t, lam=lam_abs, max_iter=max_iter, tol=tol,
-                       progress=progress)
+        res = optim.cg(A, b, x0=x0t, lam=lam_abs, max_iter=max_iter, tol=tol, progress=progress)
     info.update(lam=lam, lam_absolute=lam_abs, max_iter=max_iter, tol=tol)
-    log.info("sense: %s, %d iterations, %.3f s", info["kind"], res.iterations,
-             time.perf_counter() - t0)
-    return ReconResult(res.x, "sense", res.iterations, list(res.residual_history),
-                       bool(res.converged) or tol == 0, time.perf_counter() - t0, info,
-                       n_spatial=len(A.ishape))
+    log.info(
+        "sense: %s, %d iterations, %.3f s", info["kind"], res.iterations, time.perf_counter() - t0
+    )
+    return ReconResult(
+        res.x,
+        "sense",
+        res.iterations,
+        list(res.residual_history),
+        bool(res.converged) or tol == 0,
+        time.perf_counter() - t0,
+        info,
+        n_spatial=len(A.ishape),
+    )
 
 
 def _scale_problem(A: LinearOperator, y: torch.Tensor) -> tuple[float, float]:
@@ -121,10 +145,23 @@ def _scale_problem(A: LinearOperator, y: torch.Tensor) -> tuple[float, float]:
     return l2, (sc if sc > 0 else 1.0)
 
 
-def tv(kdata: Any, maps: Any, *, mask: Any = None, traj: Any = None, lam: float = 1e-3,
-       dims: Sequence[int] | None = None, max_iter: int = 100, tol: float = 1e-4,
-       eps: float = 1e-3, voxel_size: Sequence[float] | None = None, warm_start: int = 20,
-       x0: Any = None, device=None, progress: bool | None = False) -> ReconResult:
+def tv(
+    kdata: Any,
+    maps: Any,
+    *,
+    mask: Any = None,
+    traj: Any = None,
+    lam: float = 1e-3,
+    dims: Sequence[int] | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    eps: float = 1e-3,
+    voxel_size: Sequence[float] | None = None,
+    warm_start: int = 20,
+    x0: Any = None,
+    device=None,
+    progress: bool | None = False,
+) -> ReconResult:
     """TV-regularised SENSE by PDHG: ``min_x ½‖A x − y‖² + λ·s·‖A‖²·TV(x)``.
 
     ``TV`` is isotropic (ℓ2 over the differenced axes, Neumann boundaries). The weight is
@@ -175,8 +212,13 @@ def tv(kdata: Any, maps: Any, *, mask: Any = None, traj: Any = None, lam: float 
     yn = y / (norm * sc)
     D = FiniteDifference(img_shape, axes=dims, voxel_size=voxel_size, boundary="neumann")
     K = Vstack([An, D])
-    fstar = prox.Stack(K, [prox.conjugate(prox.L2Squared(yn)),
-                           prox.conjugate(prox.GroupL1(lam, axis=-len(img_shape) - 1))])
+    fstar = prox.Stack(
+        K,
+        [
+            prox.conjugate(prox.L2Squared(yn)),
+            prox.conjugate(prox.GroupL1(lam, axis=-len(img_shape) - 1)),
+        ],
+    )
     with torch.no_grad():
         if x0 is not None:
             start = to_complex(x0, "x0", device=y.device, dtype=y.dtype) / sc
@@ -184,20 +226,51 @@ def tv(kdata: Any, maps: Any, *, mask: Any = None, traj: Any = None, lam: float 
             start = optim.cg(An, An.H(yn), max_iter=int(warm_start), tol=0).x
         else:
             start = An.H(yn)
-        res = optim.pdhg(K, fstar, None, x0=start, max_iter=max_iter, tol=tol, dtype=y.dtype,
-                         device=y.device, progress=progress)
-    info.update(lam=lam, dims=list(dims), max_iter=max_iter, tol=tol, operator_norm2=l2,
-                warm_start=warm_start if x0 is None else "x0",
-                image_scale=sc, n_spatial=n_sp)
+        res = optim.pdhg(
+            K,
+            fstar,
+            None,
+            x0=start,
+            max_iter=max_iter,
+            tol=tol,
+            dtype=y.dtype,
+            device=y.device,
+            progress=progress,
+        )
+    info.update(
+        lam=lam,
+        dims=list(dims),
+        max_iter=max_iter,
+        tol=tol,
+        operator_norm2=l2,
+        warm_start=warm_start if x0 is None else "x0",
+        image_scale=sc,
+        n_spatial=n_sp,
+    )
     img = res.x * sc  # An x ≈ yn  ⇔  A (sc·x) ≈ y
-    return ReconResult(img, "tv", res.iterations, list(res.residual_history),
-                       bool(res.converged) or tol == 0, time.perf_counter() - t0, info,
-                       list(getattr(res, "objective_history", []) or []), n_spatial=n_sp)
+    return ReconResult(
+        img,
+        "tv",
+        res.iterations,
+        list(res.residual_history),
+        bool(res.converged) or tol == 0,
+        time.perf_counter() - t0,
+        info,
+        list(getattr(res, "objective_history", []) or []),
+        n_spatial=n_sp,
+    )
 
 
-def gridding(kdata: Any, traj: Any, dcf: Any = None, maps: Any = None, *,
-             im_size: Sequence[int] | None = None, eps: float = 1e-3, device=None
-             ) -> ReconResult:
+def gridding(
+    kdata: Any,
+    traj: Any,
+    dcf: Any = None,
+    maps: Any = None,
+    *,
+    im_size: Sequence[int] | None = None,
+    eps: float = 1e-3,
+    device=None,
+) -> ReconResult:
     """Density-compensated adjoint NUFFT, coil-combined.
 
     ``x_c = Aᴴ(w · y_c)``; combined with the maps as ``Σ conj(S_c) x_c / Σ|S_c|²`` (complex), or
@@ -233,19 +306,32 @@ def gridding(kdata: Any, traj: Any, dcf: Any = None, maps: Any = None, *,
     if s is not None and tuple(s.shape[1:]) != im_size:
         raise ShapeError(f"maps spatial shape {tuple(s.shape[1:])} differs from im_size {im_size}")
     if s is not None and (y.ndim < 2 or y.shape[-2] != s.shape[0]):
-        raise ShapeError(f"maps have {s.shape[0]} coils but kdata {tuple(y.shape)} has "
-                         f"{y.shape[-2] if y.ndim >= 2 else '?'} (axis -2)")
+        raise ShapeError(
+            f"maps have {s.shape[0]} coils but kdata {tuple(y.shape)} has "
+            f"{y.shape[-2] if y.ndim >= 2 else '?'} (axis -2)"
+        )
     if dcf is None:
-        warnings.warn("gridding: no density compensation given; computing Pipe–Menon weights "
-                      "(pass dcf= to avoid this)", QmrkitWarning, stacklevel=2)
+        warnings.warn(
+            "gridding: no density compensation given; computing Pipe–Menon weights "
+            "(pass dcf= to avoid this)",
+            QmrkitWarning,
+            stacklevel=2,
+        )
         w = nufft.density_compensation(traj, im_size, device=dev)
     else:
         w = torch.as_tensor(dcf, device=dev)
     w = w.to(y.real.dtype)
     if w.shape[-1] != y.shape[-1]:
         raise ShapeError(f"dcf has {w.shape[-1]} weights but kdata has {y.shape[-1]} samples")
-    p = nufft.plan(traj, im_size, eps=eps, batch=int(y.shape[-2]) if y.ndim > 1 else 1,
-                   device=dev, dtype=y.dtype, normal="direct")
+    p = nufft.plan(
+        traj,
+        im_size,
+        eps=eps,
+        batch=int(y.shape[-2]) if y.ndim > 1 else 1,
+        device=dev,
+        dtype=y.dtype,
+        normal="direct",
+    )
     with torch.no_grad():
         xc = p.H(y * w)
         if s is not None:
@@ -253,9 +339,20 @@ def gridding(kdata: Any, traj: Any, dcf: Any = None, maps: Any = None, *,
             img = img * ((s.abs() ** 2).sum(0) > 1e-12)
         else:
             img = torch.sqrt((xc.real**2 + xc.imag**2).sum(-len(im_size) - 1))
-    return ReconResult(img, "gridding", 0, [], True, time.perf_counter() - t0,
-                       {"kind": "non-cartesian", "dcf": "given" if dcf is not None else
-                        "pipe-menon", "nufft": repr(p)}, n_spatial=len(im_size))
+    return ReconResult(
+        img,
+        "gridding",
+        0,
+        [],
+        True,
+        time.perf_counter() - t0,
+        {
+            "kind": "non-cartesian",
+            "dcf": "given" if dcf is not None else "pipe-menon",
+            "nufft": repr(p),
+        },
+        n_spatial=len(im_size),
+    )
 
 
 __all__ = ["sense", "tv", "gridding", "ConvergenceWarning"]

@@ -33,11 +33,23 @@ log = get_logger("recon.sgd")
 IMAGE_VIEWS = ("real", "imag", "magnitude")
 
 
-def sgd(A: LinearOperator, y: Any, *, loss: str = "l2", regularizers: Sequence[Any] = (),
-        optimizer: str = "adam", lr: float | None = None, max_iter: int = 500,
-        x0: Any = None, convergence_value: float = 1e-5, convergence_window: int = 20,
-        lr_decay: bool = True, min_lr_factor: float = 1e-3, huber_delta: float = 0.01,
-        progress: bool | None = False) -> ReconResult:
+def sgd(
+    A: LinearOperator,
+    y: Any,
+    *,
+    loss: str = "l2",
+    regularizers: Sequence[Any] = (),
+    optimizer: str = "adam",
+    lr: float | None = None,
+    max_iter: int = 500,
+    x0: Any = None,
+    convergence_value: float = 1e-5,
+    convergence_window: int = 20,
+    lr_decay: bool = True,
+    min_lr_factor: float = 1e-3,
+    huber_delta: float = 0.01,
+    progress: bool | None = False,
+) -> ReconResult:
     """Reconstruct ``x`` from ``y ≈ A x`` by gradient descent (Adam by default).
 
     Parameters
@@ -90,7 +102,7 @@ def sgd(A: LinearOperator, y: Any, *, loss: str = "l2", regularizers: Sequence[A
     t0 = time.perf_counter()
     yt = to_complex(y, "y")
     n_o = len(A.oshape)
-    if yt.ndim < n_o or tuple(yt.shape[yt.ndim - n_o:]) != A.oshape:
+    if yt.ndim < n_o or tuple(yt.shape[yt.ndim - n_o :]) != A.oshape:
         raise ShapeError(f"y must end in A's output shape {A.oshape}, got {tuple(yt.shape)}")
     lead = tuple(yt.shape[: yt.ndim - n_o])
     with torch.no_grad():
@@ -100,8 +112,7 @@ def sgd(A: LinearOperator, y: Any, *, loss: str = "l2", regularizers: Sequence[A
         sx = float(mag.kthvalue(max(1, int(0.99 * mag.numel()))).values) or 1.0
         ymag = yt.abs().reshape(-1)
         sy = float(ymag.kthvalue(max(1, int(0.99 * ymag.numel()))).values) or 1.0
-    u0 = start / sx if x0 is None else to_complex(x0, "x0", device=yt.device,
-                                                  dtype=yt.dtype) / sx
+    u0 = start / sx if x0 is None else to_complex(x0, "x0", device=yt.device, dtype=yt.dtype) / sx
     u = torch.view_as_real(u0.clone()).contiguous().requires_grad_(True)
     opt_kwargs: dict[str, Any] = {"lr": lr}
     if optimizer == "sgdm":
@@ -122,14 +133,21 @@ def sgd(A: LinearOperator, y: Any, *, loss: str = "l2", regularizers: Sequence[A
             total = _voxel_loss(r, loss, huber_delta).mean()
             if regs:
                 views = {"real": x.real, "imag": x.imag, "magnitude": x.abs()}
-                ctx = RegularizerContext(maps={k: v * sx for k, v in views.items()},
-                                         normalized=views, mask=mask, n_voxels=n_vox)
+                ctx = RegularizerContext(
+                    maps={k: v * sx for k, v in views.items()},
+                    normalized=views,
+                    mask=mask,
+                    n_voxels=n_vox,
+                )
                 for reg in regs:
                     total = total + reg(ctx)
             if not torch.isfinite(total):
                 reason = "non-finite loss"
-                warnings.warn("sgd: the loss became non-finite; returning the best iterate",
-                              ConvergenceWarning, stacklevel=2)
+                warnings.warn(
+                    "sgd: the loss became non-finite; returning the best iterate",
+                    ConvergenceWarning,
+                    stacklevel=2,
+                )
                 break
             total.backward()
             tv = float(total)
@@ -140,7 +158,7 @@ def sgd(A: LinearOperator, y: Any, *, loss: str = "l2", regularizers: Sequence[A
             bar.update(1)
             w = convergence_window
             if len(history) >= 2 * w and it % w == 0:
-                prev = sum(history[-2 * w: -w]) / w
+                prev = sum(history[-2 * w : -w]) / w
                 cur = sum(history[-w:]) / w
                 if (prev - cur) / (w * max(abs(cur), 1e-30)) < convergence_value:
                     if lr_decay and opt.param_groups[0]["lr"] > lr * min_lr_factor * 1.0001:
@@ -150,11 +168,29 @@ def sgd(A: LinearOperator, y: Any, *, loss: str = "l2", regularizers: Sequence[A
                         converged, reason = True, "plateau"
                         break
     if not converged and reason == "max_iter":
-        warnings.warn(f"sgd: stopped at max_iter={max_iter} before the loss plateaued",
-                      ConvergenceWarning, stacklevel=2)
+        warnings.warn(
+            f"sgd: stopped at max_iter={max_iter} before the loss plateaued",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
     img = torch.view_as_complex(best_u) * sx
-    return ReconResult(img, "sgd", it, [], converged, time.perf_counter() - t0,
-                       {"loss": loss, "optimizer": optimizer, "lr": lr, "max_iter": max_iter,
-                        "stop_reason": reason, "image_scale": sx, "data_scale": sy,
-                        "regularizers": [type(r).__name__ for r in regs]}, history,
-                       n_spatial=len(A.ishape))
+    return ReconResult(
+        img,
+        "sgd",
+        it,
+        [],
+        converged,
+        time.perf_counter() - t0,
+        {
+            "loss": loss,
+            "optimizer": optimizer,
+            "lr": lr,
+            "max_iter": max_iter,
+            "stop_reason": reason,
+            "image_scale": sx,
+            "data_scale": sy,
+            "regularizers": [type(r).__name__ for r in regs],
+        },
+        history,
+        n_spatial=len(A.ishape),
+    )

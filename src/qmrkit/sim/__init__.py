@@ -1,10 +1,10 @@
 """Simulation: numerical phantoms, noise, synthetic series (used by tests, demos and benchmarks)."""
 
 from .coils import coil_maps
-from .masks import cartesian_mask, calibration_region
+from .masks import calibration_region, cartesian_mask
 from .noise import add_noise
-from .raw import raw_scan
 from .phantoms import CARDIAC_TISSUES, cardiac_phantom, nist_phantom
+from .raw import raw_scan
 from .relaxometry import MOLLI_TI, molli_series
 from .shepp_logan import SHEPP_LOGAN_TISSUES, shepp_logan
 

@@ -11,9 +11,16 @@ from .._device import resolve_device
 from ..errors import ParameterError, ShapeError
 
 
-def coil_maps(n_coils: int, shape: Sequence[int], *, radius: float = 1.5, n_rings: int | None = None,
-              normalize: bool = True, dtype: torch.dtype = torch.complex64,
-              device=None) -> torch.Tensor:
+def coil_maps(
+    n_coils: int,
+    shape: Sequence[int],
+    *,
+    radius: float = 1.5,
+    n_rings: int | None = None,
+    normalize: bool = True,
+    dtype: torch.dtype = torch.complex64,
+    device=None,
+) -> torch.Tensor:
     """Smooth complex coil sensitivities of coils spread around the object.
 
     Coils sit on a circle of ``radius`` (in units of half the field of view) around the image

@@ -44,10 +44,17 @@ def calibration_region(shape: Sequence[int], calib: int | Sequence[int]) -> tupl
     return (*sl, slice(None))
 
 
-def cartesian_mask(shape: Sequence[int], acceleration: float | Sequence[int], *,
-                   calib: int | Sequence[int] = 24, kind: str = "uniform",
-                   caipi_shift: int | None = None, power: float = 2.0, seed: int = 0,
-                   device=None) -> torch.Tensor:
+def cartesian_mask(
+    shape: Sequence[int],
+    acceleration: float | Sequence[int],
+    *,
+    calib: int | Sequence[int] = 24,
+    kind: str = "uniform",
+    caipi_shift: int | None = None,
+    power: float = 2.0,
+    seed: int = 0,
+    device=None,
+) -> torch.Tensor:
     """A Cartesian sampling mask with a fully sampled calibration region.
 
     Parameters
@@ -99,21 +106,27 @@ def cartesian_mask(shape: Sequence[int], acceleration: float | Sequence[int], *,
             dens = np.clip(1 - rr, 0, 1) ** power + 1e-3
             dens[pe_mask] = 0
             rng = np.random.default_rng(seed)
-            idx = rng.choice(dens.size, size=min(need, int((dens > 0).sum())), replace=False,
-                             p=(dens / dens.sum()).ravel())
+            idx = rng.choice(
+                dens.size,
+                size=min(need, int((dens > 0).sum())),
+                replace=False,
+                p=(dens / dens.sum()).ravel(),
+            )
             pe_mask.ravel()[idx] = True
     else:
         if np.isscalar(acceleration):
             a = int(acceleration)
             if a != acceleration or a < 1:
-                raise ParameterError(f"{kind} masks need an integer acceleration ≥ 1, "
-                                     f"got {acceleration}")
+                raise ParameterError(
+                    f"{kind} masks need an integer acceleration ≥ 1, got {acceleration}"
+                )
             rs = (a,) if n_pe == 1 else _factor(a)
         else:
             rs = tuple(int(v) for v in acceleration)
             if len(rs) != n_pe or min(rs) < 1:
-                raise ParameterError(f"acceleration must be one int or {n_pe} ints ≥ 1, "
-                                     f"got {acceleration}")
+                raise ParameterError(
+                    f"acceleration must be one int or {n_pe} ints ≥ 1, got {acceleration}"
+                )
         grids = np.meshgrid(*[np.arange(n) - n // 2 for n in pe], indexing="ij")
         if n_pe == 1:
             pe_mask = grids[0] % rs[0] == 0

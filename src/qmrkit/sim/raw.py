@@ -21,17 +21,29 @@ TRAJECTORIES = ("cartesian", "radial")
 
 def _cfft(x: torch.Tensor, nd: int) -> torch.Tensor:
     axes = tuple(range(-nd, 0))
-    return torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(x, dim=axes), dim=axes,
-                                             norm="ortho"), dim=axes)
+    return torch.fft.fftshift(
+        torch.fft.fftn(torch.fft.ifftshift(x, dim=axes), dim=axes, norm="ortho"), dim=axes
+    )
 
 
-def raw_scan(shape: Sequence[int] = (128, 128), *, n_coils: int = 8,
-             trajectory: str = "cartesian", acceleration: float | Sequence[int] = 2,
-             calib: int | Sequence[int] = 24, mask_kind: str = "uniform",
-             separate_calibration: bool = False, n_spokes: int | None = None,
-             noise_level: float = 0.002, noise_correlation: float = 0.2,
-             n_noise_samples: int = 4096, fov_mm: float = 220.0, phase: bool = True,
-             seed: int = 0, path: str | Path | None = None) -> RawScan:
+def raw_scan(
+    shape: Sequence[int] = (128, 128),
+    *,
+    n_coils: int = 8,
+    trajectory: str = "cartesian",
+    acceleration: float | Sequence[int] = 2,
+    calib: int | Sequence[int] = 24,
+    mask_kind: str = "uniform",
+    separate_calibration: bool = False,
+    n_spokes: int | None = None,
+    noise_level: float = 0.002,
+    noise_correlation: float = 0.2,
+    n_noise_samples: int = 4096,
+    fov_mm: float = 220.0,
+    phase: bool = True,
+    seed: int = 0,
+    path: str | Path | None = None,
+) -> RawScan:
     """Simulate a raw multi-coil scan of a Shepp–Logan phantom.
 
     Parameters
@@ -80,21 +92,24 @@ def raw_scan(shape: Sequence[int] = (128, 128), *, n_coils: int = 8,
     if phase:
         ax = [(torch.arange(n, dtype=torch.float64) - n / 2) / n for n in shape]
         g = torch.meshgrid(*ax, indexing="ij")
-        x = x * torch.polar(torch.ones(shape, dtype=torch.float64),
-                            math.pi * (0.6 * g[-1] + 0.4 * g[-2])).to(torch.complex64)
+        x = x * torch.polar(
+            torch.ones(shape, dtype=torch.float64), math.pi * (0.6 * g[-1] + 0.4 * g[-2])
+        ).to(torch.complex64)
     maps = coil_maps(n_coils, shape)
     rng = torch.Generator().manual_seed(seed)
     mix = torch.eye(n_coils, dtype=torch.complex128)
     if noise_correlation > 0:
-        a = torch.complex(torch.randn(n_coils, n_coils, generator=rng, dtype=torch.float64),
-                          torch.randn(n_coils, n_coils, generator=rng, dtype=torch.float64))
+        a = torch.complex(
+            torch.randn(n_coils, n_coils, generator=rng, dtype=torch.float64),
+            torch.randn(n_coils, n_coils, generator=rng, dtype=torch.float64),
+        )
         mix = mix + noise_correlation * a / math.sqrt(2 * n_coils)
 
     def noise(n_samples_shape, sigma):
-        w = torch.complex(torch.randn(n_coils, math.prod(n_samples_shape), generator=rng,
-                                      dtype=torch.float64),
-                          torch.randn(n_coils, math.prod(n_samples_shape), generator=rng,
-                                      dtype=torch.float64)) / math.sqrt(2)
+        w = torch.complex(
+            torch.randn(n_coils, math.prod(n_samples_shape), generator=rng, dtype=torch.float64),
+            torch.randn(n_coils, math.prod(n_samples_shape), generator=rng, dtype=torch.float64),
+        ) / math.sqrt(2)
         return (sigma * (mix @ w)).reshape(n_coils, *n_samples_shape).to(torch.complex64)
 
     limits: dict[str, tuple[int, int, int]] = {}
@@ -126,8 +141,18 @@ def raw_scan(shape: Sequence[int] = (128, 128), *, n_coils: int = 8,
         from .. import nufft
 
         n_read = 2 * shape[-1]
-        ns = int(n_spokes or max(1, round(math.pi / 2 * shape[-1] / float(
-            acceleration if np.isscalar(acceleration) else np.prod(acceleration)))))
+        ns = int(
+            n_spokes
+            or max(
+                1,
+                round(
+                    math.pi
+                    / 2
+                    * shape[-1]
+                    / float(acceleration if np.isscalar(acceleration) else np.prod(acceleration))
+                ),
+            )
+        )
         traj = nufft.golden_angle_radial(ns, n_read).to(torch.float32)
         op = nufft.plan(traj, shape, eps=1e-6)
         clean = op(maps * x)
@@ -141,10 +166,21 @@ def raw_scan(shape: Sequence[int] = (128, 128), *, n_coils: int = 8,
     meta["sigma"] = sigma
     noise_scan = noise((n_noise_samples,), sigma) if n_noise_samples > 0 else None
     header = _make_header(shape, shape, (fov_mm,) * nd, n_coils, trajectory, limits)
-    scan = RawScan(header=header, kdata=kdata, traj=traj, mask=mask, noise=noise_scan,
-                   calib=cal_data, calib_mask=cmask, matrix_size=shape, recon_size=shape,
-                   fov_mm=(fov_mm,) * nd, trajectory=trajectory, encoding_limits=limits,
-                   meta=meta)
+    scan = RawScan(
+        header=header,
+        kdata=kdata,
+        traj=traj,
+        mask=mask,
+        noise=noise_scan,
+        calib=cal_data,
+        calib_mask=cmask,
+        matrix_size=shape,
+        recon_size=shape,
+        fov_mm=(fov_mm,) * nd,
+        trajectory=trajectory,
+        encoding_limits=limits,
+        meta=meta,
+    )
     if path is not None:
         scan.meta["path"] = str(write_mrd(path, scan))
     return scan

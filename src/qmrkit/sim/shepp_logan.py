@@ -85,8 +85,11 @@ def shepp_logan(shape: Sequence[int] = (128, 128)) -> dict:
         inside = r <= 1.0
         image[inside] += amp
         labels[inside] = lab
-    out: dict = {"image": image, "labels": labels,
-                 "tissues": {k: v[0] for k, v in SHEPP_LOGAN_TISSUES.items()}}
+    out: dict = {
+        "image": image,
+        "labels": labels,
+        "tissues": {k: v[0] for k, v in SHEPP_LOGAN_TISSUES.items()},
+    }
     for j, key in enumerate(("PD", "T1", "T2"), start=1):
         lut = np.array([SHEPP_LOGAN_TISSUES[k][j] for k in sorted(SHEPP_LOGAN_TISSUES)])
         out[key] = lut[labels]
