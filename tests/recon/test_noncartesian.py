@@ -26,7 +26,7 @@ def _radial_data(n=64, n_spokes=50, sigma_rel=2e-3, seed=1):
     x, maps, obj = phantom(n, 8)
     xd = _disk_limited(x)
     traj = nufft.golden_angle_radial(n_spokes, 2 * n).to(torch.float32)
-    op = nufft.plan(traj, (n, n), eps=1e-6)
+    op = nufft.plan(traj, (n, n), eps=1e-6, oversampling=2.0)
     y = op(maps * xd)
     sigma = sigma_rel * float(y.abs().max())
     return xd, maps, traj, y, sigma, noise_like(y, sigma, seed=seed)

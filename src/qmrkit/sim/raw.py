@@ -154,7 +154,9 @@ def raw_scan(
             )
         )
         traj = nufft.golden_angle_radial(ns, n_read).to(torch.float32)
-        op = nufft.plan(traj, shape, eps=1e-6)
+        # σ = 2: at eps=1e-6 the planner's σ = 1.25 makes FINUFFT cap its kernel width (error
+        # ≈ 3e-5, see docs/recon.md)
+        op = nufft.plan(traj, shape, eps=1e-6, oversampling=2.0)
         clean = op(maps * x)
         # scale like an orthonormal FFT so noise_level means the same as for Cartesian data
         clean = clean / math.sqrt(math.prod(shape))
