@@ -28,6 +28,7 @@ def test_espirit_matches_simulated_maps_2d():
     assert float(ev[obj].min()) > 0.95
 
 
+@pytest.mark.slow
 def test_espirit_3d_decoupled_readout():
     n = 24
     x, maps, obj = phantom(n, 8, ndim=3)

@@ -48,6 +48,7 @@ def test_cli_round_trip_cartesian(tmp_path, method):
     assert nrmse(_fit_scale(direct.image, s.meta["truth"]), s.meta["truth"]) < 0.1
 
 
+@pytest.mark.slow
 def test_cli_radial_gridding_and_sense(tmp_path):
     path = tmp_path / "radial.h5"
     s = sim.raw_scan((48, 48), n_coils=8, trajectory="radial", n_spokes=60, path=path)

@@ -1,5 +1,6 @@
 """Simulation: numerical phantoms, noise, synthetic series (used by tests, demos and benchmarks)."""
 
+from .brain import BRAIN_TISSUES, brain_phantom
 from .coils import coil_maps
 from .masks import calibration_region, cartesian_mask
 from .noise import add_noise
@@ -21,4 +22,6 @@ __all__ = [
     "cartesian_mask",
     "calibration_region",
     "raw_scan",
+    "brain_phantom",
+    "BRAIN_TISSUES",
 ]

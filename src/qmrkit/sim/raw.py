@@ -14,6 +14,7 @@ from ..errors import ParameterError
 from ..io.mrd import RawScan, _make_header, write_mrd
 from .coils import coil_maps
 from .masks import calibration_region, cartesian_mask
+from .brain import brain_phantom
 from .shepp_logan import shepp_logan
 
 TRAJECTORIES = ("cartesian", "radial")
@@ -42,6 +43,7 @@ def raw_scan(
     fov_mm: float = 220.0,
     phase: bool = True,
     seed: int = 0,
+    phantom: str = "shepp_logan",
     path: str | Path | None = None,
 ) -> RawScan:
     """Simulate a raw multi-coil scan of a Shepp–Logan phantom.
@@ -74,6 +76,8 @@ def raw_scan(
         Give the object a smooth background phase (as real scans have).
     seed : int
         Seed of the noise.
+    phantom : {"shepp_logan", "brain"}
+        :func:`qmrkit.sim.shepp_logan` or :func:`qmrkit.sim.brain_phantom` (its ``image``).
     path : str or Path, optional
         Also write the scan as an ISMRMRD HDF5 file there (``scan.meta["path"]``).
 
@@ -87,7 +91,10 @@ def raw_scan(
         raise ParameterError(f"trajectory must be one of {TRAJECTORIES}, got {trajectory!r}")
     shape = tuple(int(s) for s in shape)
     nd = len(shape)
-    ph = shepp_logan(shape)
+    phantoms = {"shepp_logan": shepp_logan, "brain": brain_phantom}
+    if phantom not in phantoms:
+        raise ParameterError(f"phantom must be one of {tuple(phantoms)}, got {phantom!r}")
+    ph = phantoms[phantom](shape)
     x = torch.tensor(ph["image"], dtype=torch.complex64)
     if phase:
         ax = [(torch.arange(n, dtype=torch.float64) - n / 2) / n for n in shape]
