@@ -12,9 +12,9 @@ import torch
 
 from ..errors import ParameterError
 from ..io.mrd import RawScan, _make_header, write_mrd
+from .brain import brain_phantom
 from .coils import coil_maps
 from .masks import calibration_region, cartesian_mask
-from .brain import brain_phantom
 from .shepp_logan import shepp_logan
 
 TRAJECTORIES = ("cartesian", "radial")
