@@ -87,6 +87,12 @@ def test_prewhiten_decorrelates():
     # batch dimension before the coils
     w2 = recon.prewhiten(data.reshape(6, 50, 100).unsqueeze(0), noise)
     torch.testing.assert_close(w2[0], w_data)
+    # a batch axis as long as the coil axis: say which one is the coil axis
+    frames = torch.stack([data.reshape(6, 50, 100)] * 6)  # (6 frames, 6 coils, ...)
+    w3 = recon.prewhiten(frames, noise, coil_axis=1)
+    torch.testing.assert_close(w3[2], w_data)
+    with pytest.raises(ShapeError, match="noise scan has 6 coils"):
+        recon.prewhiten(frames, noise, coil_axis=2)
 
 
 def test_prewhiten_missing_noise():

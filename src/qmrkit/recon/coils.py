@@ -61,7 +61,12 @@ def noise_covariance(noise: Any) -> torch.Tensor:
 
 
 def prewhiten(
-    kdata: Any, noise: Any, *, missing: str = "error", return_matrix: bool = False
+    kdata: Any,
+    noise: Any,
+    *,
+    missing: str = "error",
+    return_matrix: bool = False,
+    coil_axis: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decorrelate coil noise: ``y ← L⁻¹ y`` with ``Ψ = L Lᴴ`` (Cholesky), so that the whitened
     channels have unit-variance, uncorrelated noise.
@@ -79,6 +84,9 @@ def prewhiten(
     return_matrix : bool
         Also return the whitening matrix ``W = L⁻¹`` (coils × coils); apply it to coil maps or
         other data of the same scan with ``torch.einsum("ij,j...->i...", W, x)``.
+    coil_axis : int, optional
+        The coil axis of ``kdata``; default: the first axis whose length is the noise scan's
+        coil count (give it when a batch axis has the same length).
 
     Returns
     -------
@@ -102,7 +110,15 @@ def prewhiten(
         raise ParameterError(f"missing must be 'error' or 'identity', got {missing!r}")
     psi = noise_covariance(to_complex(noise, "noise", device=y.device)).to(torch.complex128)
     n_c = psi.shape[0]
-    axis = next((i for i, s in enumerate(y.shape) if s == n_c), None)
+    if coil_axis is not None:
+        axis = coil_axis % y.ndim
+        if y.shape[axis] != n_c:
+            raise ShapeError(
+                f"kdata axis {coil_axis} has {y.shape[axis]} entries but the noise scan has "
+                f"{n_c} coils"
+            )
+    else:
+        axis = next((i for i, s in enumerate(y.shape) if s == n_c), None)
     if axis is None:
         raise ShapeError(
             f"the noise scan has {n_c} coils but no axis of kdata {tuple(y.shape)} has that length"

@@ -117,7 +117,7 @@ def reconstruct(
             )
         else:
             yw = torch.movedim(y, coil_axis, 0)
-            yw, w = prewhiten(yw, scan.noise.to(dev), return_matrix=True)
+            yw, w = prewhiten(yw, scan.noise.to(dev), return_matrix=True, coil_axis=0)
             y = torch.movedim(yw, 0, coil_axis)
             if calib is not None:
                 calib = torch.movedim(
