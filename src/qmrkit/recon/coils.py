@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
