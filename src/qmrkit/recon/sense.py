@@ -21,7 +21,7 @@ from .._progress import get_logger
 from ..errors import ConvergenceWarning, ParameterError, QmrkitWarning, ShapeError
 from ..ops import FiniteDifference, LinearOperator, Vstack
 from ..optim import prox
-from ._ops import Lift, cartesian_operator, nufft_operator, to_complex
+from ._ops import Lift, cartesian_operator, hybrid_readout, nufft_operator, to_complex
 from .result import ReconResult
 
 log = get_logger("recon")
@@ -38,6 +38,10 @@ def _prepare(kdata, maps, mask, traj, eps, device, normal="auto"):
     if traj is None:
         A, m = cartesian_operator(s, mask, y)
         info.update(kind="cartesian", acceleration=float(m.numel() / max(int(m.sum()), 1)))
+        hyb = hybrid_readout(s, m, y)
+        if hyb is not None:  # fully sampled readout: FFTs over the phase-encoding axes only
+            A, y = hyb
+        info["hybrid_readout"] = hyb is not None
     else:
         A, p = nufft_operator(s, traj, y, eps=eps, normal=normal, device=dev)
         info.update(
