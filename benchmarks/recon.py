@@ -188,7 +188,7 @@ def case_radial(work: Path, have_bart: bool, env) -> list[dict]:
                 "time_s": tb_s,
                 "nrmse": nrmse(torch.from_numpy(np.ascontiguousarray(img)), xd),
                 "iterations": iters,
-                "detail": "pics -l2 -r 0 -i 30 -t",
+                "detail": "pics -S -l2 -r 0 -i 30 -t",
             }
         )
     return rows
@@ -239,7 +239,7 @@ def case_cart3d(work: Path, have_bart: bool, env, size: int) -> list[dict]:
                 "time_s": tb_s,
                 "nrmse": nrmse(torch.from_numpy(np.ascontiguousarray(img)), x),
                 "iterations": iters,
-                "detail": "pics -l2 -r 0 -i 30",
+                "detail": "pics -S -l2 -r 0 -i 30",
             }
         )
     return rows
