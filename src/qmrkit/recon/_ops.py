@@ -113,15 +113,20 @@ def cartesian_operator(
 
 
 def hybrid_readout(
-    maps: torch.Tensor, m: torch.Tensor, kdata: torch.Tensor
-) -> tuple[LinearOperator, torch.Tensor] | None:
+    maps: torch.Tensor, m: torch.Tensor, kdata: torch.Tensor, *, readout_first: bool = False
+) -> tuple[LinearOperator, torch.Tensor, torch.Tensor] | None:
     """Cartesian SENSE without the readout FFT, when the readout is fully sampled.
 
     If the mask is constant along the readout (last) axis it commutes with the readout FFT
     ``F_x``, so ``F_x^H y = M F_pe S x``: inverse-transforming the data once along the readout
-    leaves an operator with FFTs over the phase-encoding axes only (a third fewer FFTs in 3D, half
-    in 2D) and the same least-squares problem (``F_x`` is unitary). Returns ``(A, y_hybrid)``, or
-    None when the mask varies along the readout or the data are 1D.
+    leaves an operator with FFTs over the phase-encoding axes only and the same least-squares
+    problem (``F_x`` is unitary). With ``readout_first`` the readout axis is moved in front of
+    the phase-encoding axes (image ``(x, [z,] y)``), so those FFTs run over contiguous memory
+    (torch's CPU FFT over strided axes was slower than a full 3D FFT); the caller moves the
+    solution back with ``x.movedim(-ndim, -1)``.
+
+    Returns ``(A, y_hybrid, maps_used)``, or None when the mask varies along the readout or the
+    data are 1D.
     """
     n_sp = maps.ndim - 1
     if n_sp < 2:
@@ -130,12 +135,21 @@ def hybrid_readout(
     mf = m.expand(spatial)
     if not bool((mf == mf[..., :1]).all()):
         return None
-    shape = (int(maps.shape[0]), *spatial)
     yh = torch.fft.fftshift(
         torch.fft.ifft(torch.fft.ifftshift(kdata, dim=-1), dim=-1, norm="ortho"), dim=-1
     )
-    op = Mask(mf[..., :1], shape=shape) @ FFT(shape, axes=tuple(range(-n_sp, -1))) @ Sense(maps)
-    return op, yh
+    m_pe = mf[..., :1]
+    if readout_first:
+        maps = maps.movedim(-1, 1).contiguous()
+        yh = yh.movedim(-1, -n_sp).contiguous()
+        m_pe = m_pe.movedim(-1, 0)  # (1, *pe)
+        spatial = tuple(int(v) for v in maps.shape[1:])
+        fft_axes = tuple(range(-n_sp + 1, 0))
+    else:
+        fft_axes = tuple(range(-n_sp, -1))
+    shape = (int(maps.shape[0]), *spatial)
+    op = Mask(m_pe, shape=shape) @ FFT(shape, axes=fft_axes) @ Sense(maps)
+    return op, yh, maps
 
 
 def nufft_operator(
