@@ -1,9 +1,11 @@
 """ISMRMRD/MRD HDF5: RawScan round trips, images out, corrupt and foreign files."""
 
-import h5py
 import numpy as np
 import pytest
 import torch
+
+pytest.importorskip("ismrmrd", reason="ISMRMRD tests need the 'mrd' extra (ismrmrd, h5py)")
+h5py = pytest.importorskip("h5py", reason="ISMRMRD tests need the 'mrd' extra (ismrmrd, h5py)")
 
 from qmrkit import sim
 from qmrkit.errors import DataFileError

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip("ismrmrd", reason="ISMRMRD tests need the 'mrd' extra (ismrmrd, h5py)")
+
 from qmrkit import recon, sim
 from qmrkit.cli import main
 from qmrkit.errors import QmrkitWarning
