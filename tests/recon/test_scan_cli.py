@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("ismrmrd", reason="ISMRMRD tests need the 'mrd' extra (ismrmrd, h5py)")
-
 from qmrkit import recon, sim
 from qmrkit.cli import main
 from qmrkit.errors import QmrkitWarning
 from qmrkit.io import load_nifti, read_mrd, read_mrd_images
 
 from ._helpers import nrmse
+
+pytest.importorskip("ismrmrd", reason="ISMRMRD tests need the 'mrd' extra (ismrmrd, h5py)")
 
 
 def _fit_scale(a, x):
