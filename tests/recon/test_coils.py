@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -29,6 +28,7 @@ def test_espirit_matches_simulated_maps_2d():
     assert float(ev[obj].min()) > 0.95
 
 
+@pytest.mark.slow
 def test_espirit_3d_decoupled_readout():
     n = 24
     x, maps, obj = phantom(n, 8, ndim=3)
@@ -87,6 +87,12 @@ def test_prewhiten_decorrelates():
     # batch dimension before the coils
     w2 = recon.prewhiten(data.reshape(6, 50, 100).unsqueeze(0), noise)
     torch.testing.assert_close(w2[0], w_data)
+    # a batch axis as long as the coil axis: say which one is the coil axis
+    frames = torch.stack([data.reshape(6, 50, 100)] * 6)  # (6 frames, 6 coils, ...)
+    w3 = recon.prewhiten(frames, noise, coil_axis=1)
+    torch.testing.assert_close(w3[2], w_data)
+    with pytest.raises(ShapeError, match="noise scan has 6 coils"):
+        recon.prewhiten(frames, noise, coil_axis=2)
 
 
 def test_prewhiten_missing_noise():

@@ -10,7 +10,7 @@ from qmrkit import fit, nufft, recon
 from qmrkit.errors import ParameterError, QmrkitWarning, ShapeError
 from qmrkit.sim import cartesian_mask
 
-from ._helpers import align_phase, cfft, noise_like, nrmse, phantom
+from ._helpers import cfft, noise_like, nrmse, phantom
 
 
 def _disk_limited(x):
@@ -26,12 +26,13 @@ def _radial_data(n=64, n_spokes=50, sigma_rel=2e-3, seed=1):
     x, maps, obj = phantom(n, 8)
     xd = _disk_limited(x)
     traj = nufft.golden_angle_radial(n_spokes, 2 * n).to(torch.float32)
-    op = nufft.plan(traj, (n, n), eps=1e-6)
+    op = nufft.plan(traj, (n, n), eps=1e-6, oversampling=2.0)
     y = op(maps * xd)
     sigma = sigma_rel * float(y.abs().max())
     return xd, maps, traj, y, sigma, noise_like(y, sigma, seed=seed)
 
 
+@pytest.mark.slow
 def test_radial_cg_sense_accuracy():
     """8 coils, 64², 50 golden-angle spokes (angular undersampling R = π/2·64/50 ≈ 2.0 at the
     k-space edge), complex noise σ = 2e-3·max|y|, 40 CG iterations.
@@ -103,6 +104,7 @@ def test_bad_trajectory_input():
         recon.sense(y, maps, traj=torch.zeros(traj.shape[0], 3))
 
 
+@pytest.mark.slow
 def test_tv_beats_cg_sense_at_high_acceleration():
     """Cartesian R = 8 (12 calibration lines, g-factor in the tens) with noise σ = 1e-2·max|k|:
     CG-SENSE amplifies the noise enormously; TV by PDHG must lower the NRMSE substantially.
@@ -137,6 +139,7 @@ def test_tv_temporal_frames():
         recon.tv(y, maps, mask=masks[0], lam=-1)
 
 
+@pytest.mark.slow
 def test_sgd_matches_least_squares_and_tv_helps():
     n = 32
     x, maps, _ = phantom(n, 8)

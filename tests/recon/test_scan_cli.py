@@ -13,6 +13,8 @@ from qmrkit.io import load_nifti, read_mrd, read_mrd_images
 
 from ._helpers import nrmse
 
+pytest.importorskip("ismrmrd", reason="ISMRMRD tests need the 'mrd' extra (ismrmrd, h5py)")
+
 
 def _fit_scale(a, x):
     c = torch.vdot(a.reshape(-1), x.reshape(-1)) / torch.vdot(a.reshape(-1), a.reshape(-1))
@@ -48,6 +50,7 @@ def test_cli_round_trip_cartesian(tmp_path, method):
     assert nrmse(_fit_scale(direct.image, s.meta["truth"]), s.meta["truth"]) < 0.1
 
 
+@pytest.mark.slow
 def test_cli_radial_gridding_and_sense(tmp_path):
     path = tmp_path / "radial.h5"
     s = sim.raw_scan((48, 48), n_coils=8, trajectory="radial", n_spokes=60, path=path)

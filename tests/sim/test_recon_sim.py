@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qmrkit.errors import ParameterError, ShapeError
-from qmrkit.sim import cartesian_mask, coil_maps, shepp_logan
+from qmrkit.sim import brain_phantom, cartesian_mask, coil_maps, shepp_logan
 from qmrkit.sim.masks import calibration_region
 
 
@@ -85,3 +85,17 @@ def test_mask_errors():
         cartesian_mask((32, 32), 2, kind="poisson")
     with pytest.raises(ShapeError):
         cartesian_mask((32,), 2)
+
+
+def test_brain_phantom():
+    ph = brain_phantom((96, 96))
+    assert set(np.unique(ph["labels"])) == {0, 1, 2, 3, 4, 5}
+    assert ph["image"].max() == pytest.approx(1.0)
+    wm, gm = ph["labels"] == 5, ph["labels"] == 4
+    assert np.all(ph["T1"][wm] == 830.0) and np.all(ph["T1"][gm] == 1330.0)
+    # T1-weighted spin echo: white matter brighter than grey matter, CSF darker
+    assert ph["image"][wm].mean() > ph["image"][gm].mean() > ph["image"][ph["labels"] == 3].mean()
+    ph3 = brain_phantom((20, 32, 32))
+    assert ph3["image"].shape == (20, 32, 32) and (ph3["labels"][10] == 5).any()
+    with pytest.raises(ShapeError):
+        brain_phantom((8,))

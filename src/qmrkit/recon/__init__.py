@@ -10,6 +10,7 @@ Conventions: k-space ``(*batch, coils, *k)``, images ``(*batch, *spatial)``, tra
 cycles/pixel ``[-0.5, 0.5)``. See ``docs/recon.md``.
 """
 
+from ._ops import encoding_operator as operator
 from .coils import (
     coil_compress,
     espirit,
@@ -19,7 +20,6 @@ from .coils import (
     rss,
     walsh,
 )
-from ._ops import encoding_operator as operator
 from .result import ReconResult
 from .scan import reconstruct
 from .sense import gridding, sense, tv

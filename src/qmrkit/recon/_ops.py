@@ -112,6 +112,46 @@ def cartesian_operator(
     return op, m
 
 
+def hybrid_readout(
+    maps: torch.Tensor, m: torch.Tensor, kdata: torch.Tensor, *, readout_first: bool = False
+) -> tuple[LinearOperator, torch.Tensor, torch.Tensor] | None:
+    """Cartesian SENSE without the readout FFT, when the readout is fully sampled.
+
+    If the mask is constant along the readout (last) axis it commutes with the readout FFT
+    ``F_x``, so ``F_x^H y = M F_pe S x``: inverse-transforming the data once along the readout
+    leaves an operator with FFTs over the phase-encoding axes only and the same least-squares
+    problem (``F_x`` is unitary). With ``readout_first`` the readout axis is moved in front of
+    the phase-encoding axes (image ``(x, [z,] y)``), so those FFTs run over contiguous memory
+    (torch's CPU FFT over strided axes was slower than a full 3D FFT); the caller moves the
+    solution back with ``x.movedim(-ndim, -1)``.
+
+    Returns ``(A, y_hybrid, maps_used)``, or None when the mask varies along the readout or the
+    data are 1D.
+    """
+    n_sp = maps.ndim - 1
+    if n_sp < 2:
+        return None
+    spatial = tuple(int(v) for v in maps.shape[1:])
+    mf = m.expand(spatial)
+    if not bool((mf == mf[..., :1]).all()):
+        return None
+    yh = torch.fft.fftshift(
+        torch.fft.ifft(torch.fft.ifftshift(kdata, dim=-1), dim=-1, norm="ortho"), dim=-1
+    )
+    m_pe = mf[..., :1]
+    if readout_first:
+        maps = maps.movedim(-1, 1).contiguous()
+        yh = yh.movedim(-1, -n_sp).contiguous()
+        m_pe = m_pe.movedim(-1, 0)  # (1, *pe)
+        spatial = tuple(int(v) for v in maps.shape[1:])
+        fft_axes = tuple(range(-n_sp + 1, 0))
+    else:
+        fft_axes = tuple(range(-n_sp, -1))
+    shape = (int(maps.shape[0]), *spatial)
+    op = Mask(m_pe, shape=shape) @ FFT(shape, axes=fft_axes) @ Sense(maps)
+    return op, yh, maps
+
+
 def nufft_operator(
     maps: torch.Tensor,
     traj: Any,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -20,6 +21,25 @@ from ..sim.masks import calibration_region
 from ._ops import to_complex
 
 log = get_logger("recon.coils")
+
+
+@contextmanager
+def _one_thread():
+    """Run small dense LAPACK work (eigh/SVD of a few hundred rows) on one thread.
+
+    With several torch threads on a busy CPU, ``torch.linalg.eigh`` of a 288×288 complex matrix
+    measured 6 s instead of 0.045 s single-threaded (threads spin-waiting on each other); the
+    decompositions here are far too small to gain from threads.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _cfft(x: torch.Tensor, axes: Sequence[int], inverse: bool = False) -> torch.Tensor:
@@ -61,7 +81,12 @@ def noise_covariance(noise: Any) -> torch.Tensor:
 
 
 def prewhiten(
-    kdata: Any, noise: Any, *, missing: str = "error", return_matrix: bool = False
+    kdata: Any,
+    noise: Any,
+    *,
+    missing: str = "error",
+    return_matrix: bool = False,
+    coil_axis: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decorrelate coil noise: ``y ← L⁻¹ y`` with ``Ψ = L Lᴴ`` (Cholesky), so that the whitened
     channels have unit-variance, uncorrelated noise.
@@ -79,6 +104,9 @@ def prewhiten(
     return_matrix : bool
         Also return the whitening matrix ``W = L⁻¹`` (coils × coils); apply it to coil maps or
         other data of the same scan with ``torch.einsum("ij,j...->i...", W, x)``.
+    coil_axis : int, optional
+        The coil axis of ``kdata``; default: the first axis whose length is the noise scan's
+        coil count (give it when a batch axis has the same length).
 
     Returns
     -------
@@ -102,7 +130,15 @@ def prewhiten(
         raise ParameterError(f"missing must be 'error' or 'identity', got {missing!r}")
     psi = noise_covariance(to_complex(noise, "noise", device=y.device)).to(torch.complex128)
     n_c = psi.shape[0]
-    axis = next((i for i, s in enumerate(y.shape) if s == n_c), None)
+    if coil_axis is not None:
+        axis = coil_axis % y.ndim
+        if y.shape[axis] != n_c:
+            raise ShapeError(
+                f"kdata axis {coil_axis} has {y.shape[axis]} entries but the noise scan has "
+                f"{n_c} coils"
+            )
+    else:
+        axis = next((i for i, s in enumerate(y.shape) if s == n_c), None)
     if axis is None:
         raise ShapeError(
             f"the noise scan has {n_c} coils but no axis of kdata {tuple(y.shape)} has that length"
@@ -167,7 +203,10 @@ def coil_compress(
     if int(cal.shape[0]) != n_c:
         raise ShapeError(f"calib has {cal.shape[0]} coils but kdata has {n_c}")
     if method == "svd":
-        u, _, _ = torch.linalg.svd(cal.reshape(n_c, -1), full_matrices=False)
+        c2 = cal.reshape(n_c, -1)
+        with _one_thread():  # left singular vectors from the small C×C Gram matrix
+            _, u = torch.linalg.eigh(c2 @ c2.conj().T)
+        u = u.flip(1)
         a = u[:, :n_virtual].conj().T  # (V, C)
         out = torch.tensordot(a, y, dims=([1], [0]))
         return (out, a) if return_matrix else out
@@ -184,7 +223,9 @@ def coil_compress(
     for x in range(nx):
         lo, hi = max(0, x - half), min(nx, x + half + 1)
         blk = hc[:, :, lo:hi].reshape(n_c, -1)
-        u, _, _ = torch.linalg.svd(blk, full_matrices=False)
+        with _one_thread():
+            _, u = torch.linalg.eigh(blk @ blk.conj().T)
+        u = u.flip(1)
         mats.append(u[:, :n_virtual].conj().T)  # (V, C)
     a = torch.stack(mats)  # (x, V, C)
     # align neighbours: A_x ← P A_x with P the unitary closest to A_{x-1} A_xᴴ (from the centre)
@@ -193,7 +234,8 @@ def coil_compress(
         for x in order:
             prev = a[x - 1] if x > c0 else a[x + 1]
             m = prev @ a[x].conj().T
-            uu, _, vh = torch.linalg.svd(m)
+            with _one_thread():
+                uu, _, vh = torch.linalg.svd(m)
             a[x] = (uu @ vh) @ a[x]
     hy = _cfft(y, (-1,), inverse=True)
     out = torch.einsum("xvc,c...x->v...x", a, hy)
@@ -221,7 +263,7 @@ def _box_smooth(x: torch.Tensor, width: int, n_sp: int) -> torch.Tensor:
 def _dominant_eigvec(r: torch.Tensor, ref_phase: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel dominant eigenvector of Hermitian matrices ``r`` ``(P, C, C)``; phase fixed so
     that the coil sum is real-positive. Returns (vectors (P, C), eigenvalues (P,))."""
-    evals, evecs = torch.linalg.eigh(r.to(torch.complex128))
+    evals, evecs = torch.linalg.eigh(r, UPLO="L")
     v = evecs[..., -1]
     s = v.sum(-1, keepdim=True)
     v = v * torch.where(s.abs() > 0, s.conj() / s.abs().clamp_min(1e-300), torch.ones_like(s))
@@ -326,7 +368,8 @@ def _espirit_nd(
     a = _hankel(cal.to(torch.complex128), k)
     # right singular vectors from the (small) Gram matrix: much faster than an SVD of the tall
     # calibration matrix with LAPACK's gesdd on CPU, and accurate enough in float64
-    ev, vecs = torch.linalg.eigh(a.conj().T @ a)
+    with _one_thread():
+        ev, vecs = torch.linalg.eigh(a.conj().T @ a)
     s = ev.flip(0).clamp_min(0).sqrt()
     vh = vecs.flip(1).conj().T
     n_keep = int((s > thresh * s[0]).sum()) if float(s[0]) > 0 else 0
@@ -337,25 +380,26 @@ def _espirit_nd(
     kf = torch.fft.fftn(kernels, s=big, dim=tuple(range(2, 2 + nd)))
     n_img = math.prod(im_size)
     scale = n_img / k**nd
-    g = torch.empty(n_img, n_c, n_c, dtype=torch.complex128, device=cal.device)
+    # only the lower triangle (c' ≤ c) is computed: eigh reads the lower triangle (UPLO="L");
+    # the image-size FFTs run in complex64 (the maps need no more)
+    g = torch.zeros(n_img, n_c, n_c, dtype=torch.complex64, device=cal.device)
+    dims = tuple(range(1, 1 + nd))
+    src, dst = [], []
+    for n in im_size:
+        lo = max(0, k - n // 2)
+        src.append(slice(lo, 2 * k))
+        dst.append(slice(n // 2 - k + lo, n // 2 + k))
     for c in range(n_c):
         # corr_{c,c'}(m) = Σ_j Σ_l h_jc(l+m) conj(h_jc'(l)) -> FFT: Σ_j Hc(f) conj(Hc'(f))
-        prod = (kf[:, c : c + 1] * kf.conj()).sum(0)  # (C', *big)
-        corr = torch.fft.ifftn(prod, dim=tuple(range(1, 1 + nd)))
-        corr = torch.fft.fftshift(corr, dim=tuple(range(1, 1 + nd)))  # m = 0 at index k
-        pad = torch.zeros(n_c, *im_size, dtype=corr.dtype, device=corr.device)
-        src, dst = [], []
-        for n in im_size:
-            lo = max(0, k - n // 2)
-            src.append(slice(lo, 2 * k))
-            dst.append(slice(n // 2 - k + lo, n // 2 + k))
-        pad[(slice(None), *dst)] = corr[(slice(None), *src)]
-        # conj so that G = g gᴴ with g = ifft(kernel): the image of a correlation is g_c conj(g_c')
-        img = _cfft(pad, tuple(range(1, 1 + nd)), inverse=True) * math.sqrt(n_img) / n_img
-        g[:, c, :] = img.reshape(n_c, -1).T * scale
-    g = 0.5 * (g + g.conj().transpose(1, 2))
-    maps = torch.empty(n_img, n_c, dtype=torch.complex128, device=cal.device)
-    ev = torch.empty(n_img, dtype=torch.float64, device=cal.device)
+        prod = (kf[:, c : c + 1] * kf[:, : c + 1].conj()).sum(0)  # (c+1, *big)
+        corr = torch.fft.fftshift(torch.fft.ifftn(prod, dim=dims), dim=dims)  # m = 0 at index k
+        pad = torch.zeros(c + 1, *im_size, dtype=torch.complex64, device=corr.device)
+        pad[(slice(None), *dst)] = corr[(slice(None), *src)].to(torch.complex64)
+        # the image of the correlation is g_c conj(g_c') with g = ifft(kernel) (orthonormal)
+        img = _cfft(pad, dims, inverse=True) * (scale / math.sqrt(n_img))
+        g[:, c, : c + 1] = img.reshape(c + 1, -1).T
+    maps = torch.empty(n_img, n_c, dtype=torch.complex64, device=cal.device)
+    ev = torch.empty(n_img, dtype=torch.float32, device=cal.device)
     for s0 in range(0, n_img, chunk):
         v, e = _dominant_eigvec(g[s0 : s0 + chunk])
         maps[s0 : s0 + chunk], ev[s0 : s0 + chunk] = v, e

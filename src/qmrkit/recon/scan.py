@@ -97,6 +97,8 @@ def reconstruct(
     """
     if method not in METHODS:
         raise ParameterError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "gridding" and scan.is_cartesian:
+        raise ParameterError("gridding is for non-Cartesian scans; use method='sense' or 'tv'")
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cpu")
     y = scan.kdata.to(dev)
@@ -115,7 +117,7 @@ def reconstruct(
             )
         else:
             yw = torch.movedim(y, coil_axis, 0)
-            yw, w = prewhiten(yw, scan.noise.to(dev), return_matrix=True)
+            yw, w = prewhiten(yw, scan.noise.to(dev), return_matrix=True, coil_axis=0)
             y = torch.movedim(yw, 0, coil_axis)
             if calib is not None:
                 calib = torch.movedim(
@@ -199,8 +201,6 @@ def reconstruct(
         }
         res = tv(y, s, mask=mask, traj=traj, device=dev, progress=progress, **kw)
     else:
-        if scan.is_cartesian:
-            raise ParameterError("gridding is for non-Cartesian scans; use method='sense'")
         from ..nufft import density_compensation
 
         res = gridding(

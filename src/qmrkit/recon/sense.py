@@ -21,14 +21,19 @@ from .._progress import get_logger
 from ..errors import ConvergenceWarning, ParameterError, QmrkitWarning, ShapeError
 from ..ops import FiniteDifference, LinearOperator, Vstack
 from ..optim import prox
-from ._ops import Lift, cartesian_operator, nufft_operator, to_complex
+from ._ops import Lift, cartesian_operator, hybrid_readout, nufft_operator, to_complex
 from .result import ReconResult
 
 log = get_logger("recon")
 
 
-def _prepare(kdata, maps, mask, traj, eps, device, normal="auto"):
-    """Build the encoding operator; returns (A, y, info dict)."""
+def _prepare(kdata, maps, mask, traj, eps, device, normal="auto", readout_first=False):
+    """Build the encoding operator; returns (A, y, info dict).
+
+    With ``readout_first`` a Cartesian problem with a fully sampled readout is solved with the
+    readout axis first (``info["readout_first"]``): move the solution back with
+    ``x.movedim(-ndim, -1)``.
+    """
     dev = resolve_device(device, kdata if isinstance(kdata, torch.Tensor) else None)
     y = to_complex(kdata, "kdata", device=dev)
     s = to_complex(maps, "maps", device=dev, dtype=y.dtype)
@@ -38,6 +43,13 @@ def _prepare(kdata, maps, mask, traj, eps, device, normal="auto"):
     if traj is None:
         A, m = cartesian_operator(s, mask, y)
         info.update(kind="cartesian", acceleration=float(m.numel() / max(int(m.sum()), 1)))
+        # a 3D hybrid operator only pays with contiguous FFT axes (readout moved first)
+        use = readout_first or s.ndim - 1 == 2
+        hyb = hybrid_readout(s, m, y, readout_first=readout_first) if use else None
+        if hyb is not None:  # fully sampled readout: FFTs over the phase-encoding axes only
+            A, y, _ = hyb
+        info["hybrid_readout"] = hyb is not None
+        info["readout_first"] = hyb is not None and readout_first
     else:
         A, p = nufft_operator(s, traj, y, eps=eps, normal=normal, device=dev)
         info.update(
@@ -110,14 +122,19 @@ def sense(
     t0 = time.perf_counter()
     if lam < 0:
         raise ParameterError(f"lam must be ≥ 0, got {lam}")
-    A, y, info = _prepare(kdata, maps, mask, traj, eps, device, normal)
+    A, y, info = _prepare(kdata, maps, mask, traj, eps, device, normal, readout_first=True)
     b = A.H(y)
     lam_abs = 0.0
     if lam > 0:
         lam_abs = lam * _operator_norm2(A, (), y.dtype, y.device)
+    n_sp = len(A.ishape)
     x0t = None if x0 is None else to_complex(x0, "x0", device=y.device, dtype=y.dtype)
+    if x0t is not None and info.get("readout_first"):
+        x0t = x0t.movedim(-1, -n_sp).contiguous()
     with torch.no_grad():
         res = optim.cg(A, b, x0=x0t, lam=lam_abs, max_iter=max_iter, tol=tol, progress=progress)
+    if info.get("readout_first"):
+        res.x = res.x.movedim(-n_sp, -1).contiguous()
     info.update(lam=lam, lam_absolute=lam_abs, max_iter=max_iter, tol=tol)
     log.info(
         "sense: %s, %d iterations, %.3f s", info["kind"], res.iterations, time.perf_counter() - t0

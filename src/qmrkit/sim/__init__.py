@@ -1,5 +1,6 @@
 """Simulation: numerical phantoms, noise, synthetic series (used by tests, demos and benchmarks)."""
 
+from .brain import BRAIN_TISSUES, brain_phantom
 from .coils import coil_maps
 from .masks import calibration_region, cartesian_mask
 from .mrf import b1_field, mrf_scan, mrf_scan_3d, spiral_frames, stack_of_spirals_frames
@@ -22,9 +23,11 @@ __all__ = [
     "cartesian_mask",
     "calibration_region",
     "raw_scan",
+    "brain_phantom",
+    "BRAIN_TISSUES",
     "mrf_scan",
+    "mrf_scan_3d",
     "b1_field",
     "spiral_frames",
-    "mrf_scan_3d",
     "stack_of_spirals_frames",
 ]
