@@ -45,6 +45,61 @@ def spiral_frames(
     return arms[torch.arange(n_frames) % n_interleaves].float()
 
 
+def _simulate_kspace(
+    shp: tuple[int, ...],
+    ph: dict,
+    sched: Any,
+    traj: torch.Tensor,
+    period: int,
+    *,
+    n_coils: int,
+    b1_amplitude: float,
+    noise_level: float,
+    seed: int,
+    eps: float,
+) -> dict:
+    """Shared core of the scan simulators: EPG signal per object voxel (its T1, T2, B1), PD and
+    coil weighting, one NUFFT per frame (frames ``period`` apart share a trajectory and a plan),
+    complex Gaussian noise and a noise scan."""
+    from .. import nufft
+    from ..mrf import epg_fisp
+
+    T = sched.n_tr
+    t1, t2, pd = (np.asarray(ph[k], dtype=np.float64) for k in ("T1", "T2", "PD"))
+    b1 = b1_field(shp, b1_amplitude, seed=seed) if b1_amplitude else np.ones(shp)
+    inside = pd > 0
+    sig = epg_fisp(sched, t1[inside], t2[inside], b1[inside], dtype=torch.float32)  # (V, T)
+    x = torch.zeros((T, *shp), dtype=torch.complex64)
+    weighted = sig * torch.as_tensor(pd[inside], dtype=torch.float32)[:, None]
+    x.reshape(T, -1)[:, torch.as_tensor(inside.reshape(-1))] = weighted.T
+    maps = coil_maps(n_coils, shp)
+    kdata = torch.zeros((n_coils, T, traj.shape[1]), dtype=torch.complex64)
+    for g in range(min(period, T)):
+        frames = torch.arange(g, T, period)
+        op = nufft.plan(traj[g], shp, eps=eps, batch=n_coils * len(frames))
+        kdata[:, frames] = op.forward(maps[:, None] * x[frames][None])
+    rng = torch.Generator().manual_seed(seed)
+    sigma = noise_level * float(kdata.abs().max())
+
+    def noise(*shape: int) -> torch.Tensor:
+        return (
+            torch.complex(torch.randn(shape, generator=rng), torch.randn(shape, generator=rng))
+            * sigma
+        )
+
+    kdata = kdata + noise(*kdata.shape)
+    truth = {
+        "T1": t1,
+        "T2": t2,
+        "PD": pd,
+        "B1": b1,
+        "labels": ph["labels"],
+        "tissues": ph["tissues"],
+        "maps": maps,
+    }
+    return {"kdata": kdata, "noise": noise(n_coils, 2048), "sigma": sigma, "truth": truth}
+
+
 def mrf_scan(
     shape: Sequence[int] = (96, 96),
     *,
@@ -72,9 +127,8 @@ def mrf_scan(
         ``meta`` holds ``frames``, ``samples``, the ``schedule`` and the truth (``T1``, ``T2``,
         ``PD``, ``B1``, ``labels``, ``tissues``, ``maps``).
     """
-    from .. import nufft
     from ..io.mrd import RawScan
-    from ..mrf import epg_fisp, fisp_schedule
+    from ..mrf import fisp_schedule
 
     shp = tuple(int(s) for s in shape)
     if len(shp) != 2:
@@ -82,38 +136,24 @@ def mrf_scan(
     sched = schedule if schedule is not None else fisp_schedule(1000, seed=seed)
     T = sched.n_tr
     S = samples or int(2 * shp[0] * math.ceil(shp[0] / (2 * n_interleaves)) * 2)
-    ph = nist_phantom(shp, plate=plate)
-    t1, t2, pd = (np.asarray(ph[k], dtype=np.float64) for k in ("T1", "T2", "PD"))
-    b1 = b1_field(shp, b1_amplitude, seed=seed) if b1_amplitude else np.ones(shp)
-    inside = pd > 0
-    sig = epg_fisp(sched, t1[inside], t2[inside], b1[inside], dtype=torch.float32)  # (V, T)
-    x = torch.zeros((T, *shp), dtype=torch.complex64)
-    x.reshape(T, -1)[:, torch.as_tensor(inside.reshape(-1))] = (
-        sig * torch.as_tensor(pd[inside], dtype=torch.float32)[:, None]
-    ).T
-    maps = coil_maps(n_coils, shp)
     traj = spiral_frames(T, n_interleaves, S, shp[0])
-    kdata = torch.zeros((n_coils, T, S), dtype=torch.complex64)
-    for g in range(n_interleaves):  # frames sharing an interleaf share a NUFFT plan
-        frames = torch.arange(g, T, n_interleaves)
-        op = nufft.plan(traj[g], shp, eps=eps, batch=n_coils * len(frames))
-        kdata[:, frames] = op.forward(maps[:, None] * x[frames][None])
-    rng = torch.Generator().manual_seed(seed)
-    sigma = noise_level * float(kdata.abs().max())
-
-    def noise(*shape: int) -> torch.Tensor:
-        return (
-            torch.complex(torch.randn(shape, generator=rng), torch.randn(shape, generator=rng))
-            * sigma
-        )
-
-    kdata = kdata + noise(*kdata.shape)
-    header = _header(shp, n_coils, sched)
+    sim = _simulate_kspace(
+        shp,
+        nist_phantom(shp, plate=plate),
+        sched,
+        traj,
+        n_interleaves,
+        n_coils=n_coils,
+        b1_amplitude=b1_amplitude,
+        noise_level=noise_level,
+        seed=seed,
+        eps=eps,
+    )
     return RawScan(
-        header=header,
-        kdata=kdata.reshape(n_coils, T * S),
+        header=_header(shp, n_coils, sched),
+        kdata=sim["kdata"].reshape(n_coils, T * S),
         traj=traj.reshape(T * S, 2),
-        noise=noise(n_coils, 2048),
+        noise=sim["noise"],
         matrix_size=shp,
         recon_size=shp,
         fov_mm=(250.0, 250.0),
@@ -123,16 +163,8 @@ def mrf_scan(
             "samples": S,
             "samples_per_readout": S,
             "schedule": sched,
-            "noise_sigma": sigma,
-            "truth": {
-                "T1": t1,
-                "T2": t2,
-                "PD": pd,
-                "B1": b1,
-                "labels": ph["labels"],
-                "tissues": ph["tissues"],
-                "maps": maps,
-            },
+            "noise_sigma": sim["sigma"],
+            "truth": sim["truth"],
         },
     )
 
@@ -185,9 +217,8 @@ def mrf_scan_3d(
 ) -> Any:
     """Simulate a 3D stack-of-spirals FISP MRF scan (``(nz, ny, nx)``) of the NIST phantom with
     interleaved partition undersampling; otherwise as :func:`mrf_scan`."""
-    from .. import nufft
     from ..io.mrd import RawScan
-    from ..mrf import epg_fisp, fisp_schedule
+    from ..mrf import fisp_schedule
 
     shp = tuple(int(s) for s in shape)
     if len(shp) != 3:
@@ -197,37 +228,27 @@ def mrf_scan_3d(
     S = samples or int(2 * shp[1] * math.ceil(shp[1] / (2 * n_interleaves)) * 2)
     ph = nist_phantom((shp[1], shp[2], shp[0]), plate=plate)  # (ny, nx, nz) → ours (nz, ny, nx)
     ph = {k: (np.moveaxis(v, 2, 0) if isinstance(v, np.ndarray) else v) for k, v in ph.items()}
-    t1, t2, pd = (np.asarray(ph[k], dtype=np.float64) for k in ("T1", "T2", "PD"))
-    b1 = b1_field(shp, b1_amplitude, seed=seed) if b1_amplitude else np.ones(shp)
-    inside = pd > 0
-    sig = epg_fisp(sched, t1[inside], t2[inside], b1[inside], dtype=torch.float32)
-    x = torch.zeros((T, *shp), dtype=torch.complex64)
-    x.reshape(T, -1)[:, torch.as_tensor(inside.reshape(-1))] = (
-        sig * torch.as_tensor(pd[inside], dtype=torch.float32)[:, None]
-    ).T
-    maps = coil_maps(n_coils, shp)
     traj = stack_of_spirals_frames(
         T, n_interleaves, S, shp, partition_undersampling=partition_undersampling
     )
     P = traj.shape[1]
-    kdata = torch.zeros((n_coils, T, P), dtype=torch.complex64)
-    period = math.lcm(n_interleaves, partition_undersampling)
-    for g in range(min(period, T)):  # frames with the same trajectory share a plan
-        frames = torch.arange(g, T, period)
-        op = nufft.plan(traj[g], shp, eps=eps, batch=n_coils * len(frames))
-        kdata[:, frames] = op.forward(maps[:, None] * x[frames][None])
-    rng = torch.Generator().manual_seed(seed)
-    sigma = noise_level * float(kdata.abs().max())
-
-    def noise(*sz: int) -> torch.Tensor:
-        return torch.complex(torch.randn(sz, generator=rng), torch.randn(sz, generator=rng)) * sigma
-
-    kdata = kdata + noise(*kdata.shape)
+    sim = _simulate_kspace(
+        shp,
+        ph,
+        sched,
+        traj,
+        math.lcm(n_interleaves, partition_undersampling),
+        n_coils=n_coils,
+        b1_amplitude=b1_amplitude,
+        noise_level=noise_level,
+        seed=seed,
+        eps=eps,
+    )
     return RawScan(
         header=_header(shp[1:], n_coils, sched),
-        kdata=kdata.reshape(n_coils, T * P),
+        kdata=sim["kdata"].reshape(n_coils, T * P),
         traj=traj.reshape(T * P, 3),
-        noise=noise(n_coils, 2048),
+        noise=sim["noise"],
         matrix_size=shp,
         recon_size=shp,
         fov_mm=(10.0 * shp[0], 250.0, 250.0),
@@ -236,17 +257,9 @@ def mrf_scan_3d(
             "frames": T,
             "samples": P,
             "schedule": sched,
-            "noise_sigma": sigma,
+            "noise_sigma": sim["sigma"],
             "partition_undersampling": partition_undersampling,
-            "truth": {
-                "T1": t1,
-                "T2": t2,
-                "PD": pd,
-                "B1": b1,
-                "labels": ph["labels"],
-                "tissues": ph["tissues"],
-                "maps": maps,
-            },
+            "truth": sim["truth"],
         },
     )
 
