@@ -70,11 +70,15 @@ def _emcee_reference(logp, starts, n_walkers, n_steps, seed):
 
 
 def _compare(ours_mean, ours_std, ours_ess, ref):
+    """Largest differences of posterior means and stds, in units of their combined Monte Carlo
+    standard errors (means: sqrt(s²/ESS + s_ref²/ESS_ref); stds: the same over 2·ESS)."""
+    z_mean, z_std = 0.0, 0.0
     for (m_ref, s_ref, e_ref), m, s, e in zip(ref, ours_mean, ours_std, ours_ess, strict=True):
         se_m = np.sqrt(s**2 / e + s_ref**2 / e_ref)
         se_s = np.sqrt(s**2 / (2 * e) + s_ref**2 / (2 * e_ref))
-        assert np.all(np.abs(m - m_ref) <= 4 * se_m), (m, m_ref, se_m)
-        assert np.all(np.abs(s - s_ref) <= 4 * se_s), (s, s_ref, se_s)
+        z_mean = max(z_mean, float(np.max(np.abs(m - m_ref) / se_m)))
+        z_std = max(z_std, float(np.max(np.abs(s - s_ref) / se_s)))
+    return z_mean, z_std
 
 
 @pytest.mark.slow
@@ -101,7 +105,8 @@ def test_agrees_with_emcee_monoexp():
     ours = [np.array([res.mean[k][v].item() for k in names]) for v in range(4)]
     stds = [np.array([res.std[k][v].item() for k in names]) for v in range(4)]
     ess = [np.array([res.ess[k][v].item() for k in names]) for v in range(4)]
-    _compare(ours, stds, ess, ref)
+    z_mean, z_std = _compare(ours, stds, ess, ref)
+    assert z_mean <= 4 and z_std <= 4, (z_mean, z_std)
 
 
 @pytest.mark.slow
@@ -144,7 +149,8 @@ def test_agrees_with_emcee_four_parameter_model():
     ours = [np.array([res.mean[k][v].item() for k in names]) for v in range(n)]
     stds = [np.array([res.std[k][v].item() for k in names]) for v in range(n)]
     ess = [np.array([res.ess[k][v].item() for k in names]) for v in range(n)]
-    _compare(ours, stds, ess, ref)
+    z_mean, z_std = _compare(ours, stds, ess, ref)
+    assert z_mean <= 4 and z_std <= 4, (z_mean, z_std)
 
 
 @pytest.mark.parametrize("method", ["ensemble", "mh"])
