@@ -44,9 +44,12 @@ test: $(VENV)/.installed-test
 test-fast: $(VENV)/.installed-test
 	$(VPY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
-## bench: every benchmark script; tables printed, numbers written to benchmarks/results/.
+## bench: every benchmark script (NUFFT in its --quick form; the full run takes ~40 min on 2 cores:
+## `.venv/bin/python benchmarks/nufft.py`); tables printed, numbers written to benchmarks/results/.
 bench: $(VENV)/.installed-test
-	@for b in benchmarks/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
+	@for b in fit_relaxometry mcmc mrf serve recon mel optim_ops; do \
+		echo "== benchmarks/$$b.py"; $(VPY) benchmarks/$$b.py || exit 1; done
+	$(VPY) benchmarks/nufft.py --quick
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests benchmarks examples
