@@ -88,6 +88,7 @@ def mrf_maps(
     schedule: Any = None,
     n_iter: int = 0,
     eps: float = 1e-3,
+    pd_threshold: float = 0.1,
     device: Any = None,
 ) -> MrfMaps:
     """Reconstruct and match an MRF scan (one spiral interleaf per TR).
@@ -108,6 +109,9 @@ def mrf_maps(
         Low-rank conjugate-gradient refinement iterations after the gridding reconstruction.
     eps : float
         NUFFT accuracy.
+    pd_threshold : float
+        Voxels whose fitted PD is below this fraction of the 99th percentile of PD are set to NaN
+        in the T1, T2, B1 and score maps (background and aliasing around the object); 0 keeps all.
     """
     from ..mrf import match, subspace_recon
     from ..recon import walsh
@@ -163,6 +167,16 @@ def mrf_maps(
     x = coeffs.movedim(0, -1)  # (*im, K)
     mask = _object_mask(x)
     res = match(x, dictionary, b1_map=b1_map, mask=mask)
+    if pd_threshold > 0:
+        pd = res.pd
+        ref = (
+            torch.quantile(pd[mask].float()[:: max(1, int(mask.sum()) // 100000)], 0.99)
+            if mask.any()
+            else 0.0
+        )
+        low = pd < pd_threshold * ref
+        for m in (res.t1, res.t2, res.b1, res.score):
+            m[low] = float("nan")
     stages["matching"] = time.perf_counter() - t
     stages["total"] = time.perf_counter() - t0
     log.info("mrf_maps: %s", {k: round(v, 3) for k, v in stages.items()})
