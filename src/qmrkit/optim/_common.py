@@ -176,9 +176,32 @@ def call_back(callback, *args) -> bool:
     return bool(callback(*args))
 
 
-def warn_nonfinite(name: str, k: int) -> None:
+def warn_nonfinite(name: str, k: int, stacklevel: int = 3) -> None:
     warnings.warn(
         f"{name}: non-finite values at iteration {k}; stopping (check step sizes and inputs)",
         ConvergenceWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
+
+
+def end_iteration(
+    name: str,
+    it: int,
+    x: torch.Tensor,
+    worst: float,
+    tol: float,
+    history: list,
+    bar: Any,
+    callback: Any,
+) -> tuple[bool, bool]:
+    """Shared end of a Krylov iteration: record the residual, stop on non-finite values, run the
+    callback and test convergence. Returns ``(stop, converged)``."""
+    history.append(worst)
+    bar.update()
+    if not math.isfinite(worst):
+        warn_nonfinite(name, it, stacklevel=4)
+        return True, False
+    stop = call_back(callback, it, x)
+    if worst <= tol:
+        return True, True
+    return stop, False

@@ -14,15 +14,14 @@ from ..ops.base import LinearOperator
 from ._common import (
     SolverResult,
     as_normal,
-    call_back,
     check_ends_in,
     check_max_iter,
     check_nonnegative,
     check_same_shape,
     check_tensor,
     check_tol,
+    end_iteration,
     rdot,
-    warn_nonfinite,
 )
 
 log = get_logger("optim.cg")
@@ -138,15 +137,7 @@ def cg(
             rs_new = rdot(r, r, nb)
             rel = torch.where(active, rs_new.sqrt() / bnorm, rel)
             worst = float(rel.max())
-            history.append(worst)
-            bar.update()
-            if worst != worst or worst == float("inf"):
-                warn_nonfinite(name, it)
-                break
-            stop = call_back(callback, it, x)
-            if worst <= tol:
-                converged = True
-                break
+            stop, converged = end_iteration(name, it, x, worst, tol, history, bar, callback)
             if stop:
                 break
             beta = torch.where(active & (rs > 0), rs_new / torch.where(rs > 0, rs, 1), 0)
