@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._progress import get_logger, progress_bar
@@ -39,6 +40,7 @@ LIKELIHOODS = ("gaussian", "rician")
 _LOG_SIGMA_RANGE = (math.log(1e-5), math.log(10.0))  # internal units (data scale = 1)
 MAX_TAU_STEPS = 1024
 MAX_QUANTILE_SAMPLES = 4096
+COMPILE_THRESHOLD = 10**8  # voxels × walkers × steps above which moves are compiled by default
 
 
 @dataclass
@@ -159,27 +161,56 @@ class _Posterior:
                 "likelihood='gaussian' for complex or signed data"
             )
 
-    def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        p = self.p
+    def bind(self, idx: torch.Tensor, reps: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The log-posterior of ``reps`` states per voxel of ``idx``, rows ordered voxel-major.
+
+        Data, weights, covariates and σ are gathered once here, so each evaluation is pure
+        arithmetic on contiguous tensors (no per-step gathers).
+        """
+        rows = idx.repeat_interleave(reps) if reps > 1 else idx
+        sub = self.p.subset(rows)
+        sigma = c_log = c_quad = None
+        if self.noise_mode == "fixed":
+            sigma = self.sigma[rows]
+            c_log = -self.n_res * torch.log(sigma)
+            c_quad = 0.5 / (sigma * sigma)
+        sqrt_w = None if sub.weights is None else sub.weights.sqrt()
+        return _BoundPosterior(self, sub, sqrt_w, c_log, c_quad, sigma)
+
+
+class _BoundPosterior:
+    """Log-posterior of states ``x (n, D)`` for a fixed set of rows (see :meth:`_Posterior.bind`)."""
+
+    def __init__(self, post, sub, sqrt_w, c_log, c_quad, sigma):
+        self.post, self.p, self.sqrt_w = post, sub, sqrt_w
+        self.c_log, self.c_quad, self.sigma = c_log, c_quad, sigma
+        self.P = post.P
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        p, post = self.p, self.post
         theta = x[:, : self.P]
-        inside = ((theta >= p.lower) & (theta <= p.upper)).all(dim=1)
-        if self.noise_mode == "sample":
+        # the clamped state is the state itself exactly when it lies inside the bounds (NaN: out)
+        safe = torch.clamp(theta, p.lower, p.upper)
+        inside = (safe == theta).all(dim=1)
+        if post.noise_mode == "sample":
             log_sigma = x[:, self.P]
             inside &= (log_sigma >= _LOG_SIGMA_RANGE[0]) & (log_sigma <= _LOG_SIGMA_RANGE[1])
             sigma = torch.exp(log_sigma)
         else:
-            sigma = self.sigma[idx]
-        safe = torch.where(inside[:, None], theta, p.clamp(theta))
-        with torch.no_grad():
-            pred = p.predict(safe, idx)
-        d = p.data[idx]
-        if self.likelihood == "gaussian":
+            sigma = self.sigma
+        pred = p.predict(safe)
+        d = p.data
+        if post.likelihood == "gaussian":
             r = pred - d
-            if p.weights is not None:
-                r = r * p.weights[idx].sqrt()
+            if self.sqrt_w is not None:
+                r = r * self.sqrt_w
             if r.is_complex():
                 r = torch.view_as_real(r).flatten(-2)
-            ll = -self.n_res * torch.log(sigma) - 0.5 * (r * r).sum(1) / (sigma * sigma)
+            ss = torch.linalg.vecdot(r, r)
+            if self.c_log is not None:
+                ll = self.c_log - self.c_quad * ss
+            else:
+                ll = -post.n_res * log_sigma - 0.5 * ss / (sigma * sigma)
         else:  # Rician, magnitude data d ≥ 0 with underlying amplitude ν = |pred|
             nu = pred.abs()
             s2 = (sigma * sigma)[:, None]
@@ -187,18 +218,18 @@ class _Posterior:
             terms = torch.log(d.clamp_min(1e-30) / s2) - (d * d + nu * nu) / (2 * s2)
             terms = terms + torch.log(torch.special.i0e(z)) + z
             if p.weights is not None:
-                terms = terms * p.weights[idx]
+                terms = terms * p.weights
             ll = terms.sum(1)
-        if self.priors:
-            params = p.param_dict(safe, idx)
-            for prior in self.priors:
+        if post.priors:
+            params = p.param_dict(safe)
+            for prior in post.priors:
                 lp = prior(params)
                 if not isinstance(lp, torch.Tensor):
                     raise ParameterError(
                         "a log-prior callable must return a torch.Tensor of shape (n,)"
                     )
                 ll = ll + lp.reshape(-1)
-        return torch.where(inside, ll, torch.full_like(ll, -math.inf))
+        return ll.masked_fill(~inside, -math.inf)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,10 +241,10 @@ class _Random:
         self.device, self.dtype = device, dtype
 
     def uniform(self, *shape: int) -> torch.Tensor:
-        return torch.rand(shape, generator=self.g, dtype=torch.float64).to(self.device, self.dtype)
+        return torch.rand(shape, generator=self.g, dtype=self.dtype).to(self.device)
 
     def normal(self, *shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=self.g, dtype=torch.float64).to(self.device, self.dtype)
+        return torch.randn(shape, generator=self.g, dtype=self.dtype).to(self.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,6 +275,7 @@ def mcmc(
     batch_size: int | None = None,
     memory_budget: int = 2 << 30,
     keep_samples: bool = False,
+    compile: bool | None = None,
     progress: bool | None = None,
 ) -> McmcResult:
     """Sample the posterior of a model's parameters in every voxel at once.
@@ -293,6 +325,11 @@ def mcmc(
         stored traces) and progress bar.
     keep_samples : bool
         Return the thinned samples (memory grows with voxels × samples).
+    compile : bool, optional
+        Fuse each move (proposal, model, likelihood, acceptance) with ``torch.compile``: several
+        times faster per step, after a one-off compilation of a few seconds to a minute (cached
+        on disk by PyTorch). Default: on for large runs (voxels × walkers × steps ≥ 10⁸), off
+        otherwise. Falls back to eager execution when compilation fails.
 
     Returns
     -------
@@ -371,9 +408,15 @@ def mcmc(
         problem, likelihood=likelihood, noise_mode=noise_mode, sigma=sigma_fixed, priors=priors
     )
     V = problem.n_voxels
-    bytes_per_voxel = 4 * n_keep * W * D * (2 if dtype == torch.float64 else 1) * 3
+    # without keep_samples only every store_every-th kept state is stored (τ, quantiles); means,
+    # stds and R-hat come from running moments of all kept states
+    store_every = 1 if keep_samples else max(1, -(-n_keep // MAX_TAU_STEPS))
+    n_store = -(-n_keep // store_every)
+    bytes_per_voxel = int(4 * n_store * W * D * (2 if dtype == torch.float64 else 1) * 1.25)
     if batch_size is None:
         batch_size = max(1, min(V, int(memory_budget // max(bytes_per_voxel, 1))))
+    if compile is None:
+        compile = V * W * n_steps >= COMPILE_THRESHOLD
     rng = _Random(seed, problem.device, problem.dtype)
     names = list(problem.model.parameter_names) + (["sigma"] if noise_mode == "sample" else [])
     acc_all = torch.empty(V, dtype=problem.dtype, device=problem.device)
@@ -387,7 +430,7 @@ def mcmc(
             x, scale_d = _initial_states(
                 problem, posterior, theta0[idx], idx, W, D, noise_mode, rng
             )
-            trace, acc = _run_chunk(
+            trace, moments, acc = _run_chunk(
                 method,
                 posterior,
                 x,
@@ -396,14 +439,18 @@ def mcmc(
                 n_burn,
                 thin,
                 n_keep,
+                store_every,
                 steps.to(scale_d) * scale_d,
                 stretch,
                 target_acceptance,
                 rng,
                 bar,
+                compile,
             )
             acc_all[idx] = acc
-            chunks.append(_summarise(problem, trace, idx, names, qs, keep_samples))
+            chunks.append(
+                _summarise(problem, trace, store_every, moments, idx, names, qs, keep_samples)
+            )
     stats = _merge(chunks)
     res = _to_result(problem, stats, acc_all, names, qs, method, keep_samples)
     res.elapsed_s = time.perf_counter() - t0
@@ -418,6 +465,7 @@ def mcmc(
         "seed": seed,
         "stretch": stretch,
         "batch_size": batch_size,
+        "compile": bool(compile),
         "device": str(problem.device),
         "dtype": str(dtype),
         "samples_per_voxel": n_keep * W,
@@ -528,17 +576,23 @@ def _run_chunk(
     n_burn: int,
     thin: int,
     n_keep: int,
+    store_every: int,
     step: torch.Tensor,
     stretch: float,
     target: float,
     rng: _Random,
     bar: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advance all walkers of one voxel chunk; returns the trace (T, Vc, W, D) and acceptance."""
+    compile_moves: bool = False,
+) -> tuple[torch.Tensor, _Moments, torch.Tensor]:
+    """Advance all walkers of one voxel chunk.
+
+    Returns every ``store_every``-th kept state ``(T_s, Vc, W, D)``, the running moments of all
+    kept states, and the acceptance rate per voxel.
+    """
     Vc, W, D = x.shape
-    flat_idx = idx[:, None].expand(Vc, W).reshape(-1)
-    lp = posterior(x.reshape(-1, D), flat_idx).reshape(Vc, W)
-    trace = torch.empty((n_keep, Vc, W, D), dtype=x.dtype, device=x.device)
+    n_store = -(-n_keep // store_every)
+    trace = torch.empty((n_store, Vc, W, D), dtype=x.dtype, device=x.device)
+    moments = _Moments(posterior.P if posterior.noise_mode == "sample" else None)
     accepted = torch.zeros(Vc, dtype=torch.float64, device=x.device)
     proposed = 0
     window_acc = torch.zeros(Vc, dtype=torch.float64, device=x.device)
@@ -546,40 +600,32 @@ def _run_chunk(
     step = step.to(x.device, x.dtype)  # (Vc, D) MH widths
     k = 0
     if method == "ensemble":
-        halves = (
-            torch.arange(0, W // 2, device=x.device),
-            torch.arange(W // 2, W, device=x.device),
-        )
+        # walkers stored as two contiguous halves (Vc, 2, ns, D): each half-step reads and writes
+        # views, and one bound posterior (data gathered once) serves both halves
+        ns = W // 2
+        x = x.reshape(Vc, 2, ns, D).contiguous()
+        post = posterior.bind(idx, ns)
+        lp = torch.stack([post(x[:, h].reshape(-1, D)).reshape(Vc, ns) for h in (0, 1)], 1)
         a = stretch
+    else:
+        post = posterior.bind(idx, W)
+        lp = post(x.reshape(-1, D)).reshape(Vc, W)
+    move = _Move(_stretch_move if method == "ensemble" else _mh_move, compile_moves)
     for it in range(n_steps):
         if method == "ensemble":
-            acc_step = torch.zeros(Vc, dtype=torch.float64, device=x.device)
+            n_acc = torch.zeros(Vc, dtype=x.dtype, device=x.device)
+            u_all = rng.uniform(2, 3, Vc, ns)
             for h in (0, 1):
-                S, C = halves[h], halves[1 - h]
-                ns, nc = S.numel(), C.numel()
-                u = rng.uniform(3, Vc, ns)
-                pick = C[(u[0] * nc).long().clamp_max(nc - 1)]  # (Vc, ns) partner walkers
-                xs = x[:, S]
-                xc = torch.gather(x, 1, pick[..., None].expand(Vc, ns, D))
-                z = ((a - 1.0) * u[1] + 1.0) ** 2 / a
-                y = xc + z[..., None] * (xs - xc)
-                lpy = posterior(y.reshape(-1, D), idx[:, None].expand(Vc, ns).reshape(-1)).reshape(
-                    Vc, ns
-                )
-                log_ratio = (D - 1) * torch.log(z) + lpy - lp[:, S]
-                accept = torch.log(u[2].clamp_min(1e-300)) < log_ratio
-                x[:, S] = torch.where(accept[..., None], y, xs)
-                lp[:, S] = torch.where(accept, lpy, lp[:, S])
-                acc_step += accept.double().sum(1)
-            acc_step /= W
+                xs, lps = x[:, h], lp[:, h]
+                new_x, new_lp, n = move(post, xs, x[:, 1 - h], lps, u_all[h], a)
+                xs.copy_(new_x)
+                lps.copy_(new_lp)
+                n_acc += n
+            acc_step = n_acc.double() / W
         else:
             z = rng.normal(Vc, W, D)
             u = rng.uniform(Vc, W)
-            y = x + step[:, None, :] * z
-            lpy = posterior(y.reshape(-1, D), flat_idx).reshape(Vc, W)
-            accept = torch.log(u.clamp_min(1e-300)) < lpy - lp
-            x = torch.where(accept[..., None], y, x)
-            lp = torch.where(accept, lpy, lp)
+            x, lp, accept = move(post, x, lp, step, z, u)
             acc_step = accept.double().mean(1)
             if it < n_burn:  # adapt widths toward the target acceptance, then freeze them
                 window_acc += acc_step
@@ -594,49 +640,176 @@ def _run_chunk(
             accepted += acc_step
             proposed += 1
             if (it - n_burn) % thin == 0 and k < n_keep:
-                trace[k] = x
+                state = x.reshape(Vc, W, D)
+                moments.add(state)
+                if k % store_every == 0:
+                    trace[k // store_every] = state
                 k += 1
         bar.update(1)
-    return trace[:k], (accepted / max(proposed, 1)).to(x.dtype)
+    return trace, moments, (accepted / max(proposed, 1)).to(x.dtype)
 
 
-def _autocorr_time(trace: torch.Tensor, c: float = 5.0, max_bytes: int = 256 << 20) -> torch.Tensor:
+def _stretch_move(
+    post: Callable[[torch.Tensor], torch.Tensor],
+    xs: torch.Tensor,
+    xc: torch.Tensor,
+    lps: torch.Tensor,
+    u: torch.Tensor,
+    a: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stretch move of the half ensemble ``xs (Vc, ns, D)`` against the other half ``xc``.
+
+    ``u (3, Vc, ns)`` are uniforms for the partner choice, the stretch factor and the acceptance.
+    Returns the new states, their log-posteriors and the number of accepted moves per voxel.
+    """
+    Vc, ns, D = xs.shape
+    pick = (u[0] * xc.shape[1]).long().clamp_max(xc.shape[1] - 1)  # (Vc, ns) partner walkers
+    xp = torch.gather(xc, 1, pick[..., None].expand(Vc, ns, D))
+    z = ((a - 1.0) * u[1] + 1.0) ** 2 / a
+    y = torch.addcmul(xp, z[..., None], xs - xp)
+    lpy = post(y.reshape(-1, D)).reshape(Vc, ns)
+    log_ratio = (D - 1) * torch.log(z) + (lpy - lps)
+    accept = torch.log(u[2]) < log_ratio  # u = 0: log = -inf accepts any finite ratio
+    return (
+        torch.where(accept[..., None], y, xs),
+        torch.where(accept, lpy, lps),
+        accept.sum(1).to(xs.dtype),
+    )
+
+
+def _mh_move(
+    post: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    lp: torch.Tensor,
+    step: torch.Tensor,
+    z: torch.Tensor,
+    u: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gaussian random-walk Metropolis step of ``x (Vc, W, D)`` with widths ``step (Vc, D)``."""
+    Vc, W, D = x.shape
+    y = torch.addcmul(x, step[:, None, :], z)
+    lpy = post(y.reshape(-1, D)).reshape(Vc, W)
+    accept = torch.log(u) < lpy - lp
+    return torch.where(accept[..., None], y, x), torch.where(accept, lpy, lp), accept
+
+
+class _Move:
+    """A move function, optionally compiled with ``torch.compile`` (fusing the proposal, the
+    model and the likelihood into a few kernels); falls back to eager execution, with a warning,
+    when compilation fails (e.g. no C++ compiler). Moves are pure functions, so a failed first
+    call can simply be repeated eagerly."""
+
+    def __init__(self, fn: Callable, compiled: bool):
+        self.fn = fn
+        self.compiled = torch.compile(fn, dynamic=None) if compiled else None
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001 — any backend failure: run eagerly instead
+                warnings.warn(
+                    f"mcmc: torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                    "running eagerly (pass compile=False to skip the attempt)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self.compiled = None
+        return self.fn(*args)
+
+
+class _Moments:
+    """Running per-walker sums of the kept states, in float64 about the first kept state.
+
+    Means, standard deviations and R-hat then need no pass over a stored trace. With a sampled
+    noise level, column ``sigma_col`` (log σ) is accumulated as σ = exp(log σ), the reported
+    quantity.
+    """
+
+    def __init__(self, sigma_col: int | None):
+        self.sigma_col = sigma_col
+        self.n = 0
+        self.shift = self.s1 = self.s2 = None
+
+    def _transform(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.to(torch.float64, copy=True)
+        if self.sigma_col is not None:
+            t[..., self.sigma_col].exp_()
+        return t
+
+    def add(self, x: torch.Tensor) -> None:
+        t = self._transform(x)
+        if self.shift is None:
+            self.shift = t
+            self.s1 = torch.zeros_like(t)
+            self.s2 = torch.zeros_like(t)
+        else:
+            t -= self.shift
+            self.s1 += t
+            self.s2.addcmul_(t, t)
+        self.n += 1
+
+    def walker_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-walker mean and population variance, each ``(Vc, W, D)`` float64."""
+        m = self.s1 / self.n
+        return self.shift + m, (self.s2 / self.n - m * m).clamp_min(0.0)
+
+
+def _fft_size(n: int) -> int:
+    """Smallest 5-smooth integer >= n (fast FFT lengths)."""
+    m = n
+    while True:
+        k = m
+        for f in (2, 3, 5):
+            while k % f == 0:
+                k //= f
+        if k == 1:
+            return m
+        m += 1
+
+
+def _autocorr_time(
+    trace: torch.Tensor, c: float = 5.0, series_per_group: int = 2048
+) -> torch.Tensor:
     """Integrated autocorrelation time per (voxel, parameter) from ``trace (T, Vc, W, D)``.
 
     The normalised autocorrelation function of each walker's chain (by FFT) is averaged over
     walkers, summed into τ(M) = 1 + 2·Σ_{t≤M} ρ(t), and cut at Sokal's automatic window, the
-    smallest M with M ≥ c·τ(M) — the estimator Goodman & Weare and emcee use. Voxels are processed
-    in groups so the FFT buffers stay within ``max_bytes``.
+    smallest M with M ≥ c·τ(M) — the estimator Goodman & Weare and emcee use. The average is taken
+    over the walkers' normalised power spectra, so one inverse FFT serves all walkers; voxels go in
+    small groups with time contiguous, which keeps the FFT buffers in cache (≈ 5× faster than one
+    large strided transform).
     """
     T, Vc, W, D = trace.shape
-    n = 1 << (2 * T - 1).bit_length()
-    per_voxel = W * D * (n + 2) * 8 * 3
-    group = max(1, int(max_bytes // per_voxel))
+    n = _fft_size(2 * T - 1)
+    group = max(1, series_per_group // (W * D))
+    lags = torch.arange(T, device=trace.device, dtype=torch.float32)
     out = []
-    m = torch.arange(T, device=trace.device, dtype=torch.float32)[:, None, None]
     for g0 in range(0, Vc, group):
-        x = trace[:, g0 : g0 + group].float()
-        x = x - x.mean(0, keepdim=True)
-        f = torch.fft.rfft(x, n=n, dim=0)
-        acf = torch.fft.irfft(f * f.conj(), n=n, dim=0)[:T]
+        x = trace[:, g0 : g0 + group].permute(1, 3, 2, 0).float()  # (g, D, W, T)
+        x = x - x.mean(-1, keepdim=True)
+        # unit lag-0 autocovariance per walker, so the walkers' power spectra average directly
+        x = x * torch.rsqrt((x * x).sum(-1, keepdim=True).clamp_min(1e-30))
+        gd = x.shape[0] * D
+        f = torch.view_as_real(torch.fft.rfft(x, n=n, dim=-1)).reshape(gd, W, -1)
+        # mean power spectrum over walkers: reduce the (contiguous) walker axis first, then
+        # add real² and imaginary² (≈ 6× faster than one strided reduction over both)
+        power = f.square_().sum(1).reshape(-1, D, f.shape[-1] // 2, 2).sum(-1) / W
         del f
-        acf = acf / acf[:1].clamp_min(1e-30)
-        rho = acf.mean(2)  # average over walkers: (T, g, D)
-        taus = 2.0 * torch.cumsum(rho, 0) - 1.0
-        ok = m >= c * taus
-        first = torch.where(ok.any(0), ok.float().argmax(0), torch.full_like(taus[0], T - 1)).long()
-        out.append(taus.gather(0, first[None])[0].clamp_min(1.0))
+        rho = torch.fft.irfft(power, n=n, dim=-1)[..., :T]  # (g, D, T), rho[0] = 1
+        taus = 2.0 * torch.cumsum(rho, -1) - 1.0
+        ok = lags >= c * taus
+        first = torch.where(ok.any(-1), ok.float().argmax(-1), torch.full_like(taus[..., 0], T - 1))
+        out.append(taus.gather(-1, first.long()[..., None])[..., 0].clamp_min(1.0))
     return torch.cat(out, dim=0).to(trace.dtype)
 
 
-def _rhat(trace: torch.Tensor) -> torch.Tensor:
-    """Gelman–Rubin R̂ with each walker/chain as a chain: ``trace (T, Vc, W, D)`` -> (Vc, D)."""
-    T = trace.shape[0]
-    x = trace.double()
-    means = x.mean(0)  # (Vc, W, D)
-    vars_ = x.var(0, unbiased=True)
-    within = vars_.mean(1)
-    between = T * means.var(1, unbiased=True) if x.shape[2] > 1 else torch.zeros_like(within)
+def _rhat(walker_mean: torch.Tensor, walker_var: torch.Tensor, T: int) -> torch.Tensor:
+    """Gelman–Rubin R̂ with each walker/chain as a chain, from per-walker means and population
+    variances ``(Vc, W, D)`` of ``T`` samples each -> ``(Vc, D)``."""
+    within = (walker_var * (T / max(T - 1, 1))).mean(1)
+    W = walker_mean.shape[1]
+    between = T * walker_mean.var(1, unbiased=True) if W > 1 else torch.zeros_like(within)
     var_plus = (T - 1) / T * within + between / T
     return torch.sqrt(var_plus / within.clamp_min(1e-300))
 
@@ -651,23 +824,19 @@ def _quantiles(sorted_vals: torch.Tensor, q: float) -> torch.Tensor:
     return sorted_vals[..., lo] * (1 - w) + sorted_vals[..., hi] * w
 
 
-def _summarise(
-    problem: Problem,
-    trace: torch.Tensor,
-    idx: torch.Tensor,
-    names: list[str],
-    qs: tuple[float, ...],
-    keep: bool,
-) -> dict[str, Any]:
-    T, Vc, W, D = trace.shape
+def _sort_rows(v: torch.Tensor) -> torch.Tensor:
+    """Sort each row of ``v (n, N)``; on the CPU NumPy's sort is ≈ 5× faster than torch.sort."""
+    if v.device.type == "cpu":
+        return torch.from_numpy(np.sort(v.contiguous().numpy(), axis=1))
+    return torch.sort(v, dim=1).values
+
+
+def _physical(
+    problem: Problem, samples: torch.Tensor, idx: torch.Tensor, names: list[str]
+) -> dict[str, torch.Tensor]:
+    """Internal ``samples (Vc, N, D)`` -> physical ``name -> (Vc, N)``, derived maps included."""
+    Vc, N, _ = samples.shape
     P = problem.model.n_params
-    # τ from at most MAX_TAU_STEPS evenly spaced steps: with thinning k, τ ≈ k·τ_thinned, which
-    # overestimates τ (so underestimates the ESS) only when τ < k — a conservative shortcut
-    k = max(1, -(-T // MAX_TAU_STEPS))
-    tau = _autocorr_time(trace[::k]) * k  # (Vc, D), in stored steps
-    rhat = _rhat(trace)
-    samples = trace.permute(1, 0, 2, 3).reshape(Vc, T * W, D)
-    # physical values of every sample: amplitudes and sigma times the data scale
     phys: dict[str, torch.Tensor] = {}
     for j, name in enumerate(names):
         v = samples[..., j]
@@ -677,9 +846,41 @@ def _summarise(
             v = torch.exp(v) * problem.scale
         phys[name] = v
     cols = {k: phys[k].reshape(-1, 1) for k in problem.model.parameter_names}
-    cols.update({k: v[idx].repeat_interleave(T * W, 0) for k, v in problem.inputs.items()})
+    cols.update({k: v[idx].repeat_interleave(N, 0) for k, v in problem.inputs.items()})
     for k, v in problem.model.derived(cols).items():
-        phys[k] = v.reshape(Vc, T * W).to(samples.dtype)
+        phys[k] = v.reshape(Vc, N).to(samples.dtype)
+    return phys
+
+
+def _summarise(
+    problem: Problem,
+    trace: torch.Tensor,
+    store_every: int,
+    moments: _Moments,
+    idx: torch.Tensor,
+    names: list[str],
+    qs: tuple[float, ...],
+    keep: bool,
+) -> dict[str, Any]:
+    """Posterior summaries of one chunk.
+
+    Means, standard deviations and R-hat of the sampled quantities use every kept state (running
+    moments); τ uses the stored states (every ``store_every``-th kept step: τ ≈ k·τ_stored, which
+    overestimates τ — underestimates the ESS — only when τ < k, a conservative shortcut);
+    quantiles, and all summaries of derived maps, use at most ``MAX_QUANTILE_SAMPLES`` evenly
+    spaced stored states — their Monte Carlo error is set by the effective sample size, which is
+    far smaller.
+    """
+    T_s, Vc, W, D = trace.shape
+    T = moments.n
+    tau = _autocorr_time(trace) * store_every  # (Vc, D), in kept steps
+    w_mean, w_var = moments.walker_stats()
+    rhat = _rhat(w_mean, w_var, T)
+    mean = w_mean.mean(1)
+    n_tot = T * W
+    var = (w_var.mean(1) + w_mean.var(1, unbiased=False)) * (n_tot / max(n_tot - 1, 1))
+    std = var.clamp_min(0).sqrt()
+    P = problem.model.n_params
     out: dict[str, Any] = {
         "idx": idx,
         "mean": {},
@@ -691,22 +892,32 @@ def _summarise(
         "rhat": {},
         "samples": {} if keep else None,
     }
-    for k, v in phys.items():
-        out["mean"][k] = v.mean(1)
-        out["std"][k] = v.std(1, unbiased=True)
-        # quantiles from at most MAX_QUANTILE_SAMPLES evenly spaced samples: their Monte Carlo
-        # error is set by the effective sample size, which is far smaller
-        stride = max(1, -(-v.shape[1] // MAX_QUANTILE_SAMPLES))
-        s, _ = torch.sort(v[:, ::stride], dim=1)
-        out["median"][k] = _quantiles(s, 0.5)
-        for q in qs:
-            out["q"][q][k] = _quantiles(s, q)
-        if keep:
-            out["samples"][k] = v
     for j, k in enumerate(names):
-        out["tau"][k] = tau[:, j].to(samples.dtype)
-        out["ess"][k] = (T * W / tau[:, j]).to(samples.dtype)
-        out["rhat"][k] = rhat[:, j].to(samples.dtype)
+        factor = problem.scale if (j == P or problem.model.parameters[j].amplitude) else 1.0
+        out["mean"][k] = (mean[:, j] * factor).to(trace.dtype)
+        out["std"][k] = (std[:, j] * abs(factor)).to(trace.dtype)
+        out["tau"][k] = tau[:, j]
+        out["ess"][k] = (n_tot / tau[:, j]).to(trace.dtype)
+        out["rhat"][k] = rhat[:, j].to(trace.dtype)
+
+    def physical(stride: int) -> dict[str, torch.Tensor]:
+        return _physical(
+            problem, trace[::stride].permute(1, 0, 2, 3).reshape(Vc, -1, D), idx, names
+        )
+
+    # quantiles from whole stored steps (all walkers of every stride-th step)
+    phys = physical(max(1, -(-T_s * W // MAX_QUANTILE_SAMPLES)))
+    full = physical(1) if keep else phys
+    for k, v in phys.items():
+        if k not in out["mean"]:  # derived maps: mean and std from the same samples
+            out["mean"][k] = full[k].mean(1)
+            out["std"][k] = full[k].std(1, unbiased=True)
+        srt = _sort_rows(v)
+        out["median"][k] = _quantiles(srt, 0.5)
+        for q in qs:
+            out["q"][q][k] = _quantiles(srt, q)
+        if keep:
+            out["samples"][k] = full[k]
     return out
 
 
