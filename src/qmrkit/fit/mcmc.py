@@ -40,7 +40,7 @@ LIKELIHOODS = ("gaussian", "rician")
 _LOG_SIGMA_RANGE = (math.log(1e-5), math.log(10.0))  # internal units (data scale = 1)
 MAX_TAU_STEPS = 1024
 MAX_QUANTILE_SAMPLES = 4096
-COMPILE_THRESHOLD = 10**8  # voxels × walkers × steps above which moves are compiled by default
+COMPILE_THRESHOLD = 5 * 10**7  # voxels × walkers × steps above which moves are compiled by default
 
 
 @dataclass
@@ -328,7 +328,7 @@ def mcmc(
     compile : bool, optional
         Fuse each move (proposal, model, likelihood, acceptance) with ``torch.compile``: several
         times faster per step, after a one-off compilation of a few seconds to a minute (cached
-        on disk by PyTorch). Default: on for large runs (voxels × walkers × steps ≥ 10⁸), off
+        on disk by PyTorch). Default: on for large runs (voxels × walkers × steps ≥ 5·10⁷), off
         otherwise. Falls back to eager execution when compilation fails.
 
     Returns
@@ -417,6 +417,7 @@ def mcmc(
         batch_size = max(1, min(V, int(memory_budget // max(bytes_per_voxel, 1))))
     if compile is None:
         compile = V * W * n_steps >= COMPILE_THRESHOLD
+    move = _Move(_stretch_move if method == "ensemble" else _mh_move, compile)
     rng = _Random(seed, problem.device, problem.dtype)
     names = list(problem.model.parameter_names) + (["sigma"] if noise_mode == "sample" else [])
     acc_all = torch.empty(V, dtype=problem.dtype, device=problem.device)
@@ -445,7 +446,7 @@ def mcmc(
                 target_acceptance,
                 rng,
                 bar,
-                compile,
+                move,
             )
             acc_all[idx] = acc
             chunks.append(
@@ -465,7 +466,7 @@ def mcmc(
         "seed": seed,
         "stretch": stretch,
         "batch_size": batch_size,
-        "compile": bool(compile),
+        "compile": move.compiled is not None,  # False also when compilation failed
         "device": str(problem.device),
         "dtype": str(dtype),
         "samples_per_voxel": n_keep * W,
@@ -582,7 +583,7 @@ def _run_chunk(
     target: float,
     rng: _Random,
     bar: Any,
-    compile_moves: bool = False,
+    move: _Move,
 ) -> tuple[torch.Tensor, _Moments, torch.Tensor]:
     """Advance all walkers of one voxel chunk.
 
@@ -610,7 +611,6 @@ def _run_chunk(
     else:
         post = posterior.bind(idx, W)
         lp = post(x.reshape(-1, D)).reshape(Vc, W)
-    move = _Move(_stretch_move if method == "ensemble" else _mh_move, compile_moves)
     for it in range(n_steps):
         if method == "ensemble":
             n_acc = torch.zeros(Vc, dtype=x.dtype, device=x.device)
