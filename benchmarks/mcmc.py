@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--walkers", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager (uncompiled) rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -95,9 +96,13 @@ def main() -> None:
     init = fit.lm(model, y, device=dev)
     rows = []
 
-    # qmrkit, ensemble and MH (warm-up on a few voxels first)
-    fit.mcmc(model, y[:8], noise=sigma, n_steps=20, init=None, device=dev)
-    for method, walkers in (("ensemble", W), ("mh", 4)):
+    # qmrkit, ensemble and MH (warm-up on a few voxels first); "compiled" rows include the
+    # one-off torch.compile time (run with a fresh TORCHINDUCTOR_CACHE_DIR for a cold cache)
+    fit.mcmc(model, y[:8], noise=sigma, n_steps=20, init=None, device=dev, compile=False)
+    variants = [("ensemble", W, True), ("mh", 4, True)]
+    if not args.no_eager:
+        variants += [("ensemble", W, False), ("mh", 4, False)]
+    for method, walkers, compiled in variants:
         sync()
         t0 = time.perf_counter()
         res = fit.mcmc(
@@ -110,17 +115,21 @@ def main() -> None:
             burnin=burn,
             init=init,
             device=dev,
+            compile=compiled,
             progress=False,
         )
         sync()
         el = time.perf_counter() - t0
         ess = float(np.median(res.ess["D"].cpu().numpy()))
+        kind = "compiled, incl. compile time" if res.settings["compile"] else "eager"
+        unit = "walkers" if method == "ensemble" else "chains"
         rows.append(
             {
-                "method": f"qmrkit mcmc {method} ({walkers} {'walkers' if method == 'ensemble' else 'chains'})",
+                "method": f"qmrkit mcmc {method} ({walkers} {unit}; {kind})",
                 "seconds": el,
                 "ess": ess,
                 "acc": float(res.acceptance.median()),
+                "mean_D": float(res.mean["D"].mean()),
             }
         )
 
