@@ -427,7 +427,11 @@ def mcmc(
     )
     with bar:
         for c0 in range(0, V, batch_size):
-            idx = torch.arange(c0, min(V, c0 + batch_size), device=problem.device)
+            n_real = min(V, c0 + batch_size) - c0
+            # compiled moves: pad the last chunk with copies of the last voxel, so every chunk has
+            # one shape and compiles once (padding rows are dropped before the summaries)
+            n_rows = batch_size if (move.compiled is not None and V > batch_size) else n_real
+            idx = torch.arange(c0, c0 + n_rows, device=problem.device).clamp_max(V - 1)
             x, scale_d = _initial_states(
                 problem, posterior, theta0[idx], idx, W, D, noise_mode, rng
             )
@@ -448,6 +452,9 @@ def mcmc(
                 bar,
                 move,
             )
+            if n_rows > n_real:
+                idx, trace, acc = idx[:n_real], trace[:, :n_real], acc[:n_real]
+                moments.keep_first(n_real)
             acc_all[idx] = acc
             chunks.append(
                 _summarise(problem, trace, store_every, moments, idx, names, qs, keep_samples)
@@ -748,6 +755,10 @@ class _Moments:
             self.s1 += t
             self.s2.addcmul_(t, t)
         self.n += 1
+
+    def keep_first(self, n: int) -> None:
+        """Drop all but the first ``n`` voxels."""
+        self.shift, self.s1, self.s2 = self.shift[:n], self.s1[:n], self.s2[:n]
 
     def walker_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-walker mean and population variance, each ``(Vc, W, D)`` float64."""
