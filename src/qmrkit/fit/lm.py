@@ -12,6 +12,7 @@ parameter); bounds are respected by projecting each trial step onto the box.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from typing import Any
@@ -32,18 +33,26 @@ REASONS = {0: "running", 1: "ftol", 2: "xtol", 3: "exact", 4: "stalled", -1: "ma
 
 
 _FORWARD_AD_READY = False
+_FORWARD_AD_LOCK = threading.Lock()
 
 
 def _load_forward_ad() -> None:
     """Torch loads its forward-mode decompositions on first use (≈1 s, once per process) and
-    emits a DeprecationWarning about torch.jit.script while doing so; keep that out of users' logs."""
+    emits a DeprecationWarning about torch.jit.script while doing so; keep that out of users' logs.
+
+    Under a lock: two threads loading them at once (a server fitting two sessions) run
+    torch.jit.script's ``ast`` parsing concurrently, which CPython 3.11 does not survive
+    ("SystemError: AST constructor recursion depth mismatch")."""
     global _FORWARD_AD_READY
-    if not _FORWARD_AD_READY:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            with fwAD.dual_level():
-                fwAD.make_dual(torch.zeros(1), torch.zeros(1))
-        _FORWARD_AD_READY = True
+    if _FORWARD_AD_READY:
+        return
+    with _FORWARD_AD_LOCK:
+        if not _FORWARD_AD_READY:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                with fwAD.dual_level():
+                    fwAD.make_dual(torch.zeros(1), torch.zeros(1))
+            _FORWARD_AD_READY = True
 
 
 def residual_and_jacobian(

@@ -1,6 +1,13 @@
 """File formats: NIfTI (nibabel), protocol YAML and ISMRMRD/MRD HDF5 raw data and images."""
 
-from .mrd import RawScan, read_mrd, read_mrd_images, write_mrd, write_mrd_images
+from .mrd import (
+    RawScan,
+    read_mrd,
+    read_mrd_images,
+    scan_from_acquisitions,
+    write_mrd,
+    write_mrd_images,
+)
 from .nifti import load_nifti, save_nifti
 from .protocol import load_protocol
 
@@ -10,6 +17,7 @@ __all__ = [
     "load_protocol",
     "RawScan",
     "read_mrd",
+    "scan_from_acquisitions",
     "write_mrd",
     "write_mrd_images",
     "read_mrd_images",

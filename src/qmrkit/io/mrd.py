@@ -13,6 +13,7 @@ Spatial order inside qmrkit is ``(z, y, x)`` / ``(y, x)`` (ISMRMRD's ``kspace_en
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,13 +196,11 @@ def read_mrd(path: str | Path, *, dataset: str = "dataset", encoding: int = 0) -
     DataFileError
         Missing, corrupt, non-HDF5 or non-ISMRMRD files, or a dataset without acquisitions.
     """
-    ismrmrd = require("ismrmrd")
+    require("ismrmrd")
     ds = _open(path, dataset, create=False)
     try:
         try:
             xml = ds.read_xml_header()
-            xml = xml.decode() if isinstance(xml, bytes) else xml
-            hdr = ismrmrd.xsd.CreateFromDocument(xml)
         except Exception as exc:
             raise DataFileError(
                 f"{path}: the ISMRMRD XML header is missing or invalid: {exc}"
@@ -210,51 +209,94 @@ def read_mrd(path: str | Path, *, dataset: str = "dataset", encoding: int = 0) -
             n_acq = ds.number_of_acquisitions()
         except Exception as exc:
             raise DataFileError(f"{path}: no acquisitions in dataset {dataset!r}") from exc
-        if n_acq == 0:
-            raise DataFileError(f"{path}: the dataset has no acquisitions")
-        enc = hdr.encoding[encoding]
-        em, rm = enc.encodedSpace.matrixSize, enc.reconSpace.matrixSize
-        ef = enc.encodedSpace.fieldOfView_mm
-        traj_type = str(getattr(enc.trajectory, "value", enc.trajectory))
-        three_d = int(em.z) > 1
-        matrix = (int(em.z), int(em.y), int(em.x)) if three_d else (int(em.y), int(em.x))
-        recon_size = (int(rm.z), int(rm.y), int(rm.x)) if three_d else (int(rm.y), int(rm.x))
-        fov = (float(ef.z), float(ef.y), float(ef.x)) if three_d else (float(ef.y), float(ef.x))
-        limits = {}
-        for name in (
-            "kspace_encoding_step_1",
-            "kspace_encoding_step_2",
-            "slice",
-            "contrast",
-            "repetition",
-            "average",
-            "phase",
-            "set",
-            "segment",
-        ):
-            lim = _limit(enc, name)
-            if lim is not None:
-                limits[name] = lim
-        noise, acqs = [], []
-        for i in range(n_acq):
-            a = ds.read_acquisition(i)
-            if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-                noise.append(np.asarray(a.data))
-                continue
-            if a.encoding_space_ref != encoding:
-                continue
-            if any(
-                a.is_flag_set(f)
-                for f in (
-                    ismrmrd.ACQ_IS_NAVIGATION_DATA,
-                    ismrmrd.ACQ_IS_PHASECORR_DATA,
-                    ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
-                )
-            ):
-                continue
-            acqs.append(a)
+        acquisitions = [ds.read_acquisition(i) for i in range(n_acq)]
     finally:
         ds.close()
+    return scan_from_acquisitions(xml, acquisitions, encoding=encoding, source=str(path))
+
+
+def scan_from_acquisitions(
+    header_xml: str | bytes,
+    acquisitions: Sequence[Any],
+    *,
+    encoding: int = 0,
+    source: str = "stream",
+) -> RawScan:
+    """Assemble a :class:`RawScan` from an MRD XML header and ``ismrmrd.Acquisition`` objects.
+
+    This is what :func:`read_mrd` does after reading a file, and what the reconstruction
+    server does with a streamed session, so stored and streamed scans are parsed identically.
+
+    Parameters
+    ----------
+    header_xml : str or bytes
+        The ISMRMRD XML header.
+    acquisitions : sequence of ismrmrd.Acquisition
+        In acquisition order; noise measurements are collected as ``scan.noise``, navigator,
+        phase-correction and dummy scans are skipped, as are other encoding spaces.
+    encoding : int
+        Encoding space to assemble.
+    source : str
+        Where the data came from (a path, ``"stream"``), used in error messages and ``meta``.
+
+    Raises
+    ------
+    DataFileError
+        An invalid header, no imaging acquisitions, or acquisitions inconsistent with the header.
+    """
+    ismrmrd = require("ismrmrd")
+    path = source
+    try:
+        xml = header_xml.decode() if isinstance(header_xml, bytes) else header_xml
+        hdr = ismrmrd.xsd.CreateFromDocument(xml)
+    except Exception as exc:
+        raise DataFileError(f"{path}: the ISMRMRD XML header is missing or invalid: {exc}") from exc
+    if len(acquisitions) == 0:
+        raise DataFileError(f"{path}: the dataset has no acquisitions")
+    if not 0 <= encoding < len(hdr.encoding):
+        raise DataFileError(
+            f"{path}: encoding {encoding} requested, the header has {len(hdr.encoding)}"
+        )
+    enc = hdr.encoding[encoding]
+    em, rm = enc.encodedSpace.matrixSize, enc.reconSpace.matrixSize
+    ef = enc.encodedSpace.fieldOfView_mm
+    traj_type = str(getattr(enc.trajectory, "value", enc.trajectory))
+    three_d = int(em.z) > 1
+    matrix = (int(em.z), int(em.y), int(em.x)) if three_d else (int(em.y), int(em.x))
+    recon_size = (int(rm.z), int(rm.y), int(rm.x)) if three_d else (int(rm.y), int(rm.x))
+    fov = (float(ef.z), float(ef.y), float(ef.x)) if three_d else (float(ef.y), float(ef.x))
+    limits = {}
+    for name in (
+        "kspace_encoding_step_1",
+        "kspace_encoding_step_2",
+        "slice",
+        "contrast",
+        "repetition",
+        "average",
+        "phase",
+        "set",
+        "segment",
+    ):
+        lim = _limit(enc, name)
+        if lim is not None:
+            limits[name] = lim
+    noise, acqs = [], []
+    for a in acquisitions:
+        if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            noise.append(np.asarray(a.data))
+            continue
+        if a.encoding_space_ref != encoding:
+            continue
+        if any(
+            a.is_flag_set(f)
+            for f in (
+                ismrmrd.ACQ_IS_NAVIGATION_DATA,
+                ismrmrd.ACQ_IS_PHASECORR_DATA,
+                ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
+            )
+        ):
+            continue
+        acqs.append(a)
     if not acqs:
         raise DataFileError(f"{path}: no imaging acquisitions in encoding {encoding}")
     n_c = int(acqs[0].active_channels)
@@ -282,7 +324,7 @@ def read_mrd(path: str | Path, *, dataset: str = "dataset", encoding: int = 0) -
         encoding_limits=limits,
         batch_dims=batch_dims,
         noise=noise_t,
-        meta={"path": str(path)},
+        meta={"path" if source != "stream" else "source": source},
     )
     if traj_type == "cartesian":
         nx = matrix[-1]

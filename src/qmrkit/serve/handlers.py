@@ -295,27 +295,12 @@ def _mrf(session: Session, arg: str | None) -> list[Any]:
 
 
 def _scan_from_session(session: Session) -> Any:
-    """The session's header and acquisitions as a RawScan, through the same reader as files
-    (written to a temporary ISMRMRD file, so streamed and stored scans are parsed identically)."""
-    import tempfile
-    from pathlib import Path
-
-    import ismrmrd
-
-    from ..io.mrd import read_mrd
+    """The session's header and acquisitions as a RawScan, through the same assembly as files."""
+    from ..io.mrd import scan_from_acquisitions
 
     if not session.acquisitions:
         raise ProtocolError("this pipeline needs acquisitions, but the client sent none")
-    with tempfile.TemporaryDirectory(prefix="qmrkit-session-") as tmp:
-        path = Path(tmp) / "scan.h5"
-        ds = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
-        try:
-            ds.write_xml_header(session.header_xml)
-            for a in session.acquisitions:
-                ds.append_acquisition(a)
-        finally:
-            ds.close()
-        return read_mrd(path)
+    return scan_from_acquisitions(session.header_xml, session.acquisitions, source="stream")
 
 
 def _image_recon(session: Session, method: str) -> list[Any]:

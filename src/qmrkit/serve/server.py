@@ -91,6 +91,13 @@ class Server:
         return self._server.sockets[0].getsockname()[:2]
 
     async def start(self) -> None:
+        # load torch's forward-mode AD decompositions (used by every fit) now, in this thread:
+        # loading them runs torch.jit.script's ast parsing, which must not happen in a worker
+        # thread while another thread parses (CPython 3.11 "AST constructor recursion depth
+        # mismatch"), and it takes the ≈1 s out of the first session
+        from ..fit.lm import _load_forward_ad
+
+        _load_forward_ad()
         self._server = await asyncio.start_server(
             self._on_connect, self.host, self.port, ssl=self.ssl_context, limit=1 << 20
         )
