@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,12 @@ BACKENDS = ("auto", "torch", "finufft", "cufinufft")
 METHODS = ("auto", "gather", "sparse")
 NORMALS = ("auto", "toeplitz", "direct")
 TUNES = ("heuristic", "measure")
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of precomputed interpolation data allowed by default
+#: floor of the default memory budget (bytes of precomputed interpolation data)
+DEFAULT_MEMORY_BUDGET = 1 << 30
+#: the default budget is this fraction of the memory available when planning ...
+MEMORY_FRACTION = 0.4
+#: ... capped at this many bytes
+MAX_DEFAULT_BUDGET = 64 << 30
 MEASURE_TOP = 5  # candidates timed by tune="measure"
 
 
@@ -216,6 +222,44 @@ class NufftPlan(LinearOperator):
 
 
 # -- building -------------------------------------------------------------------------------------
+def available_memory(device: torch.device) -> int | None:
+    """Bytes of memory available for new allocations on ``device``, or None when unknown.
+
+    CPU: ``MemAvailable`` of ``/proc/meminfo`` (Linux), else ``os.sysconf`` free pages.
+    CUDA: free bytes reported by :func:`torch.cuda.mem_get_info`.
+    """
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Default ``memory_budget``: 40 % of the memory available on ``device`` when planning.
+
+    At least 1 GiB (or half the available memory when less than 2 GiB is available) and at most
+    64 GiB; 1 GiB when the available memory cannot be read. The fraction leaves room for the
+    temporary memory of building the sparse matrices (about 1.5x the final size) and for data.
+    """
+    avail = available_memory(device)
+    if avail is None:
+        return DEFAULT_MEMORY_BUDGET
+    floor = min(DEFAULT_MEMORY_BUDGET, avail // 2)
+    return int(min(MAX_DEFAULT_BUDGET, max(floor, MEMORY_FRACTION * avail)))
+
+
 def _engine(
     c: pl.Candidate,
     traj: torch.Tensor,
@@ -327,7 +371,9 @@ def plan(
         Cost model, or timing of the best candidates on this problem with the result remembered
         on disk (``$QMRKIT_WISDOM_DIR``, default ``~/.cache/qmrkit``).
     memory_budget : int, optional
-        Bytes of precomputed interpolation data allowed (default 1 GiB).
+        Bytes of precomputed interpolation data allowed. Default: 40 % of the memory available
+        on the device when planning (``MemAvailable`` on Linux CPUs, free memory on CUDA), at
+        least 1 GiB and at most 64 GiB (see :func:`default_memory_budget`).
     oversampling : float, optional
         Force the grid oversampling σ (else chosen among 1.25, 1.5, 1.75, 2.0).
 
@@ -366,7 +412,7 @@ def plan(
     if batch is not None and int(batch) < 1:
         raise ParameterError(f"batch must be ≥ 1, got {batch}")
     b = int(batch or 1)
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    budget = default_memory_budget(dev) if memory_budget is None else int(memory_budget)
     if dtype == torch.complex64 and eps < 1e-6:
         log.warning(
             "eps=%g requested in complex64: single precision floors near 1e-6 "
@@ -406,6 +452,7 @@ def plan(
         msg = (
             f"sparse interpolation matrix needs {need / 2**20:.0f} MiB > memory_budget "
             f"{budget / 2**20:.0f} MiB"
+            + (" (default: 40 % of the available memory)" if memory_budget is None else "")
         )
         cands = [c for c in cands if not (c.method == "sparse" and c.memory > budget)]
         if method == "sparse" and not any(c.method == "sparse" for c in cands):
@@ -432,9 +479,13 @@ def plan(
     tune_used = tune
     normal_choice: str | None = None if normal == "auto" else normal
     chosen: pl.Candidate | None = None
-    key = problem.key() + f"/{backend}/{method}/{normal}/{oversampling}/{budget}"
+    # the default budget follows the available memory, so it is not part of the key; a remembered
+    # sparse plan that does not fit the budget of today is ignored (and re-measured)
+    key = problem.key() + f"/{backend}/{method}/{normal}/{oversampling}/{memory_budget}"
     if tune == "measure":
         entry = pl.load_wisdom().get(key)
+        if entry is not None and pl.candidate_from_dict(entry["candidate"]).memory > budget:
+            entry = None
         if entry is not None:
             chosen = pl.candidate_from_dict(entry["candidate"])
             if normal_choice is None:

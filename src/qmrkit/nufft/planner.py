@@ -166,7 +166,9 @@ def native_candidate(p: Problem, method: str, sigma: float) -> Candidate | None:
     cost = _model(key, p, grid, taps)
     real_bytes = 4 if p.dtype == torch.complex64 else 8
     if method == "sparse":
-        mem = p.n_traj * sparse_bytes(p.n_samples, kernel.width, p.ndim, real_bytes)
+        # complex64 plans with ε < 1e-5 spread in float64 (NativeEngine accumulate_double)
+        acc_bytes = 8 if p.dtype == torch.complex64 and p.eps < 1e-5 else real_bytes
+        mem = p.n_traj * sparse_bytes(p.n_samples, kernel.width, p.ndim, real_bytes, acc_bytes)
     else:
         mem = p.n_traj * p.n_samples * kernel.width * p.ndim * (real_bytes + 8)
     return Candidate("torch", method, sigma, kernel.width, kernel.beta, grid, est, cost, mem)
