@@ -75,7 +75,7 @@ def test_default_memory_budget_follows_available_memory(monkeypatch):
     cpu = torch.device("cpu")
     gib = 2**30
     for avail, expect in [
-        (100 * gib, 40 * gib),  # 40 %
+        (100 * gib, 30 * gib),  # 30 %
         (1000 * gib, 64 * gib),  # capped
         (2 * gib, 1 * gib),  # floor 1 GiB
         (int(1.5 * gib), int(0.75 * gib)),  # floor at most half of what is available
@@ -98,7 +98,7 @@ def test_plan_uses_default_budget_and_logs_why(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="qmrkit.nufft"):
         op = nufft.plan(traj, (16, 16), method="sparse", backend="torch")
     assert op.info.method == "gather"
-    assert "default: 40 % of the available memory" in op.info.reason
+    assert "default: 30 % of the available memory" in op.info.reason
     assert any("falling back" in r.getMessage() for r in caplog.records)
     monkeypatch.setattr(plan_mod, "default_memory_budget", lambda d: 10**9)
     op = nufft.plan(traj, (16, 16), method="sparse", backend="torch")

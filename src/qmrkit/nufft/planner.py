@@ -86,13 +86,22 @@ class Candidate:
     #: run the external library in double precision for a complex64 plan (accuracy below the
     #: library's single-precision floor); data are converted on the way in and out
     double: bool = False
+    #: tolerance asked of the external library as a multiple of ε (None: library_eps's safety
+    #: factors); set only by tune="measure" after verifying the achieved error
+    lib_factor: float | None = None
+    #: achieved (forward, adjoint) relative errors measured at plan time, when verified
+    verified_error: tuple[float, float] | None = None
 
     @property
     def kernel(self) -> Kernel:
         return Kernel(self.width, self.beta, self.sigma)
 
     def label(self) -> str:
-        return f"{self.backend}/{self.method}/σ={self.sigma:g}" + ("/double" if self.double else "")
+        return (
+            f"{self.backend}/{self.method}/σ={self.sigma:g}"
+            + ("/double" if self.double else "")
+            + (f"/tol={self.lib_factor:g}ε" if self.lib_factor is not None else "")
+        )
 
 
 @dataclass
@@ -318,4 +327,6 @@ def candidate_to_dict(c: Candidate) -> dict:
 def candidate_from_dict(d: dict) -> Candidate:
     d = dict(d)
     d["grid"] = tuple(d["grid"])
+    if d.get("verified_error") is not None:
+        d["verified_error"] = tuple(d["verified_error"])
     return Candidate(**d)
