@@ -12,6 +12,7 @@ import torch
 from nufft_testutils import crandn, ndft_matrix, rel
 
 from qmrkit import nufft
+from qmrkit._optional import available
 from qmrkit.nufft import planner
 from qmrkit.nufft.native import NativeEngine, sparse_bytes
 
@@ -120,3 +121,16 @@ def test_wisdom_of_a_sparse_plan_over_todays_budget_is_not_reused(tmp_path, monk
     e = ndft_matrix(traj, (32, 32))
     x = crandn((32, 32), seed=3)
     assert rel(op3(x).numpy(), e @ x.numpy().ravel().astype(np.complex128)) <= 1e-3
+
+
+@pytest.mark.skipif(not available("finufft"), reason="finufft is not installed")
+def test_finufft_tiny_problem_is_bitwise_reproducible():
+    """Below SMALL_SAMPLES FINUFFT runs on one thread: identical calls give identical bits (and
+    the result still meets ε against the exact NDFT)."""
+    traj = np.random.default_rng(1).uniform(-0.5, 0.5, (300, 2))
+    op = nufft.plan(traj, (12, 13), eps=1e-6, dtype=torch.complex128, backend="finufft")
+    y = crandn((300,), torch.complex128, seed=2)
+    a, b = op.H(y), op.H(y)
+    assert torch.equal(a, b)
+    exact = ndft_matrix(traj, (12, 13)).conj().T @ y.numpy()
+    assert rel(a.numpy().ravel(), exact) <= 1e-6

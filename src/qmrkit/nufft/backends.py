@@ -17,6 +17,9 @@ import torch
 
 from .._optional import require
 
+#: below this many samples FINUFFT runs on one thread (deterministic, no threading overhead)
+SMALL_SAMPLES = 4096
+
 
 def library_eps(
     eps: float,
@@ -58,7 +61,11 @@ class FinufftEngine:
     upsampfac : float or None
         Grid oversampling σ (FINUFFT's ``upsampfac``); None lets FINUFFT choose.
     nthreads : int or None
-        Threads (default: ``torch.get_num_threads()``).
+        Threads (default: ``torch.get_num_threads()``, or 1 below ``SMALL_SAMPLES`` samples,
+        where the result is then also bitwise reproducible).
+    lib_factor : float or None
+        Tolerance asked of FINUFFT as a multiple of ``eps`` (default: :func:`library_eps`'s
+        safety factors).
     fftw : str
         ``"estimate"`` (FINUFFT's default, fast planning) or ``"measure"`` (slower planning,
         usually faster FFTs when a plan is reused many times).
@@ -96,7 +103,12 @@ class FinufftEngine:
         if upsampfac is not None:
             self.opts["upsampfac"] = float(upsampfac)
         self.lib_eps = library_eps(eps, upsampfac, self.im_size, lib_factor)
-        self.opts["nthreads"] = int(nthreads or torch.get_num_threads())
+        if nthreads is None:
+            # tiny problems on one thread: no threading overhead, and FINUFFT's multithreaded
+            # spreading sums in a varying order (results differed in the last bits between
+            # identical calls, which broke gradcheck's reentrancy check)
+            nthreads = 1 if self.n_samples < SMALL_SAMPLES else torch.get_num_threads()
+        self.opts["nthreads"] = int(nthreads)
         if fftw == "measure":
             self.opts["fftw"] = 0  # FFTW_MEASURE
         self.upsampfac = upsampfac

@@ -7,7 +7,7 @@ model estimates the seconds of one forward + adjoint pair as
     batch · (2·c_fft · G·log2 G  +  c_tapb · M·W^d  +  c_mem · G)  +  c_tap · M·W^d
 
 with constants per backend and method calibrated on a 2-core AVX-512 CPU (see
-``docs/nufft.md``); the normal operator by Toeplitz embedding costs two pruned FFTs of size 2N.
+``docs/nufft.md``); the normal operator by Toeplitz embedding costs two full FFTs of size 2N.
 ``tune="measure"`` times the best-ranked candidates on the real problem and remembers the winner
 on disk ("wisdom", like FFTW's), keyed by the problem's signature and the device, in
 ``$QMRKIT_WISDOM_DIR/nufft-wisdom.json`` (default ``~/.cache/qmrkit``).
@@ -215,13 +215,15 @@ def external_candidate(p: Problem, backend: str, sigma: float) -> Candidate | No
 
 
 def toeplitz_cost(p: Problem) -> float:
-    """Seconds of one Toeplitz normal application (two pruned 2N FFTs and a product)."""
-    nd = p.ndim
-    prune = {1: 1.0, 2: 0.75, 3: 7.0 / 12.0}[nd]
+    """Seconds of one Toeplitz normal application (two full 2N FFTs and a product).
+
+    The FFTs are modelled like the NUFFT's grid FFT (same constant); the implementation no longer
+    prunes the zero lines (it was measured 2x slower that way, see :mod:`.toeplitz`).
+    """
     big = tuple(2 * n for n in p.im_size)
     c_fft = COST["torch-cuda/gather" if p.device.type == "cuda" else "torch/gather"][0]
     c_mem = COST["torch-cuda/gather" if p.device.type == "cuda" else "torch/gather"][3]
-    return p.batch * (2 * prune * c_fft * _fft_cost(big) + c_mem * math.prod(big))
+    return p.batch * (2 * c_fft * _fft_cost(big) + c_mem * math.prod(big))
 
 
 def candidates(
