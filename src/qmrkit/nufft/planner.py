@@ -49,9 +49,12 @@ FINUFFT_SIGMAS = (1.25, 2.0)
 #   c_mem  per grid element and batch element (zero-fill, padding, transposes, deapodisation).
 # E.g. torch CSR on 2D radial, 32 coils: 1e-8 s per tap for all coils; on 3D radial, 1 coil:
 # 3.7e-9 s per tap (so a fixed part per tap); FINUFFT: 1.1e-9 s per tap and coil in both.
+# torch gather (CSR-chunk forward, index_add_ adjoint), 3D radial 1M samples, W = 5, 1 coil:
+# 8.0 s per pair for 1.3e8 taps in a run where FINUFFT took 3.4x its model time (load), so
+# ≈ 1.8e-8 s per tap and coil (the former 5e-9 underestimated it ~4x).
 COST = {
     "torch/sparse": (4.0e-10, 3.5e-9, 2.0e-10, 4.0e-9),
-    "torch/gather": (4.0e-10, 2.0e-9, 5.0e-9, 4.0e-9),
+    "torch/gather": (4.0e-10, 2.0e-9, 1.6e-8, 4.0e-9),
     "finufft/finufft": (4.0e-10, 0.0, 1.1e-9, 1.0e-9),
     "cufinufft/cufinufft": (2.0e-12, 0.0, 2.0e-12, 1.0e-12),
     "torch-cuda/sparse": (5.0e-12, 1.0e-11, 2.0e-11, 1.0e-11),
