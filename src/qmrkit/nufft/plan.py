@@ -231,6 +231,16 @@ def available_memory(device: torch.device) -> int | None:
 
     CPU: ``MemAvailable`` of ``/proc/meminfo`` (Linux), else ``os.sysconf`` free pages.
     CUDA: free bytes reported by :func:`torch.cuda.mem_get_info`.
+
+    Parameters
+    ----------
+    device : torch.device
+        Device the plan's data will live on.
+
+    Returns
+    -------
+    int or None
+        Available bytes, or None when they cannot be read.
     """
     if device.type == "cuda":
         try:
@@ -256,6 +266,16 @@ def default_memory_budget(device: torch.device) -> int:
     At least 1 GiB (or half the available memory when less than 2 GiB is available) and at most
     64 GiB; 1 GiB when the available memory cannot be read. The fraction leaves room for the
     temporary memory of building the sparse matrices (peak about 2.1x the final size) and for data.
+
+    Parameters
+    ----------
+    device : torch.device
+        Device the plan's data will live on.
+
+    Returns
+    -------
+    int
+        Bytes of precomputed interpolation data a plan may hold (``plan(memory_budget=None)``).
     """
     avail = available_memory(device)
     if avail is None:
