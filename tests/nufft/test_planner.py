@@ -155,3 +155,45 @@ def test_forced_choices_are_honoured():
     assert (i.backend, i.method, i.oversampling, i.normal) == ("torch", "gather", 1.5, "direct")
     assert all(g >= 1.5 * 32 for g in i.grid_size)
     assert op.toeplitz is None
+
+
+@pytest.mark.skipif(not available("finufft"), reason="finufft is not installed")
+def test_measure_admits_relaxed_finufft_tolerance_only_when_verified(tmp_path, monkeypatch):
+    """tune="measure" may ask FINUFFT for ε itself only after verifying the achieved error on the
+    problem; the verified error is the real one (exact NDFT) and the plan meets ε."""
+    import importlib
+
+    plan_mod = importlib.import_module("qmrkit.nufft.plan")
+    monkeypatch.setenv("QMRKIT_WISDOM_DIR", str(tmp_path))
+    traj = nufft.golden_angle_radial(40, 96).numpy()
+    n = (48, 48)
+    e = ndft_matrix(traj, n)
+    seen = []
+    real_verify = plan_mod._verify_external
+
+    def spy(c, tr, size, eps, dtype, x, y):
+        errs = real_verify(c, tr, size, eps, dtype, x, y)
+        eng = plan_mod._engine(c, tr, size, eps, dtype)
+        exact_f = x.numpy().reshape(1, -1).astype(np.complex128) @ e.T
+        exact_a = y.numpy().astype(np.complex128) @ e.conj()
+        true_f = rel(eng.forward(x).numpy(), exact_f)
+        true_a = rel(eng.adjoint(y).numpy().reshape(1, -1), exact_a)
+        seen.append((c.label(), errs, (true_f, true_a)))
+        return errs
+
+    monkeypatch.setattr(plan_mod, "_verify_external", spy)
+    op = nufft.plan(traj, n, eps=1e-3, tune="measure", backend="finufft", normal="direct")
+    assert seen
+    for label, errs, true in seen:
+        assert label.endswith("/tol=1ε")
+        assert errs[0] == pytest.approx(true[0], rel=0.02)
+        assert errs[1] == pytest.approx(true[1], rel=0.02)
+    x = crandn(n, seed=3)
+    y = crandn((traj.shape[0],), seed=4)
+    assert rel(op(x).numpy(), e @ x.numpy().ravel().astype(np.complex128)) <= 1e-3
+    assert rel(op.H(y).numpy().ravel(), e.conj().T @ y.numpy().astype(np.complex128)) <= 1e-3
+    # a relaxed candidate whose verified error is too large is not even timed
+    monkeypatch.setattr(plan_mod, "_verify_external", lambda *a, **k: (2e-3, 2e-3))
+    monkeypatch.setenv("QMRKIT_WISDOM_DIR", str(tmp_path / "b"))
+    op2 = nufft.plan(traj, n, eps=1e-3, tune="measure", backend="finufft", normal="direct")
+    assert op2.info.timings and not any("tol=" in k for k in op2.info.timings)

@@ -14,7 +14,7 @@ unnormalised; the adjoint is its exact conjugate transpose. See ``docs/nufft.md`
 
 from .dcf import density_compensation
 from .kernels import Kernel
-from .plan import NufftInfo, NufftPlan, plan
+from .plan import NufftInfo, NufftPlan, default_memory_budget, plan
 from .planner import forget_wisdom, wisdom_path
 from .trajectories import (
     from_ismrmrd,
@@ -43,4 +43,5 @@ __all__ = [
     "from_ismrmrd",
     "wisdom_path",
     "forget_wisdom",
+    "default_memory_budget",
 ]

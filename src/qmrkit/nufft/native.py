@@ -31,10 +31,17 @@ from .kernels import Kernel, deapodization
 CHUNK_BYTES = 32 * 2**20
 
 
-def sparse_bytes(n_samples: int, width: int, ndim: int, real_bytes: int) -> int:
-    """Memory of the sparse method: the interpolation matrix and its transpose (int64 indices)."""
+def sparse_bytes(
+    n_samples: int, width: int, ndim: int, real_bytes: int, acc_bytes: int | None = None
+) -> int:
+    """Memory of the sparse method: the interpolation matrix and its transpose (int64 indices).
+
+    ``acc_bytes`` is the size of the transpose's values (8 when a complex64 plan spreads in
+    float64), default ``real_bytes``.
+    """
     nnz = n_samples * width**ndim
-    return 2 * nnz * (real_bytes + 8) + 8 * n_samples
+    acc = real_bytes if acc_bytes is None else acc_bytes
+    return nnz * (real_bytes + 8) + nnz * (acc + 8) + 8 * n_samples
 
 
 class NativeEngine:
@@ -130,39 +137,41 @@ class NativeEngine:
 
     def _build_sparse(self) -> None:
         m, taps = self.n_samples, self.taps
+        nnz = m * taps
         gtot = int(np.prod(self.grid))
         # int64 indices: torch's CPU CSR product takes its MKL path only with them (2-3x faster
         # than int32 measured on 2D radial data); cuSPARSE is fine with int32
-        small = m * taps < 2**31 - 1 and gtot < 2**31 - 1
+        small = nnz < 2**31 - 1 and gtot < 2**31 - 1
         itype = torch.int32 if small and self.device.type == "cuda" else torch.int64
-        cols, vals = [], []
+        # filled in place, chunk by chunk (no list + cat: that doubled the peak memory)
+        col = torch.empty(nnz, dtype=itype, device=self.device)
+        val = torch.empty(nnz, dtype=self.real, device=self.device)
         step = max(1, (64 * 2**20) // (taps * 16))
         for s in range(0, m, step):
-            i, v = self._combined(s, min(m, s + step))
-            cols.append(i.reshape(-1).to(itype))
-            vals.append(v.reshape(-1))
-        col = torch.cat(cols)
-        val = torch.cat(vals)
-        crow = torch.arange(0, m * taps + 1, taps, device=self.device, dtype=itype)
+            e = min(m, s + step)
+            i, v = self._combined(s, e)
+            col[s * taps : e * taps] = i.reshape(-1)
+            val[s * taps : e * taps] = v.reshape(-1)
+        crow = torch.arange(0, nnz + 1, taps, device=self.device, dtype=itype)
         with warnings.catch_warnings():  # "sparse CSR support is in beta" (it works)
             warnings.simplefilter("ignore", UserWarning)
             self.csr = torch.sparse_csr_tensor(
                 crow, col, val, size=(m, gtot), check_invariants=False
             )
         # transpose (grid × samples) in CSR form, built by a stable sort of the column indices
-        order = torch.argsort(col.to(torch.int64), stable=True)
-        rows_t = (order // taps).to(itype)
-        counts = torch.bincount(col.to(torch.int64), minlength=gtot)
-        crow_t = torch.zeros(gtot + 1, dtype=torch.int64, device=self.device)
+        # (torch's MKL product with the CSC view ``csr.t()`` measured 100x slower than this)
+        counts = torch.bincount(col, minlength=gtot)
+        crow_t = torch.zeros(gtot + 1, dtype=itype, device=self.device)
         crow_t[1:] = torch.cumsum(counts, 0)
+        del counts
+        order = torch.argsort(col, stable=True)
+        val_t = val.to(self.acc).index_select(0, order)
+        rows_t = order.div_(taps, rounding_mode="floor").to(itype)
+        del order
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             self.csr_t = torch.sparse_csr_tensor(
-                crow_t.to(itype),
-                rows_t,
-                val[order].to(self.acc),
-                size=(gtot, m),
-                check_invariants=False,
+                crow_t, rows_t, val_t, size=(gtot, m), check_invariants=False
             )
         # per-axis weights are no longer needed for this method
         self.idx, self.wts = [], []
@@ -180,8 +189,9 @@ class NativeEngine:
         return sum(t.numel() * t.element_size() for t in (*self.idx, *self.wts))
 
     # -- interpolation ---------------------------------------------------------------------------
-    def _chunk(self, cols: int) -> int:
-        per = self.taps * (cols * self.real.itemsize + 8 + self.real.itemsize)
+    def _chunk(self, cols: int, acc_bytes: int | None = None) -> int:
+        acc = self.real.itemsize if acc_bytes is None else int(acc_bytes)
+        per = self.taps * (cols * acc + 8 + self.real.itemsize)
         return max(256, self.chunk_bytes // max(per, 1))
 
     def interp(self, gr: torch.Tensor) -> torch.Tensor:
@@ -189,7 +199,28 @@ class NativeEngine:
         if self.csr is not None:
             return torch.sparse.mm(self.csr, gr) if gr.is_cuda else self.csr @ gr
         m, cols = self.n_samples, gr.shape[1]
+        gtot = gr.shape[0]
         out = gr.new_empty((m, cols))
+        if self.device.type == "cpu":
+            # one small CSR matrix per chunk of samples, applied with torch's (MKL) sparse
+            # product: 1.3-1.7x faster than gather + batched product (3D, 1 coil, W = 5)
+            taps = self.taps
+            step = max(256, self.chunk_bytes // (taps * (8 + self.real.itemsize)))
+            for s in range(0, m, step):
+                e = min(m, s + step)
+                idx, wt = self._combined(s, e)
+                crow = torch.arange(0, (e - s) * taps + 1, taps, dtype=torch.int64)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    a = torch.sparse_csr_tensor(
+                        crow,
+                        idx.reshape(-1),
+                        wt.reshape(-1),
+                        size=(e - s, gtot),
+                        check_invariants=False,
+                    )
+                out[s:e] = a @ gr
+            return out
         step = self._chunk(cols)
         for s in range(0, m, step):
             e = min(m, s + step)
@@ -208,12 +239,15 @@ class NativeEngine:
             return out.to(out_dtype)
         cols = yr.shape[1]
         out = yr.new_zeros((gtot, cols))
-        step = self._chunk(cols)
+        step = self._chunk(cols, self.acc.itemsize)
         for s in range(0, self.n_samples, step):
             e = min(self.n_samples, s + step)
             idx, wt = self._combined(s, e)
-            contrib = wt.to(self.acc)[:, :, None] * yr[s:e, None, :]
-            out.index_add_(0, idx.reshape(-1), contrib.reshape(-1, cols))
+            contrib = (wt.to(self.acc)[:, :, None] * yr[s:e, None, :]).reshape(-1, cols)
+            # index_add_ measured as fast as scatter_add_ with an expanded index for 1 coil and
+            # up to 4x faster for 8 coils (3D, W = 5 and 8); a W-times coarser index_add_ onto
+            # a grid expanded along the last axis (then folded) was not faster either
+            out.index_add_(0, idx.reshape(-1), contrib)
         return out.to(out_dtype)
 
     # -- transforms ------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ model estimates the seconds of one forward + adjoint pair as
     batch · (2·c_fft · G·log2 G  +  c_tapb · M·W^d  +  c_mem · G)  +  c_tap · M·W^d
 
 with constants per backend and method calibrated on a 2-core AVX-512 CPU (see
-``docs/nufft.md``); the normal operator by Toeplitz embedding costs two pruned FFTs of size 2N.
+``docs/nufft.md``); the normal operator by Toeplitz embedding costs two full FFTs of size 2N.
 ``tune="measure"`` times the best-ranked candidates on the real problem and remembers the winner
 on disk ("wisdom", like FFTW's), keyed by the problem's signature and the device, in
 ``$QMRKIT_WISDOM_DIR/nufft-wisdom.json`` (default ``~/.cache/qmrkit``).
@@ -49,9 +49,12 @@ FINUFFT_SIGMAS = (1.25, 2.0)
 #   c_mem  per grid element and batch element (zero-fill, padding, transposes, deapodisation).
 # E.g. torch CSR on 2D radial, 32 coils: 1e-8 s per tap for all coils; on 3D radial, 1 coil:
 # 3.7e-9 s per tap (so a fixed part per tap); FINUFFT: 1.1e-9 s per tap and coil in both.
+# torch gather (CSR-chunk forward, index_add_ adjoint), 3D radial 1M samples, W = 5, 1 coil:
+# 8.0 s per pair for 1.3e8 taps in a run where FINUFFT took 3.4x its model time (load), so
+# ≈ 1.8e-8 s per tap and coil (the former 5e-9 underestimated it ~4x).
 COST = {
     "torch/sparse": (4.0e-10, 3.5e-9, 2.0e-10, 4.0e-9),
-    "torch/gather": (4.0e-10, 2.0e-9, 5.0e-9, 4.0e-9),
+    "torch/gather": (4.0e-10, 2.0e-9, 1.6e-8, 4.0e-9),
     "finufft/finufft": (4.0e-10, 0.0, 1.1e-9, 1.0e-9),
     "cufinufft/cufinufft": (2.0e-12, 0.0, 2.0e-12, 1.0e-12),
     "torch-cuda/sparse": (5.0e-12, 1.0e-11, 2.0e-11, 1.0e-11),
@@ -86,13 +89,22 @@ class Candidate:
     #: run the external library in double precision for a complex64 plan (accuracy below the
     #: library's single-precision floor); data are converted on the way in and out
     double: bool = False
+    #: tolerance asked of the external library as a multiple of ε (None: library_eps's safety
+    #: factors); set only by tune="measure" after verifying the achieved error
+    lib_factor: float | None = None
+    #: achieved (forward, adjoint) relative errors measured at plan time, when verified
+    verified_error: tuple[float, float] | None = None
 
     @property
     def kernel(self) -> Kernel:
         return Kernel(self.width, self.beta, self.sigma)
 
     def label(self) -> str:
-        return f"{self.backend}/{self.method}/σ={self.sigma:g}" + ("/double" if self.double else "")
+        return (
+            f"{self.backend}/{self.method}/σ={self.sigma:g}"
+            + ("/double" if self.double else "")
+            + (f"/tol={self.lib_factor:g}ε" if self.lib_factor is not None else "")
+        )
 
 
 @dataclass
@@ -166,7 +178,9 @@ def native_candidate(p: Problem, method: str, sigma: float) -> Candidate | None:
     cost = _model(key, p, grid, taps)
     real_bytes = 4 if p.dtype == torch.complex64 else 8
     if method == "sparse":
-        mem = p.n_traj * sparse_bytes(p.n_samples, kernel.width, p.ndim, real_bytes)
+        # complex64 plans with ε < 1e-5 spread in float64 (NativeEngine accumulate_double)
+        acc_bytes = 8 if p.dtype == torch.complex64 and p.eps < 1e-5 else real_bytes
+        mem = p.n_traj * sparse_bytes(p.n_samples, kernel.width, p.ndim, real_bytes, acc_bytes)
     else:
         mem = p.n_traj * p.n_samples * kernel.width * p.ndim * (real_bytes + 8)
     return Candidate("torch", method, sigma, kernel.width, kernel.beta, grid, est, cost, mem)
@@ -204,13 +218,15 @@ def external_candidate(p: Problem, backend: str, sigma: float) -> Candidate | No
 
 
 def toeplitz_cost(p: Problem) -> float:
-    """Seconds of one Toeplitz normal application (two pruned 2N FFTs and a product)."""
-    nd = p.ndim
-    prune = {1: 1.0, 2: 0.75, 3: 7.0 / 12.0}[nd]
+    """Seconds of one Toeplitz normal application (two full 2N FFTs and a product).
+
+    The FFTs are modelled like the NUFFT's grid FFT (same constant); the implementation no longer
+    prunes the zero lines (it was measured 2x slower that way, see :mod:`.toeplitz`).
+    """
     big = tuple(2 * n for n in p.im_size)
     c_fft = COST["torch-cuda/gather" if p.device.type == "cuda" else "torch/gather"][0]
     c_mem = COST["torch-cuda/gather" if p.device.type == "cuda" else "torch/gather"][3]
-    return p.batch * (2 * prune * c_fft * _fft_cost(big) + c_mem * math.prod(big))
+    return p.batch * (2 * c_fft * _fft_cost(big) + c_mem * math.prod(big))
 
 
 def candidates(
@@ -316,4 +332,6 @@ def candidate_to_dict(c: Candidate) -> dict:
 def candidate_from_dict(d: dict) -> Candidate:
     d = dict(d)
     d["grid"] = tuple(d["grid"])
+    if d.get("verified_error") is not None:
+        d["verified_error"] = tuple(d["verified_error"])
     return Candidate(**d)
