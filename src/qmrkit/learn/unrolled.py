@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .._progress import get_logger
-from ..errors import ParameterError, QmrkitWarning, ShapeError
+from ..errors import InversionWarning, ParameterError, ShapeError
 from ..ops import LinearOperator
 from .dc import CGDataConsistency, GradientDataConsistency
 from .denoisers import fixed_point_inverse, spectral_norm_modules
@@ -47,10 +47,6 @@ from .denoisers import fixed_point_inverse, spectral_norm_modules
 log = get_logger("learn.unrolled")
 
 MEMORY_MODES = ("standard", "checkpoint", "reversible", "hybrid")
-
-
-class InversionWarning(QmrkitWarning):
-    """An unroll could not be inverted accurately; states were recomputed instead."""
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -94,6 +90,13 @@ class UnrolledNet(nn.Module):
         ``max(100·cg_tol, 1e-9)`` in float64, ``max(100·cg_tol, 1e-4)`` in float32).
     on_inversion_failure : {"fallback", "raise"}
         What ``reversible`` does when an inversion fails: warn and recompute, or raise.
+    inversion_anderson : int
+        Memory of Anderson acceleration of the denoiser inversion (0, the default: the plain
+        fixed-point iteration). Anderson needs fewer denoiser evaluations but, being a
+        quasi-Newton method, it also solves ``x + f(x) = z`` where ``f`` is not a contraction and
+        may then return a different preimage of a non-injective denoiser, which the per-unroll
+        check of ``reversible`` cannot see (``hybrid``'s checkpoint comparison does). The plain
+        iteration's failure to converge is what flags a non-invertible denoiser.
 
     Call ``net(y, A, x0=None)`` with k-space ``y`` of shape ``(*batch, *A.oshape)``; returns the
     image ``(*batch, *A.ishape)``. ``x0`` defaults to ``Aᴴy``. Operator data (coil maps, masks)
@@ -117,6 +120,7 @@ class UnrolledNet(nn.Module):
         inversion_max_iter: int = 200,
         drift_tol: float | None = None,
         on_inversion_failure: str = "fallback",
+        inversion_anderson: int = 0,
     ):
         super().__init__()
         if int(n_unrolls) != n_unrolls or n_unrolls < 1:
@@ -164,6 +168,11 @@ class UnrolledNet(nn.Module):
         self.inversion_max_iter = int(inversion_max_iter)
         self.drift_tol = drift_tol
         self.on_inversion_failure = on_inversion_failure
+        if int(inversion_anderson) < 0:
+            raise ParameterError(
+                f"UnrolledNet: inversion_anderson must be >= 0, got {inversion_anderson}"
+            )
+        self.inversion_anderson = int(inversion_anderson)
         self.ndim = getattr(denoiser, "ndim", None)
         self.last_backward: dict = {}
         #: fallbacks (recomputations after failed inversions) since construction; the first one
@@ -223,10 +232,14 @@ class UnrolledNet(nn.Module):
             if hasattr(m, "parametrizations") and "weight" in m.parametrizations:
                 _ = m.weight
 
-    def _unroll(self, k: int, x: torch.Tensor, rhs: torch.Tensor, A, nb: int) -> torch.Tensor:
+    def _unroll(
+        self, k: int, x: torch.Tensor, rhs: torch.Tensor, A, nb: int, x_init=None
+    ) -> torch.Tensor:
+        """One unroll ``DC_k(D_k(x))``; ``x_init`` warm-starts the CG solve (backward re-runs
+        pass the known output, so the re-run costs one normal-operator call, not a full solve)."""
         with self._frozen_sn():
             z = self._den(k)(x)
-            return self._dc(k)(z, rhs, A, nb)
+            return self._dc(k)(z, rhs, A, nb, x_init)
 
     def _tols(self, dtype: torch.dtype) -> tuple[float, float]:
         f64 = dtype in (torch.float64, torch.complex128)
@@ -243,11 +256,16 @@ class UnrolledNet(nn.Module):
             if not ok:
                 return z, False, r1
             den = self._den(k)
+            kw = {"anderson": self.inversion_anderson} if self.inversion_anderson else {}
             if hasattr(den, "inverse"):
-                x, ok, r2 = den.inverse(z, tol=tol, max_iter=self.inversion_max_iter)
+                x, ok, r2 = den.inverse(z, tol=tol, max_iter=self.inversion_max_iter, **kw)
             else:
                 x, ok, r2 = fixed_point_inverse(
-                    den.residual, z, tol=tol, max_iter=self.inversion_max_iter
+                    den.residual,
+                    z,
+                    tol=tol,
+                    max_iter=self.inversion_max_iter,
+                    anderson=self.inversion_anderson,
                 )
             return x, ok, max(r1, r2)
 
@@ -400,7 +418,7 @@ class _MEL(torch.autograd.Function):
                 for attempt in range(2):
                     with torch.enable_grad():
                         xin = xk.detach().requires_grad_(True)
-                        out = net._unroll(k, xin, rhs_in, A, nb)
+                        out = net._unroll(k, xin, rhs_in, A, nb, x_init=x_next.detach())
                     cons = _rel(out.detach() - x_next, x_next)
                     stats["max_drift"] = max(stats["max_drift"], cons)
                     bad = not ok or not cons <= drift_tol
