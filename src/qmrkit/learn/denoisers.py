@@ -240,6 +240,16 @@ def fixed_point_inverse(
         ``(x, converged, relative_residual)``. Every evaluation of ``f`` is used both for the
         residual test and for the next step, so the cost is one evaluation per iteration.
     """
+    x, ok, res, _ = _fixed_point(f, z, tol, max_iter, anderson, x0, graph=False)
+    return x, ok, res
+
+
+def _fixed_point(f, z, tol, max_iter, anderson, x0, graph):
+    """Core of :func:`fixed_point_inverse`; returns ``(x, ok, res, fx)`` with ``fx = f(x)`` at
+    the returned ``x``. With ``graph=True`` every evaluation runs with autograd on a fresh leaf
+    ``x`` (the previous graph is dropped first) and the returned ``x``/``fx`` carry the graph of
+    the last one, so a caller that needs ``f(x)`` with autograd at the solution (the MEL
+    backward re-run) does not evaluate ``f`` again."""
     with torch.no_grad():
         zn = float(torch.linalg.vector_norm(_flat(z))) or 1.0
         x = z.clone() if x0 is None else x0.clone()
@@ -247,8 +257,16 @@ def fixed_point_inverse(
         best_it = 0
         hist_g: list[torch.Tensor] = []  # fixed-point images g_i = z − f(x_i), flattened
         hist_r: list[torch.Tensor] = []  # residuals r_i = g_i − x_i, flattened
+        fx = xe = None
         for it in range(max_iter):
-            g = z - f(x)
+            fx = None  # drop the previous graph before building the next one
+            if graph:
+                xe = x.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    fx = f(xe)
+            else:
+                xe, fx = x, f(x)
+            g = z - fx.detach()
             r = g - x
             res = float(torch.linalg.vector_norm(_flat(r))) / zn
             if not math.isfinite(res) or res <= tol:
@@ -283,7 +301,10 @@ def fixed_point_inverse(
                 continue
             xf = xf.to(_flat(z).dtype)
             x = torch.view_as_complex(xf.view(*z.shape, 2)) if z.is_complex() else xf.view(z.shape)
-        return x, bool(math.isfinite(res) and res <= tol), res
+        ok = bool(math.isfinite(res) and res <= tol)
+        if graph:  # the point where f was last evaluated, with its graph
+            return xe, ok, res, fx
+        return x, ok, res, fx
 
 
 def spectral_norm_modules(module: nn.Module) -> list[nn.Module]:

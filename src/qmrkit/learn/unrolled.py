@@ -42,7 +42,7 @@ from .._progress import get_logger
 from ..errors import InversionWarning, ParameterError, ShapeError
 from ..ops import LinearOperator
 from .dc import CGDataConsistency, GradientDataConsistency
-from .denoisers import fixed_point_inverse, spectral_norm_modules
+from .denoisers import ResidualCNN, _fixed_point, fixed_point_inverse, spectral_norm_modules
 
 log = get_logger("learn.unrolled")
 
@@ -269,6 +269,41 @@ class UnrolledNet(nn.Module):
                 )
             return x, ok, max(r1, r2)
 
+    def _fusable(self, k: int) -> bool:
+        """True when ``D_k(x) = x + D_k.residual(x)`` is inverted by our fixed-point iteration."""
+        den = self._den(k)
+        return isinstance(den, ResidualCNN) or (
+            hasattr(den, "residual") and not hasattr(den, "inverse")
+        )
+
+    def _invert_rerun(self, k: int, x_next, rhs, rhs_in, A, nb, tol, f_guess=None):
+        """Invert unroll ``k`` and re-run it with autograd, sharing the last denoiser evaluation.
+
+        The denoiser inversion evaluates ``f(x)`` with autograd at every iterate; the one at the
+        solution is the graph that the backward pass needs, so the re-run costs only the data
+        consistency (warm-started at ``x_next``). ``f_guess`` (``f`` at the next state, from the
+        previous re-run) gives the starting point ``z − f_guess``. Returns
+        ``(x_leaf, out, ok, residual, f_at_x)``.
+        """
+        with self._frozen_sn():
+            with torch.no_grad():
+                z, ok, r1 = self._dc(k).inverse(x_next, rhs, A, nb, tol=tol)
+            if not ok:
+                return z, None, False, r1, None
+            x0 = None if f_guess is None else z - f_guess
+            xl, ok, r2, fx = _fixed_point(
+                self._den(k).residual,
+                z,
+                tol,
+                self.inversion_max_iter,
+                self.inversion_anderson,
+                x0,
+                graph=True,
+            )
+            with torch.enable_grad():
+                out = self._dc(k)(xl + fx, rhs_in, A, nb, x_next.detach())
+            return xl, out, ok, max(r1, r2), fx.detach()
+
     def _check_inputs(self, y, A, x0):
         if not isinstance(A, LinearOperator):
             raise ParameterError(
@@ -377,10 +412,92 @@ class _MEL(torch.autograd.Function):
             else:  # later ones only at info level; the count is in net.inversion_fallbacks
                 log.info(msg)
 
+        def accumulate(out, xin):
+            """Backpropagate ``g`` through one re-run unroll and add its contributions."""
+            nonlocal g, g_rhs
+            inputs = [xin] + ([rhs_in] if need_rhs else []) + list(params)
+            grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
+            g = grads[0]
+            off = 1
+            if need_rhs:
+                if grads[1] is not None:
+                    g_rhs = grads[1] if g_rhs is None else g_rhs + grads[1]
+                off = 2
+            for i, gp in enumerate(grads[off:]):
+                if gp is not None:
+                    pgrads[i] = gp if pgrads[i] is None else pgrads[i] + gp
+
+        def hybrid_segment_fused(s: int, e: int, x_end) -> bool:
+            """Backpropagate segment ``s..e-1`` of ``hybrid`` with fused inversion + re-run.
+
+            Unrolls ``e-1..s+1`` are inverted and re-run in one pass (as in ``reversible``), their
+            contributions accumulated tentatively; unroll ``s`` is inverted too and the recovered
+            state is compared with the stored checkpoint (the drift check); unroll ``s`` itself
+            is re-run from the checkpoint. Returns False (contributions discarded) when an
+            inversion fails or the drift exceeds ``drift_tol``; the caller then recomputes.
+            """
+            nonlocal g, g_rhs
+            snap = (g, list(pgrads), g_rhs)
+            x_next, f_next = x_end, None
+            ok, drift = True, math.inf
+            for k in range(e - 1, s, -1):
+                xin, out, ok, res, f_new = net._invert_rerun(
+                    k, x_next, rhs, rhs_in, A, nb, inv_tol, f_next
+                )
+                stats["inversions"] += 1
+                stats["max_inverse_residual"] = max(stats["max_inverse_residual"], res)
+                if not ok:
+                    break
+                accumulate(out, xin)
+                x_next, f_next = xin.detach(), f_new
+                del out, xin
+            if ok:
+                with torch.no_grad(), net._frozen_sn():
+                    z, ok, r1 = net._dc(s).inverse(x_next, rhs, A, nb, tol=inv_tol)
+                    if ok:
+                        x0 = None if f_next is None else z - f_next
+                        xs, ok, r2, _ = _fixed_point(
+                            net._den(s).residual,
+                            z,
+                            inv_tol,
+                            net.inversion_max_iter,
+                            net.inversion_anderson,
+                            x0,
+                            graph=False,
+                        )
+                        stats["inversions"] += 1
+                        stats["max_inverse_residual"] = max(stats["max_inverse_residual"], r1, r2)
+                if ok:
+                    drift = _rel(xs - ckpts[s], ckpts[s])
+                    stats["max_drift"] = max(stats["max_drift"], drift)
+            if not (ok and drift <= drift_tol):
+                g, pl, g_rhs = snap
+                pgrads[:] = pl
+                fail(
+                    f"hybrid backward: unrolls {s}..{e - 1} did not invert accurately "
+                    f"(relative drift {drift:.2e} > {drift_tol:.1e}); recomputing them from "
+                    f"the checkpoint at unroll {s}"
+                )
+                return False
+            with torch.enable_grad():
+                xin = ckpts[s].detach().requires_grad_(True)
+                out = net._unroll(s, xin, rhs_in, A, nb, x_init=x_next.detach())
+            stats["max_drift"] = max(stats["max_drift"], _rel(out.detach() - x_next, x_next))
+            accumulate(out, xin)
+            return True
+
         e, x_end = net.n_unrolls, xN
         for s in reversed(ctx.ck_idx):
             states: dict = {}
-            if hybrid and e - s > 1:
+            if (
+                hybrid
+                and e - s > 1
+                and all(net._fusable(k) for k in range(s, e))
+                and hybrid_segment_fused(s, e, x_end)
+            ):
+                e, x_end = s, ckpts[s]
+                continue
+            if hybrid and e - s > 1 and not all(net._fusable(k) for k in range(s, e)):
                 # online drift check: invert the whole segment down to its stored start
                 cur, ok, k = x_end, True, e - 1
                 rec = {}
@@ -405,20 +522,34 @@ class _MEL(torch.autograd.Function):
                         f"the checkpoint at unroll {s}"
                     )
                     states = recompute(s, e - 1)
+            elif hybrid and e - s > 1:  # the fused pass failed (and warned): recompute
+                states = recompute(s, e - 1)
             x_next = x_end
+            f_next = None  # f at x_next, from the previous re-run (starting-point hint)
             for k in range(e - 1, s - 1, -1):
+                fused = False
                 if k in states:
                     xk, ok, res = states[k], True, 0.0
                 elif k == s:
                     xk, ok, res = ckpts[s], True, 0.0
+                elif net._fusable(k):
+                    xin, out, ok, res, f_next_new = net._invert_rerun(
+                        k, x_next, rhs, rhs_in, A, nb, inv_tol, f_next
+                    )
+                    stats["inversions"] += 1
+                    stats["max_inverse_residual"] = max(stats["max_inverse_residual"], res)
+                    fused = out is not None
+                    xk = xin.detach()
                 else:
                     xk, ok, res = net._invert(k, x_next, rhs, A, nb, inv_tol)
                     stats["inversions"] += 1
                     stats["max_inverse_residual"] = max(stats["max_inverse_residual"], res)
                 for attempt in range(2):
-                    with torch.enable_grad():
-                        xin = xk.detach().requires_grad_(True)
-                        out = net._unroll(k, xin, rhs_in, A, nb, x_init=x_next.detach())
+                    if not (fused and attempt == 0):
+                        with torch.enable_grad():
+                            xin = xk.detach().requires_grad_(True)
+                            out = net._unroll(k, xin, rhs_in, A, nb, x_init=x_next.detach())
+                        f_next_new = None
                     cons = _rel(out.detach() - x_next, x_next)
                     stats["max_drift"] = max(stats["max_drift"], cons)
                     bad = not ok or not cons <= drift_tol
@@ -441,19 +572,9 @@ class _MEL(torch.autograd.Function):
                         xk, ok = states[k], True
                         continue
                     break
-                inputs = [xin] + ([rhs_in] if need_rhs else []) + list(params)
-                grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
-                g = grads[0]
-                off = 1
-                if need_rhs:
-                    if grads[1] is not None:
-                        g_rhs = grads[1] if g_rhs is None else g_rhs + grads[1]
-                    off = 2
-                for i, gp in enumerate(grads[off:]):
-                    if gp is not None:
-                        pgrads[i] = gp if pgrads[i] is None else pgrads[i] + gp
-                x_next = xk
-                del out, xin, grads
+                accumulate(out, xin)
+                x_next, f_next = xk, f_next_new
+                del out, xin
             e, x_end = s, ckpts[s]
         net.last_backward = stats
         if stats["fallbacks"]:
