@@ -419,13 +419,15 @@ class _MEL(torch.autograd.Function):
             grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
             g = grads[0]
             off = 1
+            # sums are accumulated in place (they are our own tensors): no third copy of the
+            # parameter gradients while the next unroll's backward runs
             if need_rhs:
                 if grads[1] is not None:
-                    g_rhs = grads[1] if g_rhs is None else g_rhs + grads[1]
+                    g_rhs = grads[1] if g_rhs is None else g_rhs.add_(grads[1])
                 off = 2
             for i, gp in enumerate(grads[off:]):
                 if gp is not None:
-                    pgrads[i] = gp if pgrads[i] is None else pgrads[i] + gp
+                    pgrads[i] = gp if pgrads[i] is None else pgrads[i].add_(gp)
 
         def hybrid_segment_fused(s: int, e: int, x_end) -> bool:
             """Backpropagate segment ``s..e-1`` of ``hybrid`` with fused inversion + re-run.
@@ -437,7 +439,11 @@ class _MEL(torch.autograd.Function):
             inversion fails or the drift exceeds ``drift_tol``; the caller then recomputes.
             """
             nonlocal g, g_rhs
-            snap = (g, list(pgrads), g_rhs)
+
+            def copy(t):
+                return None if t is None else t.clone()
+
+            snap = (g, [copy(p) for p in pgrads], copy(g_rhs))
             x_next, f_next = x_end, None
             ok, drift = True, math.inf
             for k in range(e - 1, s, -1):
