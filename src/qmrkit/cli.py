@@ -252,8 +252,13 @@ def _learn_parser(sub) -> None:
     lsub = lp.add_subparsers(dest="learn_command", metavar="ACTION", required=True)
     for name in ("train", "eval"):
         a = lsub.add_parser(name, help=f"{name} a network")
-        a.add_argument("--data", type=Path, help="dataset .npz (default: synthetic phantoms)")
-        a.add_argument("--val-data", type=Path, help="validation .npz (train only)")
+        a.add_argument(
+            "--data",
+            type=Path,
+            help="dataset .npz, or a fully sampled Cartesian MRD file (.h5/.mrd, undersampled "
+            "with --accel) (default: synthetic phantoms)",
+        )
+        a.add_argument("--val-data", type=Path, help="validation .npz or .h5/.mrd (train only)")
         a.add_argument("--n", type=int, default=32, help="synthetic samples (default 32)")
         a.add_argument("--n-val", type=int, default=8, help="synthetic validation samples")
         a.add_argument("--kind", choices=("2d", "3d", "2d+t"), default="2d")

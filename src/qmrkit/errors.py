@@ -55,12 +55,22 @@ class OptionalDependencyError(QmrkitError, ImportError):
     """An optional package is needed for this feature; the message names the extra to install."""
 
 
+class NonFiniteLossError(QmrkitError, FloatingPointError):
+    """Training produced a non-finite loss or gradient and was stopped (``qmrkit.learn.train``);
+    the message names the epoch, step, cause and the last good checkpoint."""
+
+
 class QmrkitWarning(UserWarning):
     """Base class of qmrkit warnings."""
 
 
 class ConvergenceWarning(QmrkitWarning):
     """A solver stopped before meeting its convergence criteria."""
+
+
+class InversionWarning(ConvergenceWarning):
+    """An unroll of a memory-efficient network could not be inverted accurately (the inversion
+    did not converge, or recovered states drifted); states were recomputed instead."""
 
 
 class NonFiniteWarning(QmrkitWarning):
@@ -73,6 +83,8 @@ class QmrkitDeprecationWarning(QmrkitWarning, DeprecationWarning):
 
 __all__ = [
     "QmrkitError",
+    "NonFiniteLossError",
+    "InversionWarning",
     "ShapeError",
     "DTypeError",
     "DeviceError",

@@ -7,12 +7,13 @@
   spectrally normalised (invertible).
 * :func:`train`, :func:`evaluate` — training loop (Adam; L1/L2/SSIM losses; PSNR/SSIM/NRMSE
   validation; checkpoints and resume) and evaluation.
-* :mod:`qmrkit.learn.data` — datasets from arrays and a synthetic multi-coil generator.
+* :mod:`qmrkit.learn.data` — datasets from arrays, fully sampled ISMRMRD files
+  (:class:`MrdDataset`) and a synthetic multi-coil generator.
 
 Importing this package imports torch only (already needed by qmrkit).
 """
 
-from .data import ArrayDataset, SyntheticDataset, sample_operator
+from .data import ArrayDataset, MrdDataset, SyntheticDataset, sample_operator
 from .dc import CGDataConsistency, GradientDataConsistency
 from .denoisers import ResidualCNN
 from .operators import CoilBatched, noncartesian_sense
@@ -37,6 +38,7 @@ __all__ = [
     "MEMORY_MODES",
     "ArrayDataset",
     "SyntheticDataset",
+    "MrdDataset",
     "sample_operator",
     "train",
     "evaluate",

@@ -9,20 +9,23 @@ import time
 import torch
 
 from ..errors import ParameterError
-from .data import ArrayDataset, SyntheticDataset
+from .data import ArrayDataset, MrdDataset, SyntheticDataset
 from .denoisers import ResidualCNN
 from .train import baselines, evaluate, load_model, train
 from .unrolled import UnrolledNet
 
 
+def _load(path, args: argparse.Namespace, seed: int):
+    """``.npz`` arrays, or fully sampled ISMRMRD/MRD files (``.h5``, ``.mrd``, ``.hdf5``)."""
+    if str(path).lower().endswith((".h5", ".mrd", ".hdf5")):
+        return MrdDataset(path, acceleration=getattr(args, "accel", 4.0), seed=seed)
+    return ArrayDataset.from_npz(path)
+
+
 def _datasets(args: argparse.Namespace, val: bool):
     if args.data is not None:
-        ds = ArrayDataset.from_npz(args.data)
-        vds = (
-            ArrayDataset.from_npz(args.val_data)
-            if val and getattr(args, "val_data", None)
-            else None
-        )
+        ds = _load(args.data, args, 0)
+        vds = _load(args.val_data, args, 1) if val and getattr(args, "val_data", None) else None
         return ds, vds
     shape = tuple(args.shape)
     want = 2 if args.kind == "2d" else 3

@@ -48,9 +48,10 @@ class _CGSolve(torch.autograd.Function):
     """``x = (N + λI)⁻¹ (rhs + λ z)`` with an implicit backward."""
 
     @staticmethod
-    def forward(ctx, z, rhs, lam, normal, nb, tol, max_iter):  # type: ignore[override]
+    def forward(ctx, z, rhs, lam, normal, nb, tol, max_iter, x_init=None):  # type: ignore[override]
         b = rhs + lam.to(rhs.real.dtype) * z
-        x, _ = _solve(normal, lam, b, z, nb, tol, max_iter)
+        x0 = z if x_init is None else x_init.detach()  # a starting point, not an input
+        x, _ = _solve(normal, lam, b, x0, nb, tol, max_iter)
         ctx.save_for_backward(x, z, lam)
         ctx.normal, ctx.nb, ctx.tol, ctx.max_iter = normal, nb, tol, max_iter
         return x
@@ -71,7 +72,7 @@ class _CGSolve(torch.autograd.Function):
                 .to(lam.dtype)
                 .reshape(lam.shape)
             )
-        return gz, grhs, glam, None, None, None, None
+        return gz, grhs, glam, None, None, None, None, None
 
 
 class CGDataConsistency(nn.Module):
@@ -98,8 +99,10 @@ class CGDataConsistency(nn.Module):
     def lam(self) -> torch.Tensor:
         return F.softplus(self.rho)
 
-    def forward(self, z, rhs, A, nb):
-        return _CGSolve.apply(z, rhs, self.lam, A.N, nb, self.cg_tol, self.cg_max_iter)
+    def forward(self, z, rhs, A, nb, x_init=None):
+        """Solve from ``x_init`` (default ``z``); a re-run that knows the previous solution passes
+        it, so CG stops after one residual evaluation when it still solves the system."""
+        return _CGSolve.apply(z, rhs, self.lam, A.N, nb, self.cg_tol, self.cg_max_iter, x_init)
 
     @torch.no_grad()
     def inverse(self, x, rhs, A, nb, tol=None):
@@ -123,7 +126,7 @@ class GradientDataConsistency(nn.Module):
     def step(self) -> torch.Tensor:
         return F.softplus(self.rho)
 
-    def forward(self, z, rhs, A, nb):
+    def forward(self, z, rhs, A, nb, x_init=None):
         eta = self.step.to(z.real.dtype)
         return z - eta * (A.N(z) - rhs)
 

@@ -156,14 +156,16 @@ class ResidualCNN(nn.Module):
         return self.spectral_norm and self.residual_scale < 1.0
 
     def inverse(
-        self, z: torch.Tensor, tol: float = 1e-10, max_iter: int = 200
+        self, z: torch.Tensor, tol: float = 1e-10, max_iter: int = 200, anderson: int = 0
     ) -> tuple[torch.Tensor, bool, float]:
         """Solve ``x + s·f(x) = z`` by fixed-point iteration ``x ← z − s·f(x)``.
 
         Returns ``(x, converged, relative_residual)``; the residual is
-        ``‖x + s·f(x) − z‖ / ‖z‖``. Converges when ``s·f`` is a contraction.
+        ``‖x + s·f(x) − z‖ / ‖z‖``. Converges when ``s·f`` is a contraction; Anderson
+        acceleration with memory ``anderson`` (0: plain iteration) cuts the evaluations needed
+        (see :func:`fixed_point_inverse`).
         """
-        return fixed_point_inverse(self.residual, z, tol=tol, max_iter=max_iter)
+        return fixed_point_inverse(self.residual, z, tol=tol, max_iter=max_iter, anderson=anderson)
 
     @torch.no_grad()
     def lipschitz_estimate(self, shape: Sequence[int], n_iter: int = 50, seed: int = 0) -> float:
@@ -197,26 +199,112 @@ class ResidualCNN(nn.Module):
         return bound
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return (torch.view_as_real(t) if t.is_complex() else t).reshape(-1)
+
+
 def fixed_point_inverse(
-    f, z: torch.Tensor, tol: float = 1e-10, max_iter: int = 200
+    f,
+    z: torch.Tensor,
+    tol: float = 1e-10,
+    max_iter: int = 200,
+    anderson: int = 0,
+    x0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, bool, float]:
-    """Solve ``x + f(x) = z`` by ``x ← z − f(x)`` (no autograd); returns ``(x, converged, res)``."""
+    """Solve ``x + f(x) = z`` by the fixed-point iteration ``x ← z − f(x)`` (no autograd).
+
+    Parameters
+    ----------
+    f : callable
+        The residual branch; the iteration converges when ``f`` is a contraction.
+    z : tensor
+        Right-hand side (real or complex).
+    tol : float
+        Stop when the relative residual ``‖x + f(x) − z‖ / ‖z‖`` is at most ``tol``.
+    max_iter : int
+        Largest number of evaluations of ``f``.
+    anderson : int
+        Memory of Anderson acceleration (type II): each new iterate is the combination of the last
+        ``anderson + 1`` fixed-point images ``z − f(x_i)`` whose residuals have the least-squares
+        smallest combination (a small ``anderson × anderson`` solve per step, no extra evaluation
+        of ``f``). ``0`` (default) gives the plain iteration. A non-finite step clears the
+        history. Caveat: Anderson can converge where
+        ``f`` is not a contraction, so its success does not certify that ``x + f(x)`` is
+        invertible (the plain iteration's does, up to its tolerance).
+    x0 : tensor, optional
+        Starting point (default ``z``).
+
+    Returns
+    -------
+    tuple
+        ``(x, converged, relative_residual)``. Every evaluation of ``f`` is used both for the
+        residual test and for the next step, so the cost is one evaluation per iteration.
+    """
+    x, ok, res, _ = _fixed_point(f, z, tol, max_iter, anderson, x0, graph=False)
+    return x, ok, res
+
+
+def _fixed_point(f, z, tol, max_iter, anderson, x0, graph):
+    """Core of :func:`fixed_point_inverse`; returns ``(x, ok, res, fx)`` with ``fx = f(x)`` at
+    the returned ``x``. With ``graph=True`` every evaluation runs with autograd on a fresh leaf
+    ``x`` (the previous graph is dropped first) and the returned ``x``/``fx`` carry the graph of
+    the last one, so a caller that needs ``f(x)`` with autograd at the solution (the MEL
+    backward re-run) does not evaluate ``f`` again."""
     with torch.no_grad():
-        zn = float(torch.linalg.vector_norm(torch.view_as_real(z))) or 1.0
-        x = z - f(z)
+        zn = float(torch.linalg.vector_norm(_flat(z))) or 1.0
+        x = z.clone() if x0 is None else x0.clone()
         res = best = math.inf
         best_it = 0
+        hist_g: list[torch.Tensor] = []  # fixed-point images g_i = z − f(x_i), flattened
+        hist_r: list[torch.Tensor] = []  # residuals r_i = g_i − x_i, flattened
+        fx = xe = None
         for it in range(max_iter):
-            r = x + f(x) - z
-            res = float(torch.linalg.vector_norm(torch.view_as_real(r))) / zn
+            fx = None  # drop the previous graph before building the next one
+            if graph:
+                xe = x.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    fx = f(xe)
+            else:
+                xe, fx = x, f(x)
+            g = z - fx.detach()
+            r = g - x
+            res = float(torch.linalg.vector_norm(_flat(r))) / zn
             if not math.isfinite(res) or res <= tol:
                 break
             if res < 0.5 * best:
                 best, best_it = res, it
-            elif res > 4 * best or it - best_it > 25:
+            elif res > (4 if anderson <= 0 else 1e4) * best or it - best_it > 25:
                 break  # diverging or stalled: f is not a contraction here; fail fast
-            x = x - r  # = z - f(x)
-        return x, bool(math.isfinite(res) and res <= tol), res
+            if anderson <= 0:
+                x = g
+                continue
+            hist_g.append(_flat(g).to(torch.float64))
+            hist_r.append(_flat(r).to(torch.float64))
+            if len(hist_g) > anderson + 1:
+                hist_g.pop(0)
+                hist_r.pop(0)
+            if len(hist_g) == 1:
+                x = g
+                continue
+            dr = torch.stack([b - a for a, b in zip(hist_r[:-1], hist_r[1:], strict=True)], 1)
+            dg = torch.stack([b - a for a, b in zip(hist_g[:-1], hist_g[1:], strict=True)], 1)
+            gram = dr.T @ dr
+            reg = 1e-12 * float(gram.diagonal().sum()) + 1e-300
+            gam = torch.linalg.solve(
+                gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype), dr.T @ hist_r[-1]
+            )
+            xf = hist_g[-1] - dg @ gam
+            if not bool(torch.isfinite(xf).all()):
+                hist_g.clear()
+                hist_r.clear()
+                x = g
+                continue
+            xf = xf.to(_flat(z).dtype)
+            x = torch.view_as_complex(xf.view(*z.shape, 2)) if z.is_complex() else xf.view(z.shape)
+        ok = bool(math.isfinite(res) and res <= tol)
+        if graph:  # the point where f was last evaluated, with its graph
+            return xe, ok, res, fx
+        return x, ok, res, fx
 
 
 def spectral_norm_modules(module: nn.Module) -> list[nn.Module]:

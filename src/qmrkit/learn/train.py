@@ -23,17 +23,13 @@ import torch.nn.functional as F
 
 from .._device import resolve_device
 from .._progress import get_logger, progress_bar
-from ..errors import DataFileError, ParameterError, QmrkitError
+from ..errors import DataFileError, NonFiniteLossError, ParameterError
 from ..optim import cg as _cg
 from .data import sample_operator
 from .denoisers import ResidualCNN
 from .unrolled import UnrolledNet
 
 log = get_logger("learn.train")
-
-
-class NonFiniteLossError(QmrkitError, FloatingPointError):
-    """Training produced a non-finite loss or gradient and was stopped."""
 
 
 # --------------------------------------------------------------------------------- metrics

@@ -39,18 +39,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .._progress import get_logger
-from ..errors import ParameterError, QmrkitWarning, ShapeError
+from ..errors import InversionWarning, ParameterError, ShapeError
 from ..ops import LinearOperator
 from .dc import CGDataConsistency, GradientDataConsistency
-from .denoisers import fixed_point_inverse, spectral_norm_modules
+from .denoisers import ResidualCNN, _fixed_point, fixed_point_inverse, spectral_norm_modules
 
 log = get_logger("learn.unrolled")
 
 MEMORY_MODES = ("standard", "checkpoint", "reversible", "hybrid")
-
-
-class InversionWarning(QmrkitWarning):
-    """An unroll could not be inverted accurately; states were recomputed instead."""
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -94,6 +90,13 @@ class UnrolledNet(nn.Module):
         ``max(100·cg_tol, 1e-9)`` in float64, ``max(100·cg_tol, 1e-4)`` in float32).
     on_inversion_failure : {"fallback", "raise"}
         What ``reversible`` does when an inversion fails: warn and recompute, or raise.
+    inversion_anderson : int
+        Memory of Anderson acceleration of the denoiser inversion (0, the default: the plain
+        fixed-point iteration). Anderson needs fewer denoiser evaluations but, being a
+        quasi-Newton method, it also solves ``x + f(x) = z`` where ``f`` is not a contraction and
+        may then return a different preimage of a non-injective denoiser, which the per-unroll
+        check of ``reversible`` cannot see (``hybrid``'s checkpoint comparison does). The plain
+        iteration's failure to converge is what flags a non-invertible denoiser.
 
     Call ``net(y, A, x0=None)`` with k-space ``y`` of shape ``(*batch, *A.oshape)``; returns the
     image ``(*batch, *A.ishape)``. ``x0`` defaults to ``Aᴴy``. Operator data (coil maps, masks)
@@ -117,6 +120,7 @@ class UnrolledNet(nn.Module):
         inversion_max_iter: int = 200,
         drift_tol: float | None = None,
         on_inversion_failure: str = "fallback",
+        inversion_anderson: int = 0,
     ):
         super().__init__()
         if int(n_unrolls) != n_unrolls or n_unrolls < 1:
@@ -164,6 +168,11 @@ class UnrolledNet(nn.Module):
         self.inversion_max_iter = int(inversion_max_iter)
         self.drift_tol = drift_tol
         self.on_inversion_failure = on_inversion_failure
+        if int(inversion_anderson) < 0:
+            raise ParameterError(
+                f"UnrolledNet: inversion_anderson must be >= 0, got {inversion_anderson}"
+            )
+        self.inversion_anderson = int(inversion_anderson)
         self.ndim = getattr(denoiser, "ndim", None)
         self.last_backward: dict = {}
         #: fallbacks (recomputations after failed inversions) since construction; the first one
@@ -223,10 +232,14 @@ class UnrolledNet(nn.Module):
             if hasattr(m, "parametrizations") and "weight" in m.parametrizations:
                 _ = m.weight
 
-    def _unroll(self, k: int, x: torch.Tensor, rhs: torch.Tensor, A, nb: int) -> torch.Tensor:
+    def _unroll(
+        self, k: int, x: torch.Tensor, rhs: torch.Tensor, A, nb: int, x_init=None
+    ) -> torch.Tensor:
+        """One unroll ``DC_k(D_k(x))``; ``x_init`` warm-starts the CG solve (backward re-runs
+        pass the known output, so the re-run costs one normal-operator call, not a full solve)."""
         with self._frozen_sn():
             z = self._den(k)(x)
-            return self._dc(k)(z, rhs, A, nb)
+            return self._dc(k)(z, rhs, A, nb, x_init)
 
     def _tols(self, dtype: torch.dtype) -> tuple[float, float]:
         f64 = dtype in (torch.float64, torch.complex128)
@@ -243,13 +256,53 @@ class UnrolledNet(nn.Module):
             if not ok:
                 return z, False, r1
             den = self._den(k)
+            kw = {"anderson": self.inversion_anderson} if self.inversion_anderson else {}
             if hasattr(den, "inverse"):
-                x, ok, r2 = den.inverse(z, tol=tol, max_iter=self.inversion_max_iter)
+                x, ok, r2 = den.inverse(z, tol=tol, max_iter=self.inversion_max_iter, **kw)
             else:
                 x, ok, r2 = fixed_point_inverse(
-                    den.residual, z, tol=tol, max_iter=self.inversion_max_iter
+                    den.residual,
+                    z,
+                    tol=tol,
+                    max_iter=self.inversion_max_iter,
+                    anderson=self.inversion_anderson,
                 )
             return x, ok, max(r1, r2)
+
+    def _fusable(self, k: int) -> bool:
+        """True when ``D_k(x) = x + D_k.residual(x)`` is inverted by our fixed-point iteration."""
+        den = self._den(k)
+        return isinstance(den, ResidualCNN) or (
+            hasattr(den, "residual") and not hasattr(den, "inverse")
+        )
+
+    def _invert_rerun(self, k: int, x_next, rhs, rhs_in, A, nb, tol, f_guess=None):
+        """Invert unroll ``k`` and re-run it with autograd, sharing the last denoiser evaluation.
+
+        The denoiser inversion evaluates ``f(x)`` with autograd at every iterate; the one at the
+        solution is the graph that the backward pass needs, so the re-run costs only the data
+        consistency (warm-started at ``x_next``). ``f_guess`` (``f`` at the next state, from the
+        previous re-run) gives the starting point ``z − f_guess``. Returns
+        ``(x_leaf, out, ok, residual, f_at_x)``.
+        """
+        with self._frozen_sn():
+            with torch.no_grad():
+                z, ok, r1 = self._dc(k).inverse(x_next, rhs, A, nb, tol=tol)
+            if not ok:
+                return z, None, False, r1, None
+            x0 = None if f_guess is None else z - f_guess
+            xl, ok, r2, fx = _fixed_point(
+                self._den(k).residual,
+                z,
+                tol,
+                self.inversion_max_iter,
+                self.inversion_anderson,
+                x0,
+                graph=True,
+            )
+            with torch.enable_grad():
+                out = self._dc(k)(xl + fx, rhs_in, A, nb, x_next.detach())
+            return xl, out, ok, max(r1, r2), fx.detach()
 
     def _check_inputs(self, y, A, x0):
         if not isinstance(A, LinearOperator):
@@ -359,10 +412,98 @@ class _MEL(torch.autograd.Function):
             else:  # later ones only at info level; the count is in net.inversion_fallbacks
                 log.info(msg)
 
+        def accumulate(out, xin):
+            """Backpropagate ``g`` through one re-run unroll and add its contributions."""
+            nonlocal g, g_rhs
+            inputs = [xin] + ([rhs_in] if need_rhs else []) + list(params)
+            grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
+            g = grads[0]
+            off = 1
+            # sums are accumulated in place (they are our own tensors): no third copy of the
+            # parameter gradients while the next unroll's backward runs
+            if need_rhs:
+                if grads[1] is not None:
+                    g_rhs = grads[1] if g_rhs is None else g_rhs.add_(grads[1])
+                off = 2
+            for i, gp in enumerate(grads[off:]):
+                if gp is not None:
+                    pgrads[i] = gp if pgrads[i] is None else pgrads[i].add_(gp)
+
+        def hybrid_segment_fused(s: int, e: int, x_end) -> bool:
+            """Backpropagate segment ``s..e-1`` of ``hybrid`` with fused inversion + re-run.
+
+            Unrolls ``e-1..s+1`` are inverted and re-run in one pass (as in ``reversible``), their
+            contributions accumulated tentatively; unroll ``s`` is inverted too and the recovered
+            state is compared with the stored checkpoint (the drift check); unroll ``s`` itself
+            is re-run from the checkpoint. Returns False (contributions discarded) when an
+            inversion fails or the drift exceeds ``drift_tol``; the caller then recomputes.
+            """
+            nonlocal g, g_rhs
+
+            def copy(t):
+                return None if t is None else t.clone()
+
+            snap = (g, [copy(p) for p in pgrads], copy(g_rhs))
+            x_next, f_next = x_end, None
+            ok, drift = True, math.inf
+            for k in range(e - 1, s, -1):
+                xin, out, ok, res, f_new = net._invert_rerun(
+                    k, x_next, rhs, rhs_in, A, nb, inv_tol, f_next
+                )
+                stats["inversions"] += 1
+                stats["max_inverse_residual"] = max(stats["max_inverse_residual"], res)
+                if not ok:
+                    break
+                accumulate(out, xin)
+                x_next, f_next = xin.detach(), f_new
+                del out, xin
+            if ok:
+                with torch.no_grad(), net._frozen_sn():
+                    z, ok, r1 = net._dc(s).inverse(x_next, rhs, A, nb, tol=inv_tol)
+                    if ok:
+                        x0 = None if f_next is None else z - f_next
+                        xs, ok, r2, _ = _fixed_point(
+                            net._den(s).residual,
+                            z,
+                            inv_tol,
+                            net.inversion_max_iter,
+                            net.inversion_anderson,
+                            x0,
+                            graph=False,
+                        )
+                        stats["inversions"] += 1
+                        stats["max_inverse_residual"] = max(stats["max_inverse_residual"], r1, r2)
+                if ok:
+                    drift = _rel(xs - ckpts[s], ckpts[s])
+                    stats["max_drift"] = max(stats["max_drift"], drift)
+            if not (ok and drift <= drift_tol):
+                g, pl, g_rhs = snap
+                pgrads[:] = pl
+                fail(
+                    f"hybrid backward: unrolls {s}..{e - 1} did not invert accurately "
+                    f"(relative drift {drift:.2e} > {drift_tol:.1e}); recomputing them from "
+                    f"the checkpoint at unroll {s}"
+                )
+                return False
+            with torch.enable_grad():
+                xin = ckpts[s].detach().requires_grad_(True)
+                out = net._unroll(s, xin, rhs_in, A, nb, x_init=x_next.detach())
+            stats["max_drift"] = max(stats["max_drift"], _rel(out.detach() - x_next, x_next))
+            accumulate(out, xin)
+            return True
+
         e, x_end = net.n_unrolls, xN
         for s in reversed(ctx.ck_idx):
             states: dict = {}
-            if hybrid and e - s > 1:
+            if (
+                hybrid
+                and e - s > 1
+                and all(net._fusable(k) for k in range(s, e))
+                and hybrid_segment_fused(s, e, x_end)
+            ):
+                e, x_end = s, ckpts[s]
+                continue
+            if hybrid and e - s > 1 and not all(net._fusable(k) for k in range(s, e)):
                 # online drift check: invert the whole segment down to its stored start
                 cur, ok, k = x_end, True, e - 1
                 rec = {}
@@ -387,20 +528,34 @@ class _MEL(torch.autograd.Function):
                         f"the checkpoint at unroll {s}"
                     )
                     states = recompute(s, e - 1)
+            elif hybrid and e - s > 1:  # the fused pass failed (and warned): recompute
+                states = recompute(s, e - 1)
             x_next = x_end
+            f_next = None  # f at x_next, from the previous re-run (starting-point hint)
             for k in range(e - 1, s - 1, -1):
+                fused = False
                 if k in states:
                     xk, ok, res = states[k], True, 0.0
                 elif k == s:
                     xk, ok, res = ckpts[s], True, 0.0
+                elif net._fusable(k):
+                    xin, out, ok, res, f_next_new = net._invert_rerun(
+                        k, x_next, rhs, rhs_in, A, nb, inv_tol, f_next
+                    )
+                    stats["inversions"] += 1
+                    stats["max_inverse_residual"] = max(stats["max_inverse_residual"], res)
+                    fused = out is not None
+                    xk = xin.detach()
                 else:
                     xk, ok, res = net._invert(k, x_next, rhs, A, nb, inv_tol)
                     stats["inversions"] += 1
                     stats["max_inverse_residual"] = max(stats["max_inverse_residual"], res)
                 for attempt in range(2):
-                    with torch.enable_grad():
-                        xin = xk.detach().requires_grad_(True)
-                        out = net._unroll(k, xin, rhs_in, A, nb)
+                    if not (fused and attempt == 0):
+                        with torch.enable_grad():
+                            xin = xk.detach().requires_grad_(True)
+                            out = net._unroll(k, xin, rhs_in, A, nb, x_init=x_next.detach())
+                        f_next_new = None
                     cons = _rel(out.detach() - x_next, x_next)
                     stats["max_drift"] = max(stats["max_drift"], cons)
                     bad = not ok or not cons <= drift_tol
@@ -423,19 +578,9 @@ class _MEL(torch.autograd.Function):
                         xk, ok = states[k], True
                         continue
                     break
-                inputs = [xin] + ([rhs_in] if need_rhs else []) + list(params)
-                grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
-                g = grads[0]
-                off = 1
-                if need_rhs:
-                    if grads[1] is not None:
-                        g_rhs = grads[1] if g_rhs is None else g_rhs + grads[1]
-                    off = 2
-                for i, gp in enumerate(grads[off:]):
-                    if gp is not None:
-                        pgrads[i] = gp if pgrads[i] is None else pgrads[i] + gp
-                x_next = xk
-                del out, xin, grads
+                accumulate(out, xin)
+                x_next, f_next = xk, f_next_new
+                del out, xin
             e, x_end = s, ckpts[s]
         net.last_backward = stats
         if stats["fallbacks"]:
