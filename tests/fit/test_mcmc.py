@@ -292,7 +292,7 @@ def test_running_moments_match_the_samples():
     x = x + torch.linspace(0, 3.0, 8, dtype=torch.float64)[None, None, :, None]  # unmixed walkers
     mom = _Moments(None)
     for t in range(x.shape[0]):
-        mom.add(x[t])
+        mom.add(x[t].permute(2, 0, 1))  # states are stored parameter-major (D, V, W)
     m, v = mom.walker_stats()
     T = x.shape[0]
     within = x.var(0, unbiased=True).mean(1)

@@ -38,7 +38,7 @@ log = get_logger("fit.mcmc")
 METHODS = ("ensemble", "mh")
 LIKELIHOODS = ("gaussian", "rician")
 _LOG_SIGMA_RANGE = (math.log(1e-5), math.log(10.0))  # internal units (data scale = 1)
-MAX_TAU_STEPS = 1024
+MAX_TAU_STEPS = 512
 MAX_QUANTILE_SAMPLES = 4096
 COMPILE_THRESHOLD = 5 * 10**7  # voxels × walkers × steps above which moves are compiled by default
 
@@ -161,14 +161,21 @@ class _Posterior:
                 "likelihood='gaussian' for complex or signed data"
             )
 
-    def bind(self, idx: torch.Tensor, reps: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def bind(
+        self, idx: torch.Tensor, reps: int, *, column_major: bool = False
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         """The log-posterior of ``reps`` states per voxel of ``idx``, rows ordered voxel-major.
 
         Data, weights, covariates and σ are gathered once here, so each evaluation is pure
-        arithmetic on contiguous tensors (no per-step gathers).
+        arithmetic (no per-step gathers). ``column_major`` stores the data measurement-major
+        (still indexed ``(n, M)``), which lets a compiled move vectorise along the rows.
         """
         rows = idx.repeat_interleave(reps) if reps > 1 else idx
         sub = self.p.subset(rows)
+        if column_major:
+            sub.data = sub.data.t().contiguous().t()
+            if sub.weights is not None:
+                sub.weights = sub.weights.t().contiguous().t()
         sigma = c_log = c_quad = None
         if self.noise_mode == "fixed":
             sigma = self.sigma[rows]
@@ -236,12 +243,20 @@ class _BoundPosterior:
 # random numbers: seeded on the CPU, moved to the device (identical chains on every device)
 # ------------------------------------------------------------------------------------------------
 class _Random:
+    """Seeded CPU random numbers moved to the device: the same seed gives the same chains on
+    every device. Uniforms come from NumPy's PCG64 (≈ 2× faster than torch's CPU generator, and
+    the ensemble draws three per walker and step), normals from a seeded torch generator."""
+
     def __init__(self, seed: int | None, device: torch.device, dtype: torch.dtype):
-        self.g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        s = 0 if seed is None else int(seed)
+        self.g = torch.Generator().manual_seed(s)
+        self.np = np.random.Generator(np.random.PCG64(s))
         self.device, self.dtype = device, dtype
+        self.np_dtype = np.float32 if dtype == torch.float32 else np.float64
 
     def uniform(self, *shape: int) -> torch.Tensor:
-        return torch.rand(shape, generator=self.g, dtype=self.dtype).to(self.device)
+        u = torch.from_numpy(self.np.random(shape, dtype=self.np_dtype))
+        return u.to(self.device, self.dtype)
 
     def normal(self, *shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=self.g, dtype=self.dtype).to(self.device)
@@ -599,40 +614,45 @@ def _run_chunk(
     """
     Vc, W, D = x.shape
     n_store = -(-n_keep // store_every)
-    trace = torch.empty((n_store, Vc, W, D), dtype=x.dtype, device=x.device)
+    # states are kept parameter-major, (D, Vc, W): every parameter is a contiguous vector over
+    # walkers, so the model's columns and the fused kernels of compiled moves run along walkers
+    # (vectorised) instead of along the few parameters/measurements of one walker
+    xT = x.permute(2, 0, 1).contiguous()
+    trace = torch.empty((n_store, D, Vc, W), dtype=x.dtype, device=x.device)
     moments = _Moments(posterior.P if posterior.noise_mode == "sample" else None)
     accepted = torch.zeros(Vc, dtype=torch.float64, device=x.device)
     proposed = 0
     window_acc = torch.zeros(Vc, dtype=torch.float64, device=x.device)
     window_n = 0
-    step = step.to(x.device, x.dtype)  # (Vc, D) MH widths
+    stepT = step.to(x.device, x.dtype).t()[:, :, None]  # (D, Vc, 1) MH widths
     k = 0
+    column_major = move.compiled is not None
     if method == "ensemble":
-        # walkers stored as two contiguous halves (Vc, 2, ns, D): each half-step reads and writes
-        # views, and one bound posterior (data gathered once) serves both halves
+        # two contiguous halves (D, Vc, 2, ns): each half-step reads and writes views, and one
+        # bound posterior (data gathered once) serves both halves
         ns = W // 2
-        x = x.reshape(Vc, 2, ns, D).contiguous()
-        post = posterior.bind(idx, ns)
-        lp = torch.stack([post(x[:, h].reshape(-1, D)).reshape(Vc, ns) for h in (0, 1)], 1)
+        xh = xT.view(D, Vc, 2, ns)
+        post = posterior.bind(idx, ns, column_major=column_major)
+        lp = torch.stack([post(xh[:, :, h].reshape(D, -1).t()).reshape(Vc, ns) for h in (0, 1)], 1)
         a = stretch
     else:
-        post = posterior.bind(idx, W)
-        lp = post(x.reshape(-1, D)).reshape(Vc, W)
+        post = posterior.bind(idx, W, column_major=column_major)
+        lp = post(xT.reshape(D, -1).t()).reshape(Vc, W)
     for it in range(n_steps):
         if method == "ensemble":
             n_acc = torch.zeros(Vc, dtype=x.dtype, device=x.device)
             u_all = rng.uniform(2, 3, Vc, ns)
             for h in (0, 1):
-                xs, lps = x[:, h], lp[:, h]
-                new_x, new_lp, n = move(post, xs, x[:, 1 - h], lps, u_all[h], a)
+                xs, lps = xh[:, :, h], lp[:, h]
+                new_x, new_lp, n = move(post, xs, xh[:, :, 1 - h], lps, u_all[h], a)
                 xs.copy_(new_x)
                 lps.copy_(new_lp)
                 n_acc += n
             acc_step = n_acc.double() / W
         else:
-            z = rng.normal(Vc, W, D)
+            z = rng.normal(D, Vc, W)
             u = rng.uniform(Vc, W)
-            x, lp, accept = move(post, x, lp, step, z, u)
+            xT, lp, accept = move(post, xT, lp, stepT, z, u)
             acc_step = accept.double().mean(1)
             if it < n_burn:  # adapt widths toward the target acceptance, then freeze them
                 window_acc += acc_step
@@ -640,20 +660,19 @@ def _run_chunk(
                 if window_n == 25:
                     rate = window_acc / window_n
                     factor = torch.exp(((rate - target) / target).clamp(-1.0, 1.0)).to(x.dtype)
-                    step = step * factor[:, None]
+                    stepT = stepT * factor[None, :, None]
                     window_acc.zero_()
                     window_n = 0
         if it >= n_burn:
             accepted += acc_step
             proposed += 1
             if (it - n_burn) % thin == 0 and k < n_keep:
-                state = x.reshape(Vc, W, D)
-                moments.add(state)
+                moments.add(xT)
                 if k % store_every == 0:
-                    trace[k // store_every] = state
+                    trace[k // store_every] = xT
                 k += 1
         bar.update(1)
-    return trace, moments, (accepted / max(proposed, 1)).to(x.dtype)
+    return trace.permute(0, 2, 3, 1), moments, (accepted / max(proposed, 1)).to(x.dtype)
 
 
 def _stretch_move(
@@ -664,21 +683,22 @@ def _stretch_move(
     u: torch.Tensor,
     a: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stretch move of the half ensemble ``xs (Vc, ns, D)`` against the other half ``xc``.
+    """Stretch move of the half ensemble ``xs (D, Vc, ns)`` against the other half ``xc``.
 
     ``u (3, Vc, ns)`` are uniforms for the partner choice, the stretch factor and the acceptance.
     Returns the new states, their log-posteriors and the number of accepted moves per voxel.
     """
-    Vc, ns, D = xs.shape
-    pick = (u[0] * xc.shape[1]).long().clamp_max(xc.shape[1] - 1)  # (Vc, ns) partner walkers
-    xp = torch.gather(xc, 1, pick[..., None].expand(Vc, ns, D))
+    D, Vc, ns = xs.shape
+    nc = xc.shape[2]
+    pick = (u[0] * nc).long().clamp_max(nc - 1)  # (Vc, ns) partner walkers
+    xp = torch.gather(xc, 2, pick.expand(D, Vc, ns))
     z = ((a - 1.0) * u[1] + 1.0) ** 2 / a
-    y = torch.addcmul(xp, z[..., None], xs - xp)
-    lpy = post(y.reshape(-1, D)).reshape(Vc, ns)
+    y = torch.addcmul(xp, z, xs - xp)
+    lpy = post(y.reshape(D, -1).t()).reshape(Vc, ns)
     log_ratio = (D - 1) * torch.log(z) + (lpy - lps)
     accept = torch.log(u[2]) < log_ratio  # u = 0: log = -inf accepts any finite ratio
     return (
-        torch.where(accept[..., None], y, xs),
+        torch.where(accept, y, xs),
         torch.where(accept, lpy, lps),
         accept.sum(1).to(xs.dtype),
     )
@@ -692,12 +712,12 @@ def _mh_move(
     z: torch.Tensor,
     u: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gaussian random-walk Metropolis step of ``x (Vc, W, D)`` with widths ``step (Vc, D)``."""
-    Vc, W, D = x.shape
-    y = torch.addcmul(x, step[:, None, :], z)
-    lpy = post(y.reshape(-1, D)).reshape(Vc, W)
+    """Gaussian random-walk Metropolis step of ``x (D, Vc, W)`` with widths ``step (D, Vc, 1)``."""
+    D, Vc, W = x.shape
+    y = torch.addcmul(x, step, z)
+    lpy = post(y.reshape(D, -1).t()).reshape(Vc, W)
     accept = torch.log(u) < lpy - lp
-    return torch.where(accept[..., None], y, x), torch.where(accept, lpy, lp), accept
+    return torch.where(accept, y, x), torch.where(accept, lpy, lp), accept
 
 
 class _Move:
@@ -726,44 +746,64 @@ class _Move:
 
 
 class _Moments:
-    """Running per-walker sums of the kept states, in float64 about the first kept state.
+    """Running per-walker sums of the kept states ``(D, Vc, W)`` about the first kept state.
 
-    Means, standard deviations and R-hat then need no pass over a stored trace. With a sampled
-    noise level, column ``sigma_col`` (log σ) is accumulated as σ = exp(log σ), the reported
+    Means, standard deviations and R-hat then need no pass over a stored trace. Sums run in the
+    states' precision over blocks of ``BLOCK`` steps (deviations from the first state are small,
+    so a block's float32 sum loses nothing that matters) and are added into float64 totals. With a
+    sampled noise level, row ``sigma_col`` (log σ) is accumulated as σ = exp(log σ), the reported
     quantity.
     """
+
+    BLOCK = 64
 
     def __init__(self, sigma_col: int | None):
         self.sigma_col = sigma_col
         self.n = 0
-        self.shift = self.s1 = self.s2 = None
+        self.shift = self.s1 = self.s2 = self.b1 = self.b2 = None
 
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.to(torch.float64, copy=True)
-        if self.sigma_col is not None:
-            t[..., self.sigma_col].exp_()
+        if self.sigma_col is None:
+            return x
+        t = x.clone()
+        t[self.sigma_col].exp_()
         return t
 
     def add(self, x: torch.Tensor) -> None:
         t = self._transform(x)
         if self.shift is None:
-            self.shift = t
-            self.s1 = torch.zeros_like(t)
-            self.s2 = torch.zeros_like(t)
+            self.shift = t.clone()
+            self.s1 = torch.zeros_like(t, dtype=torch.float64)
+            self.s2 = torch.zeros_like(t, dtype=torch.float64)
+            self.b1 = torch.zeros_like(t)
+            self.b2 = torch.zeros_like(t)
         else:
-            t -= self.shift
-            self.s1 += t
-            self.s2.addcmul_(t, t)
+            d = t - self.shift
+            self.b1 += d
+            self.b2.addcmul_(d, d)
         self.n += 1
+        if self.n % self.BLOCK == 0:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.b1 is not None:
+            self.s1 += self.b1
+            self.s2 += self.b2
+            self.b1.zero_()
+            self.b2.zero_()
 
     def keep_first(self, n: int) -> None:
         """Drop all but the first ``n`` voxels."""
-        self.shift, self.s1, self.s2 = self.shift[:n], self.s1[:n], self.s2[:n]
+        self._flush()
+        self.shift, self.s1, self.s2 = self.shift[:, :n], self.s1[:, :n], self.s2[:, :n]
+        self.b1, self.b2 = self.b1[:, :n], self.b2[:, :n]
 
     def walker_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-walker mean and population variance, each ``(Vc, W, D)`` float64."""
+        self._flush()
         m = self.s1 / self.n
-        return self.shift + m, (self.s2 / self.n - m * m).clamp_min(0.0)
+        mean = (self.shift.double() + m).permute(1, 2, 0)
+        return mean, (self.s2 / self.n - m * m).clamp_min(0.0).permute(1, 2, 0)
 
 
 def _fft_size(n: int) -> int:
