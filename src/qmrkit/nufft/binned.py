@@ -241,21 +241,29 @@ class BinnedGridder:
         tail = math.prod(pr)
         outp = gr.new_empty((self.n_rows, cols))
         for bx, groups in self._slabs():
-            v = g.index_select(0, self._slab_rows(bx))
+            # the slab's padded subgrids as a view (P0, nb1, …, nb_k, C, P1, …, P_k) of the
+            # periodically extended slab, reordered (no copy) to (nb1, …, nb_k, P0, C, P1, …)
+            v = _periodic_take(g, 0, bx * self.bins[0], p0)
             for a in range(k):
-                v = v.index_select(1 + a, self.fold_idx[1 + a])
-            # (P0, nb1·P1, …, C) -> (nb1, …, P1, …, P0, C)
-            v = v.view(p0, *[x for pair in zip(nbr, pr, strict=True) for x in pair], cols)
-            perm = [1 + 2 * a for a in range(k)] + [2 + 2 * a for a in range(k)] + [0, 2 * k + 1]
-            subs = v.permute(perm).reshape(self.per_slab, tail, p0 * cols)
+                length = (nbr[a] - 1) * self.bins[1 + a] + pr[a]
+                v = _periodic_take(v, 1 + a, 0, length)
+            for a in range(k):
+                v = v.unfold(1 + a, pr[a], self.bins[1 + a])
+            perm = [*range(1, k + 1), 0, k + 1, *range(k + 2, 2 * k + 2)]
+            v = v.permute(perm)
+            if k == 0:
+                v = v.unsqueeze(0)
             for _, kl, row0, ids in groups:
                 nbat = self._batches(kl, ids.shape[0], cols, dt.itemsize)
                 for j0 in range(0, ids.shape[0], nbat):
                     j1 = min(ids.shape[0], j0 + nbat)
                     r0, r1 = row0 + j0 * kl, row0 + j1 * kl
+                    # gather the bins' subgrids: (n, P0, C, P1, …) -> matrices (n, tail, P0·C)
+                    sel = ids[j0:j1]
+                    sub = v[_unravel(sel, nbr)] if k else v.expand(j1 - j0, *v.shape[1:])
+                    sub = sub.reshape(j1 - j0, p0 * cols, tail).transpose(1, 2)
                     right = self._tail(r0, r1, dt).view(j1 - j0, kl, tail)
-                    t = torch.bmm(right, subs.index_select(0, ids[j0:j1]))
-                    t = t.view(r1 - r0, p0, cols)
+                    t = torch.bmm(right, sub).view(r1 - r0, p0, cols)
                     ax0 = self._dense(0, r0, r1, dt)
                     outp[r0:r1] = (t * ax0[:, :, None]).sum(1)
         # un-permute: padded row j holds sample perm[j] (padding rows go to the dummy row M)
@@ -300,3 +308,25 @@ def _add_periodic(out: torch.Tensor, start: int, v: torch.Tensor) -> None:
         out[pos : pos + ln].add_(v[i : i + ln])
         i += ln
         pos = 0
+
+
+def _periodic_take(v: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+    """``v`` at indices ``(start + i) mod v.shape[dim]``, ``i < length``, along ``dim`` (a copy
+    made of contiguous pieces)."""
+    period = v.shape[dim]
+    pieces, pos, i = [], start % period, 0
+    while i < length:
+        ln = min(length - i, period - pos)
+        pieces.append(v.narrow(dim, pos, ln))
+        i += ln
+        pos = 0
+    return torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
+
+
+def _unravel(flat: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """Multi-indices of row-major flat indices ``flat`` into ``shape``."""
+    out = []
+    for n in reversed(shape):
+        out.append(flat % n)
+        flat = torch.div(flat, n, rounding_mode="floor")
+    return tuple(reversed(out))
