@@ -142,16 +142,10 @@ class BinnedGridder:
                 1, pos, weights[ax].index_select(0, src).to(dtype)
             )
             self.dense.append(d)
-        # periodic fold/gather index per axis: (nb·P,)
-        self.fold_idx = []
-        for ax in range(self.ndim):
-            i = torch.arange(self.nb[ax], device=dev)[:, None] * self.bins[ax]
-            i = i + torch.arange(self.pad[ax], device=dev)[None, :]
-            self.fold_idx.append(torch.remainder(i, self.grid[ax]).reshape(-1))
 
     def memory_bytes(self) -> int:
         """Bytes of precomputed geometry and weights held."""
-        t = [self.perm, *self.dense, *self.fold_idx, *(g[3] for g in self.groups), *self.empty]
+        t = [self.perm, *self.dense, *(g[3] for g in self.groups), *self.empty]
         return sum(x.numel() * x.element_size() for x in t)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -187,10 +181,6 @@ class BinnedGridder:
             acc.append(g)
         if acc:
             yield cur, acc
-
-    def _slab_rows(self, bx: int) -> torch.Tensor:
-        p0 = self.pad[0]
-        return self.fold_idx[0][bx * p0 : (bx + 1) * p0]
 
     # -- spreading -------------------------------------------------------------------------------
     def spread(self, yr: torch.Tensor) -> torch.Tensor:

@@ -53,14 +53,15 @@ FINUFFT_SIGMAS = (1.25, 2.0)
 # torch gather (CSR-chunk forward, index_add_ adjoint), 3D radial 1M samples, W = 5, 1 coil:
 # 8.0 s per pair for 1.3e8 taps in a run where FINUFFT took 3.4x its model time (load), so
 # ≈ 1.8e-8 s per tap and coil (the former 5e-9 underestimated it ~4x).
-# torch binned (dense per-bin products, see .binned): per *padded* tap (B + W − 1)^d per padded
-# sample and coil, and per padded-subgrid cell ((B + W − 1)/B)^d · G; 3D radial 1M samples,
-# ε = 1e-6, W = 8, σ = 1.75, 1 coil: ≈ 3.3 s per pair (2 threads, quiet moment) for 1.27M
-# padded samples × 3375 padded taps, i.e. ≈ 8e-10 s per padded tap (forward float32, adjoint
-# float64). The CUDA constants are guesses (not measured: no GPU in that session).
+# torch binned (dense per-bin products, see .binned): c_tapb per *padded* tap, (B + W − 1)^d per
+# padded sample (≈ 1.2·M) and coil; c_mem per grid cell and per padded-subgrid cell
+# (((B + W − 1)/B)^d · G: zeroing, folding, gathering). Fitted to 1-thread same-run timings on
+# 3D radial 1M samples, ε = 1e-6, B = 8 (pairs 2.60 / 3.07 / 3.58 / 3.48 s at σ = 1.5 / 1.75 /
+# 2 / 1.25; FINUFFT σ = 2 double 2.1 s in the same run), scaled to FINUFFT's model constant. The
+# CUDA constants are guesses (not measured: no GPU in that session).
 COST = {
     "torch/sparse": (4.0e-10, 3.5e-9, 2.0e-10, 4.0e-9),
-    "torch/binned": (4.0e-10, 0.0, 8.0e-10, 4.0e-9),
+    "torch/binned": (4.0e-10, 0.0, 2.3e-10, 8.7e-9),
     "torch-cuda/binned": (5.0e-12, 0.0, 2.0e-11, 1.0e-11),
     "torch/gather": (4.0e-10, 2.0e-9, 1.6e-8, 4.0e-9),
     "finufft/finufft": (4.0e-10, 0.0, 1.1e-9, 1.0e-9),
