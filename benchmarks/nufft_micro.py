@@ -7,8 +7,9 @@ Ratios against FINUFFT measured in the same process are what count on a shared m
     PYTHONPATH=src python benchmarks/nufft_micro.py toeplitz --eps 1e-3
 
 ``engines``: 3D 128³ koosh ball (4096 spokes × 256 = 1,048,576 samples), torch-native
-``NativeEngine`` (method ``gather`` or ``sparse`` at the given σ, kernel width from ε) against
-FINUFFT plans (``finufft:<upsampfac>:<single|double>``), best of ``--reps`` interleaved runs.
+``NativeEngine`` (method ``gather``, ``sparse`` or ``binned`` at the given σ, kernel width
+from ε) against FINUFFT plans (``finufft:<upsampfac>:<single|double>``), best of ``--reps`` interleaved runs;
+``--errors`` adds relative errors against FINUFFT complex128 at 1e-10 (first coil).
 ``toeplitz``: 2D 256², 402 spokes × 512, 32 coils, torch-native forward+adjoint (planned
 method/σ) against the Toeplitz normal.
 """
@@ -79,6 +80,18 @@ def engines(a: argparse.Namespace) -> None:
             ta = time.perf_counter() - t
             best[k] = [min(best[k][0], tf), min(best[k][1], ta)]
             print(f"  rep {r} {k}: fwd {tf:.3f} s, adj {ta:.3f} s", flush=True)
+    if a.errors:
+        # relative l2 errors against FINUFFT in complex128 at 1e-10 (forward: all samples)
+        pts64 = [pts[:, i].astype(np.float64).copy() for i in range(3)]
+        x0 = x[0].numpy().astype(np.complex128)
+        y0 = y[0].numpy().astype(np.complex128)
+        yref = finufft.nufft3d2(*pts64, x0, eps=1e-10, isign=-1, modeord=0)
+        xref = finufft.nufft3d1(*pts64, y0, (n, n, n), eps=1e-10, isign=1, modeord=0)
+        for k, (f, h) in impls.items():
+            yf, xa = (np.asarray(v).reshape(coils, -1)[0] for v in (f(), h()))
+            ef = np.linalg.norm(yf - yref) / np.linalg.norm(yref)
+            ea = np.linalg.norm(xa - xref.ravel()) / np.linalg.norm(xref)
+            print(f"{k:22s} error fwd {ef:.1e} adj {ea:.1e}", flush=True)
     ref = next(iter(best))
     for k, (tf, ta) in best.items():
         rf, ra = best[ref]
@@ -122,6 +135,7 @@ def main() -> None:
     p.add_argument("--impl", default="finufft:1.25:single,gather,sparse")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--errors", action="store_true", help="also measure errors (engines)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     (engines if a.what == "engines" else toeplitz)(a)

@@ -51,6 +51,8 @@ ENGINES = [
     ("torch", "sparse", None),
     ("torch", "gather", 1.25),
     ("torch", "sparse", 2.0),
+    ("torch", "binned", None),
+    ("torch", "binned", 2.0),
     pytest.param(
         "finufft",
         "auto",
@@ -134,7 +136,7 @@ def test_edge_sample_half_wraps():
 
 
 @pytest.mark.skipif(not HAS_FINUFFT, reason="finufft (the complex128 reference) is not installed")
-@pytest.mark.parametrize("method", ["gather", "sparse"])
+@pytest.mark.parametrize("method", ["gather", "sparse", "binned"])
 def test_complex64_reaches_1e6_on_dense_radial(method):
     """ε = 1e-6 in complex64: spreading sums in float64 (float32 sums floored at 1.5e-6)."""
     import finufft

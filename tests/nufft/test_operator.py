@@ -15,6 +15,7 @@ HAS_FINUFFT = available("finufft")
 BACKENDS = [
     ("torch", "gather"),
     ("torch", "sparse"),
+    ("torch", "binned"),
     pytest.param(
         "finufft",
         "auto",

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .binned import BinnedGridder
 from .grid import crop_from_grid, pad_to_grid
 from .kernels import Kernel, deapodization
 
@@ -59,8 +60,9 @@ class NativeEngine:
         Spreading kernel.
     dtype : torch.dtype
         ``complex64`` or ``complex128``.
-    method : {"gather", "sparse"}
-        On-the-fly kernel weights, or a precomputed sparse interpolation matrix.
+    method : {"gather", "sparse", "binned"}
+        On-the-fly kernel weights, a precomputed sparse interpolation matrix, or samples sorted
+        into bins spread/interpolated with dense batched products (:mod:`.binned`).
     chunk_bytes : int
         Temporary memory bound of one interpolation chunk (gather method).
     """
@@ -106,6 +108,8 @@ class NativeEngine:
         strides = [int(np.prod(self.grid[ax + 1 :])) for ax in range(self.ndim)]
         self.idx: list[torch.Tensor] = []
         self.wts: list[torch.Tensor] = []
+        first: list[torch.Tensor] = []
+        wts64: list[torch.Tensor] = []
         k64 = traj.to(torch.float64)
         for ax in range(self.ndim):
             g = self.grid[ax]
@@ -113,12 +117,19 @@ class NativeEngine:
             i0 = torch.ceil(u - w / 2.0)
             pos = i0[:, None] + t  # (M, W)
             wt = kernel(u[:, None] - pos)
+            if method == "binned":
+                first.append(i0.to(torch.int64))
+                wts64.append(wt)
+                continue
             ii = torch.remainder(pos.to(torch.int64), g) * strides[ax]
             self.idx.append(ii)
             self.wts.append(wt.to(self.real))
         self.csr = self.csr_t = None
+        self.binned: BinnedGridder | None = None
         if method == "sparse":
             self._build_sparse()
+        elif method == "binned":
+            self.binned = BinnedGridder(first, wts64, self.grid, w, self.real)
 
     # -- geometry --------------------------------------------------------------------------------
     @property
@@ -178,6 +189,8 @@ class NativeEngine:
 
     def memory_bytes(self) -> int:
         """Bytes held by the precomputed interpolation data."""
+        if self.binned is not None:
+            return self.binned.memory_bytes()
         if self.csr is not None:
             tot = 0
             for s in (self.csr, self.csr_t):
@@ -198,6 +211,8 @@ class NativeEngine:
         """Grid rows ``(Gtot, C)`` (real) -> samples ``(M, C)``."""
         if self.csr is not None:
             return torch.sparse.mm(self.csr, gr) if gr.is_cuda else self.csr @ gr
+        if self.binned is not None:
+            return self.binned.interp(gr)
         m, cols = self.n_samples, gr.shape[1]
         gtot = gr.shape[0]
         out = gr.new_empty((m, cols))
@@ -237,6 +252,8 @@ class NativeEngine:
         if self.csr_t is not None:
             out = torch.sparse.mm(self.csr_t, yr) if yr.is_cuda else self.csr_t @ yr
             return out.to(out_dtype)
+        if self.binned is not None:
+            return self.binned.spread(yr).to(out_dtype)
         cols = yr.shape[1]
         out = yr.new_zeros((gtot, cols))
         step = self._chunk(cols, self.acc.itemsize)

@@ -26,7 +26,7 @@ from .toeplitz import ToeplitzNormal
 log = get_logger("nufft")
 
 BACKENDS = ("auto", "torch", "finufft", "cufinufft")
-METHODS = ("auto", "gather", "sparse")
+METHODS = ("auto", "gather", "sparse", "binned")
 NORMALS = ("auto", "toeplitz", "direct")
 TUNES = ("heuristic", "measure")
 #: floor of the default memory budget (bytes of precomputed interpolation data)
@@ -50,7 +50,8 @@ class NufftInfo:
     backend : str
         ``"torch"``, ``"finufft"`` or ``"cufinufft"``.
     method : str
-        ``"gather"`` (precomputation-free), ``"sparse"`` (precomputed CSR) or the library's name.
+        ``"gather"`` (precomputation-free), ``"sparse"`` (precomputed CSR), ``"binned"`` (sorted
+        samples, dense per-bin products) or the library's name.
     normal : str
         ``"toeplitz"`` or ``"direct"`` (adjoint of forward).
     oversampling : float
@@ -424,10 +425,12 @@ def plan(
         ``torch.complex64`` (default) or ``torch.complex128``.
     backend : {"auto", "torch", "finufft", "cufinufft"}
         ``"auto"`` considers the torch-native engine and every installed library for the device.
-    method : {"auto", "gather", "sparse"}
-        Torch-native gridding: on-the-fly weights (memory O(M·W·d)) or a precomputed sparse
-        matrix (O(M·W^d), only within ``memory_budget``; otherwise falls back to gather and logs
-        why).
+    method : {"auto", "gather", "sparse", "binned"}
+        Torch-native gridding: on-the-fly weights (memory O(M·W·d)), a precomputed sparse
+        matrix (O(M·W^d), only within ``memory_budget``; otherwise falls back to ``"binned"``
+        on the CPU, ``"gather"`` elsewhere, and logs why), or samples sorted into bins with
+        dense per-bin products (memory O(M·(B + W)·d), see :mod:`qmrkit.nufft.binned`).
+        ``"auto"`` weighs sparse, binned and gather on the CPU and sparse and gather on CUDA.
     normal : {"auto", "toeplitz", "direct"}
         How ``op.normal`` computes AᴴA: Toeplitz embedding (two 2N FFTs) or adjoint of forward.
     tune : {"heuristic", "measure"}
@@ -504,7 +507,9 @@ def plan(
             if dev.type != "cuda":
                 raise DeviceError(f"the cufinufft backend needs a CUDA device, got {dev}")
         backends = [backend]
-    methods = ["sparse", "gather"] if method == "auto" else [method]
+    # binned: measured faster than gather on the CPU (3D, ε = 1e-6); not run on CUDA yet
+    auto = ["sparse", "binned", "gather"] if dev.type == "cpu" else ["sparse", "gather"]
+    methods = auto if method == "auto" else [method]
     problem = pl.Problem(size, m, trajs.shape[0], eps, dtype, b, dev)
     sigmas = (float(oversampling),) if oversampling is not None else None
     cands = pl.candidates(problem, backends, methods, sigmas)
@@ -519,9 +524,10 @@ def plan(
         )
         cands = [c for c in cands if not (c.method == "sparse" and c.memory > budget)]
         if method == "sparse" and not any(c.method == "sparse" for c in cands):
-            msg += "; falling back to the precomputation-free gather method"
+            light = "binned" if dev.type == "cpu" else "gather"
+            msg += f"; falling back to the {light} method (no precomputed matrix)"
             log.warning("NUFFT plan: %s", msg)
-            cands = pl.candidates(problem, backends, ["gather"], sigmas)
+            cands = pl.candidates(problem, backends, [light], sigmas)
         else:
             log.info("NUFFT plan: %s; sparse candidates dropped", msg)
         notes.append(msg)

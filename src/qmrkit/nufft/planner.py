@@ -30,6 +30,7 @@ import torch
 from .._device import synchronize
 from .._progress import get_logger
 from .backends import library_eps
+from .binned import BIN
 from .grid import grid_size
 from .kernels import MAX_WIDTH, Kernel, beta_rule, estimate_error, width_rule
 from .native import sparse_bytes
@@ -52,8 +53,16 @@ FINUFFT_SIGMAS = (1.25, 2.0)
 # torch gather (CSR-chunk forward, index_add_ adjoint), 3D radial 1M samples, W = 5, 1 coil:
 # 8.0 s per pair for 1.3e8 taps in a run where FINUFFT took 3.4x its model time (load), so
 # ≈ 1.8e-8 s per tap and coil (the former 5e-9 underestimated it ~4x).
+# torch binned (dense per-bin products, see .binned): c_tapb per *padded* tap, (B + W − 1)^d per
+# padded sample (≈ 1.2·M) and coil; c_mem per grid cell and per padded-subgrid cell
+# (((B + W − 1)/B)^d · G: zeroing, folding, gathering). Fitted to 1-thread same-run timings on
+# 3D radial 1M samples, ε = 1e-6, B = 8 (pairs 2.60 / 3.07 / 3.58 / 3.48 s at σ = 1.5 / 1.75 /
+# 2 / 1.25; FINUFFT σ = 2 double 2.1 s in the same run), scaled to FINUFFT's model constant. The
+# CUDA constants are guesses (not measured: no GPU in that session).
 COST = {
     "torch/sparse": (4.0e-10, 3.5e-9, 2.0e-10, 4.0e-9),
+    "torch/binned": (4.0e-10, 0.0, 2.3e-10, 8.7e-9),
+    "torch-cuda/binned": (5.0e-12, 0.0, 2.0e-11, 1.0e-11),
     "torch/gather": (4.0e-10, 2.0e-9, 1.6e-8, 4.0e-9),
     "finufft/finufft": (4.0e-10, 0.0, 1.1e-9, 1.0e-9),
     "cufinufft/cufinufft": (2.0e-12, 0.0, 2.0e-12, 1.0e-12),
@@ -70,6 +79,18 @@ def _model(key: str, p: Problem, grid: tuple[int, ...], taps: int) -> float:
         + c_tap * p.n_samples * taps
     )
     return p.n_traj * per_traj
+
+
+def _binned_model(key: str, p: Problem, grid: tuple[int, ...], width: int) -> float:
+    """Cost of the binned method: padded taps (B + W − 1)^d per padded sample (≈ 1.2·M), and
+    per grid cell the ((B + W − 1)/B)^d cells of the padded subgrids (zeroing, folding)."""
+    c_fft, c_tap, c_tapb, c_mem = COST[key]
+    g = math.prod(grid)
+    pads = [min(BIN, n) + width - 1 for n in grid]
+    blow = math.prod(q / min(BIN, n) for q, n in zip(pads, grid, strict=True))
+    dense = 1.2 * p.n_samples * math.prod(pads)
+    per_traj = p.batch * (2 * c_fft * _fft_cost(grid) + c_tapb * dense + c_mem * g * (1 + blow))
+    return p.n_traj * (per_traj + c_tap * dense)
 
 
 @dataclass
@@ -175,9 +196,15 @@ def native_candidate(p: Problem, method: str, sigma: float) -> Candidate | None:
         est += 1e-6  # float32 rounding of the FFT and the W^d-term sums (not in our control)
     key = ("torch-cuda/" if p.device.type == "cuda" else "torch/") + method
     taps = kernel.width**p.ndim
-    cost = _model(key, p, grid, taps)
+    if method == "binned":
+        cost = _binned_model(key, p, grid, kernel.width)
+    else:
+        cost = _model(key, p, grid, taps)
     real_bytes = 4 if p.dtype == torch.complex64 else 8
-    if method == "sparse":
+    if method == "binned":
+        pad = min(BIN, min(grid)) + kernel.width - 1
+        mem = p.n_traj * int(1.2 * p.n_samples) * (p.ndim * pad * real_bytes + 8)
+    elif method == "sparse":
         # complex64 plans with ε < 1e-5 spread in float64 (NativeEngine accumulate_double)
         acc_bytes = 8 if p.dtype == torch.complex64 and p.eps < 1e-5 else real_bytes
         mem = p.n_traj * sparse_bytes(p.n_samples, kernel.width, p.ndim, real_bytes, acc_bytes)
