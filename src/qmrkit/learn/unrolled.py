@@ -7,7 +7,8 @@ times: ``z_k = D_k(x_k)``, ``x_{k+1} = DC_k(z_k)``. Four ways to backpropagate t
     Plain autograd; memory grows linearly with the number of unrolls.
 ``checkpoint``
     ``torch.utils.checkpoint`` (non-reentrant) around every unroll: only the state between unrolls
-    is stored and each unroll is recomputed during the backward pass.
+    is stored and each unroll is recomputed during the backward pass (its CG solve warm-started
+    at the remembered output, so the re-run costs one normal-operator call, not a full solve).
 ``reversible``
     MEL proper (Kellman et al.): the forward pass runs without a graph and keeps only its output
     (the input is held by the caller anyway). The backward pass walks the unrolls in reverse,
@@ -241,6 +242,16 @@ class UnrolledNet(nn.Module):
             z = self._den(k)(x)
             return self._dc(k)(z, rhs, A, nb, x_init)
 
+    def _unroll_remembered(
+        self, k: int, x: torch.Tensor, rhs: torch.Tensor, A, nb: int, outputs: dict
+    ) -> torch.Tensor:
+        """A checkpointed unroll: the forward run remembers its (detached) output, and the
+        backward re-run warm-starts CG there, so the re-run costs one normal-operator call
+        instead of a full solve. Memory: one image per unroll."""
+        out = self._unroll(k, x, rhs, A, nb, outputs.get(k))
+        outputs.setdefault(k, out.detach())
+        return out
+
     def _tols(self, dtype: torch.dtype) -> tuple[float, float]:
         f64 = dtype in (torch.float64, torch.complex128)
         inv = self.inversion_tol if self.inversion_tol is not None else (1e-12 if f64 else 1e-6)
@@ -345,8 +356,11 @@ class UnrolledNet(nn.Module):
                 x = self._unroll(k, x, rhs, A, nb)
             return x
         if self.memory == "checkpoint":
+            outputs: dict[int, torch.Tensor] = {}
             for k in range(self.n_unrolls):
-                x = _checkpoint(self._unroll, k, x, rhs, A, nb, use_reentrant=False)
+                x = _checkpoint(
+                    self._unroll_remembered, k, x, rhs, A, nb, outputs, use_reentrant=False
+                )
             return x
         return _MEL.apply(self, A, nb, x, rhs, *params)
 
