@@ -197,3 +197,31 @@ def test_measure_admits_relaxed_finufft_tolerance_only_when_verified(tmp_path, m
     monkeypatch.setenv("QMRKIT_WISDOM_DIR", str(tmp_path / "b"))
     op2 = nufft.plan(traj, n, eps=1e-3, tune="measure", backend="finufft", normal="direct")
     assert op2.info.timings and not any("tol=" in k for k in op2.info.timings)
+
+
+def test_complex64_rounding_amplified_by_deapodization_is_planned_around():
+    """In complex64 at ε = 1e-6, low-σ wide kernels amplify float32 rounding by ψ̂(0)/ψ̂(r): the
+    complex64 result of such a configuration misses ε by the predicted order, the planner no
+    longer offers it, and what it picks instead meets ε against the exact NDFT."""
+    from qmrkit.errors import ParameterError
+    from qmrkit.nufft.kernels import rounding_error
+    from qmrkit.nufft.native import NativeEngine
+
+    g = torch.Generator().manual_seed(3)
+    n = (16, 16, 16)
+    traj = torch.rand(1200, 3, generator=g, dtype=torch.float64) - 0.5
+    x = crandn(n, dtype=torch.complex128, seed=4)
+    exact = ndft_matrix(traj.numpy(), n) @ x.numpy().reshape(-1)
+    kernel, alias, grid = planner.choose_for_sigma(1e-6, 1.25, n)
+    predicted = rounding_error(kernel, n, grid)
+    assert alias <= 1e-6 < predicted  # aliasing alone would pass; rounding does not
+    eng = NativeEngine(
+        traj.float(), n, grid, kernel, torch.complex64, method="sparse", accumulate_double=True
+    )
+    measured = rel(eng.forward(x.to(torch.complex64)[None])[0].numpy(), exact)
+    assert predicted / 10 < measured < predicted * 10, (measured, predicted)
+    assert measured > 1e-6
+    with pytest.raises(ParameterError, match="no NUFFT configuration reaches eps=1e-06"):
+        nufft.plan(traj.float(), n, eps=1e-6, backend="torch", oversampling=1.25)
+    op = nufft.plan(traj.float(), n, eps=1e-6, backend="torch")
+    assert rel(op(x.to(torch.complex64)).numpy(), exact) <= 1e-6

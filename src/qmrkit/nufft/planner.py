@@ -32,7 +32,7 @@ from .._progress import get_logger
 from .backends import library_eps
 from .binned import BIN
 from .grid import grid_size
-from .kernels import MAX_WIDTH, Kernel, beta_rule, estimate_error, width_rule
+from .kernels import MAX_WIDTH, Kernel, beta_rule, estimate_error, rounding_error, width_rule
 from .native import sparse_bytes
 
 log = get_logger("nufft.planner")
@@ -193,7 +193,13 @@ def native_candidate(p: Problem, method: str, sigma: float) -> Candidate | None:
     if est > p.eps:
         return None
     if p.dtype == torch.complex64:
-        est += 1e-6  # float32 rounding of the FFT and the W^d-term sums (not in our control)
+        # single-precision rounding, amplified by the deapodization where ψ̂ is small (wide
+        # kernels at low σ): a wider kernel at this σ only makes it worse, so the candidate goes
+        # (below ε = 1e-6 complex64 floors anyway and the plan warns; judge against the floor)
+        rounding = rounding_error(kernel, p.im_size, grid)
+        if math.hypot(est, rounding) > max(p.eps, 1e-6):
+            return None
+        est = math.hypot(est, rounding) + 1e-6  # + the float32 FFT floor (not in our control)
     key = ("torch-cuda/" if p.device.type == "cuda" else "torch/") + method
     taps = kernel.width**p.ndim
     if method == "binned":
