@@ -156,16 +156,23 @@ class ResidualCNN(nn.Module):
         return self.spectral_norm and self.residual_scale < 1.0
 
     def inverse(
-        self, z: torch.Tensor, tol: float = 1e-10, max_iter: int = 200, anderson: int = 0
+        self,
+        z: torch.Tensor,
+        tol: float = 1e-10,
+        max_iter: int = 200,
+        anderson: int = 0,
+        x0: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, bool, float]:
         """Solve ``x + s·f(x) = z`` by fixed-point iteration ``x ← z − s·f(x)``.
 
         Returns ``(x, converged, relative_residual)``; the residual is
         ``‖x + s·f(x) − z‖ / ‖z‖``. Converges when ``s·f`` is a contraction; Anderson
-        acceleration with memory ``anderson`` (0: plain iteration) cuts the evaluations needed
-        (see :func:`fixed_point_inverse`).
+        acceleration with memory ``anderson`` (0: plain iteration) cuts the evaluations needed,
+        and ``x0`` is the starting point (default ``z``; see :func:`fixed_point_inverse`).
         """
-        return fixed_point_inverse(self.residual, z, tol=tol, max_iter=max_iter, anderson=anderson)
+        return fixed_point_inverse(
+            self.residual, z, tol=tol, max_iter=max_iter, anderson=anderson, x0=x0
+        )
 
     @torch.no_grad()
     def lipschitz_estimate(self, shape: Sequence[int], n_iter: int = 50, seed: int = 0) -> float:

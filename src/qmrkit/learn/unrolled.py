@@ -260,15 +260,21 @@ class UnrolledNet(nn.Module):
             drift = max(100 * self.cg_tol, 1e-9 if f64 else 1e-4)
         return inv, drift
 
-    def _invert(self, k: int, x_next, rhs, A, nb, tol):
-        """Recover the input of unroll ``k`` from its output; returns ``(x, ok, residual)``."""
+    def _invert(self, k: int, x_next, rhs, A, nb, tol, f_guess=None):
+        """Recover the input of unroll ``k`` from its output; returns ``(x, ok, residual)``.
+
+        ``f_guess`` (the denoiser residual at the next state, known from a re-run) starts the
+        denoiser inversion at ``z − f_guess`` when the denoiser is one we invert ourselves."""
         with torch.no_grad(), self._frozen_sn():
             z, ok, r1 = self._dc(k).inverse(x_next, rhs, A, nb, tol=tol)
             if not ok:
                 return z, False, r1
             den = self._den(k)
-            kw = {"anderson": self.inversion_anderson} if self.inversion_anderson else {}
+            x0 = None if f_guess is None or not self._fusable(k) else z - f_guess
             if hasattr(den, "inverse"):
+                kw = {"anderson": self.inversion_anderson} if self.inversion_anderson else {}
+                if x0 is not None:
+                    kw["x0"] = x0
                 x, ok, r2 = den.inverse(z, tol=tol, max_iter=self.inversion_max_iter, **kw)
             else:
                 x, ok, r2 = fixed_point_inverse(
@@ -277,6 +283,7 @@ class UnrolledNet(nn.Module):
                     tol=tol,
                     max_iter=self.inversion_max_iter,
                     anderson=self.inversion_anderson,
+                    x0=x0,
                 )
             return x, ok, max(r1, r2)
 
@@ -472,21 +479,9 @@ class _MEL(torch.autograd.Function):
                 x_next, f_next = xin.detach(), f_new
                 del out, xin
             if ok:
-                with torch.no_grad(), net._frozen_sn():
-                    z, ok, r1 = net._dc(s).inverse(x_next, rhs, A, nb, tol=inv_tol)
-                    if ok:
-                        x0 = None if f_next is None else z - f_next
-                        xs, ok, r2, _ = _fixed_point(
-                            net._den(s).residual,
-                            z,
-                            inv_tol,
-                            net.inversion_max_iter,
-                            net.inversion_anderson,
-                            x0,
-                            graph=False,
-                        )
-                        stats["inversions"] += 1
-                        stats["max_inverse_residual"] = max(stats["max_inverse_residual"], r1, r2)
+                xs, ok, res = net._invert(s, x_next, rhs, A, nb, inv_tol, f_guess=f_next)
+                stats["inversions"] += 1
+                stats["max_inverse_residual"] = max(stats["max_inverse_residual"], res)
                 if ok:
                     drift = _rel(xs - ckpts[s], ckpts[s])
                     stats["max_drift"] = max(stats["max_drift"], drift)
