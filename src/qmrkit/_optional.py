@@ -22,6 +22,7 @@ OPTIONAL = {
     "zfpy": ("serve", "ZFP compression of raw data"),
     "prometheus_client": ("serve", "the metrics endpoint of qmrkit serve"),
     "dask": ("dist", "scale-out over dask.distributed"),
+    "safetensors": ("learn", "safetensors checkpoints in qmrkit.learn (train, load_model)"),
     "torchkbnufft": ("test", "the torchkbnufft comparison in tests and benchmarks"),
 }
 

@@ -293,10 +293,26 @@ def _learn_parser(sub) -> None:
             a.add_argument("--lr", type=float, default=1e-3)
             a.add_argument("--loss", choices=("l1", "l2", "ssim"), default="l2")
             a.add_argument("--batch-size", type=int, default=1)
-            a.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+            a.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue from OUT/last.pt or OUT/last.safetensors (if both: the newer)",
+            )
+            a.add_argument(
+                "--checkpoint-format",
+                choices=("torch", "safetensors"),
+                default="torch",
+                help="last/best checkpoints as .pt (torch.save, default) or .safetensors "
+                "(no pickle; needs pip install 'qmrkit[learn]')",
+            )
             a.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
         else:
-            a.add_argument("--checkpoint", type=Path, required=True, help="best.pt or last.pt")
+            a.add_argument(
+                "--checkpoint",
+                type=Path,
+                required=True,
+                help="best.pt or last.pt, or best.safetensors or last.safetensors",
+            )
 
 
 def _cmd_learn(args: argparse.Namespace) -> int:

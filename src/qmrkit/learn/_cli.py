@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             checkpoint_dir=args.out,
             resume=args.resume,
+            checkpoint_format=args.checkpoint_format,
             seed=args.seed,
             device=args.device,
             progress=args.progress,

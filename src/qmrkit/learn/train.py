@@ -2,14 +2,20 @@
 
 ``train(model, dataset, ...)`` runs Adam on single samples (``batch_size`` samples are accumulated
 per optimiser step, each with its own operator), validates with NRMSE / PSNR / SSIM after every
-epoch, writes ``last.pt`` and ``best.pt`` checkpoints (``torch.save``) and resumes from
-``last.pt``. A non-finite loss or gradient stops training before the optimiser step, so the model
-and the last checkpoint keep the last good weights; :class:`NonFiniteLossError` says where and why.
+epoch, writes ``last`` and ``best`` checkpoints and resumes from ``last``. Checkpoints are
+``last.pt`` / ``best.pt`` (``torch.save``, the default) or, with
+``checkpoint_format="safetensors"``, ``last.safetensors`` / ``best.safetensors``: every tensor
+(model, Adam moments, RNG state) as a named tensor and the rest (model config, epoch, history,
+optimiser hyper-parameters) as JSON in the file's metadata. Reading a ``.safetensors`` checkpoint
+never unpickles anything, so it cannot run code hidden in the file. A non-finite loss or gradient
+stops training before the optimiser step, so the model and the last checkpoint keep the last good
+weights; :class:`NonFiniteLossError` says where and why.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
@@ -22,14 +28,20 @@ import torch
 import torch.nn.functional as F
 
 from .._device import resolve_device
+from .._optional import require
 from .._progress import get_logger, progress_bar
-from ..errors import DataFileError, NonFiniteLossError, ParameterError
+from ..errors import DataFileError, NonFiniteLossError, OptionalDependencyError, ParameterError
 from ..optim import cg as _cg
 from .data import sample_operator
 from .denoisers import ResidualCNN
 from .unrolled import UnrolledNet
 
 log = get_logger("learn.train")
+
+#: values of ``train(checkpoint_format=...)`` and their file suffixes
+CHECKPOINT_FORMATS = {"torch": ".pt", "safetensors": ".safetensors"}
+_ST_FORMAT = "qmrkit.learn.train checkpoint"  # metadata["format"] of our .safetensors files
+_ST_VERSION = 1
 
 
 # --------------------------------------------------------------------------------- metrics
@@ -139,11 +151,13 @@ def build_model(config: dict) -> UnrolledNet:
 
 
 def load_model(path, device=None) -> UnrolledNet:
-    """Build an :class:`UnrolledNet` from a checkpoint written by :func:`train`."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as exc:
-        raise DataFileError(f"cannot read checkpoint {path}: {exc}") from exc
+    """Build an :class:`UnrolledNet` from a checkpoint written by :func:`train`.
+
+    ``path`` is a ``.pt`` file (``torch.load``, which unpickles: load only files you trust) or a
+    ``.safetensors`` file (tensors and JSON only, nothing is unpickled; needs the ``safetensors``
+    package, ``pip install 'qmrkit[learn]'``); the format is chosen by the suffix.
+    """
+    ck = _read_checkpoint(path, "cpu")
     if not ck.get("model_config"):
         raise DataFileError(f"checkpoint {path} has no model_config (not written by learn.train?)")
     model = build_model(ck["model_config"])
@@ -162,6 +176,161 @@ class TrainResult:
     steps: int = 0
     elapsed_s: float = 0.0
     checkpoint_dir: str | None = None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _safetensors():
+    """``safetensors.torch``, or :class:`OptionalDependencyError` naming ``qmrkit[learn]``."""
+    require("safetensors")
+    import safetensors.torch
+
+    return safetensors.torch
+
+
+def _checkpoint_state(model, opt, epoch: int, result: TrainResult) -> dict:
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": epoch,
+        "history": copy.deepcopy(result.history),
+        "best_epoch": result.best_epoch,
+        "best_val_nrmse": result.best_val_nrmse,
+        "steps": result.steps,
+        "torch_rng": torch.get_rng_state(),
+        "model_config": model_config(model),
+    }
+
+
+def _flatten(ck: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A checkpoint dict as safetensors tensors (``model.*``, ``optimizer.state.<i>.<key>``,
+    ``rng.torch``) and str -> str metadata (JSON for everything that is not a tensor)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in ck["model"].items():
+        if not isinstance(v, torch.Tensor):
+            raise ParameterError(
+                f"train: checkpoint_format='safetensors' stores tensors only, but the model's "
+                f"state entry {k!r} is a {type(v).__name__}; use checkpoint_format='torch'"
+            )
+        tensors[f"model.{k}"] = v
+    opt_state = {}
+    for i, st in ck["optimizer"]["state"].items():
+        tkeys = [k for k, v in st.items() if isinstance(v, torch.Tensor)]
+        for k in tkeys:
+            tensors[f"optimizer.state.{i}.{k}"] = st[k]
+        values = {k: v for k, v in st.items() if k not in tkeys}
+        opt_state[str(i)] = {"tensors": tkeys, "values": values}
+    tensors["rng.torch"] = ck["torch_rng"]
+    # safetensors refuses tensors that share memory and non-contiguous ones: copy those
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        v = v.detach()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen or not v.is_contiguous():
+            v = v.clone(memory_format=torch.contiguous_format)
+        seen.add(ptr)
+        out[k] = v
+    optimizer = {"param_groups": ck["optimizer"]["param_groups"], "state": opt_state}
+    meta = {"format": _ST_FORMAT, "format_version": str(_ST_VERSION)}
+    for k in ("model_config", "epoch", "history", "best_epoch", "best_val_nrmse", "steps"):
+        meta[k] = json.dumps(ck[k])
+    try:
+        meta["optimizer"] = json.dumps(optimizer)
+    except TypeError as exc:
+        raise ParameterError(
+            f"train: optimiser settings are not JSON-serialisable ({exc}); "
+            "use checkpoint_format='torch'"
+        ) from exc
+    return out, meta
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict:
+    """Inverse of :func:`_flatten`."""
+    ck = {k: json.loads(meta[k]) for k in ("model_config", "epoch", "history")}
+    for k in ("best_epoch", "best_val_nrmse", "steps"):
+        ck[k] = json.loads(meta.get(k, "null"))
+    ck["model"] = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    optimizer = json.loads(meta["optimizer"])
+    state = {}
+    for i, st in optimizer["state"].items():
+        d = {k: tensors[f"optimizer.state.{i}.{k}"] for k in st["tensors"]}
+        d.update(st["values"])
+        state[int(i)] = d
+    groups = [
+        {k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+        for g in optimizer["param_groups"]
+    ]  # JSON turned tuples (Adam's betas) into lists
+    ck["optimizer"] = {"state": state, "param_groups": groups}
+    ck["torch_rng"] = tensors["rng.torch"]
+    return ck
+
+
+def _read_checkpoint(path, map_location="cpu") -> dict:
+    """A checkpoint written by :func:`train` (``.pt`` or ``.safetensors``) as a dict."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except (OSError, RuntimeError) as exc:
+            raise DataFileError(f"cannot read checkpoint {path}: {exc}") from exc
+    _safetensors()
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise DataFileError(f"cannot read checkpoint {path}: {exc}") from exc
+    if meta.get("format") != _ST_FORMAT:
+        raise DataFileError(
+            f"checkpoint {path} is a safetensors file without qmrkit checkpoint metadata "
+            f"(not written by learn.train?)"
+        )
+    if int(meta.get("format_version", "0")) > _ST_VERSION:
+        raise DataFileError(
+            f"checkpoint {path} has format_version {meta['format_version']}; this qmrkit reads "
+            f"up to {_ST_VERSION} (upgrade qmrkit)"
+        )
+    try:
+        return _unflatten(tensors, meta)
+    except (KeyError, ValueError) as exc:
+        raise DataFileError(f"checkpoint {path} is incomplete or corrupt: {exc!r}") from exc
+
+
+def _resume_checkpoint(ckdir: Path | None, map_location) -> tuple[Path, dict]:
+    """The checkpoint to resume from: ``last.pt`` or ``last.safetensors``; if both exist, the
+    one with the later epoch (equal epochs: the later modification time)."""
+    cands = [ckdir / f"last{s}" for s in CHECKPOINT_FORMATS.values()] if ckdir else []
+    cands = [p for p in cands if p.exists()]
+    if not cands:
+        raise DataFileError(
+            f"train: resume=True but no checkpoint at {ckdir}/last.pt or {ckdir}/last.safetensors"
+        )
+    loaded = []
+    for p in cands:
+        try:
+            loaded.append((p, _read_checkpoint(p, map_location)))
+        except OptionalDependencyError:
+            if len(cands) == 1:
+                raise
+            log.warning("resume: ignoring %s (safetensors is not installed)", p)
+    if len(loaded) == 1:
+        return loaded[0]
+    (pa, a), (pb, b) = loaded
+    by = "epoch" if a["epoch"] != b["epoch"] else "modification time"
+    key = (lambda pc: pc[1]["epoch"]) if by == "epoch" else (lambda pc: pc[0].stat().st_mtime)
+    path, ck = max(loaded, key=key)
+    log.info(
+        "resume: both %s (epoch %d) and %s (epoch %d) exist; using the newer by %s: %s",
+        pa.name,
+        a["epoch"],
+        pb.name,
+        b["epoch"],
+        by,
+        path.name,
+    )
+    return path, ck
 
 
 def _seed_all(seed: int) -> None:
@@ -232,6 +401,7 @@ def train(
     batch_size: int = 1,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    checkpoint_format: str = "torch",
     seed: int = 0,
     grad_clip: float | None = None,
     device=None,
@@ -252,9 +422,20 @@ def train(
         Samples whose gradients are accumulated per optimiser step (each sample keeps its own
         operator; memory stays that of one sample).
     checkpoint_dir : path, optional
-        Writes ``last.pt`` after every epoch and ``best.pt`` at the best validation NRMSE.
+        Writes ``last`` after every epoch and ``best`` at the best validation NRMSE (atomically:
+        a temporary file, then a rename).
     resume : bool
-        Continue from ``checkpoint_dir/last.pt`` (model, optimiser, epoch, history, RNG state).
+        Continue from ``checkpoint_dir/last.pt`` or ``last.safetensors`` (model, optimiser,
+        epoch, history, RNG state), whichever exists; if both do, the one with the later epoch
+        (equal epochs: the later modification time), as the log says. Either format resumes an
+        interrupted run bit for bit, whatever ``checkpoint_format`` is now.
+    checkpoint_format : {"torch", "safetensors"}
+        ``"torch"``: ``last.pt`` / ``best.pt`` written with ``torch.save`` (reading them
+        unpickles, which can run code from an untrusted file). ``"safetensors"``:
+        ``last.safetensors`` / ``best.safetensors`` with the model state, the optimiser state
+        (Adam moments and step counts as named tensors) and the RNG state (uint8) as tensors,
+        and the model config, epoch, history and optimiser hyper-parameters as JSON metadata;
+        reading them never unpickles anything. Needs ``pip install 'qmrkit[learn]'``.
     seed : int
         Seeds the shuffling and torch's generators.
     grad_clip : float, optional
@@ -264,6 +445,10 @@ def train(
 
     Raises
     ------
+    ParameterError
+        Bad ``epochs``, ``batch_size``, ``lr``, ``loss`` or ``checkpoint_format``.
+    OptionalDependencyError
+        ``checkpoint_format="safetensors"`` without the ``safetensors`` package.
     NonFiniteLossError
         A loss or gradient became NaN/Inf; the model keeps its last good weights and the last
         checkpoint is untouched.
@@ -274,6 +459,13 @@ def train(
         )
     if len(dataset) == 0:
         raise ParameterError("train: the dataset is empty")
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ParameterError(
+            f"train: checkpoint_format must be 'torch' or 'safetensors', got {checkpoint_format!r}"
+        )
+    if checkpoint_format == "safetensors":
+        _safetensors()  # fail now, not after the first epoch
+    suffix = CHECKPOINT_FORMATS[checkpoint_format]
     lossf = _loss_fn(loss)
     dev = resolve_device(device, next(model.parameters()))
     model.to(dev)
@@ -284,17 +476,15 @@ def train(
     start_epoch = 0
     _seed_all(seed)
     if resume:
-        if ckdir is None or not (ckdir / "last.pt").exists():
-            raise DataFileError(f"train: resume=True but no checkpoint at {ckdir}/last.pt")
-        ck = torch.load(ckdir / "last.pt", map_location=dev, weights_only=False)
+        ck_path, ck = _resume_checkpoint(ckdir, dev)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch = ck["epoch"] + 1
         result.history = ck["history"]
         result.best_epoch, result.best_val_nrmse = ck.get("best_epoch"), ck.get("best_val_nrmse")
         result.steps = ck.get("steps", 0)
-        torch.set_rng_state(ck["torch_rng"])
-        log.info("resumed from %s at epoch %d", ckdir / "last.pt", start_epoch)
+        torch.set_rng_state(ck["torch_rng"].cpu())
+        log.info("resumed from %s at epoch %d", ck_path, start_epoch)
     if ckdir is not None:
         ckdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -357,32 +547,27 @@ def train(
                 if result.best_val_nrmse is None or v["nrmse"] < result.best_val_nrmse:
                     result.best_val_nrmse, result.best_epoch = v["nrmse"], epoch
                     if ckdir is not None:
-                        _save(ckdir / "best.pt", model, opt, epoch, result)
+                        _save(ckdir / f"best{suffix}", model, opt, epoch, result)
             result.history.append(rec)
             log.info("epoch %d: %s", epoch, rec)
             if ckdir is not None:
-                _save(ckdir / "last.pt", model, opt, epoch, result)
-                last_good = (ckdir / "last.pt", epoch)
+                _save(ckdir / f"last{suffix}", model, opt, epoch, result)
+                last_good = (ckdir / f"last{suffix}", epoch)
     result.elapsed_s = time.perf_counter() - t0
     return result
 
 
 def _save(path: Path, model, opt, epoch: int, result: TrainResult) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "epoch": epoch,
-            "history": copy.deepcopy(result.history),
-            "best_epoch": result.best_epoch,
-            "best_val_nrmse": result.best_val_nrmse,
-            "steps": result.steps,
-            "torch_rng": torch.get_rng_state(),
-            "model_config": model_config(model),
-        },
-        tmp,
-    )
+    """Write a checkpoint atomically (a temporary file renamed over ``path``); the format
+    follows the suffix (``.pt``: ``torch.save``; ``.safetensors``: tensors + JSON metadata)."""
+    ck = _checkpoint_state(model, opt, epoch, result)
+    if path.suffix == ".safetensors":
+        tmp = path.with_name(path.name + ".tmp")
+        tensors, meta = _flatten(ck)
+        _safetensors().save_file(tensors, str(tmp), metadata=meta)
+    else:
+        tmp = path.with_suffix(".tmp")
+        torch.save(ck, tmp)
     tmp.replace(path)
 
 
@@ -417,4 +602,5 @@ __all__ = [
     "model_config",
     "build_model",
     "load_model",
+    "CHECKPOINT_FORMATS",
 ]
