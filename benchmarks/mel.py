@@ -97,12 +97,13 @@ def worker(
     cg_tol: float,
     every: int,
     drift_tol: float | None,
+    denoiser: str = "residual",
 ) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     sys.path.insert(0, str(HERE.parent / "src"))
-    from qmrkit.learn import ResidualCNN, UnrolledNet
+    from qmrkit.learn import CouplingCNN, ResidualCNN, UnrolledNet
     from qmrkit.learn.data import SyntheticDataset, sample_operator
 
     cfg = CASES[case]
@@ -120,9 +121,14 @@ def worker(
     s = {k: v.to(dev) for k, v in ds[0].items()}
     A = sample_operator(s)
     torch.manual_seed(0)
-    den = ResidualCNN(
-        cfg["ndim"], channels=cfg["channels"], layers=cfg["layers"], spectral_norm=True
-    )
+    if denoiser == "coupling":
+        # three couplings of 3 convolutions: as many full-width (channels x channels)
+        # convolutions as the 5-layer ResidualCNN (the 2->C and C->2 ones are cheap)
+        den = CouplingCNN(cfg["ndim"], channels=cfg["channels"], layers=3, couplings=3)
+    else:
+        den = ResidualCNN(
+            cfg["ndim"], channels=cfg["channels"], layers=cfg["layers"], spectral_norm=True
+        )
     net = UnrolledNet(
         n,
         den,
@@ -185,6 +191,7 @@ def worker(
     times.sort()
     return dict(
         case=case,
+        denoiser=denoiser,
         mode=mode,
         n_unrolls=n,
         device=device,
@@ -217,6 +224,12 @@ def main() -> None:
     )
     ap.add_argument("--every", type=int, default=5, help="hybrid checkpoint interval K")
     ap.add_argument(
+        "--denoiser",
+        default="residual",
+        choices=("residual", "coupling"),
+        help="ResidualCNN (spectral norm, fixed-point inversion) or CouplingCNN (exact inverse)",
+    )
+    ap.add_argument(
         "--mmap-threshold",
         type=int,
         default=None,
@@ -242,6 +255,7 @@ def main() -> None:
                     args.cg_tol,
                     args.every,
                     args.drift_tol,
+                    args.denoiser,
                 )
             )
         )
@@ -273,6 +287,8 @@ def main() -> None:
                     str(args.cg_tol),
                     "--every",
                     str(args.every),
+                    "--denoiser",
+                    args.denoiser,
                 ]
                 if args.drift_tol is not None:
                     cmd += ["--drift-tol", str(args.drift_tol)]
@@ -337,6 +353,7 @@ def main() -> None:
         cg_iter=args.cg_iter,
         cg_tol=args.cg_tol,
         every=args.every,
+        denoiser=args.denoiser,
         mmap_threshold=args.mmap_threshold,
         python=platform.python_version(),
         torch=torch.__version__,

@@ -286,6 +286,16 @@ def _learn_parser(sub) -> None:
             a.add_argument("--layers", type=int, default=5)
             a.add_argument("--conv", choices=("full", "separable"), default="full")
             a.add_argument("--spectral-norm", action="store_true")
+            a.add_argument(
+                "--denoiser",
+                choices=("residual", "coupling"),
+                default="residual",
+                help="ResidualCNN (default; reversible/hybrid need --spectral-norm) or "
+                "CouplingCNN (exactly invertible: the fastest reversible/hybrid training)",
+            )
+            a.add_argument(
+                "--couplings", type=int, default=2, help="couplings of --denoiser coupling"
+            )
             a.add_argument("--unshared", action="store_true", help="separate weights per unroll")
             a.add_argument("--lam", type=float, default=0.05, help="initial CG weight λ")
             a.add_argument("--cg-iter", type=int, default=10)

@@ -15,7 +15,7 @@ Importing this package imports torch only (already needed by qmrkit).
 
 from .data import ArrayDataset, MrdDataset, SyntheticDataset, sample_operator
 from .dc import CGDataConsistency, GradientDataConsistency
-from .denoisers import ResidualCNN
+from .denoisers import CouplingCNN, ResidualCNN
 from .operators import CoilBatched, noncartesian_sense
 from .train import (
     NonFiniteLossError,
@@ -32,6 +32,7 @@ from .unrolled import MEMORY_MODES, InversionWarning, UnrolledNet
 __all__ = [
     "UnrolledNet",
     "ResidualCNN",
+    "CouplingCNN",
     "CGDataConsistency",
     "GradientDataConsistency",
     "InversionWarning",

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ParameterError
 from .data import ArrayDataset, MrdDataset, SyntheticDataset
-from .denoisers import ResidualCNN
+from .denoisers import CouplingCNN, ResidualCNN
 from .train import baselines, evaluate, load_model, train
 from .unrolled import UnrolledNet
 
@@ -50,13 +50,23 @@ def run(args: argparse.Namespace) -> int:
         sample = ds[0]
         ndim = sample["target"].ndim
         torch.manual_seed(args.seed)
-        den = ResidualCNN(
-            ndim,
-            channels=args.channels,
-            layers=args.layers,
-            conv=args.conv if ndim == 3 else "full",
-            spectral_norm=args.spectral_norm,
-        )
+        conv = args.conv if ndim == 3 else "full"
+        if args.denoiser == "coupling":
+            den: torch.nn.Module = CouplingCNN(
+                ndim,
+                channels=args.channels,
+                layers=args.layers,
+                couplings=args.couplings,
+                conv=conv,
+            )
+        else:
+            den = ResidualCNN(
+                ndim,
+                channels=args.channels,
+                layers=args.layers,
+                conv=conv,
+                spectral_norm=args.spectral_norm,
+            )
         model = UnrolledNet(
             args.unrolls,
             den,

@@ -33,7 +33,7 @@ from .._progress import get_logger, progress_bar
 from ..errors import DataFileError, NonFiniteLossError, OptionalDependencyError, ParameterError
 from ..optim import cg as _cg
 from .data import sample_operator
-from .denoisers import ResidualCNN
+from .denoisers import CouplingCNN, ResidualCNN
 from .unrolled import UnrolledNet
 
 log = get_logger("learn.train")
@@ -126,9 +126,10 @@ def _model_cdtype(model: torch.nn.Module):
 
 
 def model_config(model: UnrolledNet) -> dict:
-    """Constructor arguments of an :class:`UnrolledNet` with a :class:`ResidualCNN` (for saving)."""
+    """Constructor arguments of an :class:`UnrolledNet` with a :class:`ResidualCNN` or
+    :class:`CouplingCNN` denoiser (for saving; ``{}`` for other denoisers)."""
     den = model.denoisers[0]
-    if not isinstance(den, ResidualCNN):
+    if not isinstance(den, (ResidualCNN, CouplingCNN)):
         return {}
     dc = model.dcs[0]
     return dict(
@@ -146,7 +147,14 @@ def model_config(model: UnrolledNet) -> dict:
 def build_model(config: dict) -> UnrolledNet:
     """Inverse of :func:`model_config`."""
     cfg = dict(config)
-    den = ResidualCNN(**cfg.pop("denoiser"))
+    dcfg = dict(cfg.pop("denoiser"))
+    kind = dcfg.pop("kind", "residual")  # configs written before CouplingCNN have no kind
+    if kind == "coupling":
+        den: torch.nn.Module = CouplingCNN(**dcfg)
+    elif kind == "residual":
+        den = ResidualCNN(**dcfg)
+    else:
+        raise DataFileError(f"model config names an unknown denoiser kind {kind!r}")
     return UnrolledNet(cfg.pop("n_unrolls"), den, **cfg)
 
 

@@ -294,6 +294,12 @@ class UnrolledNet(nn.Module):
             hasattr(den, "residual") and not hasattr(den, "inverse")
         )
 
+    def _exact(self, k: int) -> bool:
+        """True when ``D_k`` is inverted exactly and backpropagated in one pass
+        (``inverse_vjp``, e.g. :class:`~qmrkit.learn.CouplingCNN`)."""
+        den = self._den(k)
+        return bool(getattr(den, "exact_inverse", False)) and hasattr(den, "inverse_vjp")
+
     def _invert_rerun(self, k: int, x_next, rhs, rhs_in, A, nb, tol, f_guess=None):
         """Invert unroll ``k`` and re-run it with autograd, sharing the last denoiser evaluation.
 
@@ -450,6 +456,32 @@ class _MEL(torch.autograd.Function):
                 if gp is not None:
                     pgrads[i] = gp if pgrads[i] is None else pgrads[i].add_(gp)
 
+        def exact_step(k: int, x_next):
+            """Invert unroll ``k`` whose denoiser has an exact inverse and backpropagate ``g``
+            through it with the same evaluations: the CG block in closed form, re-run
+            warm-started at ``x_next`` with autograd; the denoiser by ``inverse_vjp``. Returns
+            ``(x_k, ok, residual)``; nothing is accumulated when the inverse fails."""
+            nonlocal g
+            dc, den = net._dc(k), net._den(k)
+            with net._frozen_sn():
+                with torch.no_grad():
+                    z, ok, res = dc.inverse(x_next, rhs, A, nb, tol=inv_tol)
+                stats["inversions"] += 1
+                stats["max_inverse_residual"] = max(stats["max_inverse_residual"], res)
+                if not ok:
+                    return z, False, res
+                with torch.enable_grad():
+                    zl = z.detach().requires_grad_(True)
+                    out = dc(zl, rhs_in, A, nb, x_next.detach())
+                stats["max_drift"] = max(stats["max_drift"], _rel(out.detach() - x_next, x_next))
+                accumulate(out, zl)  # g is now the gradient at z
+                del out, zl
+                x, g, grads = den.inverse_vjp(z, g, params)
+            for i, gp in enumerate(grads):
+                if gp is not None:
+                    pgrads[i] = gp if pgrads[i] is None else pgrads[i].add_(gp)
+            return x, True, res
+
         def hybrid_segment_fused(s: int, e: int, x_end) -> bool:
             """Backpropagate segment ``s..e-1`` of ``hybrid`` with fused inversion + re-run.
 
@@ -468,6 +500,12 @@ class _MEL(torch.autograd.Function):
             x_next, f_next = x_end, None
             ok, drift = True, math.inf
             for k in range(e - 1, s, -1):
+                if net._exact(k):
+                    x_next, ok, _ = exact_step(k, x_next)
+                    f_next = None
+                    if not ok:
+                        break
+                    continue
                 xin, out, ok, res, f_new = net._invert_rerun(
                     k, x_next, rhs, rhs_in, A, nb, inv_tol, f_next
                 )
@@ -478,7 +516,13 @@ class _MEL(torch.autograd.Function):
                 accumulate(out, xin)
                 x_next, f_next = xin.detach(), f_new
                 del out, xin
-            if ok:
+            exact_s = ok and net._exact(s)
+            if exact_s:  # invert and backpropagate unroll s in one pass; check it at the end
+                xs, ok, res = exact_step(s, x_next)
+                if ok:
+                    drift = _rel(xs - ckpts[s], ckpts[s])
+                    stats["max_drift"] = max(stats["max_drift"], drift)
+            elif ok:
                 xs, ok, res = net._invert(s, x_next, rhs, A, nb, inv_tol, f_guess=f_next)
                 stats["inversions"] += 1
                 stats["max_inverse_residual"] = max(stats["max_inverse_residual"], res)
@@ -494,6 +538,8 @@ class _MEL(torch.autograd.Function):
                     f"the checkpoint at unroll {s}"
                 )
                 return False
+            if exact_s:  # its gradient was taken at the recovered x_s, within drift_tol
+                return True
             with torch.enable_grad():
                 xin = ckpts[s].detach().requires_grad_(True)
                 out = net._unroll(s, xin, rhs_in, A, nb, x_init=x_next.detach())
@@ -507,12 +553,14 @@ class _MEL(torch.autograd.Function):
             if (
                 hybrid
                 and e - s > 1
-                and all(net._fusable(k) for k in range(s, e))
+                and all(net._fusable(k) or net._exact(k) for k in range(s, e))
                 and hybrid_segment_fused(s, e, x_end)
             ):
                 e, x_end = s, ckpts[s]
                 continue
-            if hybrid and e - s > 1 and not all(net._fusable(k) for k in range(s, e)):
+            if hybrid and e - s > 1 and not all(
+                net._fusable(k) or net._exact(k) for k in range(s, e)
+            ):
                 # online drift check: invert the whole segment down to its stored start
                 cur, ok, k = x_end, True, e - 1
                 rec = {}
@@ -542,6 +590,17 @@ class _MEL(torch.autograd.Function):
             x_next = x_end
             f_next = None  # f at x_next, from the previous re-run (starting-point hint)
             for k in range(e - 1, s - 1, -1):
+                if k != s and k not in states and net._exact(k):
+                    xk, ok, res = exact_step(k, x_next)
+                    if ok:
+                        x_next, f_next = xk, None
+                        continue
+                    fail(
+                        f"reversible backward: unroll {k}'s data consistency could not be "
+                        f"inverted (residual {res:.2e}); recomputing states {s}..{k} from the "
+                        "input"
+                    )
+                    states = recompute(s, k)
                 fused = False
                 if k in states:
                     xk, ok, res = states[k], True, 0.0
