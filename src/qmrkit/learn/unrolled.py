@@ -558,8 +558,10 @@ class _MEL(torch.autograd.Function):
             ):
                 e, x_end = s, ckpts[s]
                 continue
-            if hybrid and e - s > 1 and not all(
-                net._fusable(k) or net._exact(k) for k in range(s, e)
+            if (
+                hybrid
+                and e - s > 1
+                and not all(net._fusable(k) or net._exact(k) for k in range(s, e))
             ):
                 # online drift check: invert the whole segment down to its stored start
                 cur, ok, k = x_end, True, e - 1
