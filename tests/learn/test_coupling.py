@@ -214,3 +214,26 @@ def test_cli_trains_a_coupling_network(tmp_path):
     assert len(m["history"]) == 1
     net = load_model(out / "last.pt")
     assert isinstance(net.denoisers[0], CouplingCNN) and net.memory == "reversible"
+
+
+@pytest.mark.slow
+def test_training_a_coupling_network_beats_the_baselines():
+    from qmrkit.learn import SyntheticDataset, baselines, train
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tr = SyntheticDataset(24, (32, 32), n_coils=4, acceleration=4, noise=0.02, seed=1)
+        va = SyntheticDataset(6, (32, 32), n_coils=4, acceleration=4, noise=0.02, seed=2)
+        base = baselines(va)
+        torch.manual_seed(0)
+        den = CouplingCNN(2, channels=16, layers=3, couplings=2, init_scale=0.01)
+        net = UnrolledNet(3, den, memory="standard", lam=0.1, cg_max_iter=10, cg_tol=1e-5)
+        res = train(net, tr, val_dataset=va, epochs=8, lr=1e-2, seed=0, progress=False)
+    finally:
+        torch.set_num_threads(n)
+    final = res.history[-1]["val_nrmse"]
+    # measured 0.3375 vs CG-SENSE 0.3446 and zero-filled 0.4786 (a ResidualCNN of similar size
+    # reaches 0.303 in the same run: the coupling net learns more slowly)
+    assert final < 0.99 * base["cg_sense"]["nrmse"], (final, base)
+    assert final < 0.75 * base["zero_filled"]["nrmse"], (final, base)

@@ -592,9 +592,21 @@ class _MEL(torch.autograd.Function):
             x_next = x_end
             f_next = None  # f at x_next, from the previous re-run (starting-point hint)
             for k in range(e - 1, s - 1, -1):
-                if k != s and k not in states and net._exact(k):
+                if k not in states and net._exact(k):
+                    # also at k == s: one coupling's graph at a time, never a whole unroll's
+                    # (the peak memory), and the recovered input is checked against the stored one
                     xk, ok, res = exact_step(k, x_next)
                     if ok:
+                        if k == s:
+                            drift = _rel(xk - ckpts[s], ckpts[s])
+                            stats["max_drift"] = max(stats["max_drift"], drift)
+                            if not drift <= drift_tol:
+                                fail(
+                                    f"reversible backward: recovered states drifted by "
+                                    f"{drift:.2e} (> {drift_tol:.1e}) over unrolls {s}..{e - 1}; "
+                                    "their gradients may be inaccurate. Use memory='hybrid' "
+                                    "(checkpoints with drift checks) or a larger λ"
+                                )
                         x_next, f_next = xk, None
                         continue
                     fail(
