@@ -18,16 +18,24 @@ def _rel(a, b):
     return float((a - b).detach().norm() / b.detach().norm())
 
 
+@pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize(
     "ndim, conv, shape",
     [(2, "full", (2, 3, 7, 9)), (3, "full", (1, 4, 6, 5)), (3, "separable", (2, 3, 8, 8))],
 )
-def test_inverse_is_exact(ndim, conv, shape):
+def test_inverse_is_exact(ndim, conv, shape, affine):
     torch.manual_seed(0)
-    # init_scale=1: far from the identity, and residual_scale 2: not a contraction; the
+    # init_scale=1: far from the identity; residual_scale 2 (additive): not a contraction; the
     # coupling inverse does not care
     den = CouplingCNN(
-        ndim, channels=5, layers=3, couplings=3, conv=conv, init_scale=1.0, residual_scale=2.0
+        ndim,
+        channels=5,
+        layers=3,
+        couplings=3,
+        conv=conv,
+        affine=affine,
+        init_scale=1.0,
+        residual_scale=2.0,
     ).double()
     x = torch.randn(shape, dtype=torch.complex128)
     z = den(x)
@@ -37,20 +45,32 @@ def test_inverse_is_exact(ndim, conv, shape):
     assert _rel(xr, x) <= 1e-13
 
 
-def test_each_coupling_updates_half_the_pixels():
+@pytest.mark.parametrize("affine", [True, False])
+def test_each_coupling_updates_half_the_pixels(affine):
     torch.manual_seed(0)
-    den = CouplingCNN(2, channels=4, layers=2, couplings=2, init_scale=1.0).double()
+    den = CouplingCNN(2, channels=4, layers=2, couplings=2, affine=affine, init_scale=1.0)
+    den = den.double()
     x = torch.randn(1, 6, 6, dtype=torch.complex128)
-    y = x + den._mask(0, x) * den.nets[0].residual(x * (1 - den._mask(0, x)))
+    m = den._mask(0, x)
+    y = den._couple(x, m, *den._coefficients(0, x * (1 - m)))
     changed = (y - x).abs() > 0
     parity = (torch.arange(6)[:, None] + torch.arange(6)[None, :]) % 2 == 0
-    assert bool(changed[0][~parity].logical_not().all())  # odd pixels untouched
+    assert not bool(changed[0][~parity].any())  # odd pixels untouched
     assert int(changed[0][parity].sum()) == 18
+    # the updated pixels do not depend on their own old values except through the affine
+    # scale: changing an updated pixel changes only that pixel
+    x2 = x.clone()
+    x2[0, 0, 0] += 1.0
+    y2 = den._couple(x2, m, *den._coefficients(0, x2 * (1 - m)))
+    diff = (y2 - y).abs() > 1e-12
+    assert int(diff.sum()) == 1 and bool(diff[0, 0, 0])
 
 
-def test_inverse_vjp_matches_autograd():
+@pytest.mark.parametrize("affine", [True, False])
+def test_inverse_vjp_matches_autograd(affine):
     torch.manual_seed(1)
-    den = CouplingCNN(2, channels=4, layers=3, couplings=3, init_scale=1.0).double()
+    den = CouplingCNN(2, channels=4, layers=3, couplings=3, affine=affine, init_scale=1.0)
+    den = den.double()
     x = torch.randn(2, 8, 10, dtype=torch.complex128)
     params = list(den.parameters())
     xl = x.clone().requires_grad_(True)
@@ -77,10 +97,13 @@ def _grads(
     shared=True,
     cg_tol=1e-12,
     conv="full",
+    affine=True,
     **kw,
 ):
     torch.manual_seed(1)
-    den = CouplingCNN(ndim, channels=4, layers=3, couplings=2, conv=conv, init_scale=0.5)
+    den = CouplingCNN(
+        ndim, channels=4, layers=3, couplings=2, conv=conv, affine=affine, init_scale=0.5
+    )
     net = UnrolledNet(
         n_unrolls,
         den,
@@ -102,12 +125,13 @@ def _grads(
     return g, yy.grad, net
 
 
+@pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("dc", ["cg", "gradient"])
-def test_modes_equal_standard_2d_float64(dc):
+def test_modes_equal_standard_2d_float64(dc, affine):
     A, x, y = make_problem()
-    ref_g, ref_gy, _ = _grads("standard", A, x, y, dc=dc)
+    ref_g, ref_gy, _ = _grads("standard", A, x, y, dc=dc, affine=affine)
     for mode in MODES[1:]:
-        g, gy, net = _grads(mode, A, x, y, dc=dc, checkpoint_every=2)
+        g, gy, net = _grads(mode, A, x, y, dc=dc, affine=affine, checkpoint_every=2)
         assert _rel(g, ref_g) <= 1e-8, (mode, _rel(g, ref_g))
         assert _rel(gy, ref_gy) <= 1e-8, mode
         if mode in ("reversible", "hybrid"):
@@ -150,7 +174,7 @@ def test_denoiser_evaluations_per_step(mode, every):
     den = CouplingCNN(2, channels=4, layers=2, couplings=2)
     calls = [0, 0]
     for j, sub in enumerate(den.nets):
-        sub.body.register_forward_hook(lambda *a, j=j: calls.__setitem__(j, calls[j] + 1))
+        sub.register_forward_hook(lambda *a, j=j: calls.__setitem__(j, calls[j] + 1))
     kw = {} if every is None else {"checkpoint_every": every}
     net = UnrolledNet(n, den, memory=mode, lam=0.5, cg_tol=1e-10, cg_max_iter=100, **kw).double()
     (net(y, A) - x).abs().pow(2).sum().backward()
