@@ -4,7 +4,9 @@
   learnable weight) for any :mod:`qmrkit.ops` forward operator, with four memory modes:
   ``standard``, ``checkpoint``, ``reversible`` (MEL) and ``hybrid``.
 * :class:`ResidualCNN` — residual CNN denoisers for 2D, 3D and 2D+time complex images, optionally
-  spectrally normalised (invertible).
+  spectrally normalised (invertible by fixed-point iteration).
+* :class:`CouplingCNN` — checkerboard coupling denoiser, inverted exactly in one evaluation
+  (the fastest ``reversible``/``hybrid`` backward).
 * :func:`train`, :func:`evaluate` — training loop (Adam; L1/L2/SSIM losses; PSNR/SSIM/NRMSE
   validation; checkpoints and resume) and evaluation.
 * :mod:`qmrkit.learn.data` — datasets from arrays, fully sampled ISMRMRD files
