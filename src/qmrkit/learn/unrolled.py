@@ -452,9 +452,19 @@ class _MEL(torch.autograd.Function):
                 if grads[1] is not None:
                     g_rhs = grads[1] if g_rhs is None else g_rhs.add_(grads[1])
                 off = 2
-            for i, gp in enumerate(grads[off:]):
+            add_param_grads(grads[off:])
+
+        def add_param_grads(grads) -> None:
+            for i, gp in enumerate(grads):
                 if gp is not None:
                     pgrads[i] = gp if pgrads[i] is None else pgrads[i].add_(gp)
+
+        def drift_warning(drift: float, first: int, last: int) -> None:
+            fail(
+                f"reversible backward: recovered states drifted by {drift:.2e} "
+                f"(> {drift_tol:.1e}) over unrolls {first}..{last}; their gradients may be "
+                "inaccurate. Use memory='hybrid' (checkpoints with drift checks) or a larger λ"
+            )
 
         def exact_step(k: int, x_next):
             """Invert unroll ``k`` whose denoiser has an exact inverse and backpropagate ``g``
@@ -477,9 +487,7 @@ class _MEL(torch.autograd.Function):
                 accumulate(out, zl)  # g is now the gradient at z
                 del out, zl
                 x, g, grads = den.inverse_vjp(z, g, params)
-            for i, gp in enumerate(grads):
-                if gp is not None:
-                    pgrads[i] = gp if pgrads[i] is None else pgrads[i].add_(gp)
+            add_param_grads(grads)
             return x, True, res
 
         def hybrid_segment_fused(s: int, e: int, x_end) -> bool:
@@ -601,12 +609,7 @@ class _MEL(torch.autograd.Function):
                             drift = _rel(xk - ckpts[s], ckpts[s])
                             stats["max_drift"] = max(stats["max_drift"], drift)
                             if not drift <= drift_tol:
-                                fail(
-                                    f"reversible backward: recovered states drifted by "
-                                    f"{drift:.2e} (> {drift_tol:.1e}) over unrolls {s}..{e - 1}; "
-                                    "their gradients may be inaccurate. Use memory='hybrid' "
-                                    "(checkpoints with drift checks) or a larger λ"
-                                )
+                                drift_warning(drift, s, e - 1)
                         x_next, f_next = xk, None
                         continue
                     fail(
@@ -643,12 +646,7 @@ class _MEL(torch.autograd.Function):
                     bad = not ok or not cons <= drift_tol
                     if bad and k == s and k not in states:
                         # exact stored input, but the recovered later state had drifted
-                        fail(
-                            f"reversible backward: recovered states drifted by {cons:.2e} "
-                            f"(> {drift_tol:.1e}) over unrolls {s + 1}..{e - 1}; their gradients "
-                            "may be inaccurate. Use memory='hybrid' (checkpoints with drift "
-                            "checks) or a larger λ"
-                        )
+                        drift_warning(cons, s + 1, e - 1)
                     elif attempt == 0 and bad and k not in states:
                         fail(
                             f"reversible backward: unroll {k} could not be inverted accurately "
