@@ -517,19 +517,25 @@ def plan(
     over = [c for c in cands if c.method == "sparse" and c.memory > budget]
     if over:
         need = min(c.memory for c in over)
+        dropped = ", ".join(f"{x:g}" for x in sorted({c.sigma for c in over}))
         msg = (
-            f"sparse interpolation matrix needs {need / 2**20:.0f} MiB > memory_budget "
+            f"sparse interpolation matrix at σ = {dropped} needs {need / 2**20:.0f} MiB or more "
+            f"> memory_budget "
             f"{budget / 2**20:.0f} MiB"
             + (" (default: 30 % of the available memory)" if memory_budget is None else "")
         )
         cands = [c for c in cands if not (c.method == "sparse" and c.memory > budget)]
-        if method == "sparse" and not any(c.method == "sparse" for c in cands):
+        kept = sorted({c.sigma for c in cands if c.method == "sparse"})
+        if method == "sparse" and not kept:
             light = "binned" if dev.type == "cpu" else "gather"
             msg += f"; falling back to the {light} method (no precomputed matrix)"
             log.warning("NUFFT plan: %s", msg)
             cands = pl.candidates(problem, backends, [light], sigmas)
         else:
-            log.info("NUFFT plan: %s; sparse candidates dropped", msg)
+            msg += "; those sparse candidates dropped" + (
+                f" (kept σ = {', '.join(f'{x:g}' for x in kept)})" if kept else ""
+            )
+            log.info("NUFFT plan: %s", msg)
         notes.append(msg)
     if not cands:
         raise ParameterError(
