@@ -12,6 +12,8 @@ from ε) against FINUFFT plans (``finufft:<upsampfac>:<single|double>``), best o
 ``--errors`` adds relative errors against FINUFFT complex128 at 1e-10 (first coil).
 ``toeplitz``: 2D 256², 402 spokes × 512, 32 coils, torch-native forward+adjoint (planned
 method/σ) against the Toeplitz normal.
+``build``: wall time and peak RSS (``VmHWM``, this process) of building the sparse engine of the
+3D case at ``--sigma`` / ``--eps`` (the plan-time cost of ``method="sparse"``).
 """
 
 from __future__ import annotations
@@ -126,9 +128,24 @@ def toeplitz(a: argparse.Namespace) -> None:
     )
 
 
+def build(a: argparse.Namespace) -> None:
+    traj = nufft.radial_3d(1024, 1024)
+    p = pl.Problem((128,) * 3, traj.shape[0], 1, a.eps, torch.complex64, 1, torch.device("cpu"))
+    c = pl.native_candidate(p, "sparse", a.sigma)
+    t = time.perf_counter()
+    eng = NativeEngine(traj, (128,) * 3, c.grid, c.kernel, torch.complex64, method="sparse")
+    dt = time.perf_counter() - t
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    print(
+        f"{c.label()} W={c.width} grid={c.grid}: build {dt:.2f} s, peak RSS {hwm:.0f} MB, "
+        f"operator {eng.memory_bytes() / 2**20:.0f} MiB"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["engines", "toeplitz"])
+    p.add_argument("what", choices=["engines", "toeplitz", "build"])
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--sigma", type=float, default=1.5)
     p.add_argument("--coils", type=int, default=1)
@@ -138,7 +155,7 @@ def main() -> None:
     p.add_argument("--errors", action="store_true", help="also measure errors (engines)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    (engines if a.what == "engines" else toeplitz)(a)
+    {"engines": engines, "toeplitz": toeplitz, "build": build}[a.what](a)
 
 
 if __name__ == "__main__":
