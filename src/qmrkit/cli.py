@@ -291,7 +291,8 @@ def _learn_parser(sub) -> None:
                 choices=("residual", "coupling"),
                 default="residual",
                 help="ResidualCNN (default; reversible/hybrid need --spectral-norm) or "
-                "CouplingCNN (exactly invertible: the fastest reversible/hybrid training)",
+                "CouplingCNN (exactly invertible: the cheapest reversible/hybrid steps, a weaker "
+                "denoiser)",
             )
             a.add_argument(
                 "--couplings", type=int, default=2, help="couplings of --denoiser coupling"

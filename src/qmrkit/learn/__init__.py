@@ -6,7 +6,7 @@
 * :class:`ResidualCNN` — residual CNN denoisers for 2D, 3D and 2D+time complex images, optionally
   spectrally normalised (invertible by fixed-point iteration).
 * :class:`CouplingCNN` — checkerboard coupling denoiser, inverted exactly in one evaluation
-  (the fastest ``reversible``/``hybrid`` backward).
+  (the cheapest ``reversible``/``hybrid`` backward; a weaker denoiser than ResidualCNN).
 * :func:`train`, :func:`evaluate` — training loop (Adam; L1/L2/SSIM losses; PSNR/SSIM/NRMSE
   validation; checkpoints and resume) and evaluation.
 * :mod:`qmrkit.learn.data` — datasets from arrays, fully sampled ISMRMRD files
