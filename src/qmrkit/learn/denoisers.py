@@ -330,7 +330,9 @@ class CouplingCNN(nn.Module):
         m = self._masks.get(key)
         if m is None:
             m = checkerboard(shape, j % 2, real, x.device)
-            self._masks = {key: m, **self._masks} if len(self._masks) < 8 else {key: m}
+            if len(self._masks) >= 8:  # a few shapes/dtypes/devices in use: keep it small
+                self._masks.clear()
+            self._masks[key] = m
         return m
 
     def _check(self, x: torch.Tensor) -> None:
