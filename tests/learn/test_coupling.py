@@ -11,6 +11,7 @@ from qmrkit.errors import ParameterError, ShapeError
 from qmrkit.learn import CouplingCNN, UnrolledNet, build_model, load_model, model_config
 
 from .conftest import make_problem
+from .test_unrolled import _grads as _unrolled_grads
 
 MODES = ["standard", "checkpoint", "reversible", "hybrid"]
 
@@ -85,45 +86,16 @@ def test_inverse_vjp_matches_autograd(affine):
         assert _rel(gp, rp) <= 1e-12
 
 
-def _grads(
-    mode,
-    A,
-    x,
-    y,
-    *,
-    ndim=2,
-    dtype=torch.float64,
-    n_unrolls=4,
-    dc="cg",
-    shared=True,
-    cg_tol=1e-12,
-    conv="full",
-    affine=True,
-    **kw,
-):
-    torch.manual_seed(1)
-    den = CouplingCNN(
-        ndim, channels=4, layers=3, couplings=2, conv=conv, affine=affine, init_scale=0.5
-    )
-    net = UnrolledNet(
-        n_unrolls,
-        den,
-        data_consistency=dc,
-        shared_weights=shared,
-        memory=mode,
-        lam=0.5,
-        step=0.5,
-        cg_tol=cg_tol,
-        cg_max_iter=300,
-        **kw,
-    )
-    net = net.to(dtype=dtype)
-    yy = y.clone().requires_grad_(True)
-    loss = (net(yy, A) - x).abs().pow(2).sum()
-    loss.backward()
-    g = torch.cat([p.grad.flatten() for p in net.parameters()])
-    assert torch.isfinite(g).all()
-    return g, yy.grad, net
+def _grads(mode, A, x, y, *, ndim=2, conv="full", affine=True, **kw):
+    """Gradients of ``test_unrolled._grads`` with a CouplingCNN: (params, y, net)."""
+
+    def make():
+        return CouplingCNN(
+            ndim, channels=4, layers=3, couplings=2, conv=conv, affine=affine, init_scale=0.5
+        )
+
+    _, g, gy, net = _unrolled_grads(mode, A, x, y, ndim=ndim, make_denoiser=make, **kw)
+    return g, gy, net
 
 
 @pytest.mark.parametrize("affine", [True, False])

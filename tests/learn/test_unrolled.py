@@ -30,10 +30,14 @@ def _grads(
     cg_tol=1e-12,
     seed=1,
     conv="full",
+    make_denoiser=None,
     **kw,
 ):
     torch.manual_seed(seed)
-    den = ResidualCNN(ndim, channels=4, layers=3, spectral_norm=sn, conv=conv)
+    if make_denoiser is None:
+        den = ResidualCNN(ndim, channels=4, layers=3, spectral_norm=sn, conv=conv)
+    else:  # another denoiser (e.g. CouplingCNN), built after the same seed
+        den = make_denoiser()
     if scale_weights is not None:
         with torch.no_grad():
             for p in den.parameters():
