@@ -198,58 +198,31 @@ def parse_parameters(text: str) -> dict[str, Any]:
 _DICTIONARY_CACHE: dict[tuple, Any] = {}
 
 
-def _raw_scan_from_session(session: Session) -> Any:
-    """Spiral acquisitions (one readout per TR, ISMRMRD trajectory units) → a RawScan."""
-    import ismrmrd
-    import torch
-
-    from ..io.mrd import RawScan
-
-    acqs = [a for a in session.acquisitions if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
-    if not acqs:
-        raise ProtocolError("this pipeline needs acquisitions, but the client sent none")
-    enc = session.header.encoding[0]
-    ms = enc.reconSpace.matrixSize
-    shape = (int(ms.y), int(ms.x))
-    acqs.sort(
-        key=lambda a: (int(a.idx.repetition), int(a.idx.kspace_encode_step_1), int(a.scan_counter))
-    )
-    S = int(acqs[0].number_of_samples)
-    if any(int(a.number_of_samples) != S for a in acqs) or acqs[0].trajectory_dimensions < 2:
-        raise ProtocolError("MRF acquisitions need equal readout lengths and a 2D trajectory")
-    k = np.stack([np.asarray(a.data) for a in acqs], axis=1)  # (C, T, S)
-    tr = np.stack([np.asarray(a.traj)[:, :2] for a in acqs])  # (T, S, 2): (kx, ky) in cycles/FOV
-    tr = tr[..., ::-1] / np.array(shape, dtype=np.float64)
-    tr = np.where(tr >= 0.5, tr - 1.0, tr)
-    return RawScan(
-        header=session.header_xml,
-        kdata=torch.from_numpy(k.reshape(k.shape[0], -1)),
-        traj=torch.from_numpy(tr.reshape(-1, 2)).float(),
-        matrix_size=shape,
-        recon_size=shape,
-        trajectory="spiral",
-        meta={"frames": len(acqs), "samples": S},
-    )
-
-
 @register("mrf")
 def _mrf(session: Session, arg: str | None) -> list[Any]:
+    """MRF raw data (2D or 3D) → T1, T2, PD, B1, match-score maps, B1-corrected with a stored B1
+    map of the scan's image shape (NIfTI order, as stored). 2D maps go back as one image per map;
+    3D maps as one image per partition (image_index = partition, in slice order), like the other
+    3D reconstructions."""
     from ..mrf import Dictionary, log_grid, schedule_from_header
-    from ..pipelines import b1_grid, mrf_maps
+    from ..pipelines import b1_grid, mrf_image_size, mrf_maps
 
-    scan = _raw_scan_from_session(session)
+    scan = _scan_from_session(session)
+    im_size = mrf_image_size(scan)
     schedule = schedule_from_header(session.header)
     b1_map = None
     if session.store is not None:
         dep = _find_dependency(session, "b1")
         if dep is not None:
-            b = dep.arrays[
-                "b1"
-            ].T  # stored in image (x, y) order, like every series; ours is (y, x)
-            shape = scan.recon_size
-            if b.shape == shape:
+            b = dep.arrays["b1"]  # stored in image (x, y[, z]) order: what mrf_maps takes
+            if b.shape == im_size[::-1]:
                 b1_map = b
                 session.log.append("mrf: using the stored B1 map")
+            else:
+                session.log.append(
+                    f"mrf: not using the stored B1 map: shape {b.shape}, the scan's image is "
+                    f"{im_size[::-1]} (x, y[, z])"
+                )
     step = float(session.parameters.get("dictionary_step", 0.05))
     b1_step = float(session.parameters.get("b1_step", 0.05))
     b1_values: tuple = (1.0,) if b1_map is None else tuple(b1_grid(b1_map, b1_step))
@@ -289,8 +262,17 @@ def _mrf(session: Session, arg: str | None) -> list[Any]:
             "Units": units[name],
             "ImageProcessingHistory": "qmrkit mrf",
         }
-        out.append(array_to_image(m.T.cpu().numpy(), series_index=i, meta=meta))
-    out.append("mrf: " + ", ".join(f"{k} {v:.2f} s" for k, v in maps.stages.items()))
+        a = m.cpu().numpy()  # NIfTI order (x, y[, z])
+        # 3D: one (x, y) image per partition, in slice order
+        planes = [a] if a.ndim == 2 else [a[:, :, p] for p in range(a.shape[2])]
+        out.extend(
+            array_to_image(plane, series_index=i, image_index=p, meta=meta)
+            for p, plane in enumerate(planes)
+        )
+    out.append(
+        f"mrf: {'x'.join(str(n) for n in maps.t1.shape)} maps; "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in maps.stages.items())
+    )
     return out
 
 
