@@ -70,7 +70,7 @@ def with_ids(
     if h.acquisitionSystemInformation is None:
         h.acquisitionSystemInformation = xsd.acquisitionSystemInformationType()
     h.acquisitionSystemInformation.deviceID = device
-    mi = h.measurementInformation or xsd.measurementInformationType()
+    mi = h.measurementInformation or xsd.measurementInformationType(patientPosition="HFS")
     mi.frameOfReferenceUID = session
     if measurement is not None:
         mi.measurementID = measurement

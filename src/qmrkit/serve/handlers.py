@@ -467,7 +467,9 @@ def _image_recon(session: Session, method: str) -> list[Any]:
 
     t0 = time.perf_counter()
     scan = _scan_from_session(session)
-    result, _maps = reconstruct(scan, method)  # the 2nd value is the coil maps, not the image
+    # without any noise the reply says "not prewhitened: <why>"; no warning on the server too
+    whiten = scan.noise is not None or scan.noise_covariance is not None
+    result, _maps = reconstruct(scan, method, whiten=whiten)  # 2nd value: coil maps, not image
     session.stage(method, time.perf_counter() - t0)
     note = prewhitening_note(scan, "prewhiten" in result.settings.get("pipeline", ()))
     session.log.append(f"{method}: {note}")
