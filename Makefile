@@ -52,8 +52,8 @@ bench: $(VENV)/.installed-test
 	$(VPY) benchmarks/nufft.py --quick
 
 lint: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

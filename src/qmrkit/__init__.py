@@ -24,6 +24,7 @@ _SUBPACKAGES = (
     "recon",
     "pipelines",
     "serve",
+    "learn",
 )
 
 __all__ = ["__version__", *_SUBPACKAGES]

@@ -17,10 +17,10 @@ from .errors import OptionalDependencyError
 OPTIONAL = {
     "finufft": ("nufft", "the FINUFFT CPU backend of qmrkit.nufft"),
     "cufinufft": ("gpu", "the cuFINUFFT GPU backend of qmrkit.nufft"),
-    "ismrmrd": ("mrd", "reading and writing ISMRMRD/MRD raw data"),
-    "h5py": ("mrd", "HDF5 files"),
-    "zfpy": ("serve", "ZFP compression of raw data"),
-    "prometheus_client": ("serve", "the metrics endpoint of qmrkit serve"),
+    # core dependencies (listed so that a broken environment still gets a clear message)
+    "ismrmrd": (None, "reading and writing ISMRMRD/MRD raw data"),
+    "h5py": (None, "HDF5 files"),
+    "prometheus_client": (None, "the metrics endpoint of qmrkit serve"),
     "dask": ("dist", "scale-out over dask.distributed"),
     "safetensors": ("learn", "safetensors checkpoints in qmrkit.learn (train, load_model)"),
     "torchkbnufft": ("test", "the torchkbnufft comparison in tests and benchmarks"),

@@ -377,7 +377,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     for key in ("ti", "te", "flip_angles", "tr"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    data, affine = load_nifti(args.data)
+    data, affine, header = load_nifti(args.data, with_header=True)
     if args.b1:
         b1, _ = load_nifti(args.b1)
         settings["b1"] = b1
@@ -416,6 +416,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     written = result.save(
         args.out,
         affine=affine,
+        like=header,  # keep the input's qform/sform codes
         extra_sidecar={
             "Input": str(args.data),
             "Acquisition": {k: v for k, v in settings.items() if k != "b1"},

@@ -9,7 +9,6 @@ from qmrkit.io.mrd import read_mrd
 from qmrkit.learn import MrdDataset, sample_operator
 from qmrkit.sim.raw import raw_scan
 
-pytest.importorskip("ismrmrd")
 
 
 def test_mrd_dataset_from_fully_sampled_file(tmp_path):

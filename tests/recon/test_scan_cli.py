@@ -13,7 +13,6 @@ from qmrkit.io import load_nifti, read_mrd, read_mrd_images
 
 from ._helpers import nrmse
 
-pytest.importorskip("ismrmrd", reason="ISMRMRD tests need the 'mrd' extra (ismrmrd, h5py)")
 
 
 def _fit_scale(a, x):

@@ -31,7 +31,6 @@ from .._progress import get_logger, progress_bar
 from ..errors import BoundsError, ConvergenceWarning, ParameterError, ShapeError
 from .lm import lm, residual_and_jacobian
 from .problem import Problem, make_problem
-from .result import _jsonable
 
 log = get_logger("fit.mcmc")
 
@@ -105,26 +104,43 @@ class McmcResult:
             )
         return "\n".join(lines)
 
-    def save(self, directory: str | Path, *, affine: Any = None, prefix: str = "") -> list[Path]:
-        """Write ``<map>_mean``, ``_std``, ``_median`` NIfTI maps, acceptance and a JSON sidecar."""
+    def save(
+        self, directory: str | Path, *, affine: Any = None, like: Any = None, prefix: str = ""
+    ) -> list[Path]:
+        """Write ``<map>_mean``, ``_std``, ``_median`` NIfTI maps (each with a JSON sidecar),
+        acceptance and ``mcmc.json``; ``affine``/``like`` as in :meth:`FitResult.save`."""
         import json
 
-        from ..io.nifti import save_nifti
+        from ..io.nifti import jsonable, save_map
 
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+        provenance = {"Model": self.model_name, "Solver": f"mcmc ({self.method})"}
+        geometry = {"affine": affine, "like": like}
         written = []
         for stat, maps in (("mean", self.mean), ("std", self.std), ("median", self.median)):
             for k, v in maps.items():
                 stem = self.map_names.get(k, k)
-                written.append(save_nifti(out / f"{prefix}{stem}_{stat}.nii.gz", v, affine=affine))
-        written.append(
-            save_nifti(out / f"{prefix}acceptance.nii.gz", self.acceptance, affine=affine)
+                written += save_map(
+                    out,
+                    f"{prefix}{stem}_{stat}",
+                    v,
+                    unit=self.units.get(k, ""),
+                    description=f"posterior {stat} of {k}",
+                    provenance=provenance,
+                    **geometry,
+                )
+        written += save_map(
+            out,
+            f"{prefix}acceptance",
+            self.acceptance,
+            description="fraction of accepted proposals per voxel",
+            provenance=provenance,
+            **geometry,
         )
         side = {
             "Model": self.model_name,
             "Method": self.method,
-            "Settings": _jsonable(self.settings),
+            "Settings": jsonable(self.settings),
             "ElapsedSeconds": self.elapsed_s,
             "VoxelsSampled": int(self.mask.sum()),
         }

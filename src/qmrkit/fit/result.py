@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-
-from .. import __version__
 
 if TYPE_CHECKING:
     from .model import Model
@@ -156,57 +153,87 @@ class FitResult:
         directory: str | Path,
         *,
         affine: Any = None,
+        like: Any = None,
         prefix: str = "",
         extra_sidecar: dict[str, Any] | None = None,
     ) -> list[Path]:
-        """Write each map as NIfTI with BIDS-style names, plus a JSON sidecar.
+        """Write each map as NIfTI with BIDS-style names, a JSON sidecar per map and ``fit.json``.
 
         Parameters
         ----------
         directory : path
             Output folder (created if missing).
         affine : (4, 4) array, optional
-            Voxel-to-world matrix (e.g. from the input NIfTI); identity if omitted.
+            Voxel-to-world matrix in mm (e.g. from the input NIfTI); default: that of ``like``,
+            else identity (then marked unknown in the qform/sform codes).
+        like : nibabel header, optional
+            Header of the input series (``load_nifti(..., with_header=True)``): its qform/sform
+            codes are kept.
         prefix : str
             Prepended to every file name (e.g. ``"sub-01_"``).
+        extra_sidecar : dict, optional
+            More provenance (input file, acquisition settings) for ``fit.json`` and every map's
+            sidecar.
 
         Returns
         -------
         list of Path
             The files written.
         """
-        from ..io.nifti import save_nifti
+        from ..io.nifti import jsonable, save_map, software_versions
 
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+        extra = jsonable(dict(extra_sidecar or {}))
+        provenance = {
+            "Model": self.model_name,
+            "Solver": self.solver,
+            **({"Sources": [extra["Input"]]} if "Input" in extra else {}),
+            **extra,
+        }
+        geometry = {"affine": affine, "like": like}
         written = []
         for name, m in self.maps.items():
             stem = self.map_names.get(name, name)
-            written.append(save_nifti(out / f"{prefix}{stem}.nii.gz", m, affine=affine))
-        written.append(save_nifti(out / f"{prefix}residual.nii.gz", self.residual, affine=affine))
-        written.append(
-            save_nifti(
-                out / f"{prefix}converged.nii.gz", self.converged.to(torch.uint8), affine=affine
+            unit = self.units.get(name, "")
+            written += save_map(
+                out,
+                f"{prefix}{stem}",
+                m,
+                unit=unit,
+                description=f"{name} of the {self.model_name} model",
+                provenance=provenance,
+                **geometry,
             )
+        written += save_map(
+            out,
+            f"{prefix}residual",
+            self.residual,
+            unit="a.u.",
+            description="root-mean-square residual per voxel (data units)",
+            provenance=provenance,
+            **geometry,
+        )
+        written += save_map(
+            out,
+            f"{prefix}converged",
+            self.converged.to(torch.uint8),
+            description="1 where the solver met its convergence test",
+            provenance=provenance,
+            **geometry,
         )
         sidecar = {
             "Model": self.model_name,
             "Solver": self.solver,
-            "Settings": _jsonable(self.settings),
+            "Settings": jsonable(self.settings),
             "Units": {self.map_names.get(k, k): u for k, u in self.units.items() if k in self.maps},
             "VoxelsFitted": self.n_voxels,
             "VoxelsExcludedNonFinite": self.n_excluded,
             "FractionConverged": self.fraction_converged,
             "ElapsedSeconds": self.elapsed_s,
             "FinalLoss": self.loss_history[-1] if self.loss_history else None,
-            "Software": {
-                "qmrkit": __version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
+            "Software": software_versions(),
+            **extra,
         }
-        if extra_sidecar:
-            sidecar.update(_jsonable(extra_sidecar))
         path = out / f"{prefix}fit.json"
         path.write_text(json.dumps(sidecar, indent=2))
         written.append(path)
@@ -224,19 +251,3 @@ def _maps_from_theta(problem: Problem, theta: torch.Tensor) -> dict[str, torch.T
             v = v.reshape(problem.n_voxels)
             maps[k] = problem.to_map(v.to(theta.dtype))
     return maps
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().tolist() if obj.numel() <= 64 else f"tensor{tuple(obj.shape)}"
-    if isinstance(obj, np.ndarray):
-        return obj.tolist() if obj.size <= 64 else f"array{obj.shape}"
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return repr(obj)

@@ -80,7 +80,7 @@ class ReconResult:
 
         Returns the paths written.
         """
-        from ..io.nifti import save_nifti
+        from ..io.nifti import jsonable, save_nifti
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ class ReconResult:
             "elapsed_s": self.elapsed_s,
             "residual_history": [float(v) for v in self.residual_history],
             "objective_history": [float(v) for v in self.objective_history],
-            "settings": _jsonable(self.settings),
+            "settings": jsonable(self.settings),
         }
         p = d / f"{name}.json"
         p.write_text(json.dumps(side, indent=2))
@@ -122,17 +122,3 @@ class ReconResult:
                 )
             )
         return out
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        return v.item() if not v.is_complex() else str(v.item())
-    if isinstance(v, np.generic):
-        return v.item()
-    return str(v)
