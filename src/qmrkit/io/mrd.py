@@ -53,6 +53,9 @@ class RawScan:
         Boolean sampling mask over the encoded matrix (Cartesian), shared by the batch.
     noise : Tensor or None
         ``(coils, samples)`` noise-scan samples (ACQ_IS_NOISE_MEASUREMENT).
+    noise_covariance : Tensor or None
+        ``(coils, coils)`` noise covariance of an earlier noise scan (e.g. from the service's
+        calibration store), used for prewhitening when ``noise`` is None.
     calib : Tensor or None
         Calibration-only lines (ACQ_IS_PARALLEL_CALIBRATION) on the same grid as ``kdata``.
     calib_mask : Tensor or None
@@ -87,6 +90,7 @@ class RawScan:
     traj: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     noise: torch.Tensor | None = None
+    noise_covariance: torch.Tensor | None = None
     calib: torch.Tensor | None = None
     calib_mask: torch.Tensor | None = None
     matrix_size: tuple[int, ...] = ()
