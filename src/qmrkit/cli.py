@@ -513,6 +513,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         b1, _ = load_nifti(args.b1)
         _check_map_shape("--b1", b1.shape, spatial)
     model = get(args.model, **settings, **({"b1": b1} if b1 is not None else {}))
+    if model.n_measurements != data.shape[-1]:
+        raise ShapeError(
+            f"--data has {data.shape[-1]} measurements (last axis of shape {data.shape}) but the "
+            f"{model.name} model has {model.n_measurements} {model.measurement_axis}; give one "
+            "setting per image, measurement axis last"
+        )
     dtype = torch.float64 if args.float64 else torch.float32
     common = {"mask": mask, "device": args.device, "dtype": dtype}
     kw = {"max_iter": args.max_iter} if args.max_iter else {}

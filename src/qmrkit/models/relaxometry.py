@@ -45,7 +45,9 @@ def _check_times_ms(name: str, values: np.ndarray, *, seconds_below: float) -> N
 
 
 def _short(values: np.ndarray) -> str:
-    return "[" + ", ".join(f"{v:g}" for v in values[:6]) + (", ...]" if values.size > 6 else "]")
+    # three significant digits without exponents (2800, not 2.8e+03)
+    shown = ", ".join(f"{float(f'{v:.3g}'):g}" for v in values[:6])
+    return f"[{shown}{', ...' if values.size > 6 else ''}]"
 
 
 def _scalar(name: str, value: Any, unit: str) -> float:
