@@ -1,19 +1,39 @@
-"""The ``qmrkit`` command line: ``qmrkit --help`` lists the subcommands."""
+"""The ``qmrkit`` command line: ``qmrkit --help`` lists the subcommands.
+
+Exit status: 0 success; 1 a server reported errors (``send``) or an internal error (a bug: its
+traceback is printed); 2 a user mistake (bad flag or value, missing or unreadable file, unwritable
+output folder, unreachable server, busy port), reported as one line ``qmrkit CMD: error: ...``
+before any expensive work where it can be checked up front. Warnings about the input (e.g. flip
+angles that look like radians) are one line ``qmrkit CMD: warning: ...`` and the run continues.
+``-vv`` adds the traceback to user errors too. ``--quiet`` hides progress bars and log messages
+below errors.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import QmrkitError
+from .errors import ParameterError, QmrkitError, QmrkitWarning, ShapeError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage of a command is many lines; --help shows it)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# -- argument types: checked while parsing, so a bad value stops before anything runs ------------
 def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.replace(",", " ").split()]
@@ -23,38 +43,168 @@ def _floats(text: str) -> list[float]:
         ) from None
 
 
+def _number(kind: type, minimum: float, *, strict: bool = False, maximum: float | None = None):
+    """A type converter for ``kind`` values ≥ ``minimum`` (> when ``strict``), ≤ ``maximum``."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        low_ok = value > minimum if strict else value >= minimum
+        if not low_ok or (maximum is not None and value > maximum) or value != value:
+            rng = f"{'>' if strict else '>='} {minimum:g}"
+            if maximum is not None:
+                rng += f" and <= {maximum:g}"
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in some messages
+    return convert
+
+
+_positive_int = _number(int, 0, strict=True)
+_count = _number(int, 0)
+_positive = _number(float, 0, strict=True)
+_nonnegative = _number(float, 0)
+_port = _number(int, 0, maximum=65535)
+
+
+def _input_file(text: str) -> Path:
+    """An existing file (checked at parse time: a typo fails before any data is read)."""
+    p = Path(text)
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"file not found: {p}")
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{p} is a folder, not a file")
+    if not os.access(p, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{p} is not readable (permission denied)")
+    return p
+
+
+def _model_name(text: str) -> str:
+    """A model of the registry (checked first: the model decides which flags are needed)."""
+    from .models.registry import check_name
+
+    try:
+        check_name(text)
+    except QmrkitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _device(text: str) -> str:
+    """A device this machine has ('cpu', 'cuda', 'cuda:N'), or an error saying what exists."""
+    from ._device import resolve_device
+    from .errors import DeviceError
+
+    try:
+        resolve_device(text)
+    except DeviceError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("device='cpu'", "--device cpu")) from None
+    return text
+
+
+def _check_output_folder(path: Path, flag: str = "--out") -> None:
+    """Fail before any work when ``path`` cannot become a writable folder (nothing is created)."""
+    if path.exists() and not path.is_dir():
+        raise ParameterError(f"{flag} {path}: exists and is not a folder")
+    anc = path
+    while not anc.exists():  # the nearest existing ancestor decides ('.' always exists)
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ParameterError(f"{flag} {path}: cannot create a folder there, {anc} is a file")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ParameterError(f"{flag} {path}: {anc} is not writable (permission denied)")
+
+
+def _add_common(p: argparse.ArgumentParser, *, progress: bool = True) -> None:
+    """Options every command accepts after its name too (``qmrkit fit ... --quiet``)."""
+    # SUPPRESS: when absent, the value given before the command (or its default) stays
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bars, log only errors (overrides --progress)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more log output (-vv: debug, and tracebacks of errors)",
+    )
+    if progress:
+        p.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="show progress bars (default: on a terminal or in a notebook)",
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="qmrkit",
         description="Quantitative MRI maps from image series and raw data, on CPU or GPU.",
+        epilog="Run 'qmrkit COMMAND --help' for the options of a command.",
     )
     p.add_argument("--version", action="version", version=f"qmrkit {__version__}")
     p.add_argument(
         "-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)"
     )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, log only errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_fit_parser(sub)
 
+    m = sub.add_parser(
+        "models",
+        help="list the signal models, their parameters and the flags they need",
+        description="List the signal models of 'qmrkit fit', their parameters (bounds, units) "
+        "and the acquisition flags each needs.",
+    )
+    _add_common(m, progress=False)
+    _add_serve_parser(sub)
+    _add_send_parser(sub)
+    _add_recon_parser(sub)
+    _learn_parser(sub)
+    _add_mrf_parser(sub)
+    return p
+
+
+def _add_fit_parser(sub: Any) -> None:
     f = sub.add_parser(
         "fit",
         help="fit a signal model to every voxel of an image series (NIfTI)",
         description="Fit a signal model to every voxel of a NIfTI image series "
         "(measurement axis last) and write NIfTI maps, a PNG figure and a JSON sidecar.",
     )
-    f.add_argument("model", help="model name (see 'qmrkit models'), e.g. molli, vfa, t2, t2star")
     f.add_argument(
-        "--data", required=True, type=Path, help="image series, NIfTI (*spatial, n_meas)"
+        "model",
+        type=_model_name,
+        help="model name (see 'qmrkit models'), e.g. molli, vfa, t2, t2star",
+    )
+    f.add_argument(
+        "--data", required=True, type=_input_file, help="image series, NIfTI (*spatial, n_meas)"
     )
     f.add_argument("--ti", type=_floats, help="inversion times in ms, e.g. 100,180,260,...")
-    f.add_argument("--te", type=_floats, help="echo times in ms")
+    f.add_argument("--te", type=_floats, help="echo times in ms, e.g. 10,20,30")
     f.add_argument(
         "--fa", "--flip-angles", dest="flip_angles", type=_floats, help="flip angles in degrees"
     )
-    f.add_argument("--tr", type=float, help="repetition time in ms")
+    f.add_argument("--tr", type=_positive, help="repetition time in ms")
     f.add_argument(
-        "--b1", type=Path, help="B1 map (fraction of nominal), NIfTI, for models that use one"
+        "--b1",
+        type=_input_file,
+        help="B1 map (fraction of nominal), NIfTI in the series' (x, y[, z]) shape (vfa)",
     )
-    f.add_argument("--protocol", type=Path, help="YAML file with the acquisition settings")
-    f.add_argument("--mask", type=Path, help="mask NIfTI (non-zero voxels are fitted)")
+    f.add_argument("--protocol", type=_input_file, help="YAML file with the acquisition settings")
+    f.add_argument(
+        "--mask", type=_input_file, help="mask NIfTI (non-zero voxels are fitted), (x, y[, z])"
+    )
     f.add_argument(
         "--solver",
         choices=("lm", "adam", "dictionary"),
@@ -63,107 +213,144 @@ def _parser() -> argparse.ArgumentParser:
         "dictionary: dictionary search only",
     )
     f.add_argument(
-        "--loss", choices=("l1", "l2", "huber"), default="l2", help="loss for --solver adam"
+        "--loss", choices=("l1", "l2", "huber"), help="loss for --solver adam (default l2)"
     )
     f.add_argument(
         "--tv",
-        type=float,
-        default=0.0,
+        type=_nonnegative,
         help="total-variation weight for --solver adam (on all parameters except amplitudes)",
     )
-    f.add_argument("--max-iter", type=int, help="maximum iterations")
-    f.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    f.add_argument(
+        "--max-iter", type=_positive_int, help="maximum iterations (lm: 100, adam: its default)"
+    )
+    f.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cpu)")
     f.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
     f.add_argument("--out", required=True, type=Path, help="output folder")
     f.add_argument("--no-figure", action="store_true", help="do not write the PNG figure")
-    f.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="show a progress bar (default: when the terminal is interactive)",
-    )
+    _add_common(f)
 
-    sub.add_parser("models", help="list the signal models and their parameters")
 
+def _add_serve_parser(sub: Any) -> None:
     sv = sub.add_parser(
         "serve",
         help="run the MRD streaming reconstruction server",
-        description="Serve reconstructions over the MRD/ISMRMRD streaming protocol.",
+        description="Serve reconstructions over the MRD/ISMRMRD streaming protocol until "
+        "SIGTERM/SIGINT, then drain in-flight scans.",
     )
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    sv.add_argument("--port", type=int, default=9002, help="TCP port (default 9002)")
+    sv.add_argument("--port", type=_port, default=9002, help="TCP port (default 9002; 0: any)")
     sv.add_argument(
         "--store", type=Path, help="dependency store directory (shared volume in a cluster)"
     )
     sv.add_argument(
-        "--max-concurrent", type=int, default=1, help="reconstructions at once (others queue)"
+        "--max-concurrent",
+        type=_positive_int,
+        default=1,
+        help="reconstructions at once (others queue; default 1)",
     )
-    sv.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    sv.add_argument("--metrics-port", type=_port, help="serve Prometheus /metrics on this port")
     sv.add_argument(
-        "--grace", type=float, default=600.0, help="seconds to drain in-flight scans on SIGTERM"
+        "--grace",
+        type=_nonnegative,
+        default=600.0,
+        help="seconds to drain in-flight scans on SIGTERM (default 600)",
     )
     sv.add_argument(
-        "--read-timeout", type=float, default=120.0, help="drop a connection idle this long (s)"
+        "--read-timeout",
+        type=_positive,
+        default=120.0,
+        help="drop a connection idle this long, s (default 120)",
     )
-    sv.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for TLS")
-    sv.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    sv.add_argument("--tls-cert", type=_input_file, help="server certificate (PEM) for TLS")
+    sv.add_argument("--tls-key", type=_input_file, help="server private key (PEM)")
     sv.add_argument(
-        "--tls-ca", type=Path, help="CA bundle: require client certificates signed by it"
+        "--tls-ca", type=_input_file, help="CA bundle: require client certificates signed by it"
     )
+    _add_common(sv, progress=False)
 
-    sd = sub.add_parser("send", help="stream an ISMRMRD file to a server and save what comes back")
-    sd.add_argument("scan", type=Path, help="ISMRMRD/MRD HDF5 file")
-    sd.add_argument("--host", default="127.0.0.1")
-    sd.add_argument("--port", type=int, default=9002)
-    sd.add_argument("--config", required=True, help="pipeline name, e.g. fit:molli, store-b1, null")
+
+def _add_send_parser(sub: Any) -> None:
+    sd = sub.add_parser(
+        "send",
+        help="stream an ISMRMRD file to a server and save what comes back",
+        description="Stream the header, acquisitions and images of an ISMRMRD/MRD file to a "
+        "'qmrkit serve' (or other MRD) server and save the images it returns. A file of images "
+        "without an XML header (as written by qmrkit.io.write_mrd_images) is sent with a minimal "
+        "header built from the images; give the acquisition settings with --param.",
+    )
+    sd.add_argument("scan", type=_input_file, help="ISMRMRD/MRD HDF5 file")
+    sd.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    sd.add_argument("--port", type=_port, default=9002, help="server port (default 9002)")
     sd.add_argument(
-        "--compress", type=float, help="tolerated SNR loss for raw-data compression, e.g. 0.01"
+        "--config",
+        required=True,
+        help="pipeline: sense, tv, gridding, mrf, fit:<model>, store-b1, store-noise, null",
+    )
+    sd.add_argument(
+        "--compress",
+        type=_positive,
+        help="tolerated SNR loss for raw-data compression, e.g. 0.01 (needs noise scans)",
     )
     sd.add_argument(
         "--param",
         action="append",
         default=[],
         metavar="KEY=JSON",
-        help="extra pipeline parameter (repeatable), e.g. ti=[100,200]",
+        help="pipeline parameter (repeatable), e.g. ti=[100,200] or kind=T2star",
     )
-    sd.add_argument("--retries", type=int, default=3)
-    sd.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
-    sd.add_argument("--tls-key", type=Path)
     sd.add_argument(
-        "--tls-ca", type=Path, help="CA that signed the server's certificate (enables TLS)"
+        "--retries",
+        type=_count,
+        default=3,
+        help="reconnect attempts with exponential backoff from 1 s (default 3)",
+    )
+    sd.add_argument("--tls-cert", type=_input_file, help="client certificate (PEM) for mutual TLS")
+    sd.add_argument("--tls-key", type=_input_file, help="client private key (PEM)")
+    sd.add_argument(
+        "--tls-ca", type=_input_file, help="CA that signed the server's certificate (enables TLS)"
     )
     sd.add_argument(
         "--out", required=True, type=Path, help="output folder (images.h5, NIfTI, log.txt)"
     )
-    _add_recon_parser(sub)
-    _learn_parser(sub)
+    _add_common(sd, progress=False)
 
+
+def _add_mrf_parser(sub: Any) -> None:
     mr = sub.add_parser(
         "mrf",
         help="MR fingerprinting: ISMRMRD spiral raw data -> T1, T2, PD maps",
         description="Reconstruct an MRF scan (one spiral interleaf per TR, schedule in the "
         "header's sequenceParameters) by subspace reconstruction and dictionary matching.",
     )
-    mr.add_argument("scan", type=Path, help="ISMRMRD/MRD HDF5 raw data")
+    mr.add_argument("scan", type=_input_file, help="ISMRMRD/MRD HDF5 raw data")
     mr.add_argument(
-        "--b1", type=Path, help="B1 map (fraction of nominal), NIfTI in the image's geometry"
+        "--b1",
+        type=_input_file,
+        help="B1 map (fraction of nominal), NIfTI in the image's geometry (x, y[, z])",
     )
     mr.add_argument(
-        "--dictionary", type=Path, help="dictionary .npz (default: simulated for the schedule)"
+        "--dictionary",
+        type=_input_file,
+        help="dictionary .npz (default: simulated for the schedule)",
     )
     mr.add_argument(
         "--dictionary-step",
-        type=float,
+        type=_positive,
         default=0.05,
         help="relative T1/T2 grid step of the default dictionary (default 0.05 = 5 %%)",
     )
     mr.add_argument(
-        "--b1-step", type=float, default=0.05, help="B1 grid step of the default dictionary"
+        "--b1-step",
+        type=_positive,
+        default=0.05,
+        help="B1 grid step of the default dictionary (default 0.05)",
     )
-    mr.add_argument("--n-iter", type=int, default=0, help="low-rank CG refinement iterations")
-    mr.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    mr.add_argument(
+        "--n-iter", type=_count, default=0, help="low-rank CG refinement iterations (default 0)"
+    )
+    mr.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cpu)")
     mr.add_argument("--out", required=True, type=Path, help="output folder")
-    return p
+    _add_common(mr)
 
 
 def _add_recon_parser(sub: Any) -> None:
@@ -175,60 +362,58 @@ def _add_recon_parser(sub: Any) -> None:
         "maps (ESPIRiT or Walsh); write NIfTI magnitude/phase, a PNG, a JSON sidecar and the "
         "images as ISMRMRD.",
     )
-    r.add_argument("scan", type=Path, help="ISMRMRD/MRD HDF5 file (.h5)")
-    r.add_argument("--method", choices=("sense", "tv", "gridding"), default="sense")
+    r.add_argument("scan", type=_input_file, help="ISMRMRD/MRD HDF5 file (.h5)")
+    r.add_argument(
+        "--method",
+        choices=("sense", "tv", "gridding"),
+        default="sense",
+        help="sense: CG-SENSE (default); tv: TV-regularised SENSE (PDHG); gridding: adjoint NUFFT",
+    )
     r.add_argument(
         "--lam",
-        type=float,
+        type=_nonnegative,
         help="regularisation weight (SENSE: Tikhonov, default 0; TV: default 1e-3; scale-free)",
     )
-    r.add_argument("--max-iter", type=int, help="solver iterations (SENSE 30, TV 100)")
+    r.add_argument("--max-iter", type=_positive_int, help="solver iterations (SENSE 30, TV 100)")
     r.add_argument(
         "--maps",
         choices=("auto", "espirit", "walsh"),
         default="auto",
         help="coil maps (auto: ESPIRiT for Cartesian, Walsh otherwise)",
     )
-    r.add_argument("--virtual-coils", type=int, help="compress to this many coils first (SVD)")
+    r.add_argument(
+        "--virtual-coils", type=_positive_int, help="compress to this many coils first (SVD)"
+    )
     r.add_argument("--no-prewhiten", action="store_true", help="skip noise prewhitening")
-    r.add_argument("--dataset", default="dataset", help="dataset group in the file")
-    r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    r.add_argument(
+        "--dataset", default="dataset", help="dataset group in the file (default 'dataset')"
+    )
+    r.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cpu)")
     r.add_argument("--out", required=True, type=Path, help="output folder")
     r.add_argument("--no-figure", action="store_true", help="do not write the PNG figure")
-    r.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="show a progress bar (default: when the terminal is interactive)",
-    )
+    _add_common(r)
 
 
 def _cmd_recon(args: argparse.Namespace) -> int:
-    from .errors import QmrkitWarning
+    import numpy as np
+
     from .io.mrd import read_mrd, write_mrd_images
     from .recon import reconstruct
 
     t0 = time.perf_counter()
     scan = read_mrd(args.scan, dataset=args.dataset)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result, _ = reconstruct(
-            scan,
-            args.method,
-            lam=args.lam,
-            max_iter=args.max_iter,
-            maps=args.maps,
-            whiten=not args.no_prewhiten,
-            n_virtual=args.virtual_coils,
-            device=args.device,
-            progress=args.progress,
-        )
-    for w in caught:
-        if issubclass(w.category, QmrkitWarning):
-            print(f"warning: {w.message}", file=sys.stderr)
+    result, _ = reconstruct(
+        scan,
+        args.method,
+        lam=args.lam,
+        max_iter=args.max_iter,
+        maps=args.maps,
+        whiten=not args.no_prewhiten,
+        n_virtual=args.virtual_coils,
+        device=args.device,
+        progress=args.progress,
+    )
     result.settings["input"] = str(args.scan)
-    import numpy as np
-
     # voxel sizes (mm) in NIfTI order (x, y, z); 2D images get a unit third axis
     vox = [f / n for f, n in zip(scan.fov_mm, scan.recon_size, strict=True)][::-1]
     affine = np.diag([*vox, *([1.0] * (3 - len(vox))), 1.0])
@@ -241,112 +426,24 @@ def _cmd_recon(args: argparse.Namespace) -> int:
     return 0
 
 
-def _learn_parser(sub) -> None:
-    """``qmrkit learn train|eval``: unrolled networks with memory-efficient training."""
-    lp = sub.add_parser(
-        "learn",
-        help="train or evaluate unrolled reconstruction networks (qmrkit.learn)",
-        description="Train or evaluate MoDL-style unrolled networks on Cartesian multi-coil data "
-        "(an .npz file with kspace, maps, masks, targets, or synthetic phantoms).",
-    )
-    lsub = lp.add_subparsers(dest="learn_command", metavar="ACTION", required=True)
-    for name in ("train", "eval"):
-        a = lsub.add_parser(name, help=f"{name} a network")
-        a.add_argument(
-            "--data",
-            type=Path,
-            help="dataset .npz, or a fully sampled Cartesian MRD file (.h5/.mrd, undersampled "
-            "with --accel) (default: synthetic phantoms)",
-        )
-        a.add_argument("--val-data", type=Path, help="validation .npz or .h5/.mrd (train only)")
-        a.add_argument("--n", type=int, default=32, help="synthetic samples (default 32)")
-        a.add_argument("--n-val", type=int, default=8, help="synthetic validation samples")
-        a.add_argument("--kind", choices=("2d", "3d", "2d+t"), default="2d")
-        a.add_argument("--shape", type=int, nargs="+", default=[32, 32], help="image shape")
-        a.add_argument("--coils", type=int, default=4)
-        a.add_argument("--accel", type=float, default=4.0, help="undersampling factor")
-        a.add_argument("--noise", type=float, default=0.02, help="relative k-space noise")
-        a.add_argument("--seed", type=int, default=0)
-        a.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
-        a.add_argument(
-            "--out",
-            type=Path,
-            required=name == "train",
-            help="output folder (checkpoints, metrics.json)",
-        )
-        if name == "train":
-            a.add_argument("--unrolls", type=int, default=5)
-            a.add_argument(
-                "--memory",
-                choices=("standard", "checkpoint", "reversible", "hybrid"),
-                default="checkpoint",
-            )
-            a.add_argument("--dc", choices=("cg", "gradient"), default="cg")
-            a.add_argument("--channels", type=int, default=32)
-            a.add_argument("--layers", type=int, default=5)
-            a.add_argument("--conv", choices=("full", "separable"), default="full")
-            a.add_argument("--spectral-norm", action="store_true")
-            a.add_argument(
-                "--denoiser",
-                choices=("residual", "coupling"),
-                default="residual",
-                help="ResidualCNN (default; reversible/hybrid need --spectral-norm) or "
-                "CouplingCNN (exactly invertible: the cheapest reversible/hybrid steps, a weaker "
-                "denoiser)",
-            )
-            a.add_argument(
-                "--couplings", type=int, default=2, help="couplings of --denoiser coupling"
-            )
-            a.add_argument("--unshared", action="store_true", help="separate weights per unroll")
-            a.add_argument("--lam", type=float, default=0.05, help="initial CG weight λ")
-            a.add_argument("--cg-iter", type=int, default=10)
-            a.add_argument("--epochs", type=int, default=10)
-            a.add_argument("--lr", type=float, default=1e-3)
-            a.add_argument("--loss", choices=("l1", "l2", "ssim"), default="l2")
-            a.add_argument("--batch-size", type=int, default=1)
-            a.add_argument(
-                "--resume",
-                action="store_true",
-                help="continue from OUT/last.pt or OUT/last.safetensors (if both: the newer)",
-            )
-            a.add_argument(
-                "--checkpoint-format",
-                choices=("torch", "safetensors"),
-                default="torch",
-                help="last/best checkpoints as .pt (torch.save, default) or .safetensors "
-                "(no pickle; needs pip install 'qmrkit[learn]')",
-            )
-            a.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
-        else:
-            a.add_argument(
-                "--checkpoint",
-                type=Path,
-                required=True,
-                help="best.pt or last.pt, or best.safetensors or last.safetensors",
-            )
-
-
-def _cmd_learn(args: argparse.Namespace) -> int:
-    from .learn._cli import run
-
-    return run(args)
+# example settings, only to build each model for listing its parameters
+_MODEL_EXAMPLES = {
+    "molli": {"ti": [100, 1000]},
+    "ir": {"ti": [100, 1000]},
+    "vfa": {"flip_angles": [3, 15], "tr": 15},
+    "t2": {"te": [10, 20]},
+    "t2star": {"te": [5, 10]},
+    "r2star": {"te": [5, 10]},
+    "monoexp": {"te": [10, 20]},
+}
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models import available, get
 
-    examples = {
-        "molli": {"ti": [100, 1000]},
-        "ir": {"ti": [100, 1000]},
-        "vfa": {"flip_angles": [3, 15], "tr": 15},
-        "t2": {"te": [10, 20]},
-        "t2star": {"te": [5, 10]},
-        "r2star": {"te": [5, 10]},
-        "monoexp": {"te": [10, 20]},
-    }
     for name, text in available().items():
         print(f"{name:<9} {text}")
-        model = get(name, **examples[name])
+        model = get(name, **_MODEL_EXAMPLES[name])
         for par in model.parameters:
             rel = " x data scale" if par.amplitude else ""
             print(
@@ -355,72 +452,100 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_fit(args: argparse.Namespace) -> int:
-    import torch
+def _check_map_shape(flag: str, shape: tuple[int, ...], spatial: tuple[int, ...]) -> None:
+    """A mask or B1 map must have the series' spatial shape (NIfTI order), checked before fitting."""
+    if tuple(shape) == tuple(spatial):
+        return
+    hint = ""
+    if len(spatial) >= 2 and tuple(shape) == tuple(spatial[1::-1]) + tuple(spatial[2:]):
+        hint = " (it looks like (y, x) order; maps are read in NIfTI order (x, y[, z]))"
+    raise ShapeError(
+        f"{flag} has shape {tuple(shape)} but the series' images are {tuple(spatial)}{hint}"
+    )
 
-    from . import fit
-    from .io import load_nifti, load_protocol
-    from .io.figures import save_map_figure
-    from .models import get
-    from .models.registry import check_name
 
-    check_name(args.model)  # fail fast, before reading any data
+def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Acquisition settings from --protocol, overridden by flags; checked against the model."""
+    from .io import load_protocol
+    from .models.registry import check_name, check_settings
+
+    key = check_name(args.model)  # fail fast, before reading any data
     settings: dict[str, Any] = {}
     if args.protocol:
         settings.update(load_protocol(args.protocol))
         proto_model = settings.pop("model", None)
         settings.pop("description", None)
-        if proto_model and proto_model.lower() != args.model.lower():
-            raise QmrkitError(
+        if proto_model and check_name(str(proto_model)) != key:
+            raise ParameterError(
                 f"the protocol is for model {proto_model!r} but {args.model!r} was asked"
             )
-    for key in ("ti", "te", "flip_angles", "tr"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
+    for name in ("ti", "te", "flip_angles", "tr"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    check_settings(key, {**settings, "b1": args.b1})
+    if args.solver != "adam" and (args.tv is not None or args.loss is not None):
+        raise ParameterError("--tv and --loss apply to --solver adam only")
+    return settings
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import fit
+    from .io import load_nifti
+    from .io.figures import save_map_figure
+    from .models import get
+
+    settings = _fit_settings(args)
     data, affine, header = load_nifti(args.data, with_header=True)
+    if data.ndim < 2:
+        raise ShapeError(
+            f"--data {args.data} has shape {data.shape}; a series needs image axes and a "
+            "measurement axis last (x, y[, z], n_meas)"
+        )
+    spatial = data.shape[:-1]
+    mask = None
+    if args.mask:
+        mask = load_nifti(args.mask)[0] != 0
+        _check_map_shape("--mask", mask.shape, spatial)
+    b1 = None
     if args.b1:
         b1, _ = load_nifti(args.b1)
-        settings["b1"] = b1
-    model = get(args.model, **settings)
-    mask = load_nifti(args.mask)[0] != 0 if args.mask else None
+        _check_map_shape("--b1", b1.shape, spatial)
+    model = get(args.model, **settings, **({"b1": b1} if b1 is not None else {}))
+    if model.n_measurements != data.shape[-1]:
+        raise ShapeError(
+            f"--data has {data.shape[-1]} measurements (last axis of shape {data.shape}) but the "
+            f"{model.name} model has {model.n_measurements} {model.measurement_axis}; give one "
+            "setting per image, measurement axis last"
+        )
     dtype = torch.float64 if args.float64 else torch.float32
     common = {"mask": mask, "device": args.device, "dtype": dtype}
+    kw = {"max_iter": args.max_iter} if args.max_iter else {}
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if args.solver == "lm":
-            kw = {"max_iter": args.max_iter} if args.max_iter else {}
-            result = fit.lm(model, data, progress=args.progress, **common, **kw)
-        elif args.solver == "adam":
-            regs = []
-            if args.tv > 0:
-                names = [p.name for p in model.parameters if not p.amplitude]
-                regs.append(fit.TotalVariation(names, args.tv))
-            kw = {"max_iter": args.max_iter} if args.max_iter else {}
-            result = fit.adam(
-                model,
-                data,
-                loss=args.loss,
-                regularizers=regs,
-                progress=args.progress,
-                **common,
-                **kw,
-            )
-        else:
-            result = fit.dictionary_search(model, data, **common)
-    from .errors import QmrkitWarning
-
-    for w in caught:
-        if issubclass(w.category, QmrkitWarning):
-            print(f"warning: {w.message}", file=sys.stderr)
+    if args.solver == "lm":
+        result = fit.lm(model, data, progress=args.progress, **common, **kw)
+    elif args.solver == "adam":
+        regs = []
+        if args.tv:
+            names = [p.name for p in model.parameters if not p.amplitude]
+            regs.append(fit.TotalVariation(names, args.tv))
+        result = fit.adam(
+            model,
+            data,
+            loss=args.loss or "l2",
+            regularizers=regs,
+            progress=args.progress,
+            **common,
+            **kw,
+        )
+    else:
+        result = fit.dictionary_search(model, data, **common)
     written = result.save(
         args.out,
         affine=affine,
         like=header,  # keep the input's qform/sform codes
-        extra_sidecar={
-            "Input": str(args.data),
-            "Acquisition": {k: v for k, v in settings.items() if k != "b1"},
-        },
+        extra_sidecar={"Input": str(args.data), "Acquisition": settings},
     )
     if not args.no_figure:
         derived = [k for k in result.maps if k not in model.parameter_names]
@@ -476,6 +601,7 @@ def _cmd_mrf(args: argparse.Namespace) -> int:
             b1=b1_values,
             device=args.device,
             keep_atoms=False,
+            progress=args.progress,
         )
         print(
             f"dictionary: {dictionary.n_atoms} atoms (rank {dictionary.rank}) in {time.perf_counter() - t:.1f} s"
@@ -497,50 +623,268 @@ def _cmd_mrf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _learn_parser(sub: Any) -> None:
+    """``qmrkit learn train|eval``: unrolled networks with memory-efficient training."""
+    lp = sub.add_parser(
+        "learn",
+        help="train or evaluate unrolled reconstruction networks (qmrkit.learn)",
+        description="Train or evaluate MoDL-style unrolled networks on Cartesian multi-coil data "
+        "(an .npz file with kspace, maps, masks, targets, or synthetic phantoms).",
+    )
+    lsub = lp.add_subparsers(dest="learn_command", metavar="ACTION", required=True)
+    for name in ("train", "eval"):
+        a = lsub.add_parser(
+            name,
+            help=f"{name} a network",
+            description="Train an unrolled network; checkpoints and metrics.json go to --out."
+            if name == "train"
+            else "Evaluate a checkpoint against zero-filled and CG-SENSE baselines.",
+        )
+        a.add_argument(
+            "--data",
+            type=_input_file,
+            help="dataset .npz, or a fully sampled Cartesian MRD file (.h5/.mrd, undersampled "
+            "with --accel) (default: synthetic phantoms)",
+        )
+        a.add_argument(
+            "--val-data", type=_input_file, help="validation .npz or .h5/.mrd (train only)"
+        )
+        a.add_argument("--n", type=_positive_int, default=32, help="synthetic samples (default 32)")
+        a.add_argument(
+            "--n-val",
+            type=_positive_int,
+            default=8,
+            help="synthetic validation samples (default 8)",
+        )
+        a.add_argument(
+            "--kind",
+            choices=("2d", "3d", "2d+t"),
+            default="2d",
+            help="synthetic data: 2D slices, 3D volumes or 2D+time (default 2d)",
+        )
+        a.add_argument(
+            "--shape",
+            type=_positive_int,
+            nargs="+",
+            default=[32, 32],
+            help="synthetic image shape (default 32 32)",
+        )
+        a.add_argument("--coils", type=_positive_int, default=4, help="synthetic coils (default 4)")
+        a.add_argument(
+            "--accel", type=_positive, default=4.0, help="undersampling factor (default 4)"
+        )
+        a.add_argument(
+            "--noise", type=_nonnegative, default=0.02, help="relative k-space noise (default 0.02)"
+        )
+        a.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        a.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cpu)")
+        a.add_argument(
+            "--out",
+            type=Path,
+            required=name == "train",
+            help="output folder (checkpoints, metrics.json)"
+            if name == "train"
+            else "folder for eval.json (optional)",
+        )
+        if name == "train":
+            a.add_argument(
+                "--unrolls", type=_positive_int, default=5, help="unrolled iterations (default 5)"
+            )
+            a.add_argument(
+                "--memory",
+                choices=("standard", "checkpoint", "reversible", "hybrid"),
+                default="checkpoint",
+                help="how the backward pass gets each unroll's input: standard (stored), "
+                "checkpoint (recomputed, default), reversible (inverted), hybrid",
+            )
+            a.add_argument(
+                "--dc",
+                choices=("cg", "gradient"),
+                default="cg",
+                help="data consistency: cg (exact, default) or gradient step",
+            )
+            a.add_argument(
+                "--channels", type=_positive_int, default=32, help="denoiser channels (default 32)"
+            )
+            a.add_argument(
+                "--layers", type=_positive_int, default=5, help="denoiser layers (default 5)"
+            )
+            a.add_argument(
+                "--conv",
+                choices=("full", "separable"),
+                default="full",
+                help="3D convolutions: full or (2+1)D separable (default full)",
+            )
+            a.add_argument(
+                "--spectral-norm",
+                action="store_true",
+                help="spectrally normalise ResidualCNN (needed by reversible/hybrid)",
+            )
+            a.add_argument(
+                "--denoiser",
+                choices=("residual", "coupling"),
+                default="residual",
+                help="ResidualCNN (default; reversible/hybrid need --spectral-norm) or "
+                "CouplingCNN (exactly invertible: the cheapest reversible/hybrid steps, a weaker "
+                "denoiser)",
+            )
+            a.add_argument(
+                "--couplings",
+                type=_positive_int,
+                default=2,
+                help="couplings of --denoiser coupling (default 2)",
+            )
+            a.add_argument("--unshared", action="store_true", help="separate weights per unroll")
+            a.add_argument(
+                "--lam", type=_positive, default=0.05, help="initial CG weight λ (default 0.05)"
+            )
+            a.add_argument(
+                "--cg-iter",
+                type=_positive_int,
+                default=10,
+                help="CG iterations per data-consistency step (default 10)",
+            )
+            a.add_argument(
+                "--epochs", type=_positive_int, default=10, help="training epochs (default 10)"
+            )
+            a.add_argument(
+                "--lr", type=_positive, default=1e-3, help="Adam learning rate (default 1e-3)"
+            )
+            a.add_argument(
+                "--loss",
+                choices=("l1", "l2", "ssim"),
+                default="l2",
+                help="training loss (default l2)",
+            )
+            a.add_argument(
+                "--batch-size", type=_positive_int, default=1, help="samples per step (default 1)"
+            )
+            a.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue from OUT/last.pt or OUT/last.safetensors (if both: the newer)",
+            )
+            a.add_argument(
+                "--checkpoint-format",
+                choices=("torch", "safetensors"),
+                default="torch",
+                help="last/best checkpoints as .pt (torch.save, default) or .safetensors "
+                "(no pickle; needs pip install 'qmrkit[learn]')",
+            )
+            _add_common(a)
+        else:
+            a.add_argument(
+                "--checkpoint",
+                type=_input_file,
+                required=True,
+                help="best.pt or last.pt, or best.safetensors or last.safetensors",
+            )
+            _add_common(a, progress=False)
+
+
+def _cmd_learn(args: argparse.Namespace) -> int:
+    from .learn._cli import run
+
+    return run(args)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import errno
+    import socket
+
     from .serve import Limits, run_server, tls_context
     from .serve.store import DirectoryStore
 
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ParameterError("--tls-cert and --tls-key go together")
+    if args.tls_ca and not args.tls_cert:
+        raise ParameterError("--tls-ca (client certificates) needs --tls-cert and --tls-key")
+    if args.store is not None:
+        _check_output_folder(args.store, "--store")
     ctx = tls_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
     store = DirectoryStore(args.store) if args.store else None
-    run_server(
-        args.host,
-        args.port,
-        store=store,
-        max_concurrent=args.max_concurrent,
-        ssl_context=ctx,
-        metrics_port=args.metrics_port,
-        grace_s=args.grace,
-        limits=Limits(read_timeout=args.read_timeout),
-    )
+    try:
+        run_server(
+            args.host,
+            args.port,
+            store=store,
+            max_concurrent=args.max_concurrent,
+            ssl_context=ctx,
+            metrics_port=args.metrics_port,
+            grace_s=args.grace,
+            limits=Limits(read_timeout=args.read_timeout),
+        )
+    except OSError as exc:
+        # binding is the one OSError a user causes here (busy port, privileged port, bad host)
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) or isinstance(
+            exc, socket.gaierror
+        ):
+            ports = f"{args.port}" + (
+                f" or metrics port {args.metrics_port}" if args.metrics_port else ""
+            )
+            gai = isinstance(exc, socket.gaierror)  # its errno is an EAI_* code
+            why = exc.strerror if gai or not exc.errno else os.strerror(exc.errno)
+            raise ParameterError(f"cannot listen on {args.host} port {ports}: {why}") from exc
+        raise
     return 0
 
 
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    """``--param KEY=JSON`` values; a bare word (``kind=T2star``) is a string."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ParameterError(f"--param {item!r}: expected KEY=JSON, e.g. ti=[100,200]")
+        try:
+            params[key.strip()] = json.loads(val)
+        except json.JSONDecodeError as exc:
+            # JSON-looking text that does not parse is a mistake, not a string to send
+            if val[:1] in '[{"' or val[:1].isdigit() or val[:1] in "-.":
+                raise ParameterError(
+                    f"--param {item!r}: the value is not valid JSON ({exc.msg}); lists need "
+                    "brackets, e.g. ti=[100,200]"
+                ) from None
+            params[key.strip()] = val
+    return params
+
+
 def _cmd_send(args: argparse.Namespace) -> int:
-    import json
+    import numpy as np
 
-    import ismrmrd
-
+    from ._optional import require
+    from .errors import DataFileError
     from .pipelines import noise_statistics
     from .serve import client_tls_context, read_mrd_file, save_reply, send_scan
+    from .serve.client import header_from_images
 
+    ismrmrd = require("ismrmrd")
+    params = _parse_params(args.param)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ParameterError("--tls-cert and --tls-key go together")
+    if args.tls_cert and not args.tls_ca:
+        raise ParameterError("--tls-cert needs --tls-ca (the CA that signed the server)")
     header, acqs, images = read_mrd_file(args.scan)
-    params = {}
-    for item in args.param:
-        key, _, val = item.partition("=")
-        try:
-            params[key] = json.loads(val)
-        except json.JSONDecodeError:
-            params[key] = val
+    if header is None:
+        if acqs:
+            raise DataFileError(
+                f"{args.scan} has raw data but no XML header; raw data cannot be "
+                "reconstructed without its header"
+            )
+        if not images:
+            raise DataFileError(f"{args.scan} has no XML header, acquisitions or images")
+        header = header_from_images(images)
+        print(
+            f"{args.scan} has no XML header: sending a minimal one built from its "
+            f"{len(images)} images (acquisition settings from --param)"
+        )
     sigma = None
     if args.compress is not None:
         noise = [a for a in acqs if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
         if not noise:
-            raise QmrkitError(
+            raise ParameterError(
                 "--compress needs noise scans in the file (acquisitions flagged as noise)"
             )
-        import numpy as np
-
         sigma = noise_statistics(np.concatenate([a.data for a in noise], axis=1))["sigma"]
     ctx = client_tls_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_ca else None
     reply = send_scan(
@@ -568,28 +912,85 @@ def _cmd_send(args: argparse.Namespace) -> int:
     return 1 if reply.errors else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``qmrkit`` console script; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    from ._progress import configure_logging
+@contextlib.contextmanager
+def _warnings_as_lines(prog: str) -> Iterator[None]:
+    """Show qmrkit warnings as one line ``prog: warning: ...`` when they happen (others as usual)."""
+    original = warnings.showwarning
 
-    configure_logging(args.verbose)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    handlers = {
-        "fit": _cmd_fit,
-        "models": _cmd_models,
-        "recon": _cmd_recon,
-        "serve": _cmd_serve,
-        "send": _cmd_send,
-        "mrf": _cmd_mrf,
-        "learn": _cmd_learn,
-    }
-    try:
-        return handlers[args.command](args)
-    except QmrkitError as exc:
-        # a user mistake: one clear line, no traceback from deep inside torch
-        print(f"qmrkit {args.command}: error: {exc}", file=sys.stderr)
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if issubclass(category, QmrkitWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", QmrkitWarning)
+        warnings.showwarning = show
+        yield
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``[Errno 20] Not a directory: 'a/b'`` -> ``Not a directory: a/b``."""
+    if exc.strerror and exc.filename:
+        return f"{exc.strerror}: {exc.filename}"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+_HANDLERS = {
+    "fit": _cmd_fit,
+    "models": _cmd_models,
+    "recon": _cmd_recon,
+    "serve": _cmd_serve,
+    "send": _cmd_send,
+    "mrf": _cmd_mrf,
+    "learn": _cmd_learn,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qmrkit`` console script; returns the exit status (see the module
+    docstring: 2 and one line for user mistakes, the traceback for bugs)."""
+    from ._progress import configure_logging, set_progress_default
+
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.print_help(sys.stderr)
         return 2
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a one-line usage error (status 2)
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:  # e.g. 'qmrkit -v'
+        parser.print_help(sys.stderr)
+        return 2
+    prog = f"qmrkit {args.command}"
+    configure_logging(args.verbose, quiet=args.quiet)
+    if args.quiet and hasattr(args, "progress"):
+        args.progress = False
+    previous = set_progress_default(False if args.quiet else None)
+    try:
+        with _warnings_as_lines(prog):
+            if getattr(args, "out", None) is not None:
+                _check_output_folder(args.out)
+            return _HANDLERS[args.command](args)
+    except BrokenPipeError:
+        # stdout closed early (e.g. 'qmrkit models | head'): not an error worth a line
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (QmrkitError, OSError) as exc:
+        # a user mistake or an environment problem (QmrkitError first: DataFileError is an
+        # OSError too): one clear line, no traceback from deep inside torch
+        if args.verbose >= 2:
+            import traceback
+
+            traceback.print_exc()
+        text = str(exc) if isinstance(exc, QmrkitError) else _os_error_line(exc)
+        print(f"{prog}: error: {text}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        set_progress_default(previous)

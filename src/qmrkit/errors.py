@@ -51,6 +51,11 @@ class ProtocolError(QmrkitError, ValueError):
     """A network message or acquisition protocol is malformed."""
 
 
+class ServiceError(QmrkitError, ConnectionError):
+    """The reconstruction server cannot be reached, refused the connection or broke it (the
+    message names the address and what was tried)."""
+
+
 class OptionalDependencyError(QmrkitError, ImportError):
     """An optional package is needed for this feature; the message names the extra to install."""
 
@@ -77,6 +82,11 @@ class NonFiniteWarning(QmrkitWarning):
     """Non-finite values (NaN or Inf) were found and excluded; the message counts them."""
 
 
+class UnitsWarning(QmrkitWarning):
+    """A value looks like it is in the wrong unit (flip angles in radians, times in seconds);
+    qmrkit uses degrees and milliseconds. The computation runs as asked."""
+
+
 class QmrkitDeprecationWarning(QmrkitWarning, DeprecationWarning):
     """A deprecated qmrkit feature was used."""
 
@@ -94,9 +104,11 @@ __all__ = [
     "ModelError",
     "DataFileError",
     "ProtocolError",
+    "ServiceError",
     "OptionalDependencyError",
     "QmrkitWarning",
     "ConvergenceWarning",
     "NonFiniteWarning",
+    "UnitsWarning",
     "QmrkitDeprecationWarning",
 ]

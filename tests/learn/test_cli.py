@@ -64,7 +64,12 @@ def test_learn_train_and_eval(tmp_path, capsys):
 def test_learn_errors_are_one_line(tmp_path, capsys):
     rc = main(["learn", "eval", "--checkpoint", str(tmp_path / "missing.pt")])
     assert rc == 2
-    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert "file not found" in capsys.readouterr().err  # checked while parsing
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    rc = main(["learn", "eval", "--checkpoint", str(tmp_path / "junk.pt")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint" in err and len(err.splitlines()) == 1
     rc = main(["learn", "train", "--out", str(tmp_path), "--kind", "3d", "--shape", "16", "16"])
     assert rc == 2
     assert "--shape needs 3 numbers" in capsys.readouterr().err

@@ -10,7 +10,6 @@ from qmrkit.learn import MrdDataset, sample_operator
 from qmrkit.sim.raw import raw_scan
 
 
-
 def test_mrd_dataset_from_fully_sampled_file(tmp_path):
     path = tmp_path / "full.h5"
     raw_scan((32, 32), n_coils=4, acceleration=1, n_noise_samples=0, seed=3, path=path)

@@ -14,7 +14,6 @@ from qmrkit.io import load_nifti, read_mrd, read_mrd_images
 from ._helpers import nrmse
 
 
-
 def _fit_scale(a, x):
     c = torch.vdot(a.reshape(-1), x.reshape(-1)) / torch.vdot(a.reshape(-1), a.reshape(-1))
     return a * c

@@ -157,8 +157,10 @@ def _lm_chunk(
     status[exact] = 3
     keep = ~exact
     act, H, g, cost, lam, nu = act[keep], H[keep], g[keep], cost[keep], lam[keep], nu[keep]
+    # the bar counts finished voxels (not iterations up to max_iter): its ETA follows convergence
+    bar.update(V - act.numel())
 
-    for _ in range(max_iter):
+    for it in range(1, max_iter + 1):
         if act.numel() == 0:
             break
         iters[act] += 1
@@ -211,8 +213,9 @@ def _lm_chunk(
             g[refresh] = (Jd.transpose(1, 2) @ r_new.double()[..., None])[..., 0]
         act, H, g, cost, lam, nu = act[keep], H[keep], g[keep], cost[keep], lam[keep], nu[keep]
         history.append(float(cost_all.sum()))
-        bar.update(1)
-        bar.set_postfix(active=int(act.numel()))
+        bar.update(int(done.sum()))
+        bar.set_postfix(iteration=it, active=int(act.numel()))
+    bar.update(act.numel())  # voxels stopped by max_iter are finished too
     status[act] = -1
     return theta, status, iters, history
 
@@ -280,7 +283,8 @@ def lm(
         Where and in which precision to compute (float32 or float64; the damped normal equations
         are always solved in float64).
     progress : bool, optional
-        Show a progress bar (default: when stderr is a terminal).
+        Show a progress bar of finished voxels (default None: on a terminal or in a notebook,
+        see :func:`qmrkit._progress.progress_enabled`).
 
     Returns
     -------
@@ -310,9 +314,7 @@ def lm(
     status = torch.empty(V, dtype=torch.int8, device=problem.device)
     iters = torch.empty(V, dtype=torch.int32, device=problem.device)
     history: list[float] = []
-    bar = progress_bar(
-        total=max_iter * ((V + batch_size - 1) // batch_size), desc="lm", progress=progress
-    )
+    bar = progress_bar(total=V, desc="lm", progress=progress, unit="voxel")
     with bar:
         for c0 in range(0, V, batch_size):
             idx = torch.arange(c0, min(V, c0 + batch_size), device=problem.device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -279,7 +280,8 @@ def _read_checkpoint(path, map_location="cpu") -> dict:
     if path.suffix != ".safetensors":
         try:
             return torch.load(path, map_location=map_location, weights_only=False)
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            # a truncated or foreign file: torch raises any of these
             raise DataFileError(f"cannot read checkpoint {path}: {exc}") from exc
     _safetensors()
     from safetensors import SafetensorError, safe_open

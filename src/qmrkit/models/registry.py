@@ -2,26 +2,47 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from ..errors import ParameterError, UnknownNameError
 from ..fit.model import Model
 from .relaxometry import InversionRecovery, MolliT1, MonoExp, VfaT1
 
-_MODELS: dict[str, tuple[type[Model], dict[str, Any], str]] = {
-    "molli": (MolliT1, {}, "MOLLI T1 (3-parameter, Look-Locker corrected); needs ti"),
-    "ir": (InversionRecovery, {}, "inversion recovery T1 with inversion efficiency; needs ti"),
-    "vfa": (VfaT1, {}, "variable flip angle T1 (DESPOT1), optional B1; needs flip_angles, tr"),
-    "t2": (MonoExp, {"kind": "T2"}, "mono-exponential T2; needs te"),
-    "t2star": (MonoExp, {"kind": "T2star"}, "mono-exponential T2*; needs te"),
-    "r2star": (MonoExp, {"kind": "R2star"}, "mono-exponential R2* (1/s); needs te"),
-    "monoexp": (MonoExp, {}, "mono-exponential decay of kind T2|T2star|R2|R2star; needs te"),
+# acquisition setting -> (CLI flag, what it is); the one place that names the flags, so error
+# messages and `qmrkit models` say what to type
+SETTINGS: dict[str, tuple[str, str]] = {
+    "ti": ("--ti", "inversion times in ms"),
+    "te": ("--te", "echo times in ms"),
+    "flip_angles": ("--fa", "flip angles in degrees"),
+    "tr": ("--tr", "repetition time in ms"),
+    "b1": ("--b1", "B1 map, fraction of nominal"),
+}
+
+# name: (class, fixed keyword arguments, description, required settings)
+_MODELS: dict[str, tuple[type[Model], dict[str, Any], str, tuple[str, ...]]] = {
+    "molli": (MolliT1, {}, "MOLLI T1 (3-parameter, Look-Locker corrected)", ("ti",)),
+    "ir": (InversionRecovery, {}, "inversion recovery T1 with inversion efficiency", ("ti",)),
+    "vfa": (VfaT1, {}, "variable flip angle T1 (DESPOT1), optional --b1", ("flip_angles", "tr")),
+    "t2": (MonoExp, {"kind": "T2"}, "mono-exponential T2", ("te",)),
+    "t2star": (MonoExp, {"kind": "T2star"}, "mono-exponential T2*", ("te",)),
+    "r2star": (MonoExp, {"kind": "R2star"}, "mono-exponential R2* (1/s)", ("te",)),
+    "monoexp": (MonoExp, {}, "mono-exponential decay of kind T2|T2star|R2|R2star", ("te",)),
 }
 
 
+def _flags(names: tuple[str, ...]) -> str:
+    return " and ".join(SETTINGS[n][0] for n in names)
+
+
 def available() -> dict[str, str]:
-    """Model names and one-line descriptions."""
-    return {k: v[2] for k, v in _MODELS.items()}
+    """Model names and one-line descriptions (naming the CLI flags each model needs)."""
+    return {k: f"{v[2]}; needs {_flags(v[3])}" for k, v in _MODELS.items()}
+
+
+def required_settings(name: str) -> tuple[str, ...]:
+    """The acquisition settings a model cannot be built without (e.g. ``("ti",)``)."""
+    return _MODELS[check_name(name)][3]
 
 
 def check_name(name: str) -> str:
@@ -35,14 +56,38 @@ def check_name(name: str) -> str:
     return key
 
 
+def check_settings(name: str, settings: dict[str, Any]) -> None:
+    """Raise ParameterError naming the CLI flags when a setting is missing or not used.
+
+    Checked before the model is built, so a missing ``--ti`` reads "needs --ti (inversion times
+    in ms)" rather than a Python signature error.
+    """
+    key = check_name(name)
+    cls, fixed, _, required = _MODELS[key]
+    missing = [s for s in required if settings.get(s) is None]
+    if missing:
+        what = "; ".join(f"{SETTINGS[s][0]} ({SETTINGS[s][1]})" for s in missing)
+        keys = ", ".join(missing)
+        raise ParameterError(
+            f"model {key!r} needs {what}; in a --protocol file or 'qmrkit send --param': {keys}"
+        )
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"} - set(fixed)
+    unused = [s for s, v in settings.items() if v is not None and s not in accepted]
+    if unused:
+        named = ", ".join(SETTINGS[s][0] if s in SETTINGS else s for s in unused)
+        raise ParameterError(f"model {key!r} does not use {named}; it needs {_flags(required)}")
+
+
 def get(name: str, **settings: Any) -> Model:
     """Build a model by name with its acquisition settings.
 
     >>> get("molli", ti=[100, 180, 260, 1000, 1080, 1900, 2000, 2800])
     """
     key = check_name(name)
-    cls, defaults, _ = _MODELS[key]
+    check_settings(key, settings)
+    cls, fixed, _, _ = _MODELS[key]
+    settings = {k: v for k, v in settings.items() if v is not None}
     try:
-        return cls(**{**defaults, **settings})
+        return cls(**{**fixed, **settings})
     except TypeError as exc:
-        raise ParameterError(f"model {name!r}: {exc}; {_MODELS[key][2]}") from exc
+        raise ParameterError(f"model {name!r}: {exc}; {available()[key]}") from exc

@@ -6,13 +6,14 @@ Times are in ms, rates in 1/s, flip angles in degrees, B1 as a fraction of nomin
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import ParameterError, ShapeError
+from ..errors import ParameterError, ShapeError, UnitsWarning
 from ..fit.model import Model, Parameter
 
 
@@ -25,6 +26,28 @@ def _vector(name: str, values: Any, *, positive: bool = True, unit: str = "") ->
     if positive and (arr < 0).any():
         raise ParameterError(f"{name} must be >= 0 {unit}, got {arr}")
     return arr
+
+
+def _warn_units(message: str, stacklevel: int = 3) -> None:
+    # default: past _warn_units and the model's __init__, to the code that built the model
+    warnings.warn(message, UnitsWarning, stacklevel=stacklevel)
+
+
+def _check_times_ms(name: str, values: np.ndarray, *, seconds_below: float) -> None:
+    """Warn when times look like seconds: every value below ``seconds_below`` ms, a range no
+    protocol of this kind uses in ms but typical of the same protocol written in seconds."""
+    if values.size and float(values.max()) < seconds_below:
+        _warn_units(
+            f"{name} = {_short(values)} look like seconds; qmrkit expects milliseconds "
+            f"(e.g. {_short(values * 1000)}); fitting as given",
+            stacklevel=4,
+        )
+
+
+def _short(values: np.ndarray) -> str:
+    # three significant digits without exponents (2800, not 2.8e+03)
+    shown = ", ".join(f"{float(f'{v:.3g}'):g}" for v in values[:6])
+    return f"[{shown}{', ...' if values.size > 6 else ''}]"
 
 
 def _scalar(name: str, value: Any, unit: str) -> float:
@@ -144,7 +167,10 @@ class MolliT1(Model):
     derived_units = {"T1": "ms"}
 
     def __init__(self, ti: Sequence[float]):
-        super().__init__(ti=_vector("ti", ti, unit="ms"))
+        ti_ms = _vector("ti", ti, unit="ms")
+        # MOLLI TIs span ~100-5000 ms; all below 10 is the same schedule written in seconds
+        _check_times_ms("ti", ti_ms, seconds_below=10.0)
+        super().__init__(ti=ti_ms)
 
     def forward(self, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.abs(p["A"] - p["B"] * torch.exp(-self.ti / p["T1star"]))
@@ -188,7 +214,9 @@ class InversionRecovery(Model):
     map_names = {"T1": "T1map", "M0": "M0map", "eta": "InversionEfficiencymap"}
 
     def __init__(self, ti: Sequence[float]):
-        super().__init__(ti=_vector("ti", ti, unit="ms"))
+        ti_ms = _vector("ti", ti, unit="ms")
+        _check_times_ms("ti", ti_ms, seconds_below=10.0)
+        super().__init__(ti=ti_ms)
 
     def forward(self, p):
         return torch.abs(p["M0"] * (1.0 - (1.0 + p["eta"]) * torch.exp(-self.ti / p["T1"])))
@@ -236,7 +264,19 @@ class VfaT1(Model):
             raise ParameterError(f"flip_angles must be in (0, 180) degrees, got {fa}")
         if fa.size < 2:
             raise ShapeError("VFA T1 needs at least two flip angles")
-        super().__init__(covariate_maps={"b1": b1}, flip_angles=fa, tr=_scalar("tr", tr, "ms"))
+        if float(fa.max()) <= math.pi / 2:
+            # VFA protocols use a few to ~20 degrees; all at most π/2 is radians
+            _warn_units(
+                f"flip_angles = {_short(fa)} look like radians; qmrkit expects degrees "
+                f"(e.g. {_short(np.rad2deg(fa).round(1))}); fitting as given"
+            )
+        tr_ms = _scalar("tr", tr, "ms")
+        if tr_ms < 1.0:  # spoiled-GRE TRs are ~3-50 ms; 0.015 is 15 ms written in seconds
+            _warn_units(
+                f"tr = {tr_ms:g} looks like seconds; qmrkit expects milliseconds "
+                f"(e.g. {tr_ms * 1000:g}); fitting as given"
+            )
+        super().__init__(covariate_maps={"b1": b1}, flip_angles=fa, tr=tr_ms)
 
     def forward(self, p):
         a = torch.deg2rad(self.flip_angles) * p.get("b1", 1.0)
@@ -303,6 +343,9 @@ class MonoExp(Model):
         te_arr = _vector("te", te, unit="ms")
         if te_arr.size < 2:
             raise ShapeError("a decay fit needs at least two echo times")
+        # echo trains reach at least a few ms (even liver R2* at 1-10 ms); all below 1 ms is
+        # seconds (0.005, 0.01, ...)
+        _check_times_ms("te", te_arr, seconds_below=1.0)
         name, unit, (lo, hi), is_rate, stem, desc = _DECAY_KINDS[kind]
         self.kind, self.offset, self._is_rate, self._pname = kind, bool(offset), is_rate, name
         params = [

@@ -79,6 +79,7 @@ class Dictionary:
         dtype: torch.dtype = torch.float32,
         tol: float = 1e-5,
         batch_size: int = 32768,
+        progress: bool | None = None,
     ) -> Dictionary:
         """Simulate every (T1, T2, B1) combination with T2 ≤ T1 by EPG and normalise.
 
@@ -97,6 +98,8 @@ class Dictionary:
             Keep the full time courses (needed to match full time courses).
         device, dtype, tol, batch_size
             Simulation placement, precision and EPG truncation tolerance.
+        progress : bool or None
+            Progress bar of the EPG simulation (None: on a terminal or in a notebook).
         """
         dev = resolve_device(device)
         t1v = np.unique(np.asarray(t1, dtype=np.float64).reshape(-1))
@@ -120,7 +123,15 @@ class Dictionary:
         T1, T2, B1 = T1[keep], T2[keep], B1[keep]
         t0 = time.perf_counter()
         atoms = epg_fisp(
-            schedule, T1, T2, B1, device=dev, dtype=dtype, tol=tol, batch_size=batch_size
+            schedule,
+            T1,
+            T2,
+            B1,
+            device=dev,
+            dtype=dtype,
+            tol=tol,
+            batch_size=batch_size,
+            progress=progress,
         )
         elapsed = time.perf_counter() - t0
         norms = torch.linalg.vector_norm(atoms, dim=1)

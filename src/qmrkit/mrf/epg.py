@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .._device import resolve_device
+from .._progress import progress_bar
 from ..errors import ParameterError, ShapeError
 from .sequences import Schedule
 
@@ -48,6 +49,7 @@ def epg_fisp(
     device: Any = None,
     dtype: torch.dtype = torch.float32,
     batch_size: int = 16384,
+    progress: bool | None = False,
 ) -> torch.Tensor:
     """Simulate FISP MRF signals of many atoms.
 
@@ -69,6 +71,9 @@ def epg_fisp(
         Where and in which real precision (float32 or float64) to simulate.
     batch_size : int
         Atoms per batch (bounds memory).
+    progress : bool or None
+        Show a progress bar (None: on a terminal or in a notebook). It advances by simulation
+        work (atoms × state orders), so its ETA holds although high-T2 atoms cost more.
 
     Returns
     -------
@@ -110,13 +115,23 @@ def epg_fisp(
     k_need = torch.ceil(math.log(1.0 / tol) * T2 / tr_min).long() + 1
     k_need = k_need.clamp(2, min(k_cap, schedule.n_tr + 1))
     overhead = 1e6 if dev.type == "cuda" else 1.5e4  # fixed cost per group, in atom·orders
-    for K, idx_all in _groups(k_need, overhead):
-        for g0 in range(0, idx_all.numel(), batch_size):
-            idx = idx_all[g0 : g0 + batch_size]
-            sig = torch.zeros((idx.numel(), schedule.n_tr), dtype=cdtype, device=dev)
-            for s, w in zip(scales.tolist(), weights.tolist(), strict=True):
-                sig += w * _simulate(schedule, T1[idx], T2[idx], B1[idx] * s, K, dtype)
-            out[idx] = sig
+    groups = _groups(k_need, overhead)
+    work = sum(K * idx.numel() for K, idx in groups)  # cost of a batch ∝ atoms × orders
+    bar = progress_bar(
+        total=work,
+        desc=f"EPG {n} atoms",
+        progress=progress,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
+    )
+    with bar:
+        for K, idx_all in groups:
+            for g0 in range(0, idx_all.numel(), batch_size):
+                idx = idx_all[g0 : g0 + batch_size]
+                sig = torch.zeros((idx.numel(), schedule.n_tr), dtype=cdtype, device=dev)
+                for s, w in zip(scales.tolist(), weights.tolist(), strict=True):
+                    sig += w * _simulate(schedule, T1[idx], T2[idx], B1[idx] * s, K, dtype)
+                out[idx] = sig
+                bar.update(K * idx.numel())
     return out
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .._progress import get_logger, progress_bar
-from ..errors import DataFileError, ParameterError, ProtocolError
+from ..errors import DataFileError, ParameterError, ProtocolError, ServiceError
 from .protocol import (
     Limits,
     MessageId,
@@ -140,22 +140,51 @@ def send_scan(
     host: str, port: int, *, retries: int = 3, backoff_s: float = 1.0, **kwargs: Any
 ) -> Reply:
     """:func:`exchange` with retries and exponential backoff when the service is unreachable or a
-    replica dies mid-scan (the whole scan is sent again)."""
+    replica dies mid-scan (the whole scan is sent again).
+
+    Raises
+    ------
+    ServiceError
+        When every attempt failed to connect or lost the connection, or TLS failed (not
+        retried); the message names the address, the attempts and the last cause.
+    ProtocolError
+        When the server's replies were malformed on the last attempt.
+    """
+    if retries < 0:
+        raise ParameterError(f"retries must be >= 0, got {retries}")
     attempt = 0
     while True:
         try:
             return asyncio.run(exchange(host, port, **kwargs))
+        except ssl.SSLError as exc:
+            raise ServiceError(
+                f"TLS with {host}:{port} failed: {exc.reason or exc} (check --tls-ca, "
+                "--tls-cert and --tls-key)"
+            ) from exc
         except (ConnectionError, OSError, ProtocolError, EOFError) as exc:
-            if isinstance(exc, ssl.SSLError) or attempt >= retries:
-                raise
+            if attempt >= retries:
+                if isinstance(exc, ProtocolError):
+                    raise
+                cause = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                hint = (
+                    " (is 'qmrkit serve' running there?)"
+                    if isinstance(exc, ConnectionRefusedError)
+                    else ""
+                )
+                raise ServiceError(
+                    f"cannot reach the server at {host}:{port} after {attempt + 1} "
+                    f"attempt{'s' if attempt else ''}: {cause}{hint}"
+                ) from exc
             wait = backoff_s * 2**attempt
             log.warning("attempt %d failed (%s); retrying in %.1f s", attempt + 1, exc, wait)
             time.sleep(wait)
             attempt += 1
 
 
-def read_mrd_file(path: str | Path) -> tuple[str, list[Any], list[Any]]:
-    """Header XML, acquisitions and images (every image group) of an ISMRMRD HDF5 file."""
+def read_mrd_file(path: str | Path) -> tuple[str | None, list[Any], list[Any]]:
+    """Header XML (None when the file has none, as files of images written by
+    :func:`qmrkit.io.write_mrd_images`), acquisitions and images (every image group) of an
+    ISMRMRD HDF5 file."""
     import h5py
     import ismrmrd
 
@@ -169,8 +198,11 @@ def read_mrd_file(path: str | Path) -> tuple[str, list[Any], list[Any]]:
     except Exception as exc:
         raise DataFileError(f"{p} is not an ISMRMRD HDF5 file: {exc}") from None
     try:
-        header = ds.read_xml_header()
-        header = header.decode() if isinstance(header, bytes) else header
+        try:
+            header = ds.read_xml_header()
+            header = header.decode() if isinstance(header, bytes) else header
+        except LookupError:  # ismrmrd: "XML header not found"
+            header = None
         try:
             acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
         except Exception:
@@ -186,6 +218,33 @@ def read_mrd_file(path: str | Path) -> tuple[str, list[Any], list[Any]]:
     finally:
         ds.close()
     return header, acqs, images
+
+
+def header_from_images(images: list[Any]) -> str:
+    """A minimal ISMRMRD XML header describing ``images`` (matrix and field of view of the first),
+    for files that hold images but no header. It has no sequence parameters: acquisition
+    settings (TI, TE, ...) then come from the session's parameters (``qmrkit send --param``), and
+    no subject/device/session ids, so the server stores and finds no dependencies for it."""
+    if not images:
+        raise DataFileError("cannot describe an empty list of images")
+    first = images[0]
+    nx, ny, nz = (int(v) for v in first.matrix_size)
+    fx, fy, fz = (float(v) for v in first.field_of_view)
+    # ISMRMRD images default to a zero FOV; 1 mm voxels are the honest fallback
+    fx, fy, fz = fx or float(nx), fy or float(ny), fz or float(nz)
+    space = (
+        f"<matrixSize><x>{nx}</x><y>{ny}</y><z>{nz}</z></matrixSize>"
+        f"<fieldOfView_mm><x>{fx:g}</x><y>{fy:g}</y><z>{fz:g}</z></fieldOfView_mm>"
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">'
+        "<experimentalConditions><H1resonanceFrequency_Hz>0</H1resonanceFrequency_Hz>"
+        "</experimentalConditions>"
+        f"<encoding><encodedSpace>{space}</encodedSpace><reconSpace>{space}</reconSpace>"
+        "<encodingLimits></encodingLimits><trajectory>cartesian</trajectory></encoding>"
+        "</ismrmrdHeader>"
+    )
 
 
 def save_reply(reply: Reply, out: str | Path, *, header_xml: str | None = None) -> list[Path]:
