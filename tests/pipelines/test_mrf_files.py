@@ -30,18 +30,18 @@ def _sphere_medians(t1, t2, truth):
 
 
 def test_non_square_scan_with_nifti_b1_through_the_cli(tmp_path, capsys):
-    scan = sim.mrf_scan((40, 48), n_coils=4, b1_amplitude=0.3, seed=0)  # (ny, nx)
+    scan = sim.mrf_scan((48, 56), n_coils=4, b1_amplitude=0.3, seed=0)  # (ny, nx)
     truth = scan.meta["truth"]
     path = write_mrd(tmp_path / "scan.h5", scan)
-    b1 = to_nifti_order(truth["B1"], 2).astype(np.float32)  # (x, y) = (48, 40)
+    b1 = to_nifti_order(truth["B1"], 2).astype(np.float32)  # (x, y) = (56, 48)
     b1_path = save_nifti(tmp_path / "b1.nii.gz", b1, affine=scan.affine)
     args = ["mrf", str(path), "--b1", str(b1_path), "--dictionary-step", "0.1", "--b1-step", "0.1"]
     assert main([*args, "--out", str(tmp_path / "maps")]) == 0
     t1, aff = load_nifti(tmp_path / "maps" / "T1map.nii.gz")
     t2, _ = load_nifti(tmp_path / "maps" / "T2map.nii.gz")
-    assert t1.shape == (48, 40)
+    assert t1.shape == (56, 48)
     np.testing.assert_allclose(aff, scan.affine, atol=1e-5)
-    assert aff[0, 0] == pytest.approx(-250.0 / 48, rel=1e-6)  # 5.2 mm voxels, not 1 mm
+    assert aff[0, 0] == pytest.approx(-250.0 / 56, rel=1e-6)  # 4.5 mm voxels, not 1 mm
     rows = _sphere_medians(t1, t2, truth)
     e1, e2 = np.abs(rows[:, 2] / rows[:, 0] - 1), np.abs(rows[:, 3] / rows[:, 1] - 1)
     assert len(rows) >= 10
@@ -54,7 +54,7 @@ def test_non_square_scan_with_nifti_b1_through_the_cli(tmp_path, capsys):
     bad = ["mrf", str(path), "--b1", str(tmp_path / "b1T.nii.gz"), "--out", str(tmp_path / "x")]
     assert main(bad) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "NIfTI order (x, y[, z])" in err and "(48, 40)" in err
+    assert len(err.splitlines()) == 1 and "NIfTI order (x, y[, z])" in err and "(56, 48)" in err
     # right shape, other voxel grid (1 mm identity affine): refused
     save_nifti(tmp_path / "b1eye.nii.gz", b1)
     bad[3] = str(tmp_path / "b1eye.nii.gz")
