@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results  # noqa: E402
 from qmrkit import mrf, pipelines, sim  # noqa: E402
+from qmrkit.io import to_nifti_order  # noqa: E402
 
 
 def main() -> None:
@@ -120,7 +121,8 @@ def main() -> None:
     t0 = time.perf_counter()
     scan = sim.mrf_scan((n, n), n_coils=args.coils, b1_amplitude=0.3, seed=0, schedule=sched)
     t_sim = time.perf_counter() - t0
-    b1 = scan.meta["truth"]["B1"]
+    # pipelines take and return NIfTI order (x, y); the simulation's truth is array order (y, x)
+    b1 = to_nifti_order(scan.meta["truth"]["B1"], 2)
     t0 = time.perf_counter()
     db = mrf.Dictionary.build(
         sched,
@@ -135,13 +137,14 @@ def main() -> None:
     st = maps.stages
     truth = scan.meta["truth"]
     errs = []
+    nifti = {k: to_nifti_order(truth[k], 2) for k in ("labels", "T1", "T2")}
     for s in range(1, 15):
-        sel = truth["labels"] == s
-        if truth["T2"][sel][0] <= 500:
+        sel = nifti["labels"] == s
+        if nifti["T2"][sel][0] <= 500:
             errs.append(
                 (
-                    abs(np.median(maps.t1.numpy()[sel]) / truth["T1"][sel][0] - 1),
-                    abs(np.median(maps.t2.numpy()[sel]) / truth["T2"][sel][0] - 1),
+                    abs(np.median(maps.t1.numpy()[sel]) / nifti["T1"][sel][0] - 1),
+                    abs(np.median(maps.t2.numpy()[sel]) / nifti["T2"][sel][0] - 1),
                 )
             )
     e = np.array(errs)

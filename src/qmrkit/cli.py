@@ -565,21 +565,27 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_mrf(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from .io import load_nifti
+    from .io.geometry import affines_match, map_from_nifti
     from .io.mrd import read_mrd
     from .mrf import Dictionary, log_grid, schedule_from_header
-    from .pipelines import mrf_maps
+    from .pipelines import mrf_image_size, mrf_maps
 
     t0 = time.perf_counter()
     scan = read_mrd(args.scan)
+    im_size = mrf_image_size(scan)  # a trajectory that disagrees with the header fails here
     schedule = schedule_from_header(scan.header)
     b1 = None
     if args.b1:
-        b1 = load_nifti(args.b1)[0].T  # NIfTI (x, y) -> image (y, x)
-        if tuple(b1.shape) != tuple(scan.recon_size or scan.matrix_size):
+        b1, b1_affine = load_nifti(args.b1)  # NIfTI order (x, y[, z]), as mrf_maps takes it
+        map_from_nifti(b1, im_size, f"the B1 map {args.b1}")  # shape check before the dictionary
+        if scan.geometry is not None and not affines_match(b1_affine, scan.affine):
             raise QmrkitError(
-                f"the B1 map has shape {b1.shape[::-1]} (x, y) but the scan's image is "
-                f"{tuple(scan.recon_size or scan.matrix_size)[::-1]}"
+                f"the B1 map {args.b1} is on another voxel grid than the scan (orientation, voxel "
+                f"size or position differ: B1 affine rows {np.round(b1_affine[:3], 2).tolist()}, the "
+                f"scan's {np.round(scan.affine[:3], 2).tolist()})"
             )
     if args.dictionary:
         dictionary = Dictionary.load(args.dictionary, device=args.device)
@@ -608,10 +614,11 @@ def _cmd_mrf(args: argparse.Namespace) -> int:
         n_iter=args.n_iter,
         device=args.device,
     )
-    written = maps.save(args.out)
+    written = maps.save(args.out, affine=scan.affine)
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in maps.stages.items())
     print(
-        f"mrf: {stages}; wrote {len(written)} files to {args.out} ({time.perf_counter() - t0:.1f} s in all)"
+        f"mrf: {'x'.join(str(n) for n in maps.t1.shape)} maps; {stages}; wrote {len(written)} "
+        f"files to {args.out} ({time.perf_counter() - t0:.1f} s in all)"
     )
     return 0
 

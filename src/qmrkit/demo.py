@@ -23,7 +23,7 @@ def run_mrf(out: Path, *, shape: tuple[int, int] = (96, 96), seed: int = 0) -> i
     import time as _time
 
     from .cli import main as cli_main
-    from .io import load_nifti
+    from .io import load_nifti, to_nifti_order
     from .io.mrd import write_mrd
     from .io.nifti import save_nifti
     from .sim import mrf_scan
@@ -33,7 +33,9 @@ def run_mrf(out: Path, *, shape: tuple[int, int] = (96, 96), seed: int = 0) -> i
     scan = mrf_scan(shape, n_coils=8, b1_amplitude=0.3, seed=seed)
     truth = scan.meta["truth"]
     path = write_mrd(out / "mrf_scan.h5", scan)
-    b1_path = save_nifti(out / "b1.nii.gz", truth["B1"].T.astype(np.float32))
+    # files and pipelines use NIfTI order (x, y); the simulation's truth is array order (y, x)
+    b1 = to_nifti_order(truth["B1"], 2).astype(np.float32)
+    b1_path = save_nifti(out / "b1.nii.gz", b1, affine=scan.affine)
     print(
         f"simulated a 2D FISP MRF scan: {shape[0]}x{shape[1]}, 8 coils, {scan.meta['frames']} TRs, "
         f"{scan.meta['samples']} spiral samples per TR, B1 0.7-1.3 -> {path} ({_time.perf_counter() - t0:.1f} s)"
@@ -56,15 +58,14 @@ def run_mrf(out: Path, *, shape: tuple[int, int] = (96, 96), seed: int = 0) -> i
         return status
     t1, _ = load_nifti(out / "maps" / "T1map.nii.gz")
     t2, _ = load_nifti(out / "maps" / "T2map.nii.gz")
-    t1, t2 = t1.T, t2.T  # NIfTI (x, y) back to the phantom's (y, x)
-    labels = truth["labels"]
+    labels = to_nifti_order(truth["labels"], 2)
     print(
         f"\n{'sphere':<7} {'T1 ref (ms)':>11} {'T1 (ms)':>9} {'err':>7}   {'T2 ref (ms)':>11} {'T2 (ms)':>9} {'err':>7}"
     )
     e1s, e2s = [], []
     for s in range(1, 15):
         sel = labels == s
-        r1, r2 = truth["T1"][sel][0], truth["T2"][sel][0]
+        r1, r2 = truth["T1"][truth["labels"] == s][0], truth["T2"][truth["labels"] == s][0]
         m1, m2 = float(np.median(t1[sel])), float(np.median(t2[sel]))
         e1, e2 = m1 / r1 - 1, m2 / r2 - 1
         note = "  (T2 above the dictionary's 500 ms)" if r2 > 500 else ""

@@ -1,9 +1,19 @@
-"""MRF end to end on a simulated 2D NIST-phantom scan: accuracy per sphere, with and without B1."""
+"""MRF end to end on a simulated 2D NIST-phantom scan: accuracy per sphere, with and without B1.
+
+Pipelines take and return NIfTI order (x, y[, z]); the simulation's truth is array order, so the
+tests convert it with :func:`qmrkit.io.to_nifti_order` (``nifti`` below).
+"""
 
 import numpy as np
 import pytest
 
 from qmrkit import mrf, pipelines, sim
+from qmrkit.io import to_nifti_order
+
+
+def nifti(a):
+    return to_nifti_order(np.asarray(a), np.ndim(a))
+
 
 pytestmark = pytest.mark.slow
 T2_MAX_IN_DICTIONARY = 500.0
@@ -25,6 +35,7 @@ def scan_and_dictionary():
 
 def _sphere_errors(maps, truth):
     e1, e2 = [], []
+    truth = {k: nifti(truth[k]) for k in ("labels", "T1", "T2")}
     for s in range(1, 15):
         sel = truth["labels"] == s
         t1r, t2r = truth["T1"][sel][0], truth["T2"][sel][0]
@@ -38,7 +49,7 @@ def _sphere_errors(maps, truth):
 def test_nist_accuracy_with_b1_correction(scan_and_dictionary):
     scan, d = scan_and_dictionary
     truth = scan.meta["truth"]
-    corrected = pipelines.mrf_maps(scan, dictionary=d, b1_map=truth["B1"])
+    corrected = pipelines.mrf_maps(scan, dictionary=d, b1_map=nifti(truth["B1"]))
     e1, e2 = _sphere_errors(corrected, truth)
     assert np.median(e1) <= 0.03, e1
     assert np.median(e2) <= 0.05, e2
@@ -51,7 +62,7 @@ def test_nist_accuracy_with_b1_correction(scan_and_dictionary):
 
 def test_b1_outside_dictionary_is_clipped_with_warning(scan_and_dictionary):
     scan, d = scan_and_dictionary
-    b1 = scan.meta["truth"]["B1"].copy()
+    b1 = nifti(scan.meta["truth"]["B1"]).copy()
     b1[:4] = 2.0
     with pytest.warns(mrf.B1RangeWarning, match="voxel"):
         m = pipelines.mrf_maps(scan, dictionary=d, b1_map=b1)
@@ -79,9 +90,10 @@ def test_3d_stack_of_spirals_with_partition_undersampling():
         b1=pipelines.b1_grid(truth["B1"], 0.1),
         keep_atoms=False,
     )
-    maps = pipelines.mrf_maps(scan, dictionary=d, b1_map=truth["B1"])
-    assert maps.t1.shape == (8, 48, 48)
+    maps = pipelines.mrf_maps(scan, dictionary=d, b1_map=nifti(truth["B1"]))
+    assert maps.t1.shape == (48, 48, 8)  # NIfTI order (x, y, z)
     e1, e2 = [], []
+    truth = {k: nifti(truth[k]) for k in ("labels", "T1", "T2")}
     for s in range(1, 15):
         sel = truth["labels"] == s
         if not sel.any() or truth["T2"][sel][0] > T2_MAX_IN_DICTIONARY:

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,6 +107,29 @@ def test_prewhiten_missing_noise():
         recon.prewhiten(y, torch.ones(4, 2, dtype=torch.complex64))
     with pytest.raises(ShapeError, match="no axis"):
         recon.prewhiten(y, torch.randn(5, 100, dtype=torch.complex64))
+
+
+def test_prewhiten_with_a_covariance_equals_with_its_samples():
+    """A stored covariance (noise_covariance of the samples) whitens exactly like the samples."""
+    _, noise = _correlated_noise(6, 4000)
+    noise = noise.to(torch.complex64)
+    y = torch.randn(6, 20, 30, dtype=torch.complex64)
+    w_s, m_s = recon.prewhiten(y, noise, return_matrix=True)
+    w_c, m_c = recon.prewhiten(y, covariance=recon.noise_covariance(noise), return_matrix=True)
+    torch.testing.assert_close(w_c, w_s, rtol=0, atol=0)
+    torch.testing.assert_close(m_c, m_s, rtol=0, atol=0)
+    # numpy complex64 covariance (as a store keeps it) and the reference float64 whitening
+    cov = recon.noise_covariance(noise).numpy()
+    ref = np.linalg.solve(np.linalg.cholesky(cov.astype(np.complex128)), y.numpy().reshape(6, -1))
+    np.testing.assert_allclose(
+        recon.prewhiten(y, covariance=cov).numpy().reshape(6, -1), ref, rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(ParameterError, match="not both"):
+        recon.prewhiten(y, noise, covariance=cov)
+    with pytest.raises(ShapeError, match="square"):
+        recon.prewhiten(y, covariance=cov[:, :5])
+    with pytest.raises(ShapeError, match="6 coils but no axis"):
+        recon.prewhiten(torch.zeros(4, 8, dtype=torch.complex64), covariance=cov)
 
 
 def test_coil_compression_svd_and_gcc():

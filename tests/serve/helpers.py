@@ -22,7 +22,10 @@ def header_xml(
     session="FOR-1",
     measurement="M-1",
     dependencies=(),
+    matrix=(16, 16, 1),
 ) -> str:
+    """A minimal MRD header; ``matrix`` (x, y, z) is the encoded and recon matrix."""
+    mx, my, mz = matrix
     seq = ""
     for tag, vals in (("TR", tr), ("TE", te), ("TI", ti), ("flipAngle_deg", flip)):
         for v in vals or ():
@@ -40,13 +43,43 @@ def header_xml(
   <acquisitionSystemInformation><deviceID>{device}</deviceID><receiverChannels>4</receiverChannels></acquisitionSystemInformation>
   <experimentalConditions><H1resonanceFrequency_Hz>123000000</H1resonanceFrequency_Hz></experimentalConditions>
   <encoding>
-    <encodedSpace><matrixSize><x>16</x><y>16</y><z>1</z></matrixSize><fieldOfView_mm><x>200</x><y>200</y><z>8</z></fieldOfView_mm></encodedSpace>
-    <reconSpace><matrixSize><x>16</x><y>16</y><z>1</z></matrixSize><fieldOfView_mm><x>200</x><y>200</y><z>8</z></fieldOfView_mm></reconSpace>
+    <encodedSpace><matrixSize><x>{mx}</x><y>{my}</y><z>{mz}</z></matrixSize><fieldOfView_mm><x>200</x><y>200</y><z>8</z></fieldOfView_mm></encodedSpace>
+    <reconSpace><matrixSize><x>{mx}</x><y>{my}</y><z>{mz}</z></matrixSize><fieldOfView_mm><x>200</x><y>200</y><z>8</z></fieldOfView_mm></reconSpace>
     <encodingLimits></encodingLimits>
     <trajectory>cartesian</trajectory>
   </encoding>
   <sequenceParameters>{seq}</sequenceParameters>
 </ismrmrdHeader>"""
+
+
+def with_ids(
+    xml: str,
+    *,
+    patient: str | None = "PAT-123",
+    device: str | None = "SCANNER-1",
+    session: str | None = "FOR-1",
+    measurement: str | None = None,
+    dependencies=(),
+) -> str:
+    """``xml`` (e.g. written by ``qmrkit.io.write_mrd``) with subject/device/session ids (None:
+    leave the field out), a measurement id and ``measurementDependency`` entries set."""
+    from ismrmrd import xsd
+
+    h = xsd.CreateFromDocument(xml)
+    h.subjectInformation = xsd.subjectInformationType(patientID=patient) if patient else None
+    if h.acquisitionSystemInformation is None:
+        h.acquisitionSystemInformation = xsd.acquisitionSystemInformationType()
+    h.acquisitionSystemInformation.deviceID = device
+    mi = h.measurementInformation or xsd.measurementInformationType(patientPosition="HFS")
+    mi.frameOfReferenceUID = session
+    if measurement is not None:
+        mi.measurementID = measurement
+    mi.measurementDependency = [
+        xsd.measurementDependencyType(dependencyType=t, measurementID=m) for t, m in dependencies
+    ]
+    h.measurementInformation = mi
+    out = h.toXML()
+    return out.decode() if isinstance(out, bytes) else out
 
 
 def series_images(series: np.ndarray) -> list:

@@ -22,7 +22,7 @@ def test_mrf_over_the_wire_equals_direct_pipeline(tmp_path):
     scan = sim.mrf_scan((48, 48), n_coils=2, schedule=None, b1_amplitude=0.2, seed=3)
     path = write_mrd(tmp_path / "mrf.h5", scan)
     header, acqs, _ = read_mrd_file(path)
-    b1 = scan.meta["truth"]["B1"].astype(np.float32)
+    b1 = scan.meta["truth"]["B1"].T.astype(np.float32)  # NIfTI (x, y) order, as images are
     params = {"dictionary_step": 0.12, "b1_step": 0.1}
     with BackgroundServer(store=DirectoryStore(tmp_path / "store")) as srv:
         r = asyncio.run(
@@ -31,7 +31,7 @@ def test_mrf_over_the_wire_equals_direct_pipeline(tmp_path):
                 srv.port,
                 config="store-b1",
                 header_xml=header,
-                images=[array_to_image(b1.T, series_index=0)],
+                images=[array_to_image(b1, series_index=0)],
             )
         )
         assert not r.errors, r.texts
@@ -59,8 +59,63 @@ def test_mrf_over_the_wire_equals_direct_pipeline(tmp_path):
         keep_atoms=False,
     )
     direct = pipelines.mrf_maps(read_mrd(path), dictionary=d, b1_map=b1, schedule=sched)
-    ref_t1 = np.nan_to_num(direct.t1.numpy().T)
+    ref_t1 = np.nan_to_num(direct.t1.numpy())  # maps are NIfTI order, like MRD images
     np.testing.assert_allclose(got["qmrkit_T1map"], ref_t1, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(
-        got["qmrkit_T2map"], np.nan_to_num(direct.t2.numpy().T), rtol=1e-5, atol=1e-3
+        got["qmrkit_T2map"], np.nan_to_num(direct.t2.numpy()), rtol=1e-5, atol=1e-3
     )
+
+
+def test_3d_mrf_over_the_wire_returns_one_image_per_partition(tmp_path):
+    """A 3D stack of spirals (8 partitions) streamed to `mrf` with a stored 3D B1 map: one image
+    per partition and map (image_index = partition), equal to the in-process pipeline."""
+    from qmrkit.io.mrd import read_mrd, write_mrd
+    from qmrkit.serve import handlers
+
+    scan = sim.mrf_scan_3d((8, 24, 24), n_coils=2, b1_amplitude=0.2, seed=3)
+    path = write_mrd(tmp_path / "mrf3d.h5", scan)
+    header, acqs, _ = read_mrd_file(path)
+    b1 = scan.meta["truth"]["B1"].transpose(2, 1, 0).astype(np.float32)  # (x, y, z)
+    params = {"dictionary_step": 0.12, "b1_step": 0.1}
+    with BackgroundServer(store=DirectoryStore(tmp_path / "store")) as srv:
+        r = asyncio.run(
+            exchange(
+                "127.0.0.1",
+                srv.port,
+                config="store-b1",
+                header_xml=header,
+                images=[array_to_image(b1, series_index=0)],
+            )
+        )
+        assert not r.errors, r.texts
+        reply = asyncio.run(
+            exchange(
+                "127.0.0.1",
+                srv.port,
+                config="mrf",
+                header_xml=header,
+                acquisitions=acqs,
+                parameters=params,
+            )
+        )
+    assert not reply.errors, reply.texts
+    assert "mrf: using the stored B1 map" in reply.texts
+    got: dict[str, dict[int, np.ndarray]] = {}
+    for im in reply.images:
+        got.setdefault(str(im.meta["SeriesDescription"]), {})[int(im.image_index)] = image_to_array(
+            im
+        )
+    assert sorted(got["qmrkit_T1map"]) == list(range(8))
+    t1 = np.stack([got["qmrkit_T1map"][p] for p in range(8)], axis=-1)
+    t2 = np.stack([got["qmrkit_T2map"][p] for p in range(8)], axis=-1)
+    assert t1.shape == (24, 24, 8)
+    # the in-process pipeline on the same file, with the dictionary the server built (checked to
+    # be the one these parameters define) rather than a second identical build
+    (d,) = handlers._DICTIONARY_CACHE.values()
+    np.testing.assert_allclose(np.unique(d.t1.numpy()), log_grid(10, 4000, 0.12), rtol=1e-6)
+    np.testing.assert_allclose(np.unique(d.t2.numpy()), log_grid(1, 500, 0.12), rtol=1e-6)
+    np.testing.assert_allclose(np.unique(d.b1.numpy()), pipelines.b1_grid(b1, 0.1), rtol=1e-6)
+    assert d.schedule.n_tr == schedule_from_header(header).n_tr
+    direct = pipelines.mrf_maps(read_mrd(path), dictionary=d, b1_map=b1)
+    np.testing.assert_allclose(t1, np.nan_to_num(direct.t1.numpy()), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(t2, np.nan_to_num(direct.t2.numpy()), rtol=1e-5, atol=1e-3)

@@ -133,7 +133,7 @@ def test_dependency_stored_through_one_replica_is_seen_by_the_other(cluster):
         "127.0.0.1",
         front,
         config="store-b1",
-        header_xml=header_xml(measurement="B1-1"),
+        header_xml=header_xml(measurement="B1-1", matrix=(6, 6, 1)),
         images=series_images(b1[..., None]),
     )
     assert not r.errors

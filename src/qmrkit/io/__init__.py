@@ -1,7 +1,16 @@
 """File formats: NIfTI (nibabel), protocol YAML and ISMRMRD/MRD HDF5 raw data and images."""
 
+from .geometry import (
+    ScanGeometry,
+    affine_from_mrd,
+    from_nifti_order,
+    map_from_nifti,
+    to_nifti_order,
+)
 from .mrd import (
     RawScan,
+    attach_header,
+    header_for_scan,
     read_mrd,
     read_mrd_images,
     scan_from_acquisitions,
@@ -21,4 +30,11 @@ __all__ = [
     "write_mrd",
     "write_mrd_images",
     "read_mrd_images",
+    "header_for_scan",
+    "attach_header",
+    "ScanGeometry",
+    "affine_from_mrd",
+    "to_nifti_order",
+    "from_nifti_order",
+    "map_from_nifti",
 ]

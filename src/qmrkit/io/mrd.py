@@ -1,14 +1,16 @@
 """ISMRMRD / MRD HDF5 raw data in, images out (the ``ismrmrd`` package; optional extra ``mrd``).
 
-:func:`read_mrd` assembles the acquisitions of one dataset into a :class:`RawScan`: the XML
-header, k-space ``(*batch, coils, *k)`` (Cartesian data on the encoded grid, readout last;
-non-Cartesian samples concatenated with their trajectory in cycles/pixel), noise scans,
-parallel-imaging calibration lines and the encoding limits. :func:`write_mrd` writes a RawScan
-(used by :func:`qmrkit.sim.raw_scan`), :func:`write_mrd_images` / :func:`read_mrd_images` store
+:func:`scan_from_acquisitions` assembles the acquisitions of one dataset — read from a file by
+:func:`read_mrd`, or streamed to the server — into a :class:`RawScan`: the XML header, k-space
+``(*batch, coils, *k)`` (Cartesian data on the encoded grid, readout last; non-Cartesian samples
+concatenated with their trajectory in cycles/pixel; 2D and 3D, stacks of spirals, MRF frames),
+noise scans, parallel-imaging calibration lines, the encoding limits and the geometry.
+:func:`write_mrd` writes a RawScan with a header built from it (:func:`header_for_scan`), so
+write → read gives the same scan; :func:`write_mrd_images` / :func:`read_mrd_images` store
 reconstructed images in the same format.
 
 Spatial order inside qmrkit is ``(z, y, x)`` / ``(y, x)`` (ISMRMRD's ``kspace_encode_step_2``,
-``kspace_encode_step_1``, readout).
+``kspace_encode_step_1``, readout); see :mod:`qmrkit.io.geometry` for NIfTI order and affines.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 
 from .._optional import require
 from .._progress import get_logger
-from ..errors import DataFileError, ParameterError, ShapeError
+from ..errors import DataFileError, OptionalDependencyError, ParameterError, ShapeError
+from .geometry import ScanGeometry, nifti_affine
 
 log = get_logger("io.mrd")
 
@@ -38,18 +41,21 @@ class RawScan:
     Attributes
     ----------
     header : str
-        ISMRMRD XML header.
+        ISMRMRD XML header (:func:`header_for_scan` builds one that agrees with the other fields).
     kdata : Tensor
         complex64 k-space. Cartesian: ``(*batch, coils, *k)`` on the encoded matrix (2D
         ``(ny, nx)`` or 3D ``(nz, ny, nx)``, readout last, zeros where nothing was acquired).
         Non-Cartesian: ``(*batch, coils, M)``.
     traj : Tensor or None
         ``(M, ndim)`` trajectory in cycles/pixel (x last: ``(..., ky, kx)`` order as the image
-        axes), None for Cartesian data.
+        axes; ``ndim`` equals the number of image axes), None for Cartesian data.
     mask : Tensor or None
         Boolean sampling mask over the encoded matrix (Cartesian), shared by the batch.
     noise : Tensor or None
         ``(coils, samples)`` noise-scan samples (ACQ_IS_NOISE_MEASUREMENT).
+    noise_covariance : Tensor or None
+        ``(coils, coils)`` noise covariance of an earlier noise scan (e.g. from the service's
+        calibration store), used for prewhitening when ``noise`` is None.
     calib : Tensor or None
         Calibration-only lines (ACQ_IS_PARALLEL_CALIBRATION) on the same grid as ``kdata``.
     calib_mask : Tensor or None
@@ -67,7 +73,16 @@ class RawScan:
     batch_dims : tuple of str
         Names of the leading batch axes of ``kdata`` (from :data:`BATCH_COUNTERS`).
     meta : dict
-        Extra information (simulation truth, file path, ...).
+        Extra information (simulation truth, file path, ...). MR fingerprinting scans (one
+        trajectory per frame) have ``frames`` and ``samples`` (per frame; ``kdata`` is
+        ``(coils, frames·samples)``, frame-major), optionally ``samples_per_readout`` and the
+        ``schedule``.
+    recon_fov_mm : tuple of float
+        Reconstruction field of view (mm), image-axis order; empty means ``fov_mm``.
+    slice_thickness_mm : float or None
+        2D scans: the slice thickness (the header's z field of view).
+    geometry : ScanGeometry or None
+        Position and orientation (LPS) from the acquisitions; None when they record none.
     """
 
     header: str
@@ -75,6 +90,7 @@ class RawScan:
     traj: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     noise: torch.Tensor | None = None
+    noise_covariance: torch.Tensor | None = None
     calib: torch.Tensor | None = None
     calib_mask: torch.Tensor | None = None
     matrix_size: tuple[int, ...] = ()
@@ -84,6 +100,9 @@ class RawScan:
     encoding_limits: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     batch_dims: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    recon_fov_mm: tuple[float, ...] = ()
+    slice_thickness_mm: float | None = None
+    geometry: ScanGeometry | None = None
 
     @property
     def is_cartesian(self) -> bool:
@@ -99,6 +118,24 @@ class RawScan:
         """Spatial dimensions (2 or 3)."""
         return len(self.matrix_size)
 
+    @property
+    def image_size(self) -> tuple[int, ...]:
+        """Size of the reconstructed image, array order (``recon_size`` or ``matrix_size``)."""
+        return tuple(self.recon_size or self.matrix_size)
+
+    @property
+    def affine(self) -> np.ndarray:
+        """4×4 NIfTI (RAS) affine of the reconstructed image in NIfTI order (x, y[, z]): voxel
+        size = reconstruction FOV / matrix, directions and centre from :attr:`geometry` (see
+        :mod:`qmrkit.io.geometry`)."""
+        size = self.image_size
+        fov = tuple(self.recon_fov_mm or self.fov_mm) or tuple(float(n) for n in size)
+        voxel = [f / n for f, n in zip(fov, size, strict=True)]
+        if len(size) == 2:
+            size = (1, *size)
+            voxel = [self.slice_thickness_mm or float(np.mean(voxel)), *voxel]
+        return nifti_affine(size[::-1], voxel[::-1], self.geometry)
+
     def calibration_data(self) -> torch.Tensor:
         """Cartesian k-space of the first batch entry with calibration lines merged in."""
         if not self.is_cartesian:
@@ -111,6 +148,22 @@ class RawScan:
 
 
 # --------------------------------------------------------------------------------------- header
+LIMIT_NAMES = (
+    "kspace_encoding_step_1",
+    "kspace_encoding_step_2",
+    "slice",
+    "contrast",
+    "repetition",
+    "average",
+    "phase",
+    "set",
+    "segment",
+)
+#: userParameterString holding RF phases (degrees) of an MRF schedule: ISMRMRD's
+#: sequenceParameters have TR, TE, TI and flip angles but no RF phase
+RF_PHASE_PARAMETER = "qmrkit_rf_phase_deg"
+
+
 def _limit(enc, name):
     lim = getattr(enc.encodingLimits, name, None) if enc.encodingLimits is not None else None
     if lim is None:
@@ -118,39 +171,242 @@ def _limit(enc, name):
     return (int(lim.minimum), int(lim.center), int(lim.maximum))
 
 
-def _make_header(matrix_size, recon_size, fov_mm, n_coils, trajectory, limits) -> str:
-    """ISMRMRD XML header for one encoding (sizes and FOV in image-axis order)."""
+def _parse_header(header_xml: str | bytes, source: str) -> tuple[str, Any]:
+    ismrmrd = require("ismrmrd")
+    try:
+        xml = header_xml.decode() if isinstance(header_xml, bytes) else header_xml
+        return xml, ismrmrd.xsd.CreateFromDocument(xml)
+    except Exception as exc:
+        raise DataFileError(
+            f"{source}: the ISMRMRD XML header is missing or invalid: {exc}"
+        ) from exc
+
+
+def schedule_length(hdr: Any) -> int:
+    """Number of MRF frames the header's sequenceParameters describe (one flipAngle_deg per TR;
+    0 when it lists fewer than two flip angles, i.e. carries no MRF schedule)."""
+    sp = getattr(hdr, "sequenceParameters", None)
+    n = len(getattr(sp, "flipAngle_deg", None) or []) if sp is not None else 0
+    return n if n >= 2 else 0
+
+
+def _make_header(
+    matrix_size: Sequence[int],
+    recon_size: Sequence[int],
+    fov_mm: Sequence[float],
+    n_coils: int,
+    trajectory: str,
+    limits: dict[str, tuple[int, int, int]],
+    *,
+    recon_fov_mm: Sequence[float] | None = None,
+    slice_thickness_mm: float | None = None,
+    sequence: dict[str, list[float]] | None = None,
+    base: str | None = None,
+) -> str:
+    """ISMRMRD XML header for one encoding (sizes and FOV in image-axis order).
+
+    ``sequence`` (``TR``, ``TE``, ``TI``, ``flipAngle_deg`` lists, optionally ``rf_phase_deg``)
+    becomes sequenceParameters; ``base`` (an existing header) keeps what is not described here
+    (subject, study, measurement information, user parameters, other sequence settings).
+    """
     x = require("ismrmrd").xsd
+    nd = len(matrix_size)
+    rfov = tuple(recon_fov_mm or fov_mm)
+    if slice_thickness_mm is None and nd == 2:
+        # no thickness known: isotropic voxels
+        slice_thickness_mm = float(np.mean([f / n for f, n in zip(rfov, recon_size, strict=True)]))
 
     def space(size, fov):
         size3 = list(reversed(size)) + [1] * (3 - len(size))  # x, y, z
-        fov3 = list(reversed(fov)) + [float(fov[-1])] * (3 - len(fov))
+        fov3 = list(reversed(fov)) + [float(slice_thickness_mm or 0.0)] * (3 - len(fov))
         return x.encodingSpaceType(
             matrixSize=x.matrixSizeType(x=int(size3[0]), y=int(size3[1]), z=int(size3[2])),
             fieldOfView_mm=x.fieldOfViewMm(x=float(fov3[0]), y=float(fov3[1]), z=float(fov3[2])),
         )
 
-    el = x.encodingLimitsType(
+    h = None
+    if base:
+        try:
+            h = x.CreateFromDocument(base)
+        except Exception:  # an empty or foreign header: build a fresh one
+            h = None
+    if h is None:
+        h = x.ismrmrdHeader(
+            experimentalConditions=x.experimentalConditionsType(
+                H1resonanceFrequency_Hz=127_740_000
+            ),
+            encoding=[],
+        )
+    enc = (
+        h.encoding[0]
+        if h.encoding
+        else x.encodingType(
+            encodedSpace=None, reconSpace=None, encodingLimits=None, trajectory=None
+        )
+    )
+    enc.encodedSpace = space(matrix_size, fov_mm)
+    enc.reconSpace = space(recon_size, rfov)
+    enc.encodingLimits = x.encodingLimitsType(
         **{
             name: x.limitType(minimum=int(lo), center=int(c), maximum=int(hi))
             for name, (lo, c, hi) in limits.items()
         }
     )
-    enc = x.encodingType(
-        encodedSpace=space(matrix_size, fov_mm),
-        reconSpace=space(recon_size, fov_mm),
-        encodingLimits=el,
-        trajectory=x.trajectoryType(trajectory),
-    )
-    h = x.ismrmrdHeader(
-        experimentalConditions=x.experimentalConditionsType(H1resonanceFrequency_Hz=127_740_000),
-        acquisitionSystemInformation=x.acquisitionSystemInformationType(
-            receiverChannels=int(n_coils)
-        ),
-        encoding=[enc],
-    )
+    enc.trajectory = x.trajectoryType(trajectory)
+    h.encoding = [enc]
+    if h.acquisitionSystemInformation is None:
+        h.acquisitionSystemInformation = x.acquisitionSystemInformationType()
+    h.acquisitionSystemInformation.receiverChannels = int(n_coils)
+    if sequence is not None:
+        _set_sequence(h, x, sequence)
     xml = x.ToXML(h) if hasattr(x, "ToXML") else h.toXML("utf-8")
     return xml.decode() if isinstance(xml, bytes) else xml
+
+
+def _set_sequence(h: Any, x: Any, sequence: dict[str, list[float]]) -> None:
+    sp = h.sequenceParameters or x.sequenceParametersType()
+    for name in ("TR", "TE", "TI", "flipAngle_deg"):
+        if name in sequence:
+            setattr(sp, name, [float(v) for v in sequence[name]])
+    h.sequenceParameters = sp
+    phases = sequence.get("rf_phase_deg")
+    up = h.userParameters
+    if up is not None:
+        up.userParameterString = [p for p in up.userParameterString if p.name != RF_PHASE_PARAMETER]
+    if phases is not None:
+        up = up or x.userParametersType()
+        up.userParameterString.append(
+            x.userParameterStringType(
+                name=RF_PHASE_PARAMETER, value=",".join(repr(float(v)) for v in phases)
+            )
+        )
+        h.userParameters = up
+
+
+def _sequence_of(scan: RawScan) -> dict[str, list[float]] | None:
+    """The MRF schedule of ``scan.meta`` as header sequence parameters (duck-typed: anything with
+    ``header_parameters()``, e.g. :class:`qmrkit.mrf.Schedule`)."""
+    sched = scan.meta.get("schedule")
+    if sched is None or not hasattr(sched, "header_parameters"):
+        return None
+    return sched.header_parameters()
+
+
+def header_for_scan(scan: RawScan) -> str:
+    """The ISMRMRD header that describes ``scan`` as :func:`write_mrd` writes it: matrix, FOV,
+    reconstruction space, slice thickness, trajectory type, encoding limits (see
+    :func:`encoding_limits`), receiver channels and the MRF schedule of ``scan.meta``; the rest
+    of ``scan.header`` (subject, measurement, ...) is kept."""
+    return _make_header(
+        scan.matrix_size,
+        scan.image_size,
+        scan.fov_mm,
+        scan.n_coils,
+        scan.trajectory,
+        encoding_limits(scan),
+        recon_fov_mm=scan.recon_fov_mm or None,
+        slice_thickness_mm=scan.slice_thickness_mm,
+        sequence=_sequence_of(scan),
+        base=scan.header or None,
+    )
+
+
+def attach_header(scan: RawScan, *, strict: bool = True) -> RawScan:
+    """Set ``scan.encoding_limits`` and ``scan.header`` to what :func:`write_mrd` will write, so an
+    in-memory scan (e.g. from :mod:`qmrkit.sim`) and its file agree. Returns ``scan``.
+
+    The XML needs the optional ``ismrmrd`` package; with ``strict=False`` a missing package
+    leaves ``header`` empty (in-memory scans do not use it)."""
+    scan.encoding_limits = encoding_limits(scan)
+    try:
+        scan.header = header_for_scan(scan)
+    except OptionalDependencyError:
+        if strict:
+            raise
+        scan.header = ""
+    return scan
+
+
+# ------------------------------------------------------------------------------ layout of a scan
+@dataclass
+class _Readouts:
+    """How :func:`write_mrd` cuts a non-Cartesian scan into acquisitions (one per readout)."""
+
+    n_read: int  # samples per readout
+    step1: np.ndarray  # (n_readouts,) kspace_encode_step_1: readout index (within its frame)
+    repetition: np.ndarray | None  # (n_readouts,) MRF frame, None when frames are not encoded
+    partition: np.ndarray | None  # (n_readouts,) kspace_encode_step_2 of a stack (3D), or None
+    partition_center: int
+
+
+def _readouts(scan: RawScan) -> _Readouts:
+    """Readout layout of a non-Cartesian scan.
+
+    ``meta["samples_per_readout"]`` sets the readout length (default: the samples of a frame, or
+    all). MRF frames (``meta["frames"]``) go into ``idx.repetition`` when the header describes as
+    many TRs (the schedule in ``meta`` or ``sequenceParameters``), which is how
+    :func:`scan_from_acquisitions` recognises them. 3D readouts at one kz on the partition grid
+    (stack of spirals/stars) also get their partition index in ``kspace_encode_step_2``.
+    """
+    tr = scan.traj.detach().cpu().numpy().astype(np.float64)
+    m = tr.shape[0]
+    frames, per_frame = scan.meta.get("frames"), scan.meta.get("samples")
+    if not (frames and per_frame and int(frames) * int(per_frame) == m):
+        frames, per_frame = None, m
+    n_read = int(scan.meta.get("samples_per_readout", per_frame))
+    if n_read <= 0 or per_frame % n_read:
+        raise ShapeError(f"{per_frame} samples per frame do not split into readouts of {n_read}")
+    n_rd = m // n_read
+    per = per_frame // n_read
+    sched = scan.meta.get("schedule")
+    n_sched = int(sched.n_tr) if hasattr(sched, "n_tr") else 0
+    if not n_sched and scan.header:
+        try:
+            n_sched = schedule_length(_parse_header(scan.header, "header")[1])
+        except (DataFileError, OptionalDependencyError):
+            n_sched = 0
+    encode_frames = frames is not None and int(frames) > 1 and n_sched == int(frames)
+    step1 = np.arange(n_rd) % per if encode_frames else np.arange(n_rd)
+    rep = np.arange(n_rd) // per if encode_frames else None
+    partition, center = None, 0
+    if scan.ndim == 3:
+        nz = scan.matrix_size[0]
+        center = int(scan.encoding_limits.get("kspace_encoding_step_2", (0, nz // 2, 0))[1])
+        kz = tr[:, 0].reshape(n_rd, n_read) * nz  # cycles/FOV
+        p = np.round(kz[:, 0])
+        on_grid = np.abs(kz - p[:, None]).max() < 1e-3
+        p = p.astype(int) + center
+        if on_grid and p.min() >= 0 and p.max() < nz:
+            partition = p
+    return _Readouts(n_read, step1, rep, partition, center)
+
+
+def encoding_limits(scan: RawScan) -> dict[str, tuple[int, int, int]]:
+    """The encoding limits of ``scan`` as :func:`write_mrd` writes it: ``kspace_encoding_step_1``
+    (phase-encoding lines, or readouts per frame), ``kspace_encoding_step_2`` (partitions of 3D
+    Cartesian and stack-of-X scans), ``repetition`` (MRF frames); centres are kept from
+    ``scan.encoding_limits`` where present, other counters are kept as they are."""
+    out = dict(scan.encoding_limits)
+
+    def put(name: str, hi: int, center: int) -> None:
+        c = out.get(name, (0, center, 0))[1]
+        out[name] = (0, int(c), int(hi))
+
+    if scan.is_cartesian:
+        put("kspace_encoding_step_1", scan.matrix_size[-2] - 1, scan.matrix_size[-2] // 2)
+        if scan.ndim == 3:
+            put("kspace_encoding_step_2", scan.matrix_size[0] - 1, scan.matrix_size[0] // 2)
+        return out
+    r = _readouts(scan)
+    put("kspace_encoding_step_1", int(r.step1.max()), 0)
+    out.pop("kspace_encoding_step_2", None)
+    if r.partition is not None:
+        out["kspace_encoding_step_2"] = (0, r.partition_center, scan.matrix_size[0] - 1)
+    if r.repetition is not None:
+        out["repetition"] = (0, 0, int(r.repetition.max()))
+    elif "repetition" in out and out["repetition"][2] > 0:
+        out.pop("repetition")  # frames not encoded: no repetitions in the file
+    return out
 
 
 # ----------------------------------------------------------------------------------------- read
@@ -227,6 +483,23 @@ def scan_from_acquisitions(
     This is what :func:`read_mrd` does after reading a file, and what the reconstruction
     server does with a streamed session, so stored and streamed scans are parsed identically.
 
+    Layouts (matrix, FOV and trajectory type from the header's encoding):
+
+    - Cartesian 2D/3D: lines placed by ``kspace_encode_step_1`` (and ``_step_2``).
+    - Non-Cartesian 2D (radial, spiral): samples concatenated in acquisition order with their
+      2-column trajectory.
+    - Non-Cartesian 3D (matrix z > 1): either 3-column trajectories ``(kx, ky, kz)`` — kz is taken
+      from the trajectory, and where the header has ``kspace_encoding_step_2`` limits each
+      acquisition's partition index must agree with it — or, for a stack of spirals/stars with
+      2-column in-plane trajectories, kz from the partition index:
+      ``kz = (kspace_encode_step_2 − center) / nz`` cycles/pixel (the header must then give the
+      ``kspace_encoding_step_2`` limits).
+    - MR fingerprinting: when ``idx.repetition`` takes as many values as the header's
+      sequenceParameters have flip angles, each repetition is one frame (one trajectory per TR);
+      frames are concatenated in repetition order (acquisition order within a frame) and
+      ``meta["frames"]``, ``meta["samples"]`` (per frame) are set. Without repetitions the frames
+      are implied by the schedule (``samples = M / n_tr``).
+
     Parameters
     ----------
     header_xml : str or bytes
@@ -242,15 +515,12 @@ def scan_from_acquisitions(
     Raises
     ------
     DataFileError
-        An invalid header, no imaging acquisitions, or acquisitions inconsistent with the header.
+        An invalid header, no imaging acquisitions, or acquisitions inconsistent with the header
+        (trajectory dimensions vs matrix z, partition or line indices outside the encoding
+        limits, unequal sample counts of frames or batch entries).
     """
-    ismrmrd = require("ismrmrd")
+    xml, hdr = _parse_header(header_xml, source)
     path = source
-    try:
-        xml = header_xml.decode() if isinstance(header_xml, bytes) else header_xml
-        hdr = ismrmrd.xsd.CreateFromDocument(xml)
-    except Exception as exc:
-        raise DataFileError(f"{path}: the ISMRMRD XML header is missing or invalid: {exc}") from exc
     if len(acquisitions) == 0:
         raise DataFileError(f"{path}: the dataset has no acquisitions")
     if not 0 <= encoding < len(hdr.encoding):
@@ -259,222 +529,338 @@ def scan_from_acquisitions(
         )
     enc = hdr.encoding[encoding]
     em, rm = enc.encodedSpace.matrixSize, enc.reconSpace.matrixSize
-    ef = enc.encodedSpace.fieldOfView_mm
+    ef, rf = enc.encodedSpace.fieldOfView_mm, enc.reconSpace.fieldOfView_mm
     traj_type = str(getattr(enc.trajectory, "value", enc.trajectory))
     three_d = int(em.z) > 1
-    matrix = (int(em.z), int(em.y), int(em.x)) if three_d else (int(em.y), int(em.x))
-    recon_size = (int(rm.z), int(rm.y), int(rm.x)) if three_d else (int(rm.y), int(rm.x))
-    fov = (float(ef.z), float(ef.y), float(ef.x)) if three_d else (float(ef.y), float(ef.x))
-    limits = {}
-    for name in (
-        "kspace_encoding_step_1",
-        "kspace_encoding_step_2",
-        "slice",
-        "contrast",
-        "repetition",
-        "average",
-        "phase",
-        "set",
-        "segment",
-    ):
-        lim = _limit(enc, name)
-        if lim is not None:
-            limits[name] = lim
-    noise, acqs = [], []
-    for a in acquisitions:
-        if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-            noise.append(np.asarray(a.data))
-            continue
-        if a.encoding_space_ref != encoding:
-            continue
-        if any(
-            a.is_flag_set(f)
-            for f in (
-                ismrmrd.ACQ_IS_NAVIGATION_DATA,
-                ismrmrd.ACQ_IS_PHASECORR_DATA,
-                ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
-            )
-        ):
-            continue
-        acqs.append(a)
+
+    def zyx(v, cast):
+        return (cast(v.z), cast(v.y), cast(v.x)) if three_d else (cast(v.y), cast(v.x))
+
+    limits = {n: lim for n in LIMIT_NAMES if (lim := _limit(enc, n)) is not None}
+    noise, acqs = _split_acquisitions(acquisitions, encoding)
     if not acqs:
         raise DataFileError(f"{path}: no imaging acquisitions in encoding {encoding}")
-    n_c = int(acqs[0].active_channels)
-    counts = {}
-    for name in BATCH_COUNTERS:
-        vals = {int(getattr(a.idx, name)) for a in acqs}
-        if len(vals) > 1:
-            counts[name] = max(vals) + 1
-    batch_dims = tuple(counts)
-    batch_shape = tuple(counts.values())
-
-    def bidx(a):
-        return tuple(int(getattr(a.idx, n)) for n in batch_dims)
-
-    noise_t = None
-    if noise:
-        noise_t = torch.from_numpy(np.concatenate(noise, axis=1).astype(np.complex64))
     scan = RawScan(
         header=xml,
         kdata=torch.empty(0),
-        matrix_size=matrix,
-        recon_size=recon_size,
-        fov_mm=fov,
+        matrix_size=zyx(em, int),
+        recon_size=zyx(rm, int),
+        fov_mm=zyx(ef, float),
+        recon_fov_mm=zyx(rf, float),
+        slice_thickness_mm=None if three_d else float(rf.z),
         trajectory=traj_type,
         encoding_limits=limits,
-        batch_dims=batch_dims,
-        noise=noise_t,
+        noise=(
+            torch.from_numpy(np.concatenate(noise, axis=1).astype(np.complex64)) if noise else None
+        ),
+        geometry=ScanGeometry.from_acquisition(acqs[0]),
         meta={"path" if source != "stream" else "source": source},
     )
+    n_c = int(acqs[0].active_channels)
+    if any(int(a.active_channels) != n_c for a in acqs):
+        raise DataFileError(f"{path}: acquisitions have different channel counts")
+    _check_indices(scan, acqs, path)
+    frames = traj_type != "cartesian" and _mrf_frames(hdr, acqs, path)
+    counters = tuple(n for n in BATCH_COUNTERS if not (frames and n == "repetition"))
+    counts = {}
+    for name in counters:
+        vals = {int(getattr(a.idx, name)) for a in acqs}
+        if len(vals) > 1:
+            counts[name] = max(vals) + 1
+    scan.batch_dims = tuple(counts)
+
+    def bidx(a):
+        return tuple(int(getattr(a.idx, n)) for n in scan.batch_dims)
+
     if traj_type == "cartesian":
-        nx = matrix[-1]
-        k = np.zeros((*batch_shape, n_c, *matrix), dtype=np.complex64)
-        cal = np.zeros_like(k)
-        mask = np.zeros(matrix, dtype=bool)
-        cmask = np.zeros(matrix, dtype=bool)
-        any_cal = False
-        for a in acqs:
-            d = np.asarray(a.data)
-            if d.shape != (n_c, nx):
-                if d.shape[0] != n_c:
-                    raise DataFileError(f"{path}: acquisitions have different channel counts")
-                # asymmetric echo / different readout length: centre it on center_sample
-                full = np.zeros((n_c, nx), dtype=np.complex64)
-                off = nx // 2 - int(a.center_sample)
-                full[:, max(off, 0) : max(off, 0) + d.shape[1]] = d[:, : nx - max(off, 0)]
-                d = full
-            pe = (
-                (int(a.idx.kspace_encode_step_2), int(a.idx.kspace_encode_step_1))
-                if three_d
-                else (int(a.idx.kspace_encode_step_1),)
-            )
-            if any(p >= m for p, m in zip(pe, matrix[:-1], strict=True)):
-                raise DataFileError(f"{path}: encoding step {pe} outside the matrix {matrix}")
-            is_cal = a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
-            both = a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
-            if is_cal and not both:
-                cal[(*bidx(a), slice(None), *pe)] = d
-                cmask[pe] = True
-                any_cal = True
-            else:
-                k[(*bidx(a), slice(None), *pe)] = d
-                mask[pe] = True
-                if both:
-                    cmask[pe] = True
-        scan.kdata = torch.from_numpy(k)
-        scan.mask = torch.from_numpy(mask)
-        scan.calib = torch.from_numpy(cal) if any_cal else None
-        scan.calib_mask = torch.from_numpy(cmask) if cmask.any() else None
+        _assemble_cartesian(scan, acqs, tuple(counts.values()), bidx, n_c, path)
     else:
-        groups: dict[tuple, list] = {}
-        for a in acqs:
-            if a.trajectory_dimensions < len(matrix):
-                raise DataFileError(
-                    f"{path}: {traj_type} acquisitions need a trajectory with "
-                    f"{len(matrix)} dimensions, got {a.trajectory_dimensions}"
-                )
-            groups.setdefault(bidx(a), []).append(a)
-        first = next(iter(groups.values()))
-        tr = np.concatenate([np.asarray(a.traj)[:, : len(matrix)] for a in first], axis=0)
-        # ISMRMRD: (kx, ky[, kz]) in cycles/FOV -> ours: (.., ky, kx) in cycles/pixel
-        tr = tr[:, ::-1] / np.array(matrix, dtype=np.float64)
-        tr = np.where(tr >= 0.5, tr - 1.0, tr)
-        m = tr.shape[0]
-        k = np.zeros((*batch_shape, n_c, m), dtype=np.complex64)
-        for key, grp in groups.items():
-            d = np.concatenate([np.asarray(a.data) for a in grp], axis=1)
-            if d.shape[1] != m:
-                raise DataFileError(f"{path}: batch entries have different sample counts")
-            k[(*key, slice(None), slice(None))] = d
-        scan.kdata = torch.from_numpy(k)
-        scan.traj = torch.from_numpy(np.ascontiguousarray(tr)).to(torch.float32)
+        _assemble_noncartesian(scan, acqs, tuple(counts.values()), bidx, n_c, path, frames)
     log.info(
-        "read %s: %s %s, %d coils, kdata %s", path, traj_type, matrix, n_c, tuple(scan.kdata.shape)
+        "read %s: %s %s, %d coils, kdata %s",
+        path,
+        traj_type,
+        scan.matrix_size,
+        n_c,
+        tuple(scan.kdata.shape),
     )
     return scan
 
 
+def _split_acquisitions(acquisitions: Sequence[Any], encoding: int) -> tuple[list, list]:
+    """Noise-scan data and the imaging acquisitions of ``encoding`` (navigator, phase-correction
+    and dummy scans dropped)."""
+    ismrmrd = require("ismrmrd")
+    skip = (
+        ismrmrd.ACQ_IS_NAVIGATION_DATA,
+        ismrmrd.ACQ_IS_PHASECORR_DATA,
+        ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
+    )
+    noise, acqs = [], []
+    for a in acquisitions:
+        if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            noise.append(np.asarray(a.data))
+        elif a.encoding_space_ref == encoding and not any(a.is_flag_set(f) for f in skip):
+            acqs.append(a)
+    return noise, acqs
+
+
+def _check_indices(scan: RawScan, acqs: list, path: str) -> None:
+    """Partition and line indices inside the matrix and the header's encoding limits."""
+    nz = scan.matrix_size[0] if scan.ndim == 3 else 1
+    p = np.array([int(a.idx.kspace_encode_step_2) for a in acqs])
+    if p.max() >= nz:
+        raise DataFileError(
+            f"{path}: acquisitions have partition indices (kspace_encode_step_2) up to "
+            f"{p.max()} but the header's encoded matrix has z = {nz}"
+            + (" (a 2D header for 3D data?)" if nz == 1 else "")
+        )
+    for name, counter in (
+        ("kspace_encoding_step_1", "kspace_encode_step_1"),
+        ("kspace_encoding_step_2", "kspace_encode_step_2"),
+    ):
+        lim = scan.encoding_limits.get(name)
+        if lim is None:
+            continue
+        v = np.array([int(getattr(a.idx, counter)) for a in acqs])
+        if v.min() < lim[0] or v.max() > lim[2]:
+            raise DataFileError(
+                f"{path}: {counter} runs {v.min()}..{v.max()}, outside the header's encoding "
+                f"limits {lim[0]}..{lim[2]}"
+            )
+
+
+def _mrf_frames(hdr: Any, acqs: list, path: str) -> bool:
+    """Whether the repetitions are MRF frames (as many as the header's schedule has TRs)."""
+    n_sched = schedule_length(hdr)
+    reps = {int(a.idx.repetition) for a in acqs}
+    if not n_sched or len(reps) < 2:
+        return False
+    if len(reps) != n_sched or max(reps) != n_sched - 1:
+        raise DataFileError(
+            f"{path}: the header's MRF schedule has {n_sched} TRs but the acquisitions have "
+            f"{len(reps)} repetitions (0..{max(reps)}); one frame per TR is expected"
+        )
+    return True
+
+
+def _assemble_cartesian(scan, acqs, batch_shape, bidx, n_c, path) -> None:
+    ismrmrd = require("ismrmrd")
+    matrix = scan.matrix_size
+    three_d = scan.ndim == 3
+    nx = matrix[-1]
+    k = np.zeros((*batch_shape, n_c, *matrix), dtype=np.complex64)
+    cal = np.zeros_like(k)
+    mask = np.zeros(matrix, dtype=bool)
+    cmask = np.zeros(matrix, dtype=bool)
+    any_cal = False
+    for a in acqs:
+        d = np.asarray(a.data)
+        if d.shape != (n_c, nx):
+            # asymmetric echo / different readout length: centre it on center_sample
+            full = np.zeros((n_c, nx), dtype=np.complex64)
+            off = nx // 2 - int(a.center_sample)
+            full[:, max(off, 0) : max(off, 0) + d.shape[1]] = d[:, : nx - max(off, 0)]
+            d = full
+        pe = (
+            (int(a.idx.kspace_encode_step_2), int(a.idx.kspace_encode_step_1))
+            if three_d
+            else (int(a.idx.kspace_encode_step_1),)
+        )
+        if any(p >= m for p, m in zip(pe, matrix[:-1], strict=True)):
+            raise DataFileError(f"{path}: encoding step {pe} outside the matrix {matrix}")
+        is_cal = a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+        both = a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+        if is_cal and not both:
+            cal[(*bidx(a), slice(None), *pe)] = d
+            cmask[pe] = True
+            any_cal = True
+        else:
+            k[(*bidx(a), slice(None), *pe)] = d
+            mask[pe] = True
+            if both:
+                cmask[pe] = True
+    scan.kdata = torch.from_numpy(k)
+    scan.mask = torch.from_numpy(mask)
+    scan.calib = torch.from_numpy(cal) if any_cal else None
+    scan.calib_mask = torch.from_numpy(cmask) if cmask.any() else None
+
+
+def _trajectory(scan: RawScan, a: Any, path: str) -> np.ndarray:
+    """One acquisition's trajectory in ISMRMRD order and units, ``(samples, ndim)``:
+    ``(kx, ky[, kz])`` in cycles/FOV, kz from the partition index for 2-column 3D data."""
+    nd, d = scan.ndim, int(a.trajectory_dimensions)
+    tr = np.asarray(a.traj, dtype=np.float64).reshape(-1, d) if d else np.zeros((0, 0))
+    if nd == 2:
+        if d != 2:
+            raise DataFileError(
+                f"{path}: the header's encoded matrix has z = 1 (2D) but the {scan.trajectory} "
+                f"acquisitions carry {d}-dimensional trajectories"
+                + (" (a 3D scan written with a 2D header?)" if d == 3 else "")
+            )
+        return tr
+    lim = scan.encoding_limits.get("kspace_encoding_step_2")
+    p = int(a.idx.kspace_encode_step_2)
+    if d == 3:
+        if lim is not None and np.abs(tr[:, 2] - (p - lim[1])).max() > 1e-3:
+            raise DataFileError(
+                f"{path}: partition index {p} (kspace_encode_step_2, centre {lim[1]}) disagrees "
+                f"with the trajectory's kz = {tr[0, 2]:.3f} cycles/FOV"
+            )
+        return tr
+    if d == 2 and lim is not None:
+        return np.concatenate([tr, np.full((tr.shape[0], 1), float(p - lim[1]))], axis=1)
+    raise DataFileError(
+        f"{path}: the header's encoded matrix has z = {scan.matrix_size[0]} (3D) but the "
+        f"{scan.trajectory} acquisitions carry {d}-dimensional trajectories"
+        + (" and the header no kspace_encoding_step_2 limits to place partitions" if d == 2 else "")
+    )
+
+
+def _assemble_noncartesian(scan, acqs, batch_shape, bidx, n_c, path, frames) -> None:
+    matrix = np.array(scan.matrix_size, dtype=np.float64)
+    groups: dict[tuple, list] = {}
+    for a in acqs:
+        groups.setdefault(bidx(a), []).append(a)
+    if frames:  # one trajectory per frame: concatenate in repetition order
+        rep = {id(a): int(a.idx.repetition) for a in acqs}
+        groups = {k: sorted(g, key=lambda a: rep[id(a)]) for k, g in groups.items()}
+        per = {}
+        for a in next(iter(groups.values())):
+            per[rep[id(a)]] = per.get(rep[id(a)], 0) + int(a.number_of_samples)
+        if len(set(per.values())) != 1:
+            raise DataFileError(
+                f"{path}: MRF frames have different sample counts ({sorted(set(per.values()))}); "
+                "every frame needs the same readouts"
+            )
+        scan.meta["frames"], scan.meta["samples"] = len(per), next(iter(per.values()))
+    first = next(iter(groups.values()))
+    n_samples = {int(a.number_of_samples) for a in first}
+    if len(n_samples) == 1:
+        scan.meta["samples_per_readout"] = n_samples.pop()
+    tr = np.concatenate([_trajectory(scan, a, path) for a in first], axis=0)
+    # ISMRMRD: (kx, ky[, kz]) in cycles/FOV -> ours: (.., ky, kx) in cycles/pixel
+    tr = tr[:, ::-1] / matrix
+    tr = np.where(tr >= 0.5, tr - 1.0, tr)
+    m = tr.shape[0]
+    k = np.zeros((*batch_shape, n_c, m), dtype=np.complex64)
+    for key, grp in groups.items():
+        d = np.concatenate([np.asarray(a.data) for a in grp], axis=1)
+        if d.shape[1] != m:
+            raise DataFileError(
+                f"{path}: batch entries have different sample counts ({d.shape[1]} vs {m})"
+            )
+        k[(*key, slice(None), slice(None))] = d
+    scan.kdata = torch.from_numpy(k)
+    scan.traj = torch.from_numpy(np.ascontiguousarray(tr)).to(torch.float32)
+
+
 # ---------------------------------------------------------------------------------------- write
 def write_mrd(path: str | Path, scan: RawScan, *, dataset: str = "dataset") -> Path:
-    """Write a :class:`RawScan` as an ISMRMRD HDF5 file (one acquisition per readout/interleaf;
-    noise scan first, flagged ACQ_IS_NOISE_MEASUREMENT; calibration-only lines flagged
-    ACQ_IS_PARALLEL_CALIBRATION, imaging lines inside the calibration region
-    ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING). Overwrites ``path``."""
+    """Write a :class:`RawScan` as an ISMRMRD HDF5 file that :func:`read_mrd` reads back equal.
+
+    The header is built from the scan (:func:`header_for_scan`: matrix, FOV, reconstruction
+    space, trajectory, encoding limits, channels, the MRF schedule of ``scan.meta``), keeping the
+    rest of ``scan.header``. Acquisitions: the noise scan first (ACQ_IS_NOISE_MEASUREMENT); then
+    Cartesian lines (calibration-only lines flagged ACQ_IS_PARALLEL_CALIBRATION, imaging lines
+    inside the calibration region ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING) or one acquisition per
+    non-Cartesian readout (``meta["samples_per_readout"]``) with its trajectory (3 columns for 3D;
+    partition index in ``kspace_encode_step_2`` for stacks, MRF frame in ``idx.repetition``).
+    Every imaging acquisition carries ``scan.geometry`` (identity directions when None).
+    Overwrites ``path``.
+    """
     ismrmrd = require("ismrmrd")
     p = Path(path)
+    if scan.batch_dims:
+        raise ParameterError("write_mrd writes single-frame scans (no batch dimensions)")
+    header = header_for_scan(scan)
     p.parent.mkdir(parents=True, exist_ok=True)
     if p.exists():
         p.unlink()
-    if scan.batch_dims:
-        raise ParameterError("write_mrd writes single-frame scans (no batch dimensions)")
+    geometry = scan.geometry or ScanGeometry()
+    counter = 0
+
+    def append(ds, a) -> None:
+        nonlocal counter
+        a.scan_counter = counter
+        counter += 1
+        ds.append_acquisition(a)
+
     ds = _open(p, dataset, create=True)
     try:
-        ds.write_xml_header(scan.header)
-        n_c = scan.n_coils
-        counter = 0
+        ds.write_xml_header(header)
         if scan.noise is not None:
             nz = scan.noise.numpy().astype(np.complex64)
             a = ismrmrd.Acquisition.from_array(np.ascontiguousarray(nz))
             a.set_flag(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
-            a.scan_counter = counter
-            counter += 1
-            ds.append_acquisition(a)
-        k = scan.kdata.numpy()
-        if scan.is_cartesian:
-            three_d = scan.ndim == 3
-            pe_shape = scan.matrix_size[:-1]
-            mask = scan.mask.numpy() if scan.mask is not None else np.abs(k).sum(0) > 0
-            cmask = scan.calib_mask.numpy() if scan.calib_mask is not None else None
-            cal = scan.calib.numpy() if scan.calib is not None else None
-            lines = list(np.ndindex(*pe_shape))
-            n_lines = len(lines)
-            for j, pe in enumerate(lines):
-                sel = (slice(None), *pe, slice(None))
-                for is_cal_only in (True, False):
-                    if is_cal_only:
-                        if cal is None or not np.abs(cal[sel]).any():
-                            continue
-                        data = cal[sel]
-                    else:
-                        if not mask[(*pe, 0)]:
-                            continue
-                        data = k[sel]
-                    a = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data))
-                    a.center_sample = scan.matrix_size[-1] // 2
-                    a.read_dir[0], a.phase_dir[1], a.slice_dir[2] = 1.0, 1.0, 1.0
-                    a.idx.kspace_encode_step_1 = int(pe[-1])
-                    if three_d:
-                        a.idx.kspace_encode_step_2 = int(pe[0])
-                    if is_cal_only:
-                        a.set_flag(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
-                    elif cmask is not None and cmask[(*pe, 0)]:
-                        a.set_flag(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
-                    if j == n_lines - 1 and not is_cal_only:
-                        a.set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
-                    a.scan_counter = counter
-                    counter += 1
-                    ds.append_acquisition(a)
-        else:
-            tr = scan.traj.numpy().astype(np.float64)
-            n_read = int(scan.meta.get("samples_per_readout", tr.shape[0]))
-            if tr.shape[0] % n_read:
-                raise ShapeError(f"{tr.shape[0]} samples do not split into readouts of {n_read}")
-            # ours (.., ky, kx) cycles/pixel -> ISMRMRD (kx, ky[, kz]) cycles/FOV
-            tr_i = (tr * np.array(scan.matrix_size))[:, ::-1].astype(np.float32)
-            for r in range(tr.shape[0] // n_read):
-                s = slice(r * n_read, (r + 1) * n_read)
-                a = ismrmrd.Acquisition.from_array(
-                    np.ascontiguousarray(k[:, s]), np.ascontiguousarray(tr_i[s])
-                )
-                a.center_sample = n_read // 2
-                a.idx.kspace_encode_step_1 = r
-                a.scan_counter = counter
-                counter += 1
-                ds.append_acquisition(a)
-        assert n_c == k.shape[0]
+            append(ds, a)
+        writer = _cartesian_acquisitions if scan.is_cartesian else _noncartesian_acquisitions
+        for a in writer(scan):
+            geometry.write_to(a)
+            append(ds, a)
     finally:
         ds.close()
     return p
+
+
+def _cartesian_acquisitions(scan: RawScan):
+    ismrmrd = require("ismrmrd")
+    k = scan.kdata.numpy()
+    three_d = scan.ndim == 3
+    mask = scan.mask.numpy() if scan.mask is not None else np.abs(k).sum(0) > 0
+    cmask = scan.calib_mask.numpy() if scan.calib_mask is not None else None
+    cal = scan.calib.numpy() if scan.calib is not None else None
+    lines = list(np.ndindex(*scan.matrix_size[:-1]))
+    for j, pe in enumerate(lines):
+        sel = (slice(None), *pe, slice(None))
+        for is_cal_only in (True, False):
+            if is_cal_only:
+                if cal is None or not np.abs(cal[sel]).any():
+                    continue
+                data = cal[sel]
+            else:
+                if not mask[(*pe, 0)]:
+                    continue
+                data = k[sel]
+            a = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data))
+            a.center_sample = scan.matrix_size[-1] // 2
+            a.idx.kspace_encode_step_1 = int(pe[-1])
+            if three_d:
+                a.idx.kspace_encode_step_2 = int(pe[0])
+            if is_cal_only:
+                a.set_flag(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+            elif cmask is not None and cmask[(*pe, 0)]:
+                a.set_flag(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+            if j == len(lines) - 1 and not is_cal_only:
+                a.set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+            yield a
+
+
+def _noncartesian_acquisitions(scan: RawScan):
+    ismrmrd = require("ismrmrd")
+    k = scan.kdata.numpy()
+    tr = scan.traj.detach().cpu().numpy().astype(np.float64)
+    if tr.ndim != 2 or tr.shape[1] != scan.ndim:
+        raise ShapeError(
+            f"the trajectory has shape {tuple(tr.shape)}; a {scan.ndim}D scan (matrix "
+            f"{scan.matrix_size}) needs (samples, {scan.ndim})"
+        )
+    r = _readouts(scan)
+    # ours (.., ky, kx) cycles/pixel -> ISMRMRD (kx, ky[, kz]) cycles/FOV
+    tr_i = (tr * np.array(scan.matrix_size))[:, ::-1].astype(np.float32)
+    n = r.n_read
+    for j in range(len(r.step1)):
+        s = slice(j * n, (j + 1) * n)
+        a = ismrmrd.Acquisition.from_array(
+            np.ascontiguousarray(k[:, s]), np.ascontiguousarray(tr_i[s])
+        )
+        a.center_sample = 0 if scan.trajectory == "spiral" else n // 2
+        a.idx.kspace_encode_step_1 = int(r.step1[j])
+        if r.partition is not None:
+            a.idx.kspace_encode_step_2 = int(r.partition[j])
+        if r.repetition is not None:
+            a.idx.repetition = int(r.repetition[j])
+        yield a
 
 
 def write_mrd_images(
@@ -551,6 +937,11 @@ def read_mrd_images(
 
 __all__ = [
     "RawScan",
+    "scan_from_acquisitions",
+    "header_for_scan",
+    "attach_header",
+    "encoding_limits",
+    "schedule_length",
     "read_mrd",
     "write_mrd",
     "write_mrd_images",

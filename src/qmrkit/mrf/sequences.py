@@ -74,6 +74,21 @@ class Schedule:
     def duration_ms(self) -> float:
         return float(self.tr.sum() + (self.ti if self.inversion else 0.0))
 
+    def header_parameters(self) -> dict[str, list[float]]:
+        """The schedule as ISMRMRD sequenceParameters: ``TR``, ``TE``, ``flipAngle_deg`` (one per
+        TR), ``TI`` (0 without inversion) and, when any is non-zero, ``rf_phase_deg`` (ISMRMRD
+        has no field for it; :func:`qmrkit.io.write_mrd` stores it as a user parameter).
+        :func:`schedule_from_header` reads them back."""
+        out = {
+            "TR": [float(v) for v in self.tr],
+            "TE": [float(v) for v in self.te],
+            "TI": [float(self.ti) if self.inversion else 0.0],
+            "flipAngle_deg": [float(v) for v in self.flip_angles],
+        }
+        if np.any(self.phase != 0):
+            out["rf_phase_deg"] = [float(v) for v in self.phase]
+        return out
+
     def save(self, path: str | Path) -> Path:
         """Write the schedule as a text table (columns: flip_deg tr_ms te_ms phase_deg)."""
         p = Path(path)
@@ -123,7 +138,30 @@ def schedule_from_header(header: Any) -> Schedule:
             "per TR; pass the schedule explicitly"
         )
     ti = list(getattr(sp, "TI", None) or [0.0])
-    return Schedule(fa, list(sp.TR), list(sp.TE), 0.0, inversion=float(ti[0]) > 0, ti=float(ti[0]))
+    return Schedule(
+        fa,
+        list(sp.TR),
+        list(sp.TE),
+        _rf_phases(header, len(fa)),
+        inversion=float(ti[0]) > 0,
+        ti=float(ti[0]),
+    )
+
+
+def _rf_phases(header: Any, n: int) -> Any:
+    """RF phases (degrees) from the user parameter :func:`qmrkit.io.write_mrd` stores them in."""
+    from ..io.mrd import RF_PHASE_PARAMETER
+
+    up = getattr(header, "userParameters", None)
+    for p in getattr(up, "userParameterString", None) or []:
+        if p.name == RF_PHASE_PARAMETER:
+            values = [float(v) for v in str(p.value).split(",")]
+            if len(values) != n:
+                raise ParameterError(
+                    f"the header lists {len(values)} RF phases for {n} flip angles"
+                )
+            return values
+    return 0.0
 
 
 def _broadcast(name: str, value: Any, n: int) -> np.ndarray:

@@ -1,7 +1,15 @@
 """End-to-end functions (raw scan or series → maps/images); the server and CLI call these."""
 
 from .calibration import noise_statistics
-from .mrf import MrfMaps, b1_grid, default_dictionary, mrf_maps
+from .mrf import MrfMaps, b1_grid, default_dictionary, mrf_image_size, mrf_maps
 from .series import fit_maps
 
-__all__ = ["fit_maps", "noise_statistics", "mrf_maps", "MrfMaps", "default_dictionary", "b1_grid"]
+__all__ = [
+    "fit_maps",
+    "noise_statistics",
+    "mrf_maps",
+    "mrf_image_size",
+    "MrfMaps",
+    "default_dictionary",
+    "b1_grid",
+]

@@ -82,8 +82,9 @@ def noise_covariance(noise: Any) -> torch.Tensor:
 
 def prewhiten(
     kdata: Any,
-    noise: Any,
+    noise: Any = None,
     *,
+    covariance: Any = None,
     missing: str = "error",
     return_matrix: bool = False,
     coil_axis: int | None = None,
@@ -98,9 +99,12 @@ def prewhiten(
         scan's coil count, searching from the front; give k-space with coils first or after batch.
     noise : array ``(coils, samples...)`` or None
         Noise-only samples (a noise scan: receiver on, no RF).
+    covariance : array ``(coils, coils)``, optional
+        The noise covariance ``Ψ`` itself (e.g. :func:`noise_covariance` of an earlier noise scan,
+        kept in a calibration store), instead of ``noise``; give one of the two.
     missing : {"error", "identity"}
-        What to do when ``noise`` is None: raise (default), or warn and return ``kdata``
-        unchanged (no whitening).
+        What to do when neither ``noise`` nor ``covariance`` is given: raise (default), or warn
+        and return ``kdata`` unchanged (no whitening).
     return_matrix : bool
         Also return the whitening matrix ``W = L⁻¹`` (coils × coils); apply it to coil maps or
         other data of the same scan with ``torch.einsum("ij,j...->i...", W, x)``.
@@ -113,7 +117,9 @@ def prewhiten(
     Tensor (and the matrix when ``return_matrix``)
     """
     y = to_complex(kdata, "kdata")
-    if noise is None:
+    if noise is not None and covariance is not None:
+        raise ParameterError("prewhiten takes noise samples or a noise covariance, not both")
+    if noise is None and covariance is None:
         if missing == "identity":
             warnings.warn(
                 "prewhiten: no noise scan given; returning the data unwhitened",
@@ -128,7 +134,14 @@ def prewhiten(
         )
     if missing not in ("error", "identity"):
         raise ParameterError(f"missing must be 'error' or 'identity', got {missing!r}")
-    psi = noise_covariance(to_complex(noise, "noise", device=y.device)).to(torch.complex128)
+    if covariance is not None:
+        psi = to_complex(covariance, "covariance", device=y.device).to(torch.complex128)
+        if psi.ndim != 2 or psi.shape[0] != psi.shape[1]:
+            raise ShapeError(
+                f"covariance must be a square (coils, coils) matrix, got {tuple(psi.shape)}"
+            )
+    else:
+        psi = noise_covariance(to_complex(noise, "noise", device=y.device)).to(torch.complex128)
     n_c = psi.shape[0]
     if coil_axis is not None:
         axis = coil_axis % y.ndim

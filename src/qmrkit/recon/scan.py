@@ -84,7 +84,8 @@ def reconstruct(
         Coil maps: ESPIRiT for Cartesian data, Walsh on a low-resolution gridded image for
         non-Cartesian data ("auto"), or given sensitivities ``(coils, *spatial)``.
     whiten : bool
-        Prewhiten with the scan's noise scan (a warning is issued when there is none).
+        Prewhiten with the scan's noise scan (``scan.noise``), else with ``scan.noise_covariance``
+        (a stored calibration); a warning is issued when there is neither.
     n_virtual : int, optional
         Compress to this many virtual coils first (SVD).
 
@@ -109,15 +110,23 @@ def reconstruct(
     steps = []
     mix = None  # coil transform applied to the data (whitening, compression): maps follow it
     if whiten:
-        if scan.noise is None:
+        if scan.noise is None and scan.noise_covariance is None:
             warnings.warn(
                 "the scan has no noise scan: reconstructing without prewhitening",
                 QmrkitWarning,
                 stacklevel=2,
             )
         else:
+            # the scan's own noise samples win over a stored covariance
+            own = scan.noise is not None
             yw = torch.movedim(y, coil_axis, 0)
-            yw, w = prewhiten(yw, scan.noise.to(dev), return_matrix=True, coil_axis=0)
+            yw, w = prewhiten(
+                yw,
+                scan.noise.to(dev) if own else None,
+                covariance=None if own else scan.noise_covariance.to(dev),
+                return_matrix=True,
+                coil_axis=0,
+            )
             y = torch.movedim(yw, 0, coil_axis)
             if calib is not None:
                 calib = torch.movedim(

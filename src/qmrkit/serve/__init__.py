@@ -3,10 +3,11 @@ SNR-bounded raw-data compression, Prometheus metrics."""
 
 from .client import Reply, client_tls_context, exchange, read_mrd_file, save_reply, send_scan
 from .compression import decode_samples, encode_samples, quantiser_step
-from .handlers import HANDLERS, register, resolve
+from .handlers import HANDLERS, check_b1_map, register, resolve
+from .mrd_images import ImageGeometry, image_geometry
 from .protocol import Limits, Message, MessageId, MessageReader
 from .server import Server, Session, run_server, tls_context
-from .store import DependencyKey, DirectoryStore, key_from_header
+from .store import DependencyKey, DirectoryStore, find_dependency, key_from_header
 
 __all__ = [
     "Server",
@@ -29,6 +30,10 @@ __all__ = [
     "DirectoryStore",
     "DependencyKey",
     "key_from_header",
+    "find_dependency",
+    "check_b1_map",
+    "ImageGeometry",
+    "image_geometry",
     "HANDLERS",
     "register",
     "resolve",

@@ -6,8 +6,10 @@ store); they never reach into solver internals.
 
 Config names: ``null``, ``fit:<model>`` (image series → maps), ``mrf`` (spiral MR fingerprinting
 raw data → T1/T2/PD maps, B1-corrected with a stored B1 map), ``sense``/``tv``/``gridding`` (raw
-data → images through :func:`qmrkit.recon.reconstruct`), ``store-b1`` (a B1 map image →
-dependency store), ``store-noise`` (noise acquisitions → noise statistics in the store).
+data → images through :func:`qmrkit.recon.reconstruct`: a magnitude and a phase series),
+``store-b1`` (a B1 map image → dependency store), ``store-noise`` (noise acquisitions → noise
+statistics in the store; later scans of the same subject/device/session without their own noise
+acquisitions are prewhitened with it).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ParameterError, ProtocolError, UnknownNameError
-from .mrd_images import array_to_image, image_to_array
+from ..errors import ParameterError, ProtocolError, ShapeError, UnknownNameError
+from .mrd_images import array_to_image, image_geometry, image_to_array, volume_to_image
 
 if TYPE_CHECKING:
     from .server import Session
@@ -110,10 +112,15 @@ def _fit(session: Session, arg: str | None) -> list[Any]:
         if b1 is not None and b1.arrays["b1"].shape == series.shape[:-1]:
             kwargs["b1"] = b1.arrays["b1"]
             session.log.append("using the stored B1 map")
+        elif b1 is not None:
+            session.log.append(
+                f"fit:{arg}: stored B1 map not used: its shape {b1.arrays['b1'].shape} differs "
+                f"from the series' {series.shape[:-1]}"
+            )
     t0 = time.perf_counter()
     result = fit_maps(series, arg, kwargs)
     session.stage("fit", time.perf_counter() - t0)
-    like = session.images[0]
+    geometry = image_geometry(session.header, session.images[0])  # maps lie where the series lies
     out: list[Any] = []
     for i, (name, m) in enumerate(result.maps.items(), start=1):
         unit = result.units.get(name, "")
@@ -125,7 +132,7 @@ def _fit(session: Session, arg: str | None) -> list[Any]:
             "Units": unit,
             "ImageProcessingHistory": "qmrkit",
         }
-        out.append(array_to_image(m.cpu().numpy(), series_index=i, meta=meta, like=like))
+        out.append(array_to_image(m.cpu().numpy(), series_index=i, meta=meta, geometry=geometry))
     out.append(
         f"fit:{arg}: {result.n_voxels} voxels in {result.elapsed_s:.2f} s, "
         f"{100 * result.fraction_converged:.1f}% converged"
@@ -133,35 +140,95 @@ def _fit(session: Session, arg: str | None) -> list[Any]:
     return out
 
 
-def _find_dependency(session: Session, kind: str) -> Any:
-    from .store import dependencies_in_header, key_from_header
+_LABELS = {"b1": "B1 map", "noise": "noise scan"}
 
+
+def _find_dependency(session: Session, kind: str) -> Any:
+    """The stored ``kind`` dependency for this session's scan, or None; when there is none the
+    reason (no ids in the header, nothing stored) goes to the reply text."""
+    from .store import find_dependency
+
+    found = find_dependency(session.store, session.header, kind, _LABELS.get(kind, kind))
+    if found.dependency is None:
+        session.log.append(found.note)
+    return found.dependency
+
+
+def _calibration_key(session: Session, config: str) -> Any:
+    """The store key of a calibration scan; refused without a store or without complete ids."""
+    from .store import key_from_header
+
+    if session.store is None:
+        raise ParameterError("this server has no dependency store (start it with --store DIR)")
     key = key_from_header(session.header)
-    for dep_type, mid in dependencies_in_header(session.header):
-        if dep_type.lower().replace("_", "").startswith(kind.replace("_", "")):
-            dep = session.store.get(key, kind, mid)
-            if dep is not None:
-                return dep
-    return session.store.get(key, kind)
+    if not key.complete:
+        raise ParameterError(
+            f"{config} refused: the MRD header lacks {', '.join(key.missing)}; a calibration is "
+            "stored for one subject, device and session, and without these ids it could be "
+            "applied to another subject's scan"
+        )
+    return key
+
+
+# a B1 map (fraction of nominal) outside this open range is a mistake (percent sent as fraction,
+# a flip-angle map, a phase image), not a measurement
+B1_RANGE = (0.2, 3.0)
+
+
+def check_b1_map(b1: np.ndarray, header: Any) -> None:
+    """Refuse a B1 map of the wrong shape or with implausible values.
+
+    Parameters
+    ----------
+    b1 : array (x, y[, z])
+        In NIfTI order, fraction of nominal. Voxels equal to 0 are background (not measured) and
+        are not checked; every other voxel must be finite and inside :data:`B1_RANGE`.
+    header : ismrmrdHeader
+        Its reconSpace matrix is the expected shape ``(x, y)`` (``(x, y, z)`` when z > 1).
+
+    Raises
+    ------
+    ShapeError, ParameterError
+    """
+    ms = header.encoding[0].reconSpace.matrixSize
+    expected = (int(ms.x), int(ms.y)) + ((int(ms.z),) if int(ms.z) > 1 else ())
+    if b1.shape != expected:
+        hint = ""
+        if b1.shape == expected[::-1]:
+            hint = " (it looks like (y, x) order; maps are sent in NIfTI order (x, y[, z]))"
+        raise ShapeError(
+            f"store-b1 refused: the B1 map has shape {b1.shape} but the header's reconSpace matrix "
+            f"is {expected} (x, y[, z]){hint}"
+        )
+    inside = b1 != 0
+    if not inside.any():
+        raise ParameterError("store-b1 refused: the B1 map is zero everywhere")
+    vals = b1[inside]
+    bad = ~np.isfinite(vals) | (vals <= B1_RANGE[0]) | (vals >= B1_RANGE[1])
+    if bad.any():
+        finite = vals[np.isfinite(vals)]
+        rng = f"{finite.min():.3g}..{finite.max():.3g}" if finite.size else "none finite"
+        raise ParameterError(
+            f"store-b1 refused: {int(bad.sum())} of {vals.size} non-zero voxels are non-finite or "
+            f"outside {B1_RANGE} (fraction of nominal; zeros are background and not checked); "
+            f"values found: {rng}, {int((~np.isfinite(vals)).sum())} non-finite. Percent maps "
+            'need the parameter {"units": "percent"}'
+        )
 
 
 @register("store-b1")
 def _store_b1(session: Session, arg: str | None) -> list[Any]:
-    from .store import key_from_header, measurement_id
+    from .store import measurement_id
 
-    if session.store is None:
-        raise ParameterError("this server has no dependency store (start it with --store DIR)")
+    key = _calibration_key(session, "store-b1")
     series = series_from_images(session.images)
     b1 = series[..., 0].astype(np.float32)
     units = session.parameters.get("units", "fraction")
     if units == "percent":
         b1 = b1 / 100.0
+    check_b1_map(b1, session.header)
     session.store.put(
-        key_from_header(session.header),
-        "b1",
-        measurement_id(session.header),
-        {"b1": b1},
-        meta={"shape": list(b1.shape)},
+        key, "b1", measurement_id(session.header), {"b1": b1}, meta={"shape": list(b1.shape)}
     )
     return [f"store-b1: stored a B1 map of shape {b1.shape}"]
 
@@ -171,18 +238,19 @@ def _store_noise(session: Session, arg: str | None) -> list[Any]:
     import ismrmrd
 
     from ..pipelines import noise_statistics
-    from .store import key_from_header, measurement_id
+    from .store import measurement_id
 
-    if session.store is None:
-        raise ParameterError("this server has no dependency store (start it with --store DIR)")
+    key = _calibration_key(session, "store-noise")
     noise = [a for a in session.acquisitions if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
     if not noise:
         raise ProtocolError("store-noise needs acquisitions flagged ACQ_IS_NOISE_MEASUREMENT")
     stats = noise_statistics(np.concatenate([np.asarray(a.data) for a in noise], axis=1))
-    session.store.put(
-        key_from_header(session.header), "noise", measurement_id(session.header), stats
-    )
-    return [f"store-noise: stored noise statistics of {stats['sigma'].size} channels"]
+    mid = measurement_id(session.header)
+    session.store.put(key, "noise", mid, stats)
+    return [
+        f"store-noise: stored noise statistics of {stats['sigma'].size} channels"
+        + (f" as {mid}" if mid else "")
+    ]
 
 
 def parse_parameters(text: str) -> dict[str, Any]:
@@ -198,58 +266,31 @@ def parse_parameters(text: str) -> dict[str, Any]:
 _DICTIONARY_CACHE: dict[tuple, Any] = {}
 
 
-def _raw_scan_from_session(session: Session) -> Any:
-    """Spiral acquisitions (one readout per TR, ISMRMRD trajectory units) → a RawScan."""
-    import ismrmrd
-    import torch
-
-    from ..io.mrd import RawScan
-
-    acqs = [a for a in session.acquisitions if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
-    if not acqs:
-        raise ProtocolError("this pipeline needs acquisitions, but the client sent none")
-    enc = session.header.encoding[0]
-    ms = enc.reconSpace.matrixSize
-    shape = (int(ms.y), int(ms.x))
-    acqs.sort(
-        key=lambda a: (int(a.idx.repetition), int(a.idx.kspace_encode_step_1), int(a.scan_counter))
-    )
-    S = int(acqs[0].number_of_samples)
-    if any(int(a.number_of_samples) != S for a in acqs) or acqs[0].trajectory_dimensions < 2:
-        raise ProtocolError("MRF acquisitions need equal readout lengths and a 2D trajectory")
-    k = np.stack([np.asarray(a.data) for a in acqs], axis=1)  # (C, T, S)
-    tr = np.stack([np.asarray(a.traj)[:, :2] for a in acqs])  # (T, S, 2): (kx, ky) in cycles/FOV
-    tr = tr[..., ::-1] / np.array(shape, dtype=np.float64)
-    tr = np.where(tr >= 0.5, tr - 1.0, tr)
-    return RawScan(
-        header=session.header_xml,
-        kdata=torch.from_numpy(k.reshape(k.shape[0], -1)),
-        traj=torch.from_numpy(tr.reshape(-1, 2)).float(),
-        matrix_size=shape,
-        recon_size=shape,
-        trajectory="spiral",
-        meta={"frames": len(acqs), "samples": S},
-    )
-
-
 @register("mrf")
 def _mrf(session: Session, arg: str | None) -> list[Any]:
+    """MRF raw data (2D or 3D) → T1, T2, PD, B1, match-score maps, B1-corrected with a stored B1
+    map of the scan's image shape (NIfTI order, as stored). 2D maps go back as one image per map;
+    3D maps as one image per partition (image_index = partition, in slice order), like the other
+    3D reconstructions."""
     from ..mrf import Dictionary, log_grid, schedule_from_header
-    from ..pipelines import b1_grid, mrf_maps
+    from ..pipelines import b1_grid, mrf_image_size, mrf_maps
 
-    scan = _raw_scan_from_session(session)
+    scan = _scan_from_session(session)
+    im_size = mrf_image_size(scan)
     schedule = schedule_from_header(session.header)
     b1_map = None
     if session.store is not None:
         dep = _find_dependency(session, "b1")
         if dep is not None:
-            b = dep.arrays[
-                "b1"
-            ].T  # stored in image (x, y) order, like every series; ours is (y, x)
-            shape = scan.recon_size
-            if b.shape == shape:
+            b = dep.arrays["b1"]  # stored in image (x, y[, z]) order: what mrf_maps takes
+            if b.shape == im_size[::-1]:
                 b1_map = b
                 session.log.append("mrf: using the stored B1 map")
+            else:
+                session.log.append(
+                    f"mrf: not using the stored B1 map: shape {b.shape}, the scan's image is "
+                    f"{im_size[::-1]} (x, y[, z])"
+                )
     step = float(session.parameters.get("dictionary_step", 0.05))
     b1_step = float(session.parameters.get("b1_step", 0.05))
     b1_values: tuple = (1.0,) if b1_map is None else tuple(b1_grid(b1_map, b1_step))
@@ -289,39 +330,169 @@ def _mrf(session: Session, arg: str | None) -> list[Any]:
             "Units": units[name],
             "ImageProcessingHistory": "qmrkit mrf",
         }
-        out.append(array_to_image(m.T.cpu().numpy(), series_index=i, meta=meta))
-    out.append("mrf: " + ", ".join(f"{k} {v:.2f} s" for k, v in maps.stages.items()))
+        a = m.cpu().numpy()  # NIfTI order (x, y[, z])
+        # 3D: one (x, y) image per partition, in slice order
+        planes = [a] if a.ndim == 2 else [a[:, :, p] for p in range(a.shape[2])]
+        out.extend(
+            array_to_image(plane, series_index=i, image_index=p, meta=meta)
+            for p, plane in enumerate(planes)
+        )
+    out.append(
+        f"mrf: {'x'.join(str(n) for n in maps.t1.shape)} maps; "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in maps.stages.items())
+    )
     return out
 
 
 def _scan_from_session(session: Session) -> Any:
-    """The session's header and acquisitions as a RawScan, through the same assembly as files."""
+    """The session's header and acquisitions as a RawScan, through the same assembly as files.
+
+    A scan without noise acquisitions gets the stored noise covariance of its subject/device/
+    session (:func:`_attach_stored_noise`); ``scan.meta["noise_source"]`` then says which noise
+    prewhitening will use, or ``scan.meta["noise_note"]`` why there is none
+    (:func:`prewhitening_note` turns them into the line for the reply).
+    """
     from ..io.mrd import scan_from_acquisitions
 
     if not session.acquisitions:
         raise ProtocolError("this pipeline needs acquisitions, but the client sent none")
-    return scan_from_acquisitions(session.header_xml, session.acquisitions, source="stream")
+    scan = scan_from_acquisitions(session.header_xml, session.acquisitions, source="stream")
+    _attach_stored_noise(session, scan)
+    return scan
+
+
+def _attach_stored_noise(session: Session, scan: Any) -> None:
+    """Set ``scan.noise_covariance`` from the store when the stream had no noise acquisitions.
+
+    A stored noise scan with a different channel count than the scan (another coil) is skipped,
+    not an error: the scan is still reconstructed, unwhitened, and the reply says why (as
+    Gadgetron's noise adjustment does when the noise dependency does not match).
+    """
+    import torch
+
+    n_c = scan.n_coils
+    if scan.noise is not None:
+        scan.meta["noise_source"] = f"the scan's own noise ({n_c} channels)"
+        return
+    if session.store is None:
+        scan.meta["noise_note"] = "no noise acquisitions in the stream and no calibration store"
+        return
+    from .store import find_dependency
+
+    found = find_dependency(session.store, session.header, "noise", "noise scan")
+    dep = found.dependency
+    if dep is None:
+        scan.meta["noise_note"] = f"no noise acquisitions in the stream; {found.note}"
+        return
+    cov = np.asarray(dep.arrays.get("covariance"))
+    name = dep.measurement_id or "(no id)"
+    if cov.shape != (n_c, n_c):
+        scan.meta["noise_note"] = (
+            f"stored noise {name} has {cov.shape[0] if cov.ndim else 0} channels but the scan has "
+            f"{n_c}; skipped"
+        )
+        return
+    scan.noise_covariance = torch.from_numpy(cov.astype(np.complex64))
+    scan.meta["noise_source"] = f"stored noise {name} ({n_c} channels)"
+
+
+def prewhitening_note(scan: Any, applied: bool) -> str:
+    """One line for the reply: what the scan was prewhitened with, or why not."""
+    if applied and scan.meta.get("noise_source"):
+        return f"prewhitened with {scan.meta['noise_source']}"
+    return f"not prewhitened: {scan.meta.get('noise_note', 'no noise scan')}"
+
+
+def _representative_acquisitions(session: Session, scan: Any) -> dict[tuple, Any]:
+    """Per batch entry of the scan (its ``batch_dims`` counters), the imaging readout nearest the
+    k-space centre: the one whose position and directions the image takes (as FIRE and
+    Gadgetron take the centre line's)."""
+    import ismrmrd
+
+    skip = (
+        ismrmrd.ACQ_IS_NOISE_MEASUREMENT,
+        ismrmrd.ACQ_IS_NAVIGATION_DATA,
+        ismrmrd.ACQ_IS_PHASECORR_DATA,
+        ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
+    )
+    centre = tuple(
+        scan.encoding_limits.get(name, (0, 0, 0))[1]
+        for name in ("kspace_encoding_step_1", "kspace_encoding_step_2")
+    )
+    best: dict[tuple, tuple[int, Any]] = {}
+    for a in session.acquisitions:
+        if a.encoding_space_ref != 0 or any(a.is_flag_set(f) for f in skip):
+            continue
+        key = tuple(int(getattr(a.idx, n)) for n in scan.batch_dims)
+        d = abs(int(a.idx.kspace_encode_step_1) - centre[0]) + abs(
+            int(a.idx.kspace_encode_step_2) - centre[1]
+        )
+        if key not in best or d < best[key][0]:
+            best[key] = (d, a)
+    return {k: v[1] for k, v in best.items()}
 
 
 def _image_recon(session: Session, method: str) -> list[Any]:
+    """Reconstruct and return the image: series 1 magnitude, series 2 phase (radians).
+
+    Layout (as FIRE's python-ismrmrd-server examples and Gadgetron return images): 2D scans give
+    one 2D image per slice (and per other batch entry); a 3D scan gives one 3D image per batch
+    entry, ``matrix_size`` (x, y, z), its position the volume centre and ``field_of_view[2]``
+    the slab. The recon array ``(…, [z,] y, x)`` goes into ``data[0, z, y, x]`` unchanged (x,
+    the readout, fastest; no display flips). Phase is float32 radians in [-π, π] with
+    ``image_type`` IMTYPE_PHASE, as Gadgetron's float images carry it before any conversion to
+    the scanner's fixed-point range.
+    """
+    import ismrmrd
+
     from ..recon import reconstruct
 
     t0 = time.perf_counter()
     scan = _scan_from_session(session)
-    result, image = reconstruct(scan, method)
+    # without any noise the reply says "not prewhitened: <why>"; no warning on the server too
+    whiten = scan.noise is not None or scan.noise_covariance is not None
+    result, _maps = reconstruct(scan, method, whiten=whiten)  # 2nd value: coil maps, not image
     session.stage(method, time.perf_counter() - t0)
-    img = image.detach().cpu().numpy()
-    mag = np.abs(img)
-    arr = mag.T if mag.ndim in (2, 3) else mag  # ours (…, y, x) → MRD (x, y[, z]) order
-    meta = {
-        "DataRole": "Image",
-        "SeriesDescription": f"qmrkit_{method}",
-        "ImageProcessingHistory": f"qmrkit {method}",
-    }
-    return [
-        array_to_image(arr, series_index=1, meta=meta),
-        f"{method}: image {tuple(img.shape)} in {time.perf_counter() - t0:.2f} s",
-    ]
+    note = prewhitening_note(scan, "prewhiten" in result.settings.get("pipeline", ()))
+    session.log.append(f"{method}: {note}")
+    img = result.image.detach().cpu().numpy()
+    spatial = img.shape[img.ndim - scan.ndim :]
+    frames = img.reshape(-1, *spatial)
+    batch_shape = img.shape[: img.ndim - scan.ndim]
+    sources = _representative_acquisitions(session, scan)
+    out: list[Any] = []
+    for series, part, kind in (
+        (1, np.abs, ismrmrd.IMTYPE_MAGNITUDE),
+        (2, np.angle, ismrmrd.IMTYPE_PHASE),
+    ):
+        if kind == ismrmrd.IMTYPE_PHASE and not np.iscomplexobj(img):
+            continue
+        suffix = "" if kind == ismrmrd.IMTYPE_MAGNITUDE else "_phase"
+        meta = {
+            "DataRole": "Image",
+            "SeriesDescription": f"qmrkit_{method}{suffix}",
+            "ImageComment": note,
+            "ImageProcessingHistory": ["qmrkit", method],
+        }
+        if kind == ismrmrd.IMTYPE_PHASE:
+            meta["Units"] = "rad"
+        for i, frame in enumerate(frames):
+            key = tuple(int(v) for v in np.unravel_index(i, batch_shape)) if batch_shape else ()
+            geometry = image_geometry(session.header, sources.get(key))
+            out.append(
+                volume_to_image(
+                    part(frame),
+                    series_index=series,
+                    image_index=i + 1,  # 1-based, as Gadgetron counts images
+                    meta=meta,
+                    geometry=geometry,
+                    image_type=kind,
+                )
+            )
+    out.append(
+        f"{method}: {len(frames)} image(s) {tuple(spatial)} in {time.perf_counter() - t0:.2f} s"
+    )
+    return out
 
 
 @register("sense")

@@ -176,7 +176,6 @@ class MessageReader:
         if compressed:
             from .compression import decode_samples
 
-            traj = await self._exactly(4 * nt * ns, "acquisition trajectory")
             (nbytes,) = struct.unpack("<I", await self._exactly(4, "a compressed length"))
             if nbytes > max(8 * nc * ns * 2, 4096) or nbytes > lim.max_acquisition_bytes:
                 raise ProtocolError(

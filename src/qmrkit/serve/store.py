@@ -4,6 +4,12 @@ Like Gadgetron's dependency storage: a calibration scan stores its result under 
 the MRD header (subject, device, session, measurement id) with a time-to-live; a later scan finds
 it through its header's ``measurementDependency`` list, or by the same subject/device/session.
 
+A header without all three ids (``subjectInformation/patientID``,
+``acquisitionSystemInformation/deviceID`` or ``stationName``,
+``measurementInformation/frameOfReferenceUID`` or ``studyInformation/studyInstanceUID``) gets no
+stored dependency: nothing is stored under, or looked up with, an incomplete key, so one subject's
+calibration can never reach another's scan through a shared "unknown" entry.
+
 :class:`DirectoryStore` keeps entries as files on a directory (a shared volume on Kubernetes, so
 every replica sees them). Writes are atomic (temporary file + rename) so a reader never sees half an
 entry. Identifiers are hashed in file names, and never logged.
@@ -38,6 +44,23 @@ class DependencyKey:
     subject: str = ""
     device: str = ""
     session: str = ""
+
+    @property
+    def missing(self) -> list[str]:
+        """The MRD header fields this key lacks (empty when complete)."""
+        return [
+            name
+            for name, value in (
+                ("subjectInformation/patientID", self.subject),
+                ("acquisitionSystemInformation/deviceID", self.device),
+                ("measurementInformation/frameOfReferenceUID", self.session),
+            )
+            if not value
+        ]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
 
     def digest(self) -> str:
         raw = "\x1f".join((self.subject, self.device, self.session)).encode()
@@ -95,7 +118,15 @@ class DirectoryStore:
         meta: dict[str, Any] | None = None,
         ttl_s: float | None = None,
     ) -> None:
-        """Store (atomically) a dependency; a later put of the same kind and id replaces it."""
+        """Store (atomically) a dependency; a later put of the same kind and id replaces it.
+
+        Raises ParameterError for a key without subject, device or session id.
+        """
+        if not key.complete:
+            raise ParameterError(
+                f"a calibration needs subject, device and session ids; the MRD header lacks "
+                f"{', '.join(key.missing)}"
+            )
         d = self._dir(key)
         d.mkdir(parents=True, exist_ok=True)
         now = time.time()
@@ -143,7 +174,10 @@ class DirectoryStore:
     def get(
         self, key: DependencyKey, kind: str, measurement_id: str | None = None
     ) -> Dependency | None:
-        """The dependency of ``kind`` with ``measurement_id`` (or the newest one of that kind)."""
+        """The dependency of ``kind`` with ``measurement_id`` (or the newest one of that kind);
+        None for an incomplete key (no subject, device or session id)."""
+        if not key.complete:
+            return None
         d = self._dir(key)
         if not d.is_dir():
             return None
@@ -197,6 +231,58 @@ def dependencies_in_header(header: Any) -> list[tuple[str, str]]:
     mi = getattr(header, "measurementInformation", None)
     deps = getattr(mi, "measurementDependency", None) or []
     return [(str(d.dependencyType), str(d.measurementID)) for d in deps]
+
+
+@dataclass
+class Lookup:
+    """The result of :func:`find_dependency`: the dependency (or None) and one line saying which
+    one was chosen, or why none."""
+
+    dependency: Dependency | None
+    note: str
+
+
+def _type_matches(dependency_type: str, kind: str) -> bool:
+    """``"Noise"`` ↔ ``"noise"``, ``"B1map"``/``"B1_map"`` ↔ ``"b1"``."""
+    return dependency_type.lower().replace("_", "").startswith(kind.lower().replace("_", ""))
+
+
+def find_dependency(store: Store, header: Any, kind: str, label: str | None = None) -> Lookup:
+    """The stored ``kind`` dependency of the scan described by ``header``.
+
+    First the measurements the header names in ``measurementDependency`` (of a matching type),
+    then the newest entry of the same subject/device/session. Never another subject's entry, and
+    nothing at all for a header without subject, device or session id.
+
+    Parameters
+    ----------
+    store : Store
+    header : ismrmrdHeader
+    kind : str
+        ``"noise"``, ``"b1"``, ...
+    label : str, optional
+        What to call it in the note (default ``kind``).
+    """
+    label = label or kind
+    key = key_from_header(header)
+    if not key.complete:
+        return Lookup(
+            None,
+            f"no stored {label} used: the MRD header lacks {', '.join(key.missing)}, and stored "
+            "calibrations are only matched by subject, device and session",
+        )
+    named = [mid for t, mid in dependencies_in_header(header) if _type_matches(t, kind)]
+    for mid in named:
+        dep = store.get(key, kind, mid)
+        if dep is not None:
+            return Lookup(dep, f"stored {label} {mid} (named in the header)")
+    dep = store.get(key, kind)
+    if dep is not None:
+        why = f"; the header names {', '.join(named)}, not in the store" if named else ""
+        return Lookup(
+            dep, f"stored {label} {dep.measurement_id or '(no id)'} of this subject/session{why}"
+        )
+    return Lookup(None, f"no stored {label} for this subject, device and session")
 
 
 def open_store(spec: str | Path | None) -> DirectoryStore:

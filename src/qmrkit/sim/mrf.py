@@ -10,8 +10,14 @@ import numpy as np
 import torch
 
 from ..errors import ParameterError
+from ..io.geometry import ScanGeometry
+from ..io.mrd import attach_header
 from .coils import coil_maps
 from .phantoms import nist_phantom
+
+#: field of view (mm) of the simulated scans' larger in-plane axis (96 voxels → 2.6 mm), 2D
+#: slice thickness and 3D partition thickness (mm)
+FOV_MM, SLICE_MM, PARTITION_MM = 250.0, 5.0, 10.0
 
 
 def b1_field(shape: Sequence[int], amplitude: float = 0.3, *, seed: int = 0) -> np.ndarray:
@@ -119,13 +125,16 @@ def mrf_scan(
     ±``b1_amplitude``), weighted by PD and by ``n_coils`` coil sensitivities, and sampled with one
     rotated spiral interleaf per TR (the NUFFT of each frame, exact to ``eps``). Complex Gaussian
     noise of standard deviation ``noise_level`` × max |k| is added, and a noise scan is included.
+    ``shape`` is ``(ny, nx)`` (array order) and may be non-square: pixels are square, the larger
+    axis spans 250 mm, and the spiral is designed for it. The header (:func:`qmrkit.io.attach_header`)
+    agrees with the scan and carries the schedule.
 
     Returns
     -------
     RawScan
         ``kdata (coils, frames·samples)``, ``traj (frames·samples, 2)`` in cycles/pixel, ``noise``;
-        ``meta`` holds ``frames``, ``samples``, the ``schedule`` and the truth (``T1``, ``T2``,
-        ``PD``, ``B1``, ``labels``, ``tissues``, ``maps``).
+        ``meta`` holds ``frames``, ``samples``, the ``schedule`` and the truth in array order
+        ``(ny, nx)`` (``T1``, ``T2``, ``PD``, ``B1``, ``labels``, ``tissues``, ``maps``).
     """
     from ..io.mrd import RawScan
     from ..mrf import fisp_schedule
@@ -135,8 +144,9 @@ def mrf_scan(
         raise ParameterError(f"mrf_scan simulates 2D scans; got shape {shp}")
     sched = schedule if schedule is not None else fisp_schedule(1000, seed=seed)
     T = sched.n_tr
-    S = samples or int(2 * shp[0] * math.ceil(shp[0] / (2 * n_interleaves)) * 2)
-    traj = spiral_frames(T, n_interleaves, S, shp[0])
+    n = max(shp)  # the spiral is designed for the larger axis (square pixels, Nyquist on both)
+    S = samples or int(2 * n * math.ceil(n / (2 * n_interleaves)) * 2)
+    traj = spiral_frames(T, n_interleaves, S, n)
     sim = _simulate_kspace(
         shp,
         nist_phantom(shp, plate=plate),
@@ -149,14 +159,16 @@ def mrf_scan(
         seed=seed,
         eps=eps,
     )
-    return RawScan(
-        header=_header(shp, n_coils, sched),
+    scan = RawScan(
+        header="",
         kdata=sim["kdata"].reshape(n_coils, T * S),
         traj=traj.reshape(T * S, 2),
         noise=sim["noise"],
         matrix_size=shp,
         recon_size=shp,
-        fov_mm=(250.0, 250.0),
+        fov_mm=tuple(FOV_MM * s / n for s in shp),
+        slice_thickness_mm=SLICE_MM,
+        geometry=ScanGeometry(),
         trajectory="spiral",
         meta={
             "frames": T,
@@ -167,6 +179,7 @@ def mrf_scan(
             "truth": sim["truth"],
         },
     )
+    return attach_header(scan, strict=False)
 
 
 def stack_of_spirals_frames(
@@ -216,7 +229,9 @@ def mrf_scan_3d(
     eps: float = 1e-4,
 ) -> Any:
     """Simulate a 3D stack-of-spirals FISP MRF scan (``(nz, ny, nx)``) of the NIST phantom with
-    interleaved partition undersampling; otherwise as :func:`mrf_scan`."""
+    interleaved partition undersampling; otherwise as :func:`mrf_scan` (partitions 10 mm thick,
+    ``meta["samples"]`` = partitions per frame × ``meta["samples_per_readout"]``; a file stores
+    one acquisition per frame and partition with its partition index)."""
     from ..io.mrd import RawScan
     from ..mrf import fisp_schedule
 
@@ -244,42 +259,24 @@ def mrf_scan_3d(
         seed=seed,
         eps=eps,
     )
-    return RawScan(
-        header=_header(shp[1:], n_coils, sched),
+    scan = RawScan(
+        header="",
         kdata=sim["kdata"].reshape(n_coils, T * P),
         traj=traj.reshape(T * P, 3),
         noise=sim["noise"],
         matrix_size=shp,
         recon_size=shp,
-        fov_mm=(10.0 * shp[0], 250.0, 250.0),
+        fov_mm=(PARTITION_MM * shp[0], FOV_MM, FOV_MM),
+        geometry=ScanGeometry(),
         trajectory="spiral",
         meta={
             "frames": T,
             "samples": P,
+            "samples_per_readout": S,
             "schedule": sched,
             "noise_sigma": sim["sigma"],
             "partition_undersampling": partition_undersampling,
             "truth": sim["truth"],
         },
     )
-
-
-def _header(shape: tuple[int, ...], n_coils: int, sched: Any) -> str:
-    seq = "".join(f"<TR>{v:.4f}</TR>" for v in sched.tr)
-    seq += "".join(f"<TE>{v:.4f}</TE>" for v in sched.te)
-    seq += f"<TI>{sched.ti if sched.inversion else 0.0}</TI>"
-    seq += "".join(f"<flipAngle_deg>{v:.4f}</flipAngle_deg>" for v in sched.flip_angles)
-    return f"""<?xml version="1.0" encoding="UTF-8"?>
-<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
-  <acquisitionSystemInformation><receiverChannels>{n_coils}</receiverChannels></acquisitionSystemInformation>
-  <experimentalConditions><H1resonanceFrequency_Hz>127740000</H1resonanceFrequency_Hz></experimentalConditions>
-  <encoding>
-    <encodedSpace><matrixSize><x>{shape[1]}</x><y>{shape[0]}</y><z>1</z></matrixSize>
-      <fieldOfView_mm><x>250</x><y>250</y><z>5</z></fieldOfView_mm></encodedSpace>
-    <reconSpace><matrixSize><x>{shape[1]}</x><y>{shape[0]}</y><z>1</z></matrixSize>
-      <fieldOfView_mm><x>250</x><y>250</y><z>5</z></fieldOfView_mm></reconSpace>
-    <encodingLimits><repetition><minimum>0</minimum><maximum>{sched.n_tr - 1}</maximum><center>0</center></repetition></encodingLimits>
-    <trajectory>spiral</trajectory>
-  </encoding>
-  <sequenceParameters>{seq}</sequenceParameters>
-</ismrmrdHeader>"""
+    return attach_header(scan, strict=False)

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import OptionalDependencyError, ParameterError
-from ..io.mrd import RawScan, _make_header, write_mrd
+from ..errors import ParameterError
+from ..io.geometry import ScanGeometry
+from ..io.mrd import RawScan, attach_header, write_mrd
 from .brain import brain_phantom
 from .coils import coil_maps
 from .masks import calibration_region, cartesian_mask
@@ -41,6 +42,7 @@ def raw_scan(
     noise_correlation: float = 0.2,
     n_noise_samples: int = 4096,
     fov_mm: float = 220.0,
+    slice_thickness_mm: float = 5.0,
     phase: bool = True,
     seed: int = 0,
     phantom: str = "shepp_logan",
@@ -72,6 +74,8 @@ def raw_scan(
         Samples per coil in the noise scan (0: no noise scan).
     fov_mm : float
         Isotropic field of view (mm) written to the header.
+    slice_thickness_mm : float
+        2D: slice thickness (mm), the header's z field of view.
     phase : bool
         Give the object a smooth background phase (as real scans have).
     seed : int
@@ -174,14 +178,8 @@ def raw_scan(
         meta["samples_per_readout"] = n_read
     meta["sigma"] = sigma
     noise_scan = noise((n_noise_samples,), sigma) if n_noise_samples > 0 else None
-    try:
-        header = _make_header(shape, shape, (fov_mm,) * nd, n_coils, trajectory, limits)
-    except OptionalDependencyError:
-        if path is not None:
-            raise
-        header = ""  # the XML header needs the optional ismrmrd package; in memory it is unused
     scan = RawScan(
-        header=header,
+        header="",
         kdata=kdata,
         traj=traj,
         mask=mask,
@@ -191,10 +189,14 @@ def raw_scan(
         matrix_size=shape,
         recon_size=shape,
         fov_mm=(fov_mm,) * nd,
+        slice_thickness_mm=slice_thickness_mm if nd == 2 else None,
+        geometry=ScanGeometry(),
         trajectory=trajectory,
         encoding_limits=limits,
         meta=meta,
     )
+    # the XML header needs the optional ismrmrd package; in memory it is unused
+    attach_header(scan, strict=path is not None)
     if path is not None:
         scan.meta["path"] = str(write_mrd(path, scan))
     return scan
