@@ -28,14 +28,12 @@ SKIPPED = {
     "make test": "the test suite itself",
     "qmrkit serve": "runs until stopped; tests/serve start servers in-process",
     "qmrkit send": "needs a running server; tests/cli/test_send.py streams through a real one",
-    "qmrkit mrf": "needs an MRF raw scan and ≈ 30 s; make demo runs it on a simulated scan",
+    "qmrkit mrf": "names a user's scan.h5/b1.nii.gz; make demo and tests/pipelines run qmrkit mrf "
+    "on written scans",
 }
 
 # section -> reason, for python blocks known to fail at the time of writing (run, xfail if so)
-KNOWN_FAILURES: dict[str, str] = {
-    "MR fingerprinting": "uses scan, b1 and coefficient_images without defining them (rewritten "
-    "by the MRF/3D work)",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 _FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
 
