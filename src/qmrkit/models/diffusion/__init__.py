@@ -1,0 +1,8 @@
+"""Diffusion models (each a :class:`qmrkit.fit.Model`) and the signal summaries they are fitted to.
+
+b-values in ms/µm², diffusivities in µm²/ms, times (δ, Δ) in ms, rates in 1/ms.
+"""
+
+from .dti import DTI, dti_wls, tensor_eig, tensor_from_cholesky, tensor_maps
+
+__all__ = ["DTI", "dti_wls", "tensor_eig", "tensor_from_cholesky", "tensor_maps"]
