@@ -4,5 +4,17 @@ b-values in ms/µm², diffusivities in µm²/ms, times (δ, Δ) in ms, rates in 
 """
 
 from .dti import DTI, dti_wls, tensor_eig, tensor_from_cholesky, tensor_maps
+from .invariants import Invariants, Shell, find_shells, real_sh, rotational_invariants
 
-__all__ = ["DTI", "dti_wls", "tensor_eig", "tensor_from_cholesky", "tensor_maps"]
+__all__ = [
+    "DTI",
+    "dti_wls",
+    "tensor_eig",
+    "tensor_from_cholesky",
+    "tensor_maps",
+    "Invariants",
+    "Shell",
+    "find_shells",
+    "real_sh",
+    "rotational_invariants",
+]
