@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from scipy.integrate import quad
 from scipy.linalg import expm
@@ -28,6 +29,7 @@ def _reference(b, t, f, dn, de, rn, l):
     return quad(lambda x: s(x) * p(x), 0, 1, epsabs=1e-15, epsrel=1e-13, limit=200)[0]
 
 
+@pytest.mark.slow  # ~15-30 s on 2 shared cores: 240 scipy quad integrals of expm
 def test_signal_equals_scipy_expm_quad():
     model = NEXI(B, DELTA, orders=(0, 2))
     rng = np.random.default_rng(0)
