@@ -11,7 +11,7 @@ from qmrkit.serve import DirectoryStore, exchange
 from qmrkit.serve.client import read_mrd_file
 from qmrkit.serve.mrd_images import array_to_image, image_to_array
 
-from .helpers import BackgroundServer
+from .helpers import BackgroundServer, with_ids
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +22,7 @@ def test_mrf_over_the_wire_equals_direct_pipeline(tmp_path):
     scan = sim.mrf_scan((48, 48), n_coils=2, schedule=None, b1_amplitude=0.2, seed=3)
     path = write_mrd(tmp_path / "mrf.h5", scan)
     header, acqs, _ = read_mrd_file(path)
+    header = with_ids(header)  # a stored calibration needs subject/device/session ids
     b1 = scan.meta["truth"]["B1"].T.astype(np.float32)  # NIfTI (x, y) order, as images are
     params = {"dictionary_step": 0.12, "b1_step": 0.1}
     with BackgroundServer(store=DirectoryStore(tmp_path / "store")) as srv:
@@ -75,6 +76,7 @@ def test_3d_mrf_over_the_wire_returns_one_image_per_partition(tmp_path):
     scan = sim.mrf_scan_3d((8, 24, 24), n_coils=2, b1_amplitude=0.2, seed=3)
     path = write_mrd(tmp_path / "mrf3d.h5", scan)
     header, acqs, _ = read_mrd_file(path)
+    header = with_ids(header)  # a stored calibration needs subject/device/session ids
     b1 = scan.meta["truth"]["B1"].transpose(2, 1, 0).astype(np.float32)  # (x, y, z)
     params = {"dictionary_step": 0.12, "b1_step": 0.1}
     with BackgroundServer(store=DirectoryStore(tmp_path / "store")) as srv:

@@ -1,5 +1,7 @@
-"""File formats: NIfTI (nibabel), protocol YAML and ISMRMRD/MRD HDF5 raw data and images."""
+"""File formats: NIfTI (nibabel), DWI (NIfTI + FSL bval/bvec), protocol YAML and ISMRMRD/MRD HDF5
+raw data and images."""
 
+from .dwi import DWI, load_dwi
 from .geometry import (
     ScanGeometry,
     affine_from_mrd,
@@ -24,6 +26,8 @@ __all__ = [
     "load_nifti",
     "save_nifti",
     "load_protocol",
+    "load_dwi",
+    "DWI",
     "RawScan",
     "read_mrd",
     "scan_from_acquisitions",

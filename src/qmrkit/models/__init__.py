@@ -1,6 +1,16 @@
-"""Signal models (each a :class:`qmrkit.fit.Model`): relaxometry now, diffusion later."""
+"""Signal models (each a :class:`qmrkit.fit.Model`): relaxometry and diffusion (DTI, ...)."""
 
+from .diffusion import DTI
 from .registry import available, get
 from .relaxometry import InversionRecovery, MolliT1, MonoExp, VfaT1, recovery_start
 
-__all__ = ["MolliT1", "InversionRecovery", "VfaT1", "MonoExp", "recovery_start", "get", "available"]
+__all__ = [
+    "DTI",
+    "MolliT1",
+    "InversionRecovery",
+    "VfaT1",
+    "MonoExp",
+    "recovery_start",
+    "get",
+    "available",
+]

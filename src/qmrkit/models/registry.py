@@ -7,6 +7,7 @@ from typing import Any
 
 from ..errors import ParameterError, UnknownNameError
 from ..fit.model import Model
+from .diffusion import DTI
 from .relaxometry import InversionRecovery, MolliT1, MonoExp, VfaT1
 
 # acquisition setting -> (CLI flag, what it is); the one place that names the flags, so error
@@ -30,28 +31,57 @@ _MODELS: dict[str, tuple[type[Model], dict[str, Any], str, tuple[str, ...]]] = {
     "monoexp": (MonoExp, {}, "mono-exponential decay of kind T2|T2star|R2|R2star", ("te",)),
 }
 
+#: diffusion models take a gradient table (``qmrkit.io.load_dwi``), not a protocol YAML; they are
+#: listed by ``available(diffusion=True)`` only, until ``qmrkit models``/``qmrkit fit`` know how to
+#: build them from DWI files (the CLI's example settings cover the relaxometry models)
+_DIFFUSION: dict[str, tuple[type[Model], dict[str, Any], str]] = {
+    "dti": (DTI, {}, "diffusion tensor (FA, MD, AD, RD, V1); needs bvals (ms/µm²), bvecs (n, 3)"),
+}
+
 
 def _flags(names: tuple[str, ...]) -> str:
     return " and ".join(SETTINGS[n][0] for n in names)
 
 
-def available() -> dict[str, str]:
-    """Model names and one-line descriptions (naming the CLI flags each model needs)."""
-    return {k: f"{v[2]}; needs {_flags(v[3])}" for k, v in _MODELS.items()}
+#: diffusion models take a gradient table (``qmrkit.io.load_dwi``), not a protocol YAML; they are
+#: listed by ``available(diffusion=True)`` only, until ``qmrkit models``/``qmrkit fit`` know how to
+#: build them from DWI files
+_DIFFUSION: dict[str, tuple[type[Model], dict[str, Any], str, tuple[str, ...]]] = {
+    "dti": (
+        DTI,
+        {},
+        "diffusion tensor (FA, MD, AD, RD, V1); needs bvals (ms/µm²), bvecs (n, 3)",
+        (),
+    ),
+}
+
+
+def _entry(key: str) -> tuple[type[Model], dict[str, Any], str, tuple[str, ...]]:
+    return _MODELS.get(key) or _DIFFUSION[key]
+
+
+def available(diffusion: bool = False) -> dict[str, str]:
+    """Model names and one-line descriptions (naming the CLI flags each relaxometry model needs;
+    with ``diffusion=True`` also the DWI models)."""
+    out = {k: f"{v[2]}; needs {_flags(v[3])}" for k, v in _MODELS.items()}
+    if diffusion:
+        out.update({k: v[2] for k, v in _DIFFUSION.items()})
+    return out
 
 
 def required_settings(name: str) -> tuple[str, ...]:
     """The acquisition settings a model cannot be built without (e.g. ``("ti",)``)."""
-    return _MODELS[check_name(name)][3]
+    return _entry(check_name(name))[3]
 
 
 def check_name(name: str) -> str:
     """The registry key for ``name``, or an error listing the available models."""
     key = name.lower().replace("-", "").replace("_", "")
     key = {"t2*": "t2star", "inversionrecovery": "ir", "despot1": "vfa"}.get(key, key)
-    if key not in _MODELS:
+    if key not in _MODELS and key not in _DIFFUSION:
         raise UnknownNameError(
-            f"unknown model {name!r}; available models: {', '.join(sorted(_MODELS))}"
+            f"unknown model {name!r}; available models: "
+            f"{', '.join(sorted({**_MODELS, **_DIFFUSION}))}"
         )
     return key
 
@@ -63,7 +93,7 @@ def check_settings(name: str, settings: dict[str, Any]) -> None:
     in ms)" rather than a Python signature error.
     """
     key = check_name(name)
-    cls, fixed, _, required = _MODELS[key]
+    cls, fixed, _, required = _entry(key)
     missing = [s for s in required if settings.get(s) is None]
     if missing:
         what = "; ".join(f"{SETTINGS[s][0]} ({SETTINGS[s][1]})" for s in missing)
@@ -85,9 +115,9 @@ def get(name: str, **settings: Any) -> Model:
     """
     key = check_name(name)
     check_settings(key, settings)
-    cls, fixed, _, _ = _MODELS[key]
+    cls, fixed, _, _ = _entry(key)
     settings = {k: v for k, v in settings.items() if v is not None}
     try:
         return cls(**{**fixed, **settings})
     except TypeError as exc:
-        raise ParameterError(f"model {name!r}: {exc}; {available()[key]}") from exc
+        raise ParameterError(f"model {name!r}: {exc}; {available(diffusion=True)[key]}") from exc
