@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import ParameterError, UnknownNameError
 from ..fit.model import Model
-from .diffusion import DTI
+from .diffusion import DTI, SANDI, AxCaliberSMT
 from .relaxometry import InversionRecovery, MolliT1, MonoExp, VfaT1
 
 # acquisition setting -> (CLI flag, what it is); the one place that names the flags, so error
@@ -31,14 +31,6 @@ _MODELS: dict[str, tuple[type[Model], dict[str, Any], str, tuple[str, ...]]] = {
     "monoexp": (MonoExp, {}, "mono-exponential decay of kind T2|T2star|R2|R2star", ("te",)),
 }
 
-#: diffusion models take a gradient table (``qmrkit.io.load_dwi``), not a protocol YAML; they are
-#: listed by ``available(diffusion=True)`` only, until ``qmrkit models``/``qmrkit fit`` know how to
-#: build them from DWI files (the CLI's example settings cover the relaxometry models)
-_DIFFUSION: dict[str, tuple[type[Model], dict[str, Any], str]] = {
-    "dti": (DTI, {}, "diffusion tensor (FA, MD, AD, RD, V1); needs bvals (ms/µm²), bvecs (n, 3)"),
-}
-
-
 def _flags(names: tuple[str, ...]) -> str:
     return " and ".join(SETTINGS[n][0] for n in names)
 
@@ -51,6 +43,20 @@ _DIFFUSION: dict[str, tuple[type[Model], dict[str, Any], str, tuple[str, ...]]] 
         DTI,
         {},
         "diffusion tensor (FA, MD, AD, RD, V1); needs bvals (ms/µm²), bvecs (n, 3)",
+        (),
+    ),
+    "axcalibersmt": (
+        AxCaliberSMT,
+        {},
+        "AxCaliberSMT axon diameter (Fan 2020) on shell spherical means; needs b (ms/µm²), "
+        "small_delta, big_delta (ms) per shell",
+        (),
+    ),
+    "sandi": (
+        SANDI,
+        {},
+        "SANDI soma/neurite imaging (Palombo 2020) on shell spherical means; needs b (ms/µm²), "
+        "small_delta, big_delta (ms) per shell",
         (),
     ),
 }

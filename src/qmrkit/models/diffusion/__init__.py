@@ -3,14 +3,35 @@
 b-values in ms/µm², diffusivities in µm²/ms, times (δ, Δ) in ms, rates in 1/ms.
 """
 
+from .axcaliber import AxCaliberSMT
+from .compartments import axisymmetric_spherical_mean, stick_spherical_mean
 from .dti import DTI, dti_wls, tensor_eig, tensor_from_cholesky, tensor_maps
 from .invariants import Invariants, Shell, find_shells, real_sh, rotational_invariants
 from .nexi import NEXI, karger_signal
+from .restricted import (
+    cylinder_attenuation,
+    cylinder_deff,
+    gpa_deff,
+    gpa_roots,
+    sphere_attenuation,
+    sphere_deff,
+)
+from .sandi import SANDI
 
 __all__ = [
     "DTI",
     "NEXI",
     "karger_signal",
+    "AxCaliberSMT",
+    "SANDI",
+    "axisymmetric_spherical_mean",
+    "stick_spherical_mean",
+    "gpa_deff",
+    "gpa_roots",
+    "cylinder_deff",
+    "sphere_deff",
+    "cylinder_attenuation",
+    "sphere_attenuation",
     "dti_wls",
     "tensor_eig",
     "tensor_from_cholesky",
