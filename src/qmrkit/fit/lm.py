@@ -166,7 +166,11 @@ def _lm_chunk(
         iters[act] += 1
         th_a = theta[act]
         delta, ok = _damped_step(H, g, lam, th_a, problem.lower, problem.upper)
-        trial = problem.clamp(th_a + delta.to(theta.dtype))
+        unclamped = th_a + delta.to(theta.dtype)
+        trial = problem.clamp(unclamped)
+        # a step cut by the bounds is not the LM step: its quadratic-model gain can be <= 0
+        # without the voxel being at a minimum, so it must not end the voxel as "converged"
+        clamped = (trial != unclamped).any(dim=-1)
         step = (trial - th_a).double()
         with torch.no_grad():
             r_t = problem.residual(trial, act)
@@ -176,7 +180,7 @@ def _lm_chunk(
         accept = ok & torch.isfinite(cost_t) & (actual > 0)
         rho = actual / predicted.clamp_min(1e-300)
         conv_f = (accept & (actual <= ftol * cost)) | (
-            ok & (lam <= 1.0) & (predicted <= ftol * cost)
+            ok & ~clamped & (lam <= 1.0) & (predicted <= ftol * cost)
         )
         conv_x = accept & (step.abs() <= xtol * (th_a.double().abs() + xtol)).all(dim=-1)
         # Nielsen's damping update

@@ -21,6 +21,13 @@ so any (f, fcsf) in the box gives physical fractions f_r + f_h + f_csf = 1 with 
 
 Measurements: one spherical mean per shell, in the order of ``b`` (for
 :class:`~qmrkit.models.diffusion.Invariants`: ``inv.order(0)``, see :meth:`from_invariants`).
+
+**Start and recovery.** :meth:`AxCaliberSMT.initial_guess` searches a grid of (a, D_e,⊥) with the
+three fractions solved exactly on the simplex at every point (a random dictionary start stalls at
+small a, where the signal hardly depends on it). Noise-free, Fan 2020's protocol, 2000 random
+voxels (a 1–12 µm, f 0.3–0.9, f_csf 0–0.3, D_e,⊥ 0.2–1.4): ``lm`` recovers every parameter to
+< 2e-11 in float64; in float32 the median error in a is 2e-5 for a ∈ [1, 2) µm (1 voxel of 168
+lost, error 0.94) and ≤ 3e-6 above 2 µm.
 """
 
 from __future__ import annotations
@@ -50,7 +57,9 @@ def shell_protocol(
     """Validated per-shell (b, δ, Δ) float64 arrays; δ and Δ may be scalars (one for all)."""
     bb = np.atleast_1d(np.asarray(b, dtype=np.float64))
     if bb.ndim != 1 or bb.size == 0 or not np.isfinite(bb).all() or (bb <= 0).any():
-        raise ParameterError(f"b must be a non-empty 1-D list of positive b-values (ms/µm²), got {b}")
+        raise ParameterError(
+            f"b must be a non-empty 1-D list of positive b-values (ms/µm²), got {b}"
+        )
     out = []
     for name, v in (("small_delta (δ)", small_delta), ("big_delta (Δ)", big_delta)):
         if v is None:
@@ -88,6 +97,10 @@ def _bounds(name: str, value: Sequence[float], unit: str) -> tuple[float, float]
     return lo, hi
 
 
+#: grid starts keep fractions in [m, 1 − m] (see :func:`_grid_start`)
+START_FRACTION_MARGIN = 0.01
+
+
 def _grid_start(
     model: Model,
     data: torch.Tensor,
@@ -122,8 +135,10 @@ def _grid_start(
     pair = w[:, 0] + w[:, 1]
     rel = torch.where(pair > 0, w[:, 0] / pair.clamp_min(torch.finfo(w.dtype).tiny), 0.5)
     out = {n: vals[n][idx, 0] for n in names}
-    out[fraction_names[0]] = rel.clamp(0, 1)
-    out[fraction_names[1]] = w[:, 2].clamp(0, 1)
+    # kept off 0 and 1: at f = 0 a compartment's own parameters (e.g. its diffusivity) do not
+    # change the signal, the Jacobian is singular there and lm can stall at the start
+    out[fraction_names[0]] = rel.clamp(START_FRACTION_MARGIN, 1 - START_FRACTION_MARGIN)
+    out[fraction_names[1]] = w[:, 2].clamp(START_FRACTION_MARGIN, 1 - START_FRACTION_MARGIN)
     return out
 
 
@@ -241,21 +256,32 @@ class AxCaliberSMT(RestrictedSeriesMixin, Model):
         a_lo, a_hi = _bounds("diameter_bounds", diameter_bounds, "µm")
         self.parameters = (
             Parameter(
-                "a", a_lo, a_hi, "µm", start=min(max(3.0, a_lo), a_hi), log_scale=True,
+                "a",
+                a_lo,
+                a_hi,
+                "µm",
+                start=min(max(3.0, a_lo), a_hi),
+                log_scale=True,
                 description="axon diameter",
             ),
-            Parameter("f", 0.0, 1.0, "", start=0.7, description="intra-axonal fraction f_r/(f_r + f_h)"),
+            Parameter(
+                "f", 0.0, 1.0, "", start=0.7, description="intra-axonal fraction f_r/(f_r + f_h)"
+            ),
             Parameter("fcsf", 0.0, 1.0, "", start=0.1, description="free-water (CSF) fraction"),
             Parameter(
-                "DeR", min(0.01, 0.5 * self.DeL), self.DeL, "µm²/ms", start=0.5 * self.DeL,
+                "DeR",
+                min(0.01, 0.5 * self.DeL),
+                self.DeL,
+                "µm²/ms",
+                start=0.5 * self.DeL,
                 description="radial diffusivity of the extra-axonal zeppelin",
             ),
         )
         acq = self._series_settings("cylinder", 0.5 * a_hi, self.D0, sd, bd, n_roots)
         # D_eff < D0 always, and grows with the radius: the cylinder can only be oblate
         # (D_eff > D_a, needing the quadrature branch) when D0 > D_a
-        deff_max = gpa_deff("cylinder", torch.tensor(0.5 * a_hi, dtype=torch.float64), self.D0,
-                            sd, bd, n_roots=self.n_roots)
+        r_max = torch.tensor(0.5 * a_hi, dtype=torch.float64)
+        deff_max = gpa_deff("cylinder", r_max, self.D0, sd, bd, n_roots=self.n_roots)
         self._oblate_r = bool((deff_max > self.Da).any())
         super().__init__(b=bb, small_delta=sd, big_delta=bd, **acq)
 
@@ -275,8 +301,8 @@ class AxCaliberSMT(RestrictedSeriesMixin, Model):
         to 1); the best grid point per voxel wins. ``lm`` then refines it. Why not the generic
         random dictionary: below the resolution limit the signal hardly depends on ``a``, so a
         start there stalls; the grid samples ``a`` evenly and the fractions need no sampling."""
-        return _grid_start(self, data, {"a": self.start_grid[0], "DeR": self.start_grid[1]},
-                           ("restricted", "hindered", "free"), ("f", "fcsf"))
+        axes = {"a": self.start_grid[0], "DeR": self.start_grid[1]}
+        return _grid_start(self, data, axes, ("restricted", "hindered", "free"), ("f", "fcsf"))
 
     def compartments(self, p: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Spherical means (V, n_shells) of the restricted, hindered and free compartments."""

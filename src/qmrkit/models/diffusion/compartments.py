@@ -78,8 +78,9 @@ def axisymmetric_spherical_mean(
     if ref is None:
         ref = torch.as_tensor(float(d_perp), dtype=torch.float64)
     kw = {"dtype": ref.dtype, "device": ref.device}
-    b, d_par, d_perp = (v if isinstance(v, torch.Tensor) else torch.as_tensor(v, **kw)
-                        for v in (b, d_par, d_perp))
+    b, d_par, d_perp = (
+        v if isinstance(v, torch.Tensor) else torch.as_tensor(v, **kw) for v in (b, d_par, d_perp)
+    )
     x = b * (d_par - d_perp)
     if oblate is None:
         oblate = bool((x.detach() <= -X_SERIES).any())
@@ -100,8 +101,8 @@ def axisymmetric_spherical_mean(
 
 def stick_spherical_mean(b: Any, d: Any) -> torch.Tensor:
     """Spherical mean of a stick (D⊥ = 0) with axial diffusivity ``d`` (µm²/ms)."""
-    return axisymmetric_spherical_mean(b, d, 0.0 if not isinstance(d, torch.Tensor) else
-                                       torch.zeros_like(d), oblate=False)
+    zero = torch.zeros_like(d) if isinstance(d, torch.Tensor) else 0.0
+    return axisymmetric_spherical_mean(b, d, zero, oblate=False)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,22 @@ non-soma signal. The physical fractions are derived maps ``fn = fnr·(1 − fs)`
 
 Bounds after Palombo 2020: R_s 1–12 µm, D_n and D_e 0.1–3 µm²/ms (configurable).
 Measurements: one spherical mean per shell, in the order of ``b`` (``Invariants.order(0)``).
+
+**Identifiability.** At a single (δ, Δ) the soma signal exp(−b·D_eff(R_s)) and the
+extra-cellular exp(−b·D_e) are the same function of b: swapping their roles (f_s ↔ f_e,
+D_eff(R_s) ↔ D_e) leaves the data unchanged whenever both settings lie in the bounds (tested).
+Fit data with at least two diffusion times (or fix D_e).
+
+**Starting values.** :meth:`SANDI.initial_guess` searches a grid of (R_s, D_n, D_e) with the
+fractions solved exactly on the simplex at each point. The least-squares landscape has a wide
+false minimum where stick and ball merge (D_n ≈ D_e) beside a narrow true one, so the grid is
+searched on one side of D_n = D_e only (``start_side``; default D_n > D_e, as in brain tissue).
+Noise-free, two diffusion times (b = 0.5–10 ms/µm², δ = 8 ms, Δ = 20/40 ms), 200 random voxels:
+``lm`` (float64) reaches the truth to 1e-6 in 99.5 % of voxels with D_n ∈ [1.5, 2.5],
+D_e ∈ [0.5, 1.5] µm²/ms, R_s ∈ [4, 10] µm; over wider ranges (D_n 1–3, D_e 0.3–2,
+R_s 2–12) in 96.5 % of those with D_n > D_e and 4 % of those with D_n < D_e; fitting with both
+``start_side`` values and keeping the lower residual per voxel gives 95.5 % of all. The
+remaining voxels end in the D_n ≈ D_e minimum with an rms residual ≤ 1.3e-3 (signal units).
 """
 
 from __future__ import annotations
@@ -30,7 +46,13 @@ import torch
 
 from ...errors import ParameterError, ShapeError
 from ...fit.model import Model, Parameter
-from .axcaliber import RestrictedSeriesMixin, _bounds, _grid_start, _positive, shell_protocol
+from .axcaliber import (
+    RestrictedSeriesMixin,
+    _bounds,
+    _grid_start,
+    _positive,
+    shell_protocol,
+)
 from .compartments import stick_spherical_mean
 
 
@@ -56,7 +78,7 @@ class SANDI(RestrictedSeriesMixin, Model):
         :func:`~.restricted.roots_needed`).
     start_side : {"neurite_faster", "extra_faster", "any"}
         Which side of D_n = D_e the grid start (:meth:`initial_guess`) searches (module docs,
-        "Starting values"): D_n ≥ D_e (default, the usual brain-tissue ordering), D_n ≤ D_e,
+        "Starting values"): D_n > D_e (default, the usual brain-tissue ordering), D_n < D_e,
         or the whole grid.
 
     Notes
@@ -106,16 +128,30 @@ class SANDI(RestrictedSeriesMixin, Model):
         self.parameters = (
             Parameter("fs", 0.0, 1.0, "", start=0.2, description="soma signal fraction f_s"),
             Parameter(
-                "fnr", 0.0, 1.0, "", start=0.5, description="neurite fraction of the non-soma "
-                "signal f_n/(f_n + f_e)"
+                "fnr",
+                0.0,
+                1.0,
+                "",
+                start=0.5,
+                description="neurite fraction of the non-soma signal f_n/(f_n + f_e)",
             ),
             Parameter(
-                "Dn", d_lo, d_hi, "µm²/ms", start=mid(d_lo, d_hi, 2.0),
+                "Dn",
+                d_lo,
+                d_hi,
+                "µm²/ms",
+                start=mid(d_lo, d_hi, 2.0),
                 description="neurite (stick) axial diffusivity",
             ),
-            Parameter("Rs", r_lo, r_hi, "µm", start=mid(r_lo, r_hi, 6.0), description="soma radius"),
             Parameter(
-                "De", d_lo, d_hi, "µm²/ms", start=mid(d_lo, d_hi, 1.0),
+                "Rs", r_lo, r_hi, "µm", start=mid(r_lo, r_hi, 6.0), description="soma radius"
+            ),
+            Parameter(
+                "De",
+                d_lo,
+                d_hi,
+                "µm²/ms",
+                start=mid(d_lo, d_hi, 1.0),
                 description="extra-cellular diffusivity",
             ),
         )
@@ -138,8 +174,8 @@ class SANDI(RestrictedSeriesMixin, Model):
         point; the best per voxel wins (module docs, "Starting values")."""
         axes = dict(zip(("Rs", "Dn", "De"), self.start_grid, strict=True))
         keep = {
-            "neurite_faster": lambda g: g["Dn"] >= g["De"],
-            "extra_faster": lambda g: g["Dn"] <= g["De"],
+            "neurite_faster": lambda g: g["Dn"] > g["De"],
+            "extra_faster": lambda g: g["Dn"] < g["De"],
             "any": None,
         }[self.start_side]
         return _grid_start(self, data, axes, ("neurite", "extra", "soma"), ("fnr", "fs"), keep)
