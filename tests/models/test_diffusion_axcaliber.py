@@ -9,7 +9,7 @@ import torch
 from scipy.integrate import quad
 
 from qmrkit import fit, models
-from qmrkit.errors import ConvergenceWarning, ParameterError, ShapeError
+from qmrkit.errors import ConvergenceWarning, ParameterError, ShapeError, UnitsWarning
 from qmrkit.models.diffusion import (
     AxCaliberSMT,
     Invariants,
@@ -72,12 +72,12 @@ def test_axisymmetric_mean_gradient_finite_at_isotropy():
     np.testing.assert_allclose([float(g[0]), float(g[1])], [-b * e / 3, -2 * b * e / 3], rtol=1e-12)
 
 
-def reference_signal(a, f, fcsf, der, da=1.7, dcsf=3.0):
+def reference_signal(a, f, fcsf, der, da=1.7, dcsf=3.0, d0=None):
     """AxCaliberSMT per shell: quad over cos θ of the directional signals, with the cylinder's
     perpendicular D_eff from the NumPy Van Gelderen series (test_diffusion_restricted)."""
     out = []
     for b, bd in zip(B, BIG_DELTA, strict=True):
-        deff = ref_deff("cylinder", a / 2, da, SMALL_DELTA, bd)
+        deff = ref_deff("cylinder", a / 2, da if d0 is None else d0, SMALL_DELTA, bd)
         sr = quad(lambda x: np.exp(-b * (da * x * x + deff * (1 - x * x))), 0, 1, epsrel=1e-13)[0]
         sh = quad(lambda x: np.exp(-b * (da * x * x + der * (1 - x * x))), 0, 1, epsrel=1e-13)[0]
         out.append((1 - fcsf) * (f * sr + (1 - f) * sh) + fcsf * np.exp(-b * dcsf))
@@ -94,6 +94,14 @@ def test_signal_equals_quad_reference():
         np.testing.assert_allclose(
             model.forward(p)[0].numpy(), reference_signal(*vals), rtol=1e-9
         )  # measured ≈ 1e-13
+    # D0 > Da: wide cylinders become oblate (D_eff > D_a), the quadrature branch
+    wide = AxCaliberSMT(B, SMALL_DELTA, BIG_DELTA, D0=3.0, diameter_bounds=(0.1, 40.0))
+    assert wide._oblate_r
+    vals = [38.0, 0.7, 0.1, 0.5]
+    p = {k: torch.tensor([[v]], dtype=torch.float64) for k, v in zip(NAMES, vals, strict=True)}
+    np.testing.assert_allclose(
+        wide.forward(p)[0].numpy(), reference_signal(*vals, d0=3.0), rtol=1e-9
+    )
     # derived maps are the physical fractions
     d = model.derived({"f": torch.tensor([[0.6]]), "fcsf": torch.tensor([[0.25]])})
     np.testing.assert_allclose([float(d["fr"]), float(d["fh"])], [0.45, 0.3])
@@ -177,3 +185,10 @@ def test_bad_inputs():
         AxCaliberSMT(B, 8.0, BIG_DELTA, diameter_bounds=(-1.0, 20.0))
     with pytest.raises(ShapeError, match="measurements"):
         fit.lm(AxCaliberSMT(B, 8.0, BIG_DELTA), np.ones((3, 15)), progress=False)
+
+
+def test_unit_slips_warn():
+    with pytest.warns(UnitsWarning, match="look like s/mm²"):
+        AxCaliberSMT(B * 1000, SMALL_DELTA, BIG_DELTA)
+    with pytest.warns(UnitsWarning, match="look like seconds"):
+        AxCaliberSMT(B, SMALL_DELTA / 1000, BIG_DELTA / 1000)

@@ -229,3 +229,15 @@ def test_bad_inputs():
         gpa_deff("ellipsoid", 3.0, 1.7, 8.0, 19.0)
     with pytest.raises(ParameterError, match="n_roots"):
         gpa_series("sphere", -1)
+
+
+def test_broadcasting_of_radius_and_timings():
+    sd, bd = np.array([8.0, 8.0]), np.array([19.0, 49.0])
+    scalar = cylinder_deff(torch.tensor(3.0, dtype=torch.float64), 1.7, sd, bd)
+    assert scalar.shape == (2,)
+    col = cylinder_deff(torch.tensor([[3.0], [5.0]], dtype=torch.float64), 1.7, sd, bd)
+    assert col.shape == (2, 2)
+    np.testing.assert_allclose(col[0].numpy(), scalar.numpy(), rtol=1e-15)
+    assert cylinder_deff(torch.tensor([3.0, 5.0, 6.0]), 1.7, 8.0, 19.0).shape == (3,)
+    with pytest.raises(ShapeError, match="broadcast"):
+        cylinder_deff(torch.tensor([3.0, 5.0, 6.0]), 1.7, sd, bd)

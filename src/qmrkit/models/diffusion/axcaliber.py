@@ -32,13 +32,14 @@ lost, error 0.94) and ≤ 3e-6 above 2 µm.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from ...errors import ParameterError, ShapeError
+from ...errors import ParameterError, ShapeError, UnitsWarning
 from ...fit.model import Model, Parameter
 from .compartments import axisymmetric_spherical_mean, grid, simplex_grid_search
 from .restricted import (
@@ -77,6 +78,21 @@ def shell_protocol(
     sd, bd = out
     if (bd < sd).any():
         raise ParameterError(f"big_delta (Δ) must be >= small_delta (δ); got Δ={bd}, δ={sd} (ms)")
+    # the usual unit slips: b in s/mm² (the .bval file's unit) and times in seconds (BIDS JSON)
+    if bb.max() > 100.0:
+        warnings.warn(
+            f"b = {np.round(bb, 3).tolist()} look like s/mm²; qmrkit expects ms/µm² (divide by "
+            "1000); fitting as given",
+            UnitsWarning,
+            stacklevel=3,
+        )
+    if bd.max() < 1.0:
+        warnings.warn(
+            f"big_delta = {np.round(bd, 4).tolist()} look like seconds; qmrkit expects ms; "
+            "fitting as given",
+            UnitsWarning,
+            stacklevel=3,
+        )
     return bb, sd, bd
 
 

@@ -465,9 +465,19 @@ def gpa_deff(
     n_t, n_phi = series_counts(
         geometry, r_max, d_min, float(sd1.min()), float((sd1 + bd1).min()), int(n_roots)
     )
-    shape = torch.broadcast_shapes(r.shape, d0.shape)
+    try:
+        shape = torch.broadcast_shapes(r.shape, d0.shape)
+        if scalar_timing:
+            shape = (*shape, 1)
+        else:  # the timings run along the last axis, numpy-style
+            shape = torch.broadcast_shapes(shape, sd1.shape)
+    except RuntimeError:
+        raise ShapeError(
+            f"radius {tuple(r.shape)}, diffusivity {tuple(d0.shape)} and the {sd1.size} "
+            "timings (last axis) do not broadcast; give radius as (V, 1) for (V, S) output"
+        ) from None
     if scalar_timing:
-        rr, dd = r.expand(shape)[..., None], d0.expand(shape)[..., None]
+        rr, dd = r[..., None].expand(shape), d0[..., None].expand(shape)
     else:
         rr, dd = r.expand(shape), d0.expand(shape)
     coeffs = torch.as_tensor(taylor_coefficients(sd1, bd1), dtype=dtype, device=device)
