@@ -9,7 +9,13 @@ import torch
 from scipy.integrate import quad
 
 from qmrkit import fit, models
-from qmrkit.errors import ConvergenceWarning, ParameterError, ShapeError, UnitsWarning
+from qmrkit.errors import (
+    BoundsError,
+    ConvergenceWarning,
+    ParameterError,
+    ShapeError,
+    UnitsWarning,
+)
 from qmrkit.models.diffusion import (
     AxCaliberSMT,
     Invariants,
@@ -183,6 +189,11 @@ def test_bad_inputs():
         AxCaliberSMT(B, 8.0, BIG_DELTA, Da=0.0)
     with pytest.raises(ParameterError, match="diameter_bounds"):
         AxCaliberSMT(B, 8.0, BIG_DELTA, diameter_bounds=(-1.0, 20.0))
+    good = {"a": [5.0], "f": [0.5], "fcsf": [0.1], "DeR": [0.5]}
+    with pytest.raises(BoundsError, match="fcsf must lie in"):
+        AxCaliberSMT(B, 8.0, BIG_DELTA).simulate({**good, "fcsf": [-0.1]})
+    with pytest.raises(BoundsError, match="a must lie in"):
+        AxCaliberSMT(B, 8.0, BIG_DELTA).simulate({**good, "a": [-1.0]})
     with pytest.raises(ShapeError, match="measurements"):
         fit.lm(AxCaliberSMT(B, 8.0, BIG_DELTA), np.ones((3, 15)), progress=False)
 

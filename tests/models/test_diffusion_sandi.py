@@ -9,7 +9,7 @@ import torch
 from scipy.integrate import quad
 
 from qmrkit import fit, models
-from qmrkit.errors import ParameterError, ShapeError
+from qmrkit.errors import BoundsError, ParameterError, ShapeError
 from qmrkit.models.diffusion import SANDI, Invariants
 
 from .test_diffusion_restricted import ref_deff
@@ -117,3 +117,8 @@ def test_from_invariants_registry_and_bad_inputs():
         SANDI(B, [8.0, 8.0, 8.0], BIG_DELTA)
     with pytest.raises(ParameterError, match="Dsoma"):
         SANDI(B, 8.0, BIG_DELTA, Dsoma=-3.0)
+    good = {"fs": [0.2], "fnr": [0.5], "Dn": [2.0], "Rs": [6.0], "De": [1.0]}
+    with pytest.raises(BoundsError, match=r"fs must lie in \[0, 1\]"):
+        m.simulate({**good, "fs": [1.2]})
+    with pytest.raises(BoundsError, match="Rs must lie in"):
+        m.simulate({**good, "Rs": [-2.0]})

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...errors import ParameterError, ShapeError, UnitsWarning
+from ...errors import BoundsError, ParameterError, ShapeError, UnitsWarning
 from ...fit.model import Model, Parameter
 from .compartments import axisymmetric_spherical_mean, grid, simplex_grid_search
 from .restricted import (
@@ -189,6 +189,21 @@ class RestrictedSeriesMixin:
             "tail2": series.tail2,
             "coeffs": taylor_coefficients(sd, bd),
         }
+
+    def simulate(self, params: Mapping[str, Any], **inputs: Any) -> torch.Tensor:
+        """:meth:`Model.simulate`, refusing values outside the bounds (a fraction above 1 or a
+        negative radius has no physical signal) with :class:`~qmrkit.errors.BoundsError`."""
+        for q in self.parameters:
+            if q.name not in params:
+                continue
+            v = params[q.name]
+            v = np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=float)
+            if not np.isfinite(v).all() or v.min() < q.lower or v.max() > q.upper:
+                raise BoundsError(
+                    f"{self.name}.simulate: {q.name} must lie in [{q.lower:g}, {q.upper:g}] "
+                    f"{q.unit}; got values in [{np.nanmin(v):g}, {np.nanmax(v):g}]"
+                )
+        return super().simulate(params, **inputs)
 
     def _deff(self, radius: torch.Tensor, d0: float) -> torch.Tensor:
         """D_eff (V, S) for radii (V, 1) µm at every shell."""

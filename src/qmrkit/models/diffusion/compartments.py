@@ -17,7 +17,8 @@ Evaluation, finite with finite derivatives for every x:
   √x has an infinite derivative at x = 0, the series none);
 * x ≤ −:data:`X_SERIES` (oblate, D⊥ > D∥: only reachable when a model's settings allow it):
   Gauss–Legendre quadrature of ∫₀¹ exp(−b·(D⊥(1 − ξ²) + D∥ξ²)) dξ with :data:`N_GL` nodes
-  (< 1e-14 relative for |x| ≤ 60; written with the exp(−b·D⊥) inside, so it cannot overflow).
+  (1e-12 relative or better at x = −52, tests; written with the exp(−b·D⊥) inside, so it cannot
+  overflow).
 """
 
 from __future__ import annotations
