@@ -527,8 +527,9 @@ def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
     dwi_flags = [f"--{n}" for n in ("dwi", "bval", "bvec", "json") if getattr(args, n) is not None]
     if dwi_flags:
         raise ParameterError(
-            f"model {key!r} fits an image series (--data); {', '.join(dwi_flags)} are for the "
-            "diffusion models (see 'qmrkit models')"
+            f"model {key!r} fits an image series (--data); {', '.join(dwi_flags)} "
+            f"{'is' if len(dwi_flags) == 1 else 'are'} for the diffusion models (see "
+            "'qmrkit models')"
         )
     if args.data is None:
         raise ParameterError(f"model {key!r} needs --data (the image series, NIfTI)")
@@ -653,7 +654,14 @@ def _check_dwi_files(args: argparse.Namespace, key: str) -> None:
     """Everything about a diffusion request that can be checked without reading the DWI data:
     flags, counts of b-values/b-vectors/protocol rows against the volumes, timing the model
     needs, TV names, the mask's shape."""
-    from .io.dwi import B0_THRESHOLD, read_bval, read_bvec, read_dwi_protocol, read_dwi_sidecar
+    from .io.dwi import (
+        B0_THRESHOLD,
+        check_gradients,
+        read_bval,
+        read_bvec,
+        read_dwi_protocol,
+        read_dwi_sidecar,
+    )
     from .models.registry import diffusion_spec
     from .pipelines.diffusion import check_request, check_timing, example_model, tv_regularizers
 
@@ -697,6 +705,8 @@ def _check_dwi_files(args: argparse.Namespace, key: str) -> None:
             f"--dwi has {n} volumes but there are {b.size} b-values and {g.shape[0]} b-vectors; "
             "every volume needs one of each"
         )
+    source = "--bval/--bvec" if args.bval is not None else "--protocol/--bvec"
+    check_gradients(b, g, source=source)  # b >= 0, a b = 0 volume, unit vectors
     timing = {k: proto.get(k, side.get(k)) for k in ("small_delta", "big_delta")}
     check_request(
         key,
