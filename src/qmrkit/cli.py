@@ -81,7 +81,8 @@ def _tv_term(text: str) -> tuple[str | None, float]:
         lam = float("nan")
     if not lam >= 0 or (sep and not name.strip()):
         raise argparse.ArgumentTypeError(
-            f"expected LAMBDA or NAME:LAMBDA with LAMBDA >= 0 (e.g. 0.001 or fn:0.001), got {text!r}"
+            "expected LAMBDA or NAME:LAMBDA with LAMBDA >= 0 (e.g. 0.001 or fn:0.001), "
+            f"got {text!r}"
         )
     return (name.strip() or None) if sep else None, lam
 
@@ -751,11 +752,12 @@ def _cmd_fit_dwi(args: argparse.Namespace) -> int:
     )
     inputs = {"dwi": args.dwi, "bval": args.bval, "bvec": args.bvec}
     inputs.update({k: getattr(args, k) for k in ("protocol", "json", "mask") if getattr(args, k)})
+    files = {k: str(v) for k, v in inputs.items()}
     written = maps.save(
         args.out,
         affine=dwi.affine,
         like=dwi.header,  # keep the DWI's qform/sform codes
-        extra_sidecar={"Input": str(args.dwi), "InputFiles": {k: str(v) for k, v in inputs.items()}},
+        extra_sidecar={"Input": str(args.dwi), "InputFiles": files},
     )
     if not args.no_figure:
         units = maps.result.units

@@ -391,7 +391,7 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
         main(["models"])
 
 
-# -- diffusion models: qmrkit fit dti|nexi --dwi ... -------------------------------------------------
+# -- diffusion models: qmrkit fit dti|nexi --dwi ... ----------------------------------------------
 @pytest.fixture
 def dwi_files(tmp_path):
     """A small DWI phantom (8x8, 2 shells at Δ = 20 ms, 8 directions, 2 b = 0) as users have it,
@@ -419,15 +419,17 @@ def dwi_files(tmp_path):
 
 
 _D = ["--dwi", "{d}/dwi.nii.gz", "--bval", "{d}/dwi.bval", "--bvec", "{d}/dwi.bvec"]
+
+
+def _dti(dwi: str = "dwi.nii.gz", bval: str = "dwi.bval", bvec: str = "dwi.bvec") -> list[str]:
+    files = ["--dwi", dwi, "--bval", bval, "--bvec", bvec]
+    return ["fit", "dti", *(f if f.startswith("--") else "{d}/" + f for f in files)]
 _P = ["--protocol", "{d}/dwi_protocol.tsv"]
 DWI_CASES = [
     (["fit", "nexi", "--dwi", "{d}/dwi.nii.gz", "--bval", "{d}/dwi.bval", *_P], "needs --bvec"),
     (["fit", "dti", "--dwi", "{d}/dwi.nii.gz", "--bvec", "{d}/dwi.bvec"], "needs --bval"),
     (["fit", "dti", "--bval", "{d}/dwi.bval", "--bvec", "{d}/dwi.bvec"], "needs --dwi"),
-    (
-        ["fit", "dti", "--dwi", "{d}/dwi.nii.gz", "--bval", "{d}/short.bval", "--bvec", "{d}/dwi.bvec"],
-        "has 18 volumes but there are 17 b-values and 18 b-vectors",
-    ),
+    (_dti(bval="short.bval"), "has 18 volumes but there are 17 b-values and 18 b-vectors"),
     (["fit", "nexi", *_D], "needs the gradient separation Δ (ms) of every volume"),
     (["fit", "nexi", *_D, "--protocol", "{d}/nodelta.tsv"], "big_delta column (--protocol)"),
     (["fit", "nexi", *_D, "--protocol", "{d}/zerodelta.tsv"], "big_delta must be > 0 ms"),
@@ -441,21 +443,11 @@ DWI_CASES = [
     (["fit", "nexi", *_D, *_P, "--solver", "adam", "--tv", "fx:0.01"], "no parameter 'fx'"),
     (["fit", "nexi", *_D, *_P, "--solver", "adam", "--tv", "fn:-1"], "LAMBDA >= 0"),
     (["fit", "nexi", *_D, *_P, "--solver", "adam", "--tv-dims", "2"], "--tv-dims needs --tv"),
+    (_dti(dwi="three_d.nii.gz"), "must be 4D (x, y, z, volumes)"),
+    (_dti(bval="negative.bval"), "negative b-values"),
+    (_dti(bval="nob0.bval"), "no b = 0 volume"),
     (
-        ["fit", "dti", "--dwi", "{d}/three_d.nii.gz", "--bval", "{d}/dwi.bval", "--bvec", "{d}/dwi.bvec"],
-        "must be 4D (x, y, z, volumes)",
-    ),
-    (
-        ["fit", "dti", "--dwi", "{d}/dwi.nii.gz", "--bval", "{d}/negative.bval", "--bvec", "{d}/dwi.bvec"],
-        "negative b-values",
-    ),
-    (
-        ["fit", "dti", "--dwi", "{d}/dwi.nii.gz", "--bval", "{d}/nob0.bval", "--bvec", "{d}/dwi.bvec"],
-        "no b = 0 volume",
-    ),
-    (
-        ["fit", "dti", "--dwi", "{d}/nonunit/dwi.nii.gz", "--bval", "{d}/nonunit/dwi.bval"]
-        + ["--bvec", "{d}/nonunit/dwi.bvec"],
+        _dti("nonunit/dwi.nii.gz", "nonunit/dwi.bval", "nonunit/dwi.bvec"),
         "diffusion-weighted volumes need unit vectors",
     ),
     (["fit", "nexi", *_D, "--protocol", "{d}/missing.tsv"], "file not found"),

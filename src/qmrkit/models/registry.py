@@ -129,7 +129,7 @@ def get(name: str, **settings: Any) -> Model:
 # model needs one `register_diffusion` call below and nothing else: the pipeline, the CLI and
 # `qmrkit models` read everything from its DiffusionSpec.
 
-#: DWI timing a model may need -> where a user gives it (named in error messages and `qmrkit models`)
+#: DWI timing a model may need -> where a user gives it (for error messages and `qmrkit models`)
 DWI_TIMING: dict[str, str] = {
     "small_delta": "gradient duration δ (ms) of every volume: a protocol file with a small_delta "
     "column (--protocol) or a JSON sidecar with SmallDelta in s (--json)",
@@ -144,11 +144,13 @@ class DiffusionSpec:
 
     Attributes
     ----------
+    cls : type
+        The model class.
     fit_to : {"series", "invariants"}
         ``"series"``: built by ``cls.from_dwi(dwi, **fixed)`` and fitted to the DWI volumes (DTI).
         ``"invariants"``: built by ``cls.from_invariants(inv, **fixed)`` from the per-shell
-        rotational invariants up to ``l_max`` (:func:`~qmrkit.models.diffusion.rotational_invariants`)
-        and fitted to those of the orders in ``model.orders`` (default ``(0,)``, the spherical
+        rotational invariants up to ``l_max``
+        (:func:`~qmrkit.models.diffusion.rotational_invariants`) and fitted to those of the orders in ``model.orders`` (default ``(0,)``, the spherical
         means), shell by shell (NEXI; AxCaliberSMT and SANDI with ``orders=(0,)``).
     l_max : int
         Highest invariant order computed (``"invariants"`` only).
@@ -158,6 +160,7 @@ class DiffusionSpec:
         Keyword arguments for the builder (e.g. ``{"orders": (0,)}``).
     """
 
+    cls: type[Model]
     fit_to: str
     l_max: int = 0
     needs: tuple[str, ...] = ()
@@ -188,7 +191,9 @@ def register_diffusion(
     if not hasattr(cls, builder):
         raise ParameterError(f"{cls.__name__} has no {builder}() to build it from DWI data")
     _DIFFUSION[name] = (cls, dict(fixed or {}), description, ())
-    DIFFUSION_SPECS[name] = DiffusionSpec(fit_to, int(l_max), tuple(needs), dict(fixed or {}))
+    DIFFUSION_SPECS[name] = DiffusionSpec(
+        cls, fit_to, int(l_max), tuple(needs), dict(fixed or {})
+    )
 
 
 register_diffusion(

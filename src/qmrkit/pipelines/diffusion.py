@@ -178,9 +178,9 @@ def example_model(model: str) -> Model:
     """The model built for a small example protocol (3 Δ, 2 shells each, 16 directions): its
     parameters (names, bounds, units) are those of any real fit (for ``qmrkit models`` and for
     checking names such as ``--tv fn:...`` before data are read)."""
-    spec = diffusion_spec(model)
     from ..sim.diffusion import dwi_protocol
 
+    spec = diffusion_spec(model)
     prot = dwi_protocol(((13.0, (1.0, 2.5)), (21.0, (1.0, 2.5)), (30.0, (1.0, 2.5))), n_dirs=16)
     if spec.fit_to == "series":
         dwi = DWI(
@@ -191,7 +191,7 @@ def example_model(model: str) -> Model:
             small_delta=prot.small_delta,
             big_delta=prot.big_delta,
         )
-        return _registered_class(model).from_dwi(dwi, **spec.fixed)
+        return spec.cls.from_dwi(dwi, **spec.fixed)
     inv = rotational_invariants(
         np.ones((1, prot.n_volumes)),
         prot.bvals,
@@ -200,13 +200,7 @@ def example_model(model: str) -> Model:
         big_delta=prot.big_delta,
         l_max=spec.l_max,
     )
-    return _registered_class(model).from_invariants(inv, **spec.fixed)
-
-
-def _registered_class(model: str) -> Any:
-    from ..models.registry import _entry, check_name
-
-    return _entry(check_name(model))[0]
+    return spec.cls.from_invariants(inv, **spec.fixed)
 
 
 def tv_regularizers(model: Model, tv: Any, dims: int | None = None) -> list[fit.Regularizer]:
@@ -389,18 +383,15 @@ def diffusion_maps(
         )
         sel = sel & (b0 > 0)
     if not sel.any():
-        raise ParameterError(
-            "no voxel to fit: every voxel of the mask has a mean b = 0 signal <= 0"
-        )
-    cls = _registered_class(model)
+        raise ParameterError("no voxel to fit: every voxel of the mask has a mean b = 0 signal <= 0")
     inv = None
     if spec.fit_to == "series":
-        m = cls.from_dwi(dwi, **spec.fixed)
+        m = spec.cls.from_dwi(dwi, **spec.fixed)
         data = dwi.data
         provenance: dict[str, Any] = {"FittedTo": "DWI volumes", "BvecFrame": "fsl"}
     else:
         inv = _masked_invariants(dwi, sel, spec.l_max)
-        m = cls.from_invariants(inv, **spec.fixed)
+        m = spec.cls.from_invariants(inv, **spec.fixed)
         orders = tuple(getattr(m, "orders", (0,)))
         cols = [inv.orders.index(o) for o in orders]
         data = inv.values[..., cols].reshape(*spatial, -1)

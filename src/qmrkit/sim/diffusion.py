@@ -10,8 +10,8 @@ matter, a folded grey-matter ribbon, and CSF around the brain and in two ventric
   ``rn`` (neurite → extracellular), t_ex = (1 − f)/rn. Each voxel's neurites point along a
   **discrete set of orientations** u_k drawn from a Watson distribution around the voxel's mean
   direction (concentration κ), with equal weights w_k = 1/K. For a gradient direction g the
-  signal is ``S0·Σ_k w_k·K(b, t, |g·u_k|)`` where K is :func:`~qmrkit.models.diffusion.karger_signal`
-  — the same function NEXI's fit uses. Because the ODF is discrete, its dispersion index is known
+  signal is ``S0·Σ_k w_k·K(b, t, |g·u_k|)`` where K is
+  :func:`~qmrkit.models.diffusion.karger_signal` — the same function NEXI's fit uses. Because the ODF is discrete, its dispersion index is known
   exactly: with ``T = Σ_k w_k u_k u_kᵀ``, ``p2² = Σ_jk w_j w_k P₂(u_j·u_k) = (3‖T‖_F² − 1)/2``,
   and (Funk–Hecke) the rotational invariants of the noise-free signal are exactly NEXI's
   ``S_0 = K_0`` and ``S_2 = |K_2|·p2``.
@@ -284,8 +284,10 @@ def watson_p2(kappa: Any) -> np.ndarray:
     from scipy.special import dawsn
 
     k = np.asarray(kappa, dtype=np.float64)
-    sk = np.sqrt(np.where(k > 1e-8, k, 1.0))
-    t2 = np.where(k > 1e-8, 1.0 / (2 * sk * dawsn(sk)) - 1.0 / (2 * np.where(k > 1e-8, k, 1)), 1 / 3)
+    pos = k > 1e-8
+    ks = np.where(pos, k, 1.0)
+    sk = np.sqrt(ks)
+    t2 = np.where(pos, 1.0 / (2 * sk * dawsn(sk)) - 1.0 / (2 * ks), 1.0 / 3.0)
     return 1.5 * t2 - 0.5
 
 
@@ -342,8 +344,10 @@ def dispersed_nexi_signal(
         raise ShapeError(f"{b.shape[0]} b-values but {g.shape[0]} b-vectors")
     w = torch.full((n_k,), 1.0 / n_k, dtype=torch.float64) if weights is None else None
     wt = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float64))
-    p = {k: torch.as_tensor(np.asarray(params[k], dtype=np.float64).reshape(-1)) for k in
-         ("f", "Dn", "De", "rn")}
+    p = {
+        k: torch.as_tensor(np.asarray(params[k], dtype=np.float64).reshape(-1))
+        for k in ("f", "Dn", "De", "rn")
+    }
     out = torch.empty((n_vox, b.shape[0]), dtype=torch.float64)
     for s in range(0, n_vox, chunk):
         sl = slice(s, min(s + chunk, n_vox))
@@ -404,10 +408,12 @@ class DwiPhantom:
         return DwiProtocol(self.bvals, self.bvecs, self.small_delta, self.big_delta)
 
     def tissue_mask(self, name: str) -> np.ndarray:
-        """Boolean (*spatial) map of one tissue (``"csf"``, ``"gray_matter"``, ``"white_matter"``)."""
+        """Boolean (*spatial) map of one tissue: ``"csf"``, ``"gray_matter"`` or
+        ``"white_matter"``."""
         labs = [k for k, v in self.tissues.items() if v == name]
         if not labs:
-            raise ParameterError(f"unknown tissue {name!r}; tissues: {sorted(self.tissues.values())}")
+            known = sorted(self.tissues.values())
+            raise ParameterError(f"unknown tissue {name!r}; tissues: {known}")
         return self.labels == labs[0]
 
     def save(
@@ -508,7 +514,9 @@ def dwi_phantom(
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) not in (2, 3) or any(s < 4 for s in shape):
-        raise ShapeError(f"shape must have 2 or 3 entries >= 4 (NIfTI order x, y[, z]), got {shape}")
+        raise ShapeError(
+            f"shape must have 2 or 3 entries >= 4 (NIfTI order x, y[, z]), got {shape}"
+        )
     if snr is not None and not snr > 0:
         raise ParameterError(f"snr must be > 0 (or None for noise-free data), got {snr}")
     if n_orientations < 1:
