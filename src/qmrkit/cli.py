@@ -72,6 +72,21 @@ _nonnegative = _number(float, 0)
 _port = _number(int, 0, maximum=65535)
 
 
+def _tv_term(text: str) -> tuple[str | None, float]:
+    """``--tv LAMBDA`` (every parameter) or ``--tv NAME:LAMBDA`` (one parameter or map name)."""
+    name, sep, value = text.rpartition(":")
+    try:
+        lam = float(value)
+    except ValueError:
+        lam = float("nan")
+    if not lam >= 0 or (sep and not name.strip()):
+        raise argparse.ArgumentTypeError(
+            "expected LAMBDA or NAME:LAMBDA with LAMBDA >= 0 (e.g. 0.001 or fn:0.001), "
+            f"got {text!r}"
+        )
+    return (name.strip() or None) if sep else None, lam
+
+
 def _input_file(text: str) -> Path:
     """An existing file (checked at parse time: a typo fails before any data is read)."""
     p = Path(text)
@@ -185,10 +200,24 @@ def _add_fit_parser(sub: Any) -> None:
     f.add_argument(
         "model",
         type=_model_name,
-        help="model name (see 'qmrkit models'), e.g. molli, vfa, t2, t2star",
+        help="model name (see 'qmrkit models'), e.g. molli, vfa, t2, t2star, dti, nexi",
     )
     f.add_argument(
-        "--data", required=True, type=_input_file, help="image series, NIfTI (*spatial, n_meas)"
+        "--data",
+        type=_input_file,
+        help="image series, NIfTI (*spatial, n_meas) (relaxometry models)",
+    )
+    f.add_argument(
+        "--dwi", type=_input_file, help="diffusion-weighted series, 4D NIfTI (dti, nexi)"
+    )
+    f.add_argument("--bval", type=_input_file, help="FSL b-values file, s/mm² (with --dwi)")
+    f.add_argument(
+        "--bvec", type=_input_file, help="FSL b-vectors file, 3 rows, FSL's frame (with --dwi)"
+    )
+    f.add_argument(
+        "--json",
+        type=_input_file,
+        help="BIDS JSON sidecar of --dwi with δ/Δ in s (SmallDelta/BigDelta)",
     )
     f.add_argument("--ti", type=_floats, help="inversion times in ms, e.g. 100,180,260,...")
     f.add_argument("--te", type=_floats, help="echo times in ms, e.g. 10,20,30")
@@ -201,27 +230,45 @@ def _add_fit_parser(sub: Any) -> None:
         type=_input_file,
         help="B1 map (fraction of nominal), NIfTI in the series' (x, y[, z]) shape (vfa)",
     )
-    f.add_argument("--protocol", type=_input_file, help="YAML file with the acquisition settings")
+    f.add_argument(
+        "--protocol",
+        type=_input_file,
+        help="YAML file with the acquisition settings; with --dwi: YAML or TSV with per-volume "
+        "b (ms/µm²), small_delta and big_delta (ms)",
+    )
     f.add_argument(
         "--mask", type=_input_file, help="mask NIfTI (non-zero voxels are fitted), (x, y[, z])"
     )
     f.add_argument(
         "--solver",
-        choices=("lm", "adam", "dictionary"),
+        choices=("lm", "adam", "dictionary", "mcmc"),
         default="lm",
         help="lm: Levenberg-Marquardt (default); adam: whole-volume gradient descent; "
-        "dictionary: dictionary search only",
+        "dictionary: dictionary search only; mcmc: posterior mean/std maps (diffusion models)",
     )
     f.add_argument(
-        "--loss", choices=("l1", "l2", "huber"), help="loss for --solver adam (default l2)"
+        "--loss",
+        choices=("l1", "l2", "huber"),
+        help="loss for --solver adam (default l2; diffusion models l1, as GACELLE)",
     )
     f.add_argument(
         "--tv",
-        type=_nonnegative,
-        help="total-variation weight for --solver adam (on all parameters except amplitudes)",
+        type=_tv_term,
+        action="append",
+        metavar="[NAME:]LAMBDA",
+        help="total variation for --solver adam: LAMBDA on all parameters except amplitudes, or "
+        "NAME:LAMBDA on one parameter or map (e.g. fn:0.001); repeatable",
     )
     f.add_argument(
-        "--max-iter", type=_positive_int, help="maximum iterations (lm: 100, adam: its default)"
+        "--tv-dims",
+        type=int,
+        choices=(2, 3),
+        help="TV over the first 2 image axes (in-plane) or 3 (volumetric; default: all)",
+    )
+    f.add_argument(
+        "--max-iter",
+        type=_positive_int,
+        help="maximum iterations (lm: 100, adam: its default); mcmc: steps (default 2000)",
     )
     f.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cpu)")
     f.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
@@ -440,15 +487,23 @@ _MODEL_EXAMPLES = {
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models import available, get
+    from .models.registry import DIFFUSION_SPECS, diffusion_needs
+    from .pipelines.diffusion import example_model
 
-    for name, text in available().items():
-        print(f"{name:<9} {text}")
-        model = get(name, **_MODEL_EXAMPLES[name])
+    def parameters(model: Any) -> None:
         for par in model.parameters:
             rel = " x data scale" if par.amplitude else ""
             print(
                 f"    {par.name:<8} [{par.lower:g}, {par.upper:g}]{rel} {par.unit:<5} {par.description}"
             )
+
+    for name, text in available().items():
+        print(f"{name:<9} {text}")
+        parameters(get(name, **_MODEL_EXAMPLES[name]))
+    described = available(diffusion=True)
+    for name in DIFFUSION_SPECS:  # built from a small example gradient table, to list parameters
+        print(f"{name:<9} {described[name]}; {diffusion_needs(name)}")
+        parameters(example_model(name))
     return 0
 
 
@@ -470,6 +525,19 @@ def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
     from .models.registry import check_name, check_settings
 
     key = check_name(args.model)  # fail fast, before reading any data
+    dwi_flags = [f"--{n}" for n in ("dwi", "bval", "bvec", "json") if getattr(args, n) is not None]
+    if dwi_flags:
+        raise ParameterError(
+            f"model {key!r} fits an image series (--data); {', '.join(dwi_flags)} "
+            f"{'is' if len(dwi_flags) == 1 else 'are'} for the diffusion models (see "
+            "'qmrkit models')"
+        )
+    if args.data is None:
+        raise ParameterError(f"model {key!r} needs --data (the image series, NIfTI)")
+    if args.solver == "mcmc":
+        raise ParameterError(
+            "--solver mcmc is available for the diffusion models only; use lm, adam or dictionary"
+        )
     settings: dict[str, Any] = {}
     if args.protocol:
         settings.update(load_protocol(args.protocol))
@@ -483,9 +551,15 @@ def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     check_settings(key, {**settings, "b1": args.b1})
+    _check_tv_flags(args)
+    return settings
+
+
+def _check_tv_flags(args: argparse.Namespace) -> None:
     if args.solver != "adam" and (args.tv is not None or args.loss is not None):
         raise ParameterError("--tv and --loss apply to --solver adam only")
-    return settings
+    if args.tv_dims is not None and args.tv is None:
+        raise ParameterError("--tv-dims needs --tv")
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -493,9 +567,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     from . import fit
     from .io import load_nifti
-    from .io.figures import save_map_figure
     from .models import get
+    from .models.registry import is_diffusion
+    from .pipelines.diffusion import tv_regularizers
 
+    if is_diffusion(args.model):
+        return _cmd_fit_dwi(args)
     settings = _fit_settings(args)
     data, affine, header = load_nifti(args.data, with_header=True)
     if data.ndim < 2:
@@ -526,10 +603,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.solver == "lm":
         result = fit.lm(model, data, progress=args.progress, **common, **kw)
     elif args.solver == "adam":
-        regs = []
-        if args.tv:
-            names = [p.name for p in model.parameters if not p.amplitude]
-            regs.append(fit.TotalVariation(names, args.tv))
+        regs = tv_regularizers(model, args.tv, args.tv_dims)
         result = fit.adam(
             model,
             data,
@@ -548,18 +622,147 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         extra_sidecar={"Input": str(args.data), "Acquisition": settings},
     )
     if not args.no_figure:
-        derived = [k for k in result.maps if k not in model.parameter_names]
-        names = derived + [k for k in model.parameter_names if k in result.maps]
-        written.append(
-            save_map_figure(
-                args.out / "maps.png",
-                result.maps,
-                units=result.units,
-                names=names,
-                title=f"{model.name} ({result.solver})",
-            )
-        )
+        written.append(_fit_figure(args.out, model, result.maps, result.units, result.solver))
     print(result.summary())
+    print(f"wrote {len(written)} files to {args.out} in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def _fit_figure(out: Path, model: Any, maps: dict, units: dict, solver: str) -> Path:
+    """``maps.png``: derived maps first, then the parameters."""
+    from .io.figures import save_map_figure
+
+    derived = [k for k in maps if k not in model.parameter_names]
+    names = derived + [k for k in model.parameter_names if k in maps]
+    return save_map_figure(
+        out / "maps.png", maps, units=units, names=names, title=f"{model.name} ({solver})"
+    )
+
+
+def _nifti_shape(path: Path) -> tuple[int, ...]:
+    """The image shape from the NIfTI header alone (the data are not read)."""
+    import nibabel as nib
+
+    from .errors import DataFileError
+
+    try:
+        return tuple(int(n) for n in nib.load(str(path)).shape)
+    except Exception as exc:  # nibabel raises many types for files that are not NIfTI
+        raise DataFileError(f"cannot read NIfTI file {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_dwi_files(args: argparse.Namespace, key: str) -> None:
+    """Everything about a diffusion request that can be checked without reading the DWI data:
+    flags, counts of b-values/b-vectors/protocol rows against the volumes, timing the model
+    needs, TV names, the mask's shape."""
+    from .io.dwi import (
+        B0_THRESHOLD,
+        check_gradients,
+        read_bval,
+        read_bvec,
+        read_dwi_protocol,
+        read_dwi_sidecar,
+    )
+    from .models.registry import diffusion_spec
+    from .pipelines.diffusion import check_request, check_timing, example_model, tv_regularizers
+
+    spec = diffusion_spec(key)
+    other = [
+        flag
+        for flag, value in (
+            ("--data", args.data),
+            ("--ti", args.ti),
+            ("--te", args.te),
+            ("--fa", args.flip_angles),
+            ("--tr", args.tr),
+            ("--b1", args.b1),
+        )
+        if value is not None
+    ]
+    if other:
+        raise ParameterError(
+            f"model {key!r} reads DWI files (--dwi, --bval, --bvec); it does not use "
+            f"{', '.join(other)}"
+        )
+    if args.dwi is None:
+        raise ParameterError(f"model {key!r} needs --dwi (the diffusion-weighted series, 4D NIfTI)")
+    if args.bvec is None:
+        raise ParameterError(f"model {key!r} needs --bvec (FSL b-vectors file, 3 rows)")
+    _check_tv_flags(args)
+    shape = _nifti_shape(args.dwi)
+    if len(shape) != 4:
+        raise ShapeError(f"--dwi {args.dwi} must be 4D (x, y, z, volumes), got shape {shape}")
+    n = shape[-1]
+    proto = read_dwi_protocol(args.protocol, n) if args.protocol else {}
+    side = read_dwi_sidecar(args.json, n) if args.json else {}
+    if args.bval is None and "b" not in proto:
+        raise ParameterError(
+            f"model {key!r} needs --bval (FSL b-values file, s/mm²) or a --protocol with a b column"
+        )
+    b = read_bval(args.bval) if args.bval is not None else proto["b"]
+    g = read_bvec(args.bvec)
+    if b.size != n or g.shape[0] != n:
+        raise ShapeError(
+            f"--dwi has {n} volumes but there are {b.size} b-values and {g.shape[0]} b-vectors; "
+            "every volume needs one of each"
+        )
+    source = "--bval/--bvec" if args.bval is not None else "--protocol/--bvec"
+    check_gradients(b, g, source=source)  # b >= 0, a b = 0 volume, unit vectors
+    timing = {k: proto.get(k, side.get(k)) for k in ("small_delta", "big_delta")}
+    check_request(
+        key,
+        solver=args.solver,
+        tv=args.tv,
+        has_small_delta=timing["small_delta"] is not None,
+        has_big_delta=timing["big_delta"] is not None,
+    )
+    check_timing(b, timing, spec.needs, B0_THRESHOLD)
+    if args.tv:
+        tv_regularizers(example_model(key), args.tv, args.tv_dims)  # unknown names fail here
+    if args.mask:
+        _check_map_shape("--mask", _nifti_shape(args.mask), shape[:-1])
+
+
+def _cmd_fit_dwi(args: argparse.Namespace) -> int:
+    """``qmrkit fit dti|nexi --dwi ... --bval ... --bvec ...`` through
+    :func:`qmrkit.pipelines.diffusion_maps`."""
+    import torch
+
+    from .io import load_dwi, load_nifti
+    from .models.registry import check_name
+    from .pipelines.diffusion import diffusion_maps
+
+    key = check_name(args.model)
+    _check_dwi_files(args, key)
+    dwi = load_dwi(args.dwi, args.bval, args.bvec, protocol=args.protocol, json=args.json)
+    mask = load_nifti(args.mask)[0] != 0 if args.mask else None
+    t0 = time.perf_counter()
+    maps = diffusion_maps(
+        dwi,
+        key,
+        mask=mask,
+        solver=args.solver,
+        tv=args.tv,
+        tv_dims=args.tv_dims,
+        loss=args.loss,
+        max_iter=args.max_iter,
+        device=args.device,
+        dtype=torch.float64 if args.float64 else torch.float32,
+        progress=args.progress,
+    )
+    inputs = {"dwi": args.dwi, "bval": args.bval, "bvec": args.bvec}
+    inputs.update({k: getattr(args, k) for k in ("protocol", "json", "mask") if getattr(args, k)})
+    files = {k: str(v) for k, v in inputs.items()}
+    written = maps.save(
+        args.out,
+        affine=dwi.affine,
+        like=dwi.header,  # keep the DWI's qform/sform codes
+        extra_sidecar={"Input": str(args.dwi), "InputFiles": files},
+    )
+    if not args.no_figure:
+        units = maps.result.units
+        written.append(_fit_figure(args.out, maps.model, maps.maps, units, args.solver))
+    print(maps.summary())
     print(f"wrote {len(written)} files to {args.out} in {time.perf_counter() - t0:.2f} s")
     return 0
 

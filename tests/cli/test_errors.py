@@ -389,3 +389,80 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setitem(cli._HANDLERS, "models", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["models"])
+
+
+# -- diffusion models: qmrkit fit dti|nexi --dwi ... ----------------------------------------------
+@pytest.fixture
+def dwi_files(tmp_path):
+    """A small DWI phantom (8x8, 2 shells at Δ = 20 ms, 8 directions, 2 b = 0) as users have it,
+    and broken variants of its files."""
+    from qmrkit.io import save_dwi
+    from qmrkit.sim import dwi_phantom, dwi_protocol
+
+    ph = dwi_phantom((8, 8), protocol=dwi_protocol(((20.0, (1.0, 2.5)),), n_dirs=8), snr=30)
+    p = ph.save(tmp_path)
+    n = ph.bvals.size
+    d = tmp_path
+    (d / "short.bval").write_text(" ".join(["0"] * (n - 1)) + "\n")
+    (d / "negative.bval").write_text(p["bval"].read_text().replace("2500", "-2500"))
+    long_g = ph.bvecs.copy()
+    long_g[-1] *= 1.5
+    save_dwi(d / "nonunit", ph.data, ph.bvals, long_g, affine=ph.affine, protocol=None)
+    (d / "nob0.bval").write_text(" ".join(["1000"] * n) + "\n")
+    (d / "nodelta.tsv").write_text("b\n" + "\n".join(str(b) for b in ph.bvals) + "\n")
+    (d / "zerodelta.tsv").write_text(
+        "b\tbig_delta\n" + "\n".join(f"{b}\t0" for b in ph.bvals) + "\n"
+    )
+    save_nifti(d / "mask_small.nii.gz", np.ones((8, 7, 1), np.uint8))
+    save_nifti(d / "three_d.nii.gz", ph.data[:, :, :5].astype(np.float32))
+    return d
+
+
+_D = ["--dwi", "{d}/dwi.nii.gz", "--bval", "{d}/dwi.bval", "--bvec", "{d}/dwi.bvec"]
+
+
+def _dti(dwi: str = "dwi.nii.gz", bval: str = "dwi.bval", bvec: str = "dwi.bvec") -> list[str]:
+    files = ["--dwi", dwi, "--bval", bval, "--bvec", bvec]
+    return ["fit", "dti", *(f if f.startswith("--") else "{d}/" + f for f in files)]
+_P = ["--protocol", "{d}/dwi_protocol.tsv"]
+DWI_CASES = [
+    (["fit", "nexi", "--dwi", "{d}/dwi.nii.gz", "--bval", "{d}/dwi.bval", *_P], "needs --bvec"),
+    (["fit", "dti", "--dwi", "{d}/dwi.nii.gz", "--bvec", "{d}/dwi.bvec"], "needs --bval"),
+    (["fit", "dti", "--bval", "{d}/dwi.bval", "--bvec", "{d}/dwi.bvec"], "needs --dwi"),
+    (_dti(bval="short.bval"), "has 18 volumes but there are 17 b-values and 18 b-vectors"),
+    (["fit", "nexi", *_D], "needs the gradient separation Δ (ms) of every volume"),
+    (["fit", "nexi", *_D, "--protocol", "{d}/nodelta.tsv"], "big_delta column (--protocol)"),
+    (["fit", "nexi", *_D, "--protocol", "{d}/zerodelta.tsv"], "big_delta must be > 0 ms"),
+    (["fit", "nexi", *_D, *_P, "--mask", "{d}/mask_small.nii.gz"], "--mask has shape (8, 7, 1)"),
+    (["fit", "dti", *_D, "--data", "{d}/dwi.nii.gz"], "does not use --data"),
+    (["fit", "dti", *_D, "--te", "10,20"], "it does not use --te"),
+    (["fit", "molli", "--dwi", "{d}/dwi.nii.gz", "--ti", TI], "fits an image series (--data)"),
+    (["fit", "molli", "--ti", TI], "model 'molli' needs --data"),
+    (["fit", "molli", "--data", "{d}/dwi.nii.gz", "--ti", TI, "--solver", "mcmc"], "mcmc is"),
+    (["fit", "nexi", *_D, *_P, "--tv", "fn:0.01"], "--tv and --loss apply to --solver adam only"),
+    (["fit", "nexi", *_D, *_P, "--solver", "adam", "--tv", "fx:0.01"], "no parameter 'fx'"),
+    (["fit", "nexi", *_D, *_P, "--solver", "adam", "--tv", "fn:-1"], "LAMBDA >= 0"),
+    (["fit", "nexi", *_D, *_P, "--solver", "adam", "--tv-dims", "2"], "--tv-dims needs --tv"),
+    (_dti(dwi="three_d.nii.gz"), "must be 4D (x, y, z, volumes)"),
+    (_dti(bval="negative.bval"), "negative b-values"),
+    (_dti(bval="nob0.bval"), "no b = 0 volume"),
+    (
+        _dti("nonunit/dwi.nii.gz", "nonunit/dwi.bval", "nonunit/dwi.bvec"),
+        "diffusion-weighted volumes need unit vectors",
+    ),
+    (["fit", "nexi", *_D, "--protocol", "{d}/missing.tsv"], "file not found"),
+]
+
+
+@pytest.mark.parametrize("argv, text", DWI_CASES, ids=[c[1][:30] for c in DWI_CASES])
+def test_diffusion_mistake_is_one_line_and_exit_2(dwi_files, capsys, monkeypatch, argv, text):
+    calls = []
+    for solver in ("lm", "adam", "mcmc", "dictionary_search"):
+        monkeypatch.setattr(f"qmrkit.fit.{solver}", lambda *a, **k: calls.append(1) or 1 / 0)
+    out = dwi_files / "o"
+    rc = main([a.replace("{d}", str(dwi_files)) for a in [*argv, "--out", str(out)]])
+    line = _one_error_line(capsys, "fit")
+    assert rc == 2
+    assert text in line, line
+    assert not calls, "the mistake was found only after fitting started"
+    assert not out.exists()

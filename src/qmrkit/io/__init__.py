@@ -1,7 +1,7 @@
 """File formats: NIfTI (nibabel), DWI (NIfTI + FSL bval/bvec), protocol YAML and ISMRMRD/MRD HDF5
 raw data and images."""
 
-from .dwi import DWI, load_dwi
+from .dwi import DWI, load_dwi, save_dwi
 from .geometry import (
     ScanGeometry,
     affine_from_mrd,
@@ -27,6 +27,7 @@ __all__ = [
     "save_nifti",
     "load_protocol",
     "load_dwi",
+    "save_dwi",
     "DWI",
     "RawScan",
     "read_mrd",

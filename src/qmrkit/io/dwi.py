@@ -425,3 +425,113 @@ def load_dwi(
         b0_threshold=float(b0_threshold),
         header=header,
     )
+
+
+# -------------------------------------------------------------------------------------------------
+# writing
+# -------------------------------------------------------------------------------------------------
+def save_dwi(
+    directory: str | Path,
+    data: Any,
+    bvals: Any,
+    bvecs: Any,
+    *,
+    affine: Any = None,
+    small_delta: Any = None,
+    big_delta: Any = None,
+    frame: str = "fsl",
+    stem: str = "dwi",
+    protocol: str | None = "tsv",
+    like: Any = None,
+) -> dict[str, Path]:
+    """Write a DWI series as users have it: NIfTI + FSL ``.bval``/``.bvec`` (+ protocol file).
+
+    The inverse of :func:`load_dwi`: ``load_dwi(out["dwi"], out["bval"], out["bvec"],
+    protocol=out.get("protocol"))`` gives back ``data`` (float32), ``bvals`` and the b-vectors
+    (for b-values that are whole s/mm², and unit b-vectors, bit for bit).
+
+    Parameters
+    ----------
+    directory : path
+        Output folder (created if missing).
+    data : array (x, y[, z], n)
+        Series in NIfTI order, volumes last; a 2D series is written with a singleton z axis
+        (a DWI file is 4D). Stored as float32.
+    bvals : (n,) b-values in ms/µm²; written in s/mm² (× 1000, rounded to 1e-4 s/mm²).
+    bvecs : (n, 3) unit directions in the frame named by ``frame``.
+    affine : (4, 4), optional
+        Voxel-to-world matrix (mm); default: that of ``like``, else 2 mm isotropic voxels.
+    small_delta, big_delta : (n,) or float, optional
+        δ and Δ in ms, written to the protocol file.
+    frame : {"fsl", "voxel"}
+        ``"fsl"``: ``bvecs`` are already in FSL's frame (as ``DWI.bvecs``) and are written as
+        they are; ``"voxel"``: they are components along the data array's axes, and the first
+        component is negated when ``det(affine) > 0``, as FSL defines (module docs).
+    stem : str
+        File names: ``<stem>.nii.gz``, ``<stem>.bval``, ``<stem>.bvec``, ``<stem>_protocol.tsv``.
+    protocol : {"tsv", "yaml", None}
+        Format of the protocol file with per-volume ``b`` (ms/µm²), ``small_delta`` and
+        ``big_delta`` (ms); None, or no δ/Δ given: no protocol file.
+    like : nibabel header, optional
+        Header whose qform/sform codes the NIfTI keeps (as :func:`~qmrkit.io.save_nifti`).
+
+    Returns
+    -------
+    dict
+        Paths by role: ``"dwi"``, ``"bval"``, ``"bvec"`` and, when written, ``"protocol"``.
+    """
+    from .nifti import save_nifti
+
+    arr = np.asarray(data, dtype=np.float32)
+    b = np.asarray(bvals, dtype=np.float64).reshape(-1)
+    g = np.asarray(bvecs, dtype=np.float64)
+    if arr.ndim not in (3, 4):
+        raise ShapeError(f"data must be (x, y[, z], n) with volumes last, got shape {arr.shape}")
+    if arr.shape[-1] != b.size or g.shape != (b.size, 3):
+        raise ShapeError(
+            f"data has {arr.shape[-1]} volumes, bvals {b.size} values and bvecs shape {g.shape}; "
+            "give one b-value and one (x, y, z) b-vector per volume"
+        )
+    if frame not in ("fsl", "voxel"):
+        raise ParameterError(f"frame must be 'fsl' or 'voxel', got {frame!r}")
+    if protocol not in ("tsv", "yaml", None):
+        raise ParameterError(f"protocol must be 'tsv', 'yaml' or None, got {protocol!r}")
+    if arr.ndim == 3:
+        arr = arr[:, :, None, :]
+    if affine is None:
+        affine = like.get_best_affine() if like is not None else np.diag([2.0, 2.0, 2.0, 1.0])
+    aff = np.asarray(affine, dtype=np.float64)
+    if frame == "voxel":
+        g = fsl_bvecs_to_voxel(g, aff)  # the flip is its own inverse
+    out_dir = Path(directory)
+    out = {"dwi": save_nifti(out_dir / f"{stem}.nii.gz", arr, affine=aff, like=like)}
+    try:
+        out["bval"] = out_dir / f"{stem}.bval"
+        # whole s/mm² in practice; 4 decimals keep any b exactly as far as scanners give it
+        b_smm2 = np.round(b / S_PER_MM2_TO_MS_PER_UM2, 4)
+        out["bval"].write_text(" ".join(f"{v:.10g}" for v in b_smm2) + "\n")
+        out["bvec"] = out_dir / f"{stem}.bvec"
+        # repr-precision, so the vectors read back bit for bit
+        out["bvec"].write_text(
+            "\n".join(" ".join(repr(float(v)) for v in g[:, i]) for i in range(3)) + "\n"
+        )
+        timing = {
+            name: _per_volume(name, v, b.size, "save_dwi", "ms")
+            for name, v in (("small_delta", small_delta), ("big_delta", big_delta))
+            if v is not None
+        }
+        if protocol is not None and timing:
+            cols = {"b": b, **timing}
+            if protocol == "tsv":
+                out["protocol"] = out_dir / f"{stem}_protocol.tsv"
+                rows = ["\t".join(cols)]
+                rows += ["\t".join(repr(float(c[i])) for c in cols.values()) for i in range(b.size)]
+                out["protocol"].write_text("\n".join(rows) + "\n")
+            else:
+                out["protocol"] = out_dir / f"{stem}_protocol.yaml"
+                lines = ["# qmrkit DWI protocol: b in ms/µm², small_delta and big_delta in ms"]
+                lines += [f"{k}: [{', '.join(repr(float(x)) for x in v)}]" for k, v in cols.items()]
+                out["protocol"].write_text("\n".join(lines) + "\n")
+    except OSError as exc:
+        raise DataFileError(f"cannot write DWI files to {out_dir}: {exc}") from exc
+    return out

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ParameterError, UnknownNameError
 from ..fit.model import Model
-from .diffusion import DTI, SANDI, AxCaliberSMT
+from .diffusion import DTI, NEXI, SANDI, AxCaliberSMT
 from .relaxometry import InversionRecovery, MolliT1, MonoExp, VfaT1
 
 # acquisition setting -> (CLI flag, what it is); the one place that names the flags, so error
@@ -38,28 +39,7 @@ def _flags(names: tuple[str, ...]) -> str:
 #: diffusion models take a gradient table (``qmrkit.io.load_dwi``), not a protocol YAML; they are
 #: listed by ``available(diffusion=True)`` only, until ``qmrkit models``/``qmrkit fit`` know how to
 #: build them from DWI files
-_DIFFUSION: dict[str, tuple[type[Model], dict[str, Any], str, tuple[str, ...]]] = {
-    "dti": (
-        DTI,
-        {},
-        "diffusion tensor (FA, MD, AD, RD, V1); needs bvals (ms/µm²), bvecs (n, 3)",
-        (),
-    ),
-    "axcalibersmt": (
-        AxCaliberSMT,
-        {},
-        "AxCaliberSMT axon diameter (Fan 2020) on shell spherical means; needs b (ms/µm²), "
-        "small_delta, big_delta (ms) per shell",
-        (),
-    ),
-    "sandi": (
-        SANDI,
-        {},
-        "SANDI soma/neurite imaging (Palombo 2020) on shell spherical means; needs b (ms/µm²), "
-        "small_delta, big_delta (ms) per shell",
-        (),
-    ),
-}
+_DIFFUSION: dict[str, tuple[type[Model], dict[str, Any], str, tuple[str, ...]]] = {}
 
 
 def _entry(key: str) -> tuple[type[Model], dict[str, Any], str, tuple[str, ...]]:
@@ -127,3 +107,132 @@ def get(name: str, **settings: Any) -> Model:
         return cls(**{**fixed, **settings})
     except TypeError as exc:
         raise ParameterError(f"model {name!r}: {exc}; {available(diffusion=True)[key]}") from exc
+
+
+# -- diffusion models built from DWI files ---------------------------------------------------------
+# (`qmrkit fit dti|nexi --dwi ...` and :func:`qmrkit.pipelines.diffusion_maps`). A new diffusion
+# model needs one `register_diffusion` call below and nothing else: the pipeline, the CLI and
+# `qmrkit models` read everything from its DiffusionSpec.
+
+#: DWI timing a model may need -> where a user gives it (for error messages and `qmrkit models`)
+DWI_TIMING: dict[str, str] = {
+    "small_delta": "gradient duration δ (ms) of every volume: a protocol file with a small_delta "
+    "column (--protocol) or a JSON sidecar with SmallDelta in s (--json)",
+    "big_delta": "gradient separation Δ (ms) of every volume: a protocol file with a big_delta "
+    "column (--protocol) or a JSON sidecar with BigDelta in s (--json)",
+}
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    """How a diffusion model is built from a :class:`~qmrkit.io.DWI` and what it is fitted to.
+
+    Attributes
+    ----------
+    cls : type
+        The model class.
+    fit_to : {"series", "invariants"}
+        ``"series"``: built by ``cls.from_dwi(dwi, **fixed)`` and fitted to the DWI volumes (DTI).
+        ``"invariants"``: built by ``cls.from_invariants(inv, **fixed)`` from the per-shell
+        rotational invariants up to ``l_max``
+        (:func:`~qmrkit.models.diffusion.rotational_invariants`) and fitted to those of the orders in ``model.orders`` (default ``(0,)``, the spherical
+        means), shell by shell (NEXI; AxCaliberSMT and SANDI with ``orders=(0,)``).
+    l_max : int
+        Highest invariant order computed (``"invariants"`` only).
+    needs : tuple of str
+        DWI timing the model cannot be built without (keys of :data:`DWI_TIMING`).
+    fixed : dict
+        Keyword arguments for the builder (e.g. ``{"orders": (0,)}``).
+    """
+
+    cls: type[Model]
+    fit_to: str
+    l_max: int = 0
+    needs: tuple[str, ...] = ()
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+
+DIFFUSION_SPECS: dict[str, DiffusionSpec] = {}
+
+
+def register_diffusion(
+    name: str,
+    cls: type[Model],
+    description: str,
+    *,
+    fit_to: str,
+    l_max: int = 0,
+    needs: tuple[str, ...] = (),
+    fixed: dict[str, Any] | None = None,
+) -> None:
+    """Make a diffusion model known to ``qmrkit fit NAME --dwi ...``, ``qmrkit models`` and
+    :func:`qmrkit.pipelines.diffusion_maps` (see :class:`DiffusionSpec` for the arguments)."""
+    if fit_to not in ("series", "invariants"):
+        raise ParameterError(f"fit_to must be 'series' or 'invariants', got {fit_to!r}")
+    unknown = set(needs) - set(DWI_TIMING)
+    if unknown:
+        raise ParameterError(f"needs must be among {sorted(DWI_TIMING)}, got {sorted(unknown)}")
+    builder = "from_dwi" if fit_to == "series" else "from_invariants"
+    if not hasattr(cls, builder):
+        raise ParameterError(f"{cls.__name__} has no {builder}() to build it from DWI data")
+    _DIFFUSION[name] = (cls, dict(fixed or {}), description, ())
+    DIFFUSION_SPECS[name] = DiffusionSpec(
+        cls, fit_to, int(l_max), tuple(needs), dict(fixed or {})
+    )
+
+
+register_diffusion(
+    "dti",
+    DTI,
+    "diffusion tensor (FA, MD, AD, RD, V1), fitted to the DWI volumes",
+    fit_to="series",
+)
+register_diffusion(
+    "nexi",
+    NEXI,
+    "NEXI neurite exchange (fn, Dn, De, rn, p2, tex), fitted to the spherical mean and l = 2 "
+    "invariant of every shell (b, δ, Δ)",
+    fit_to="invariants",
+    l_max=2,
+    needs=("big_delta",),
+)
+register_diffusion(
+    "axcalibersmt",
+    AxCaliberSMT,
+    "AxCaliberSMT axon diameter (Fan 2020: a, f, fcsf, DeR; fr, fh), fitted to the spherical "
+    "mean of every shell (b, δ, Δ)",
+    fit_to="invariants",
+    needs=("small_delta", "big_delta"),
+)
+register_diffusion(
+    "sandi",
+    SANDI,
+    "SANDI soma and neurite density (Palombo 2020: fs, fnr, Dn, Rs, De; fn, fe), fitted to the "
+    "spherical mean of every shell (b, δ, Δ); needs two or more diffusion times",
+    fit_to="invariants",
+    needs=("small_delta", "big_delta"),
+)
+
+
+def diffusion_spec(name: str) -> DiffusionSpec:
+    """The :class:`DiffusionSpec` of a diffusion model, or an error naming the diffusion models."""
+    key = check_name(name)
+    if key not in DIFFUSION_SPECS:
+        raise UnknownNameError(
+            f"{name!r} is not a diffusion model; diffusion models: {', '.join(DIFFUSION_SPECS)}"
+        )
+    return DIFFUSION_SPECS[key]
+
+
+def is_diffusion(name: str) -> bool:
+    """True for a model fitted to DWI files (``--dwi``), False for an image-series model."""
+    return check_name(name) in DIFFUSION_SPECS
+
+
+def diffusion_needs(name: str) -> str:
+    """What a diffusion model needs, in words naming the CLI flags (for ``qmrkit models``)."""
+    spec = diffusion_spec(name)
+    text = "needs --dwi, --bvec and --bval (or a --protocol with b)"
+    for need in spec.needs:
+        text += f"; {DWI_TIMING[need]}"
+    return text

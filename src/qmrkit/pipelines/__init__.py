@@ -1,11 +1,14 @@
 """End-to-end functions (raw scan or series → maps/images); the server and CLI call these."""
 
 from .calibration import noise_statistics
+from .diffusion import DiffusionMaps, diffusion_maps
 from .mrf import MrfMaps, b1_grid, default_dictionary, mrf_image_size, mrf_maps
 from .series import fit_maps
 
 __all__ = [
     "fit_maps",
+    "diffusion_maps",
+    "DiffusionMaps",
     "noise_statistics",
     "mrf_maps",
     "mrf_image_size",

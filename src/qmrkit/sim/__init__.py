@@ -2,6 +2,18 @@
 
 from .brain import BRAIN_TISSUES, brain_phantom
 from .coils import coil_maps
+from .diffusion import (
+    DWI_LABELS,
+    DWI_TISSUES,
+    NEXI_SHELLS,
+    DwiPhantom,
+    DwiProtocol,
+    dispersed_nexi_signal,
+    dwi_phantom,
+    dwi_protocol,
+    odf_p2,
+    watson_orientations,
+)
 from .masks import calibration_region, cartesian_mask
 from .mrf import b1_field, mrf_scan, mrf_scan_3d, spiral_frames, stack_of_spirals_frames
 from .noise import add_noise
@@ -30,4 +42,14 @@ __all__ = [
     "b1_field",
     "spiral_frames",
     "stack_of_spirals_frames",
+    "dwi_phantom",
+    "dwi_protocol",
+    "DwiPhantom",
+    "DwiProtocol",
+    "DWI_TISSUES",
+    "DWI_LABELS",
+    "NEXI_SHELLS",
+    "dispersed_nexi_signal",
+    "odf_p2",
+    "watson_orientations",
 ]
