@@ -533,3 +533,31 @@ def test_truncations_at_every_boundary_and_random_bytes_leave_the_server_serving
         assert srv.server.metrics.errors._metrics, "no failure was counted"
         _good_fit_still_correct(srv.port)
     assert tried >= 60 and errors >= len(boundaries) - 2
+
+
+# -- the calibration store ---------------------------------------------------------------------------
+def test_store_purge_removes_expired_broken_and_leftover_files_on_a_timer(tmp_path):
+    from qmrkit.serve import DependencyKey, DirectoryStore
+
+    store = DirectoryStore(tmp_path)
+    key = DependencyKey("PAT-1", "DEV-1", "FOR-1")
+    b1 = np.full((4, 4), 1.1, np.float32)
+    store.put(key, "b1", "keep", {"b1": b1})
+    store.put(key, "b1", "old", {"b1": b1}, ttl_s=-1.0)
+    d = store._dir(key)
+    whole = next(d.glob("b1-*.npz")).read_bytes()
+    (d / "b1-truncated.npz").write_bytes(whole[:50])  # a write cut short by a full disk
+    leftover = d / ".tmp-crashed.npz"
+    leftover.write_bytes(b"half a write")
+    os.utime(leftover, (time.time() - 7200, time.time() - 7200))
+    fresh = d / ".tmp-writing.npz"  # a write in progress: kept
+    fresh.write_bytes(b"in progress")
+    with BackgroundServer(store=store, purge_interval_s=0.2):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 10 and (leftover.exists() or len(list(d.glob("b1-*"))) > 1):
+            time.sleep(0.1)
+    assert not leftover.exists() and fresh.exists()
+    kept = store.get(key, "b1", "keep")
+    assert kept is not None and np.array_equal(kept.arrays["b1"], b1)
+    assert store.get(key, "b1", "old") is None and len(list(d.glob("b1-*"))) == 1
+    assert store.purge() == 0  # nothing left to remove, and no error
