@@ -295,7 +295,18 @@ def _add_serve_parser(sub: Any) -> None:
         default=1,
         help="reconstructions at once (others queue; default 1)",
     )
+    sv.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=256,
+        help="connections served at once; more are refused with an error (default 256)",
+    )
     sv.add_argument("--metrics-port", type=_port, help="serve Prometheus /metrics on this port")
+    sv.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the metrics endpoint (default 127.0.0.1: only local scrapers)",
+    )
     sv.add_argument(
         "--grace",
         type=_nonnegative,
@@ -308,10 +319,27 @@ def _add_serve_parser(sub: Any) -> None:
         default=120.0,
         help="drop a connection idle this long, s (default 120)",
     )
+    sv.add_argument(
+        "--min-rate",
+        type=_nonnegative,
+        default=1024.0,
+        help="drop a client sending fewer bytes/s than this over 30 s (default 1024; 0: off)",
+    )
+    sv.add_argument(
+        "--session-deadline",
+        type=_positive,
+        default=3600.0,
+        help="longest one upload may take, s (default 3600)",
+    )
     sv.add_argument("--tls-cert", type=_input_file, help="server certificate (PEM) for TLS")
     sv.add_argument("--tls-key", type=_input_file, help="server private key (PEM)")
     sv.add_argument(
         "--tls-ca", type=_input_file, help="CA bundle: require client certificates signed by it"
+    )
+    sv.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="with --tls-cert but no --tls-ca: accept clients without a certificate",
     )
     _add_common(sv, progress=False)
 
@@ -355,6 +383,10 @@ def _add_send_parser(sub: Any) -> None:
     sd.add_argument("--tls-key", type=_input_file, help="client private key (PEM)")
     sd.add_argument(
         "--tls-ca", type=_input_file, help="CA that signed the server's certificate (enables TLS)"
+    )
+    sd.add_argument(
+        "--tls-server-name",
+        help="name the server's certificate must carry (default: --host); checked always",
     )
     sd.add_argument(
         "--out", required=True, type=Path, help="output folder (images.h5, NIfTI, log.txt)"
@@ -1004,7 +1036,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ParameterError("--tls-ca (client certificates) needs --tls-cert and --tls-key")
     if args.store is not None:
         _check_output_folder(args.store, "--store")
-    ctx = tls_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    ctx = (
+        tls_context(
+            args.tls_cert, args.tls_key, args.tls_ca, allow_anonymous=args.allow_anonymous
+        )
+        if args.tls_cert
+        else None
+    )
     store = DirectoryStore(args.store) if args.store else None
     try:
         run_server(
@@ -1012,10 +1050,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             args.port,
             store=store,
             max_concurrent=args.max_concurrent,
+            max_connections=args.max_connections,
             ssl_context=ctx,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
             grace_s=args.grace,
-            limits=Limits(read_timeout=args.read_timeout),
+            limits=Limits(
+                read_timeout=args.read_timeout,
+                min_rate_bytes_s=args.min_rate,
+                session_deadline_s=args.session_deadline,
+            ),
         )
     except OSError as exc:
         # binding is the one OSError a user causes here (busy port, privileged port, bad host)
@@ -1023,7 +1067,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             exc, socket.gaierror
         ):
             ports = f"{args.port}" + (
-                f" or metrics port {args.metrics_port}" if args.metrics_port else ""
+                f" or metrics {args.metrics_host} port {args.metrics_port}"
+                if args.metrics_port
+                else ""
             )
             gai = isinstance(exc, socket.gaierror)  # its errno is an EAI_* code
             why = exc.strerror if gai or not exc.errno else os.strerror(exc.errno)
@@ -1089,6 +1135,8 @@ def _cmd_send(args: argparse.Namespace) -> int:
                 "--compress needs noise scans in the file (acquisitions flagged as noise)"
             )
         sigma = noise_statistics(np.concatenate([a.data for a in noise], axis=1))["sigma"]
+    if args.tls_server_name and not args.tls_ca:
+        raise ParameterError("--tls-server-name needs --tls-ca (it names the server's certificate)")
     ctx = client_tls_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_ca else None
     reply = send_scan(
         args.host,
@@ -1102,6 +1150,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
         compress=args.compress,
         noise_sigma=sigma,
         ssl_context=ctx,
+        server_hostname=args.tls_server_name,
         progress=None,
     )
     for line in reply.texts:

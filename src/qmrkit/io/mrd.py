@@ -15,6 +15,8 @@ Spatial order inside qmrkit is ``(z, y, x)`` / ``(y, x)`` (ISMRMRD's ``kspace_en
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +164,37 @@ LIMIT_NAMES = (
 #: userParameterString holding RF phases (degrees) of an MRF schedule: ISMRMRD's
 #: sequenceParameters have TR, TE, TI and flip angles but no RF phase
 RF_PHASE_PARAMETER = "qmrkit_rf_phase_deg"
+
+
+#: largest matrix size per dimension, and voxels in all, that a header may declare: beyond this
+#: it is a corrupt or hostile header, refused before anything is allocated for it
+MAX_MATRIX_DIM = 4096
+MAX_MATRIX_VOXELS = 1 << 28
+#: largest k-space array (complex64 bytes) a scan may assemble to
+MAX_KSPACE_BYTES = 16 << 30
+
+
+def _check_matrix(path: str, what: str, size: Any) -> None:
+    dims = [int(size.x), int(size.y), int(size.z)]
+    if any(d < 1 or d > MAX_MATRIX_DIM for d in dims) or math.prod(dims) > MAX_MATRIX_VOXELS:
+        raise DataFileError(
+            f"{path}: the header's {what} matrix {tuple(dims)} (x, y, z) is not a scan's: each "
+            f"size must be 1..{MAX_MATRIX_DIM} and {MAX_MATRIX_VOXELS} voxels at most"
+        )
+
+
+def _check_kspace_values(scan: RawScan, path: str) -> None:
+    """Refuse k-space with NaN/Inf samples, or with no signal at all, with what was found (an
+    FFT of NaNs fails deep in a library or returns NaN images without saying why)."""
+    k = scan.kdata
+    finite = torch.isfinite(torch.view_as_real(k)).all(dim=-1)
+    n_bad = int((~finite).sum())
+    if n_bad:
+        raise DataFileError(
+            f"{path}: k-space has {n_bad} non-finite (NaN or Inf) samples of {finite.numel()}"
+        )
+    if not bool((k != 0).any()):
+        raise DataFileError(f"{path}: k-space is zero everywhere: there is no signal to reconstruct")
 
 
 def _limit(enc, name):
@@ -529,6 +562,8 @@ def scan_from_acquisitions(
         )
     enc = hdr.encoding[encoding]
     em, rm = enc.encodedSpace.matrixSize, enc.reconSpace.matrixSize
+    _check_matrix(path, "encoded", em)
+    _check_matrix(path, "recon", rm)
     ef, rf = enc.encodedSpace.fieldOfView_mm, enc.reconSpace.fieldOfView_mm
     traj_type = str(getattr(enc.trajectory, "value", enc.trajectory))
     three_d = int(em.z) > 1
@@ -567,7 +602,25 @@ def scan_from_acquisitions(
         vals = {int(getattr(a.idx, name)) for a in acqs}
         if len(vals) > 1:
             counts[name] = max(vals) + 1
+            if len(vals) != counts[name]:  # a gap: images of nothing, or a corrupt counter
+                raise DataFileError(
+                    f"{path}: the {name} counter takes {len(vals)} values from 0 to "
+                    f"{max(vals)}; {counts[name] - len(vals)} {name} indices in between have no "
+                    "acquisitions"
+                )
     scan.batch_dims = tuple(counts)
+    # what assembly will allocate, from counters a client sets freely: refused before allocating
+    per_entry = (
+        math.prod(scan.matrix_size)
+        if traj_type == "cartesian"
+        else sum(int(a.number_of_samples) for a in acqs)
+    )
+    nbytes = 8 * n_c * per_entry * math.prod(counts.values())
+    if nbytes > MAX_KSPACE_BYTES:
+        raise DataFileError(
+            f"{path}: the acquisitions' counters {counts} and matrix {scan.matrix_size} would "
+            f"assemble {nbytes / 2**30:.1f} GiB of k-space (limit {MAX_KSPACE_BYTES >> 30} GiB)"
+        )
 
     def bidx(a):
         return tuple(int(getattr(a.idx, n)) for n in scan.batch_dims)
@@ -576,6 +629,7 @@ def scan_from_acquisitions(
         _assemble_cartesian(scan, acqs, tuple(counts.values()), bidx, n_c, path)
     else:
         _assemble_noncartesian(scan, acqs, tuple(counts.values()), bidx, n_c, path, frames)
+    _check_kspace_values(scan, path)
     log.info(
         "read %s: %s %s, %d coils, kdata %s",
         path,

@@ -6,12 +6,14 @@ from .compression import decode_samples, encode_samples, quantiser_step
 from .handlers import HANDLERS, check_b1_map, register, resolve
 from .mrd_images import ImageGeometry, image_geometry
 from .protocol import Limits, Message, MessageId, MessageReader
-from .server import Server, Session, run_server, tls_context
+from .server import Server, run_server, tls_context
+from .session import Session, SessionBudget
 from .store import DependencyKey, DirectoryStore, find_dependency, key_from_header
 
 __all__ = [
     "Server",
     "Session",
+    "SessionBudget",
     "run_server",
     "tls_context",
     "Limits",

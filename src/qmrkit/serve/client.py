@@ -50,9 +50,14 @@ def client_tls_context(
     key: str | Path | None = None,
     ca: str | Path | None = None,
     *,
-    server_hostname_check: bool = False,
+    server_hostname_check: bool = True,
 ) -> ssl.SSLContext:
-    """Client TLS: verify the server against ``ca``; present ``cert``/``key`` for mutual TLS."""
+    """Client TLS: verify the server against ``ca``; present ``cert``/``key`` for mutual TLS.
+
+    The server's certificate must also carry the name the client connects to (``--host``, or
+    ``server_hostname`` of :func:`exchange`): a certificate signed by the same CA for another
+    server is refused. ``server_hostname_check=False`` turns that off (tests, IP-only labs).
+    """
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
     ctx.check_hostname = server_hostname_check
     if cert is not None:
@@ -72,14 +77,22 @@ async def exchange(
     compress: float | None = None,
     noise_sigma: np.ndarray | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
     limits: Limits | None = None,
     progress: bool | None = False,
 ) -> Reply:
-    """One session: send everything, then read images/texts until CLOSE."""
+    """One session: send everything, then read images/texts until CLOSE.
+
+    With ``ssl_context`` the server's certificate is checked for ``server_hostname`` (default:
+    ``host``).
+    """
     t0 = time.perf_counter()
     if compress is not None and noise_sigma is None:
         raise ParameterError("compression needs the per-channel noise sigma (from the noise scan)")
-    reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context, limit=1 << 20)
+    tls = {"ssl": ssl_context}
+    if ssl_context is not None and server_hostname:
+        tls["server_hostname"] = server_hostname
+    reader, writer = await asyncio.open_connection(host, port, limit=1 << 20, **tls)
     reply = Reply()
 
     async def send(data: bytes, raw: int | None = None) -> None:

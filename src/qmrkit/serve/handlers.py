@@ -1,6 +1,6 @@
 """Reconstruction pipelines selectable by config name, registered in one place.
 
-A handler receives the collected :class:`~qmrkit.serve.server.Session` and returns the images and
+A handler receives the collected :class:`~qmrkit.serve.session.Session` and returns the images and
 text lines to send back. Handlers only call :mod:`qmrkit.pipelines` functions (and the dependency
 store); they never reach into solver internals.
 
@@ -18,17 +18,16 @@ import inspect
 import json
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import ParameterError, ProtocolError, ShapeError, UnknownNameError
 from .mrd_images import array_to_image, image_geometry, image_to_array, volume_to_image
 
-if TYPE_CHECKING:
-    from .server import Session
+from .session import Session, shorten
 
-Handler = Callable[["Session", "str | None"], list[Any]]
+Handler = Callable[[Session, "str | None"], list[Any]]
 HANDLERS: dict[str, Handler] = {}
 
 
@@ -40,17 +39,41 @@ def register(name: str) -> Callable[[Handler], Handler]:
     return deco
 
 
-def resolve(config: str) -> tuple[Handler, str | None]:
-    """``"fit:molli"`` → (the fit handler, ``"molli"``); unknown names list the known ones."""
-    name, _, arg = config.strip().partition(":")
+def _split(config: str) -> tuple[str, str]:
+    name, _, arg = str(config).strip().partition(":")
     name = name.strip().lower()
     if name.endswith(".xml"):  # Gadgetron-style config file names
         name = name[:-4]
+    return name, arg.strip()
+
+
+def resolve(config: str) -> tuple[Handler, str | None]:
+    """``"fit:molli"`` → (the fit handler, ``"molli"``); unknown names list the known ones.
+
+    Checked when a session starts, before its data is read: an unknown pipeline or model is
+    refused at once, and the client's text is quoted only in part (:func:`shorten`).
+    """
+    name, arg = _split(config)
     if name not in HANDLERS:
         raise UnknownNameError(
-            f"unknown config {config!r}; this server knows {sorted(HANDLERS)} (fit takes a model: fit:molli)"
+            f"unknown config {shorten(config)!r}; this server knows {sorted(HANDLERS)} "
+            "(fit takes a model: fit:molli)"
         )
-    return HANDLERS[name], (arg.strip() or None)
+    if name == "fit" and arg:
+        from ..models.registry import check_name
+
+        try:
+            check_name(arg)
+        except UnknownNameError as exc:
+            raise UnknownNameError(f"config fit:{shorten(arg)}: {str(exc).split('; ', 1)[-1]}") from None
+    return HANDLERS[name], (arg or None)
+
+
+def handler_name(config: str) -> str:
+    """The registered pipeline name of ``config`` (``"fit"`` for ``"fit:molli"``), or
+    ``"unknown"``: the only values a metrics label takes, so a client cannot create series."""
+    name, _ = _split(config)
+    return name if name in HANDLERS else "unknown"
 
 
 @register("null")
@@ -259,6 +282,8 @@ def parse_parameters(text: str) -> dict[str, Any]:
         obj = json.loads(text)
     except json.JSONDecodeError:
         return {}
+    except RecursionError:  # json raises it for deeply nested input
+        raise ProtocolError("the JSON parameters are nested too deeply") from None
     params = obj.get("parameters", obj) if isinstance(obj, dict) else {}
     return params if isinstance(params, dict) else {}
 

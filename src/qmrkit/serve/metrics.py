@@ -44,6 +44,16 @@ class Metrics:
         self.errors = Counter(
             "qmrkit_errors_total", "Failed sessions by kind", ["kind"], registry=r
         )
+        self.refused = Counter(
+            "qmrkit_connections_refused_total",
+            "Connections refused because the server was at its connection cap",
+            registry=r,
+        )
+        self.loop_lag = Gauge(
+            "qmrkit_event_loop_lag_max_seconds",
+            "Largest delay of the event loop seen since the server started",
+            registry=r,
+        )
         self.gpu_memory = Gauge(
             "qmrkit_gpu_memory_bytes", "GPU memory allocated by torch", registry=r
         )

@@ -16,9 +16,10 @@ import asyncio
 import ctypes
 import io
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -51,9 +52,21 @@ _IMAGE_DTYPES = {
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what one message may ask the server to allocate, and on waiting."""
+    """Bounds on what one message, and one session, may ask the server to allocate or wait for.
 
-    max_text_bytes: int = 16 << 20
+    Per message: sizes are checked from the declared lengths *before* anything is read or
+    allocated (a compressed acquisition counts the size it would expand to). Per session (see
+    :class:`qmrkit.serve.session.SessionBudget`): total bytes scaled to the scan the header
+    describes (``session_budget_factor`` × expected + ``session_budget_slack_bytes``, at most
+    ``max_session_bytes``),
+    a message count, a minimum data rate (``min_rate_bytes_s`` over every ``rate_window_s``;
+    0 disables) and a deadline for the whole upload.
+    """
+
+    max_text_bytes: int = 1 << 20  # TEXT and CONFIG_TEXT (JSON parameters, Gadgetron XML configs)
+    # the MRD XML header: real ones are 5-200 kB; parsing takes ~1.4 s per MB and its objects
+    # cost the garbage collector (a pause for every thread), so a larger one is refused
+    max_header_bytes: int = 1 << 20
     max_channels: int = 1024
     max_samples: int = 1 << 20
     max_trajectory_dims: int = 16
@@ -62,16 +75,49 @@ class Limits:
     max_attribute_bytes: int = 16 << 20
     max_waveform_bytes: int = 64 << 20
     read_timeout: float = 120.0  # seconds without progress before a connection is dropped
+    max_session_bytes: int = 8 << 30
+    session_budget_factor: float = 4.0
+    session_budget_slack_bytes: int = 64 << 20
+    max_session_messages: int = 4_000_000
+    min_rate_bytes_s: float = 1024.0
+    rate_window_s: float = 30.0
+    session_deadline_s: float = 3600.0
+
+    @property
+    def max_preheader_bytes(self) -> int:
+        """What a session may send before its header: a config and the header itself."""
+        return self.max_header_bytes + self.max_text_bytes + 4096
 
 
 @dataclass
 class Message:
-    """A decoded message: its id and value (str, ismrmrd object, or None for CLOSE)."""
+    """A decoded message: its id and value (str, ismrmrd object, or None for CLOSE).
+
+    Read with ``decode=False``, a message whose decoding costs more than copying bytes (an
+    acquisition, image or waveform) arrives with ``value=None`` and a ``decode`` callable;
+    :meth:`decoded` runs it (in a worker thread on the server, so the event loop never waits
+    on it). ``decoded_bytes`` is what the decoded value will hold, known before decoding.
+    """
 
     id: MessageId
     value: Any = None
     nbytes: int = 0  # bytes on the wire (for metrics)
     compressed: bool = False
+    decode: Callable[[], Any] | None = None
+    decoded_bytes: int = 0
+
+    def decoded(self) -> Message:
+        if self.decode is not None:
+            self.value, self.decode = self.decode(), None
+        return self
+
+
+class ReadBudget(Protocol):
+    """What :class:`MessageReader` asks of a session budget (see ``serve.session``)."""
+
+    def received(self, n: int) -> None: ...
+
+    def timeout(self) -> tuple[float, str]: ...
 
 
 def _acq_header_type():
@@ -81,12 +127,34 @@ def _acq_header_type():
 
 
 class MessageReader:
-    """Reads messages from an ``asyncio.StreamReader`` with limits and timeouts."""
+    """Reads messages from an ``asyncio.StreamReader`` with limits and timeouts.
 
-    def __init__(self, reader: asyncio.StreamReader, limits: Limits | None = None):
+    With a ``budget`` (:class:`qmrkit.serve.session.SessionBudget`) every read waits at most what
+    the budget allows (read timeout, minimum data rate, session deadline) and reports the bytes
+    it got, so a client that drips bytes is cut even inside one long message.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        limits: Limits | None = None,
+        budget: ReadBudget | None = None,
+    ):
         self.reader = reader
         self.limits = limits or Limits()
+        self.budget = budget
         self.bytes_read = 0
+
+    def _timeout(self) -> tuple[float, str]:
+        if self.budget is not None:
+            return self.budget.timeout()
+        t = self.limits.read_timeout
+        return t, f"no data for {t:g} s"
+
+    def _got(self, n: int) -> None:
+        self.bytes_read += n
+        if self.budget is not None:
+            self.budget.received(n)
 
     async def _exactly(self, n: int, what: str) -> bytes:
         if n == 0:
@@ -94,34 +162,41 @@ class MessageReader:
         # already buffered (StreamReader keeps its bytes in _buffer): no need to arm a timeout
         if len(self.reader._buffer) >= n:
             data = await self.reader.readexactly(n)
-            self.bytes_read += n
+            self._got(n)
             return data
-        try:
-            data = await _with_timeout(self.reader.readexactly(n), self.limits.read_timeout)
-        except asyncio.IncompleteReadError as exc:
-            raise ProtocolError(
-                f"connection closed in the middle of {what}: expected {n} bytes, got {len(exc.partial)}"
-            ) from None
-        except asyncio.TimeoutError:
-            raise ProtocolError(
-                f"timed out after {self.limits.read_timeout:g} s waiting for {what}"
-            ) from None
-        self.bytes_read += n
-        return data
+        # read what arrives, as it arrives: each piece is accounted (data rate) and the wait for
+        # the next piece is bounded, so a slow client cannot hold a connection inside a message
+        parts = bytearray()
+        while len(parts) < n:
+            seconds, why = self._timeout()
+            try:
+                chunk = await _with_timeout(self.reader.read(n - len(parts)), seconds)
+            except asyncio.TimeoutError:
+                raise ProtocolError(f"timed out waiting for {what}: {why}") from None
+            if not chunk:
+                raise ProtocolError(
+                    f"connection closed in the middle of {what}: expected {n} bytes, got {len(parts)}"
+                )
+            parts += chunk
+            self._got(len(chunk))
+        return bytes(parts)
 
-    async def read(self) -> Message:
-        """The next message; raises ProtocolError on malformed input, EOFError at a clean end."""
+    async def read(self, decode: bool = True) -> Message:
+        """The next message; raises ProtocolError on malformed input, EOFError at a clean end.
+
+        With ``decode=False`` acquisitions, images and waveforms come undecoded (see
+        :class:`Message`); every size is still checked before their bytes are read.
+        """
+        seconds, why = self._timeout()
         try:
-            head = await _with_timeout(self.reader.readexactly(2), self.limits.read_timeout)
+            head = await _with_timeout(self.reader.readexactly(2), seconds)
         except asyncio.IncompleteReadError as exc:
             if not exc.partial:
                 raise EOFError("the peer closed the connection") from None
             raise ProtocolError("connection closed inside a message id") from None
         except asyncio.TimeoutError:
-            raise ProtocolError(
-                f"timed out after {self.limits.read_timeout:g} s waiting for a message"
-            ) from None
-        self.bytes_read += 2
+            raise ProtocolError(f"timed out waiting for a message: {why}") from None
+        self._got(2)
         (mid,) = struct.unpack("<H", head)
         start = self.bytes_read - 2
         if mid == MessageId.CONFIG_FILE:
@@ -133,9 +208,14 @@ class MessageReader:
             )
         if mid in (MessageId.CONFIG_TEXT, MessageId.HEADER, MessageId.TEXT):
             (n,) = struct.unpack("<I", await self._exactly(4, "a text length"))
-            if n > self.limits.max_text_bytes:
+            limit = (
+                self.limits.max_header_bytes
+                if mid == MessageId.HEADER
+                else self.limits.max_text_bytes
+            )
+            if n > limit:
                 raise ProtocolError(
-                    f"{MessageId(mid).name} message of {n} bytes exceeds the limit of {self.limits.max_text_bytes}"
+                    f"{MessageId(mid).name} message of {n} bytes exceeds the limit of {limit}"
                 )
             raw = await self._exactly(n, f"a {MessageId(mid).name} body")
             return Message(
@@ -146,15 +226,19 @@ class MessageReader:
         if mid == MessageId.CLOSE:
             return Message(MessageId.CLOSE, None, 2)
         if mid == MessageId.ACQUISITION:
-            acq, compressed = await self._acquisition()
-            return Message(MessageId.ACQUISITION, acq, self.bytes_read - start, compressed)
-        if mid == MessageId.IMAGE:
-            return Message(MessageId.IMAGE, await self._image(), self.bytes_read - start)
-        if mid == MessageId.WAVEFORM:
-            return Message(MessageId.WAVEFORM, await self._waveform(), self.bytes_read - start)
-        raise ProtocolError(f"unknown message id {mid}; known ids: {[int(m) for m in MessageId]}")
+            msg = await self._acquisition()
+        elif mid == MessageId.IMAGE:
+            msg = await self._image()
+        elif mid == MessageId.WAVEFORM:
+            msg = await self._waveform()
+        else:
+            raise ProtocolError(
+                f"unknown message id {mid}; known ids: {[int(m) for m in MessageId]}"
+            )
+        msg.nbytes = self.bytes_read - start
+        return msg.decoded() if decode else msg
 
-    async def _acquisition(self):
+    async def _acquisition(self) -> Message:
         import ismrmrd
 
         H = ismrmrd.AcquisitionHeader
@@ -168,35 +252,44 @@ class MessageReader:
                 f"({lim.max_channels} channels, {lim.max_samples} samples, {lim.max_trajectory_dims} dims)"
             )
         compressed = bool(h.flags & (1 << (ismrmrd.ACQ_COMPRESSION2 - 1)))
-        if 4 * nt * ns + (0 if compressed else 8 * nc * ns) > lim.max_acquisition_bytes:
+        # what the acquisition holds once decoded, compressed or not: checked before expanding
+        decoded = 4 * nt * ns + 8 * nc * ns
+        if decoded > lim.max_acquisition_bytes:
             raise ProtocolError(
-                f"acquisition of {4 * nt * ns + 8 * nc * ns} bytes exceeds the limit of {lim.max_acquisition_bytes}"
+                f"acquisition of {decoded} bytes exceeds the limit of {lim.max_acquisition_bytes}"
             )
         traj = await self._exactly(4 * nt * ns, "acquisition trajectory")
         if compressed:
-            from .compression import decode_samples
-
             (nbytes,) = struct.unpack("<I", await self._exactly(4, "a compressed length"))
             if nbytes > max(8 * nc * ns * 2, 4096) or nbytes > lim.max_acquisition_bytes:
                 raise ProtocolError(
-                    f"compressed acquisition payload of {nbytes} bytes is implausibly large"
+                    f"compressed acquisition payload of {nbytes} bytes is implausibly large "
+                    f"for {nc} channels × {ns} samples"
                 )
             payload = await self._exactly(nbytes, "compressed acquisition data")
-            data = decode_samples(payload, nc, ns)
-            h.flags &= ~(1 << (ismrmrd.ACQ_COMPRESSION2 - 1))
         else:
-            data = np.frombuffer(
-                await self._exactly(8 * nc * ns, "acquisition data"), dtype=np.complex64
-            )
-            data = data.reshape(nc, ns)
-        acq = ismrmrd.Acquisition(h)
-        if nt:
-            acq.traj[:] = np.frombuffer(traj, dtype=np.float32).reshape(ns, nt)
-        if nc and ns:
-            acq.data[:] = data
-        return acq, compressed
+            payload = await self._exactly(8 * nc * ns, "acquisition data")
 
-    async def _image(self):
+        def decode() -> Any:
+            if compressed:
+                from .compression import decode_samples
+
+                data = decode_samples(payload, nc, ns)
+                h.flags &= ~(1 << (ismrmrd.ACQ_COMPRESSION2 - 1))
+            else:
+                data = np.frombuffer(payload, dtype=np.complex64).reshape(nc, ns)
+            acq = ismrmrd.Acquisition(h)
+            if nt:
+                acq.traj[:] = np.frombuffer(traj, dtype=np.float32).reshape(ns, nt)
+            if nc and ns:
+                acq.data[:] = data
+            return acq
+
+        return Message(
+            MessageId.ACQUISITION, compressed=compressed, decode=decode, decoded_bytes=decoded
+        )
+
+    async def _image(self) -> Message:
         import ismrmrd
 
         H = ismrmrd.ImageHeader
@@ -220,13 +313,17 @@ class MessageReader:
                 f"image of {nbytes} bytes exceeds the limit of {self.limits.max_image_bytes}"
             )
         pixels = await self._exactly(nbytes, "image pixels")
-        buf = io.BytesIO(raw + struct.pack("<Q", nattr) + attr + pixels)
-        try:
-            return ismrmrd.Image.deserialize_from(buf.read)
-        except Exception as exc:  # malformed meta XML and the like
-            raise ProtocolError(f"cannot decode image: {exc}") from exc
 
-    async def _waveform(self):
+        def decode() -> Any:
+            buf = io.BytesIO(raw + struct.pack("<Q", nattr) + attr + pixels)
+            try:
+                return ismrmrd.Image.deserialize_from(buf.read)
+            except Exception as exc:  # malformed meta XML and the like
+                raise ProtocolError(f"cannot decode image: {str(exc)[:200]}") from None
+
+        return Message(MessageId.IMAGE, decode=decode, decoded_bytes=nbytes + nattr)
+
+    async def _waveform(self) -> Message:
         import ismrmrd
 
         H = ismrmrd.WaveformHeader
@@ -238,10 +335,14 @@ class MessageReader:
                 f"waveform of {nbytes} bytes exceeds the limit of {self.limits.max_waveform_bytes}"
             )
         data = await self._exactly(nbytes, "waveform data")
-        try:
-            return ismrmrd.Waveform.deserialize_from(io.BytesIO(raw + data).read)
-        except Exception as exc:
-            raise ProtocolError(f"cannot decode waveform: {exc}") from exc
+
+        def decode() -> Any:
+            try:
+                return ismrmrd.Waveform.deserialize_from(io.BytesIO(raw + data).read)
+            except Exception as exc:
+                raise ProtocolError(f"cannot decode waveform: {str(exc)[:200]}") from None
+
+        return Message(MessageId.WAVEFORM, decode=decode, decoded_bytes=nbytes)
 
 
 if hasattr(asyncio, "timeout"):  # Python ≥ 3.11: a cheap deadline, no extra task per read

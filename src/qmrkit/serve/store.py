@@ -23,6 +23,7 @@ import json
 import os
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -162,7 +163,7 @@ class DirectoryStore:
             with np.load(path) as z:
                 header = json.loads(bytes(z["__header__"]).decode())
                 arrays = {k[2:]: z[k] for k in z.files if k.startswith("a_")}
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             log.warning("skipping unreadable dependency file %s: %s", path.name, exc)
             return None
         if header["expires"] < time.time():
@@ -188,19 +189,39 @@ class DirectoryStore:
         found = [dep for p in d.glob(f"{_safe(kind)}-*.npz") if (dep := self._read(p)) is not None]
         return max(found, key=lambda x: x.created) if found else None
 
-    def purge_expired(self) -> int:
-        """Delete expired entries; returns how many."""
+    def purge(self, *, leftover_age_s: float = 3600.0) -> int:
+        """Delete expired entries, unreadable ones, and temporary files a crashed writer left
+        behind (older than ``leftover_age_s``; younger ones may be a write in progress).
+        Returns how many files were removed; never raises for one bad file."""
         n = 0
-        for p in self.root.glob("*/*.npz"):
+        now = time.time()
+        for p in self.root.glob("*/.tmp-*"):
+            try:
+                if now - p.stat().st_mtime > leftover_age_s:
+                    p.unlink(missing_ok=True)
+                    n += 1
+            except OSError:
+                continue
+        for p in self.root.glob("*/[!.]*.npz"):
             try:
                 with np.load(p) as z:
                     header = json.loads(bytes(z["__header__"]).decode())
-                if header["expires"] < time.time():
+                expired = float(header["expires"]) < now
+            except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as exc:
+                # a file a reader cannot use is dead weight (truncated by a full disk, say)
+                log.warning("removing unreadable dependency file %s: %s", p.name, exc)
+                expired = True
+            if expired:
+                try:
                     p.unlink(missing_ok=True)
                     n += 1
-            except (OSError, ValueError, KeyError):
-                continue
+                except OSError:
+                    continue
         return n
+
+    def purge_expired(self) -> int:
+        """Alias of :meth:`purge` (kept for old callers)."""
+        return self.purge()
 
 
 def key_from_header(header: Any) -> DependencyKey:
