@@ -298,8 +298,8 @@ def _add_serve_parser(sub: Any) -> None:
     sv.add_argument(
         "--max-connections",
         type=_positive_int,
-        default=256,
-        help="connections served at once; more are refused with an error (default 256)",
+        default=1024,
+        help="connections served at once; more are refused with an error (default 1024)",
     )
     sv.add_argument("--metrics-port", type=_port, help="serve Prometheus /metrics on this port")
     sv.add_argument(

@@ -21,6 +21,7 @@ No client can take the service from the others:
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import ssl
@@ -102,7 +103,7 @@ class Server:
         *,
         store: Any = None,
         max_concurrent: int = 1,
-        max_connections: int = 256,
+        max_connections: int = 1024,
         limits: Limits | None = None,
         ssl_context: ssl.SSLContext | None = None,
         metrics: Metrics | None = None,
@@ -118,7 +119,7 @@ class Server:
         self.limits = limits or Limits()
         self.ssl_context = ssl_context
         self.metrics = metrics or Metrics()
-        self.max_connections = int(max_connections)
+        self.max_connections = _fit_to_file_limit(int(max_connections))
         self.purge_interval_s = float(purge_interval_s)
         self._slots = asyncio.Semaphore(max_concurrent)
         self._executor = ThreadPoolExecutor(
@@ -148,6 +149,10 @@ class Server:
         from ..fit.lm import _load_forward_ad
 
         _load_forward_ad()
+        # everything imported so far (torch, ismrmrd, the models) lives as long as the process:
+        # moved out of the collector's view, a full collection — which stops every thread,
+        # the event loop included — walks only what sessions allocate
+        gc.freeze()
         self._server = await asyncio.start_server(
             self._on_connect, self.host, self.port, ssl=self.ssl_context, limit=1 << 20
         )
@@ -377,6 +382,36 @@ class Server:
         return out
 
 
+def _fit_to_file_limit(max_connections: int) -> int:
+    """Raise the process's open-file limit so ``max_connections`` sockets fit (two descriptors
+    each, room for files and pipelines); where the hard limit is lower, serve fewer and say so.
+    A server that runs out of descriptors refuses everyone, good scans included."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * max_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fitted = max((soft - 256) // 2, 1)
+        log.warning(
+            "open-file limit %d allows %d connections, not %d; serving %d",
+            soft,
+            fitted,
+            max_connections,
+            fitted,
+        )
+        return fitted
+    return max_connections
+
+
 def _parse_header(xml: str) -> Any:
     from ismrmrd.xsd import CreateFromDocument
 
@@ -392,7 +427,7 @@ def run_server(
     *,
     store: Any = None,
     max_concurrent: int = 1,
-    max_connections: int = 256,
+    max_connections: int = 1024,
     ssl_context: ssl.SSLContext | None = None,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",

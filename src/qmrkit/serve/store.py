@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import tempfile
 import time
 import zipfile
@@ -63,9 +64,11 @@ class DependencyKey:
     def complete(self) -> bool:
         return not self.missing
 
-    def digest(self) -> str:
+    def digest(self, salt: bytes = b"") -> str:
+        """A file-name-safe hash of the ids; with the store's secret ``salt`` the name of a
+        patient's folder cannot be recomputed from a guessed patient id."""
         raw = "\x1f".join((self.subject, self.device, self.session)).encode()
-        return hashlib.sha256(raw).hexdigest()[:32]
+        return hashlib.sha256(salt + raw).hexdigest()[:32]
 
 
 @dataclass
@@ -100,15 +103,57 @@ def _safe(name: str) -> str:
 
 
 class DirectoryStore:
-    """Dependencies as ``.npz`` files under ``root/<hash of subject|device|session>/``."""
+    """Dependencies as ``.npz`` files under ``root/<salted hash of subject|device|session>/``.
 
-    def __init__(self, root: str | Path, *, default_ttl_s: float = DEFAULT_TTL_S):
+    * **Versions, nothing lost.** Every :meth:`put` writes a new file
+      ``<kind>-<hash of measurement id>-<time ns>-<random>.npz`` (temporary file + rename): two
+      writers of the same entry at once both land, and a reader takes the newest version; older
+      versions are removed by :meth:`purge` once superseded for ``leftover_age_s``.
+    * **Quota.** At most ``max_entries_per_key`` files and ``max_bytes_per_key`` bytes per
+      subject/device/session; a put beyond that is refused with an error (not silently dropped).
+    * **Salted names.** Folder names hash the ids with a secret salt kept in ``root/.salt``
+      (created once, shared by every replica that mounts the store).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        default_ttl_s: float = DEFAULT_TTL_S,
+        max_entries_per_key: int = 256,
+        max_bytes_per_key: int = 2 << 30,
+    ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.default_ttl_s = float(default_ttl_s)
+        self.max_entries_per_key = int(max_entries_per_key)
+        self.max_bytes_per_key = int(max_bytes_per_key)
+        self._salt = self._load_salt()
+
+    def _load_salt(self) -> bytes:
+        path = self.root / ".salt"
+        try:  # O_EXCL: of several replicas starting at once, exactly one creates it
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            for _ in range(50):  # another replica may be writing it right now
+                salt = path.read_bytes()
+                if len(salt) == 32:
+                    return salt
+                time.sleep(0.01)
+            raise DataFileError(f"the store's salt file {path} is damaged; remove it") from None
+        salt = secrets.token_bytes(32)
+        with os.fdopen(fd, "wb") as f:
+            f.write(salt)
+            f.flush()
+            os.fsync(f.fileno())
+        return salt
 
     def _dir(self, key: DependencyKey) -> Path:
-        return self.root / key.digest()
+        return self.root / key.digest(self._salt)
+
+    @staticmethod
+    def _mid_hash(measurement_id: str) -> str:
+        return hashlib.sha256(measurement_id.encode()).hexdigest()[:16]
 
     def put(
         self,
@@ -119,9 +164,12 @@ class DirectoryStore:
         meta: dict[str, Any] | None = None,
         ttl_s: float | None = None,
     ) -> None:
-        """Store (atomically) a dependency; a later put of the same kind and id replaces it.
+        """Store (atomically) a new version of a dependency; :meth:`get` returns the newest.
 
-        Raises ParameterError for a key without subject, device or session id.
+        Raises
+        ------
+        ParameterError
+            A key without subject, device or session id, or a key over its quota.
         """
         if not key.complete:
             raise ParameterError(
@@ -144,12 +192,26 @@ class DirectoryStore:
             __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
             **{f"a_{k}": np.asarray(v) for k, v in arrays.items()},
         )
-        mid = hashlib.sha256(measurement_id.encode()).hexdigest()[:16]
-        final = d / f"{kind}-{mid}.npz"
+        data = buf.getvalue()
+        entries = list(d.glob("[!.]*.npz"))
+        used = 0
+        for p in entries:
+            try:
+                used += p.stat().st_size
+            except OSError:  # removed by a purge meanwhile
+                continue
+        if len(entries) >= self.max_entries_per_key or used + len(data) > self.max_bytes_per_key:
+            raise ParameterError(
+                f"the calibration store is full for this subject/device/session ({len(entries)} "
+                f"entries, {used / 2**20:.1f} MiB; quota {self.max_entries_per_key} entries, "
+                f"{self.max_bytes_per_key / 2**20:.0f} MiB); nothing was stored"
+            )
+        stem = f"{kind}-{self._mid_hash(measurement_id)}"
+        final = d / f"{stem}-{time.time_ns()}-{secrets.token_hex(4)}.npz"
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".npz")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
@@ -175,23 +237,23 @@ class DirectoryStore:
     def get(
         self, key: DependencyKey, kind: str, measurement_id: str | None = None
     ) -> Dependency | None:
-        """The dependency of ``kind`` with ``measurement_id`` (or the newest one of that kind);
-        None for an incomplete key (no subject, device or session id)."""
+        """The newest version of the dependency of ``kind`` with ``measurement_id`` (or the newest
+        of that kind); None for an incomplete key (no subject, device or session id)."""
         if not key.complete:
             return None
         d = self._dir(key)
         if not d.is_dir():
             return None
-        if measurement_id is not None:
-            mid = hashlib.sha256(measurement_id.encode()).hexdigest()[:16]
-            p = d / f"{_safe(kind)}-{mid}.npz"
-            return self._read(p) if p.exists() else None
-        found = [dep for p in d.glob(f"{_safe(kind)}-*.npz") if (dep := self._read(p)) is not None]
+        mid = "*" if measurement_id is None else f"{self._mid_hash(measurement_id)}-*"
+        found = [
+            dep for p in d.glob(f"{_safe(kind)}-{mid}.npz") if (dep := self._read(p)) is not None
+        ]
         return max(found, key=lambda x: x.created) if found else None
 
     def purge(self, *, leftover_age_s: float = 3600.0) -> int:
-        """Delete expired entries, unreadable ones, and temporary files a crashed writer left
-        behind (older than ``leftover_age_s``; younger ones may be a write in progress).
+        """Delete expired entries, unreadable ones, versions superseded for ``leftover_age_s``,
+        and temporary files a crashed writer left behind (older than ``leftover_age_s``; younger
+        ones may be a write in progress).
         Returns how many files were removed; never raises for one bad file."""
         n = 0
         now = time.time()
@@ -202,16 +264,26 @@ class DirectoryStore:
                     n += 1
             except OSError:
                 continue
+        newest: dict[tuple[Path, str], float] = {}
+        entries: list[tuple[Path, float, bool]] = []
         for p in self.root.glob("*/[!.]*.npz"):
             try:
                 with np.load(p) as z:
                     header = json.loads(bytes(z["__header__"]).decode())
                 expired = float(header["expires"]) < now
+                created = float(header["created"])
             except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as exc:
                 # a file a reader cannot use is dead weight (truncated by a full disk, say)
                 log.warning("removing unreadable dependency file %s: %s", p.name, exc)
-                expired = True
-            if expired:
+                expired, created = True, 0.0
+            entries.append((p, created, expired))
+            if not expired:
+                entry = (p.parent, p.name.rsplit("-", 2)[0])  # <kind>-<measurement hash>
+                newest[entry] = max(newest.get(entry, 0.0), created)
+        for p, created, expired in entries:
+            entry = (p.parent, p.name.rsplit("-", 2)[0])
+            superseded = created < newest.get(entry, 0.0) and now - created > leftover_age_s
+            if expired or superseded:
                 try:
                     p.unlink(missing_ok=True)
                     n += 1
@@ -271,9 +343,10 @@ def _type_matches(dependency_type: str, kind: str) -> bool:
 def find_dependency(store: Store, header: Any, kind: str, label: str | None = None) -> Lookup:
     """The stored ``kind`` dependency of the scan described by ``header``.
 
-    First the measurements the header names in ``measurementDependency`` (of a matching type),
-    then the newest entry of the same subject/device/session. Never another subject's entry, and
-    nothing at all for a header without subject, device or session id.
+    The measurements the header names in ``measurementDependency`` (of a matching type) and only
+    those when it names any; otherwise the newest entry of the same subject/device/session. Never
+    another subject's entry, and nothing at all for a header without subject, device or session
+    id.
 
     Parameters
     ----------
@@ -297,12 +370,17 @@ def find_dependency(store: Store, header: Any, kind: str, label: str | None = No
         dep = store.get(key, kind, mid)
         if dep is not None:
             return Lookup(dep, f"stored {label} {mid} (named in the header)")
+    if named:
+        # the scanner said which calibration belongs to this scan: another one of the same
+        # subject (an older B1 map, a noise scan of another coil set-up) is not a substitute
+        return Lookup(
+            None,
+            f"no stored {label} used: the header names {', '.join(named)}, which is not in the "
+            "store for this subject, device and session; no other is substituted",
+        )
     dep = store.get(key, kind)
     if dep is not None:
-        why = f"; the header names {', '.join(named)}, not in the store" if named else ""
-        return Lookup(
-            dep, f"stored {label} {dep.measurement_id or '(no id)'} of this subject/session{why}"
-        )
+        return Lookup(dep, f"stored {label} {dep.measurement_id or '(no id)'} of this subject/session")
     return Lookup(None, f"no stored {label} for this subject, device and session")
 
 
