@@ -1,3 +1,5 @@
 from .cli import main
 
-raise SystemExit(main())
+# guarded: isolated workers (qmrkit serve --isolate) import the main module again
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -337,6 +337,30 @@ def _add_serve_parser(sub: Any) -> None:
         "--tls-ca", type=_input_file, help="CA bundle: require client certificates signed by it"
     )
     sv.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each reconstruction in its own process: a crash or runaway scan ends only "
+        "its session",
+    )
+    sv.add_argument(
+        "--scan-timeout",
+        type=_positive,
+        help="stop a reconstruction after this many seconds (needs --isolate)",
+    )
+    sv.add_argument(
+        "--scan-memory",
+        type=_positive,
+        metavar="MIB",
+        help="stop a reconstruction whose resident memory passes this many MiB (needs --isolate)",
+    )
+    sv.add_argument(
+        "--pipelines-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE, which registers extra pipelines (repeatable)",
+    )
+    sv.add_argument(
         "--allow-anonymous",
         action="store_true",
         help="with --tls-cert but no --tls-ca: accept clients without a certificate",
@@ -1044,6 +1068,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         else None
     )
     store = DirectoryStore(args.store) if args.store else None
+    if (args.scan_timeout or args.scan_memory) and not args.isolate:
+        raise ParameterError("--scan-timeout and --scan-memory need --isolate")
+    import importlib
+
+    for name in args.pipelines_module:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ParameterError(f"--pipelines-module {name}: cannot import it ({exc})") from None
     try:
         run_server(
             args.host,
@@ -1060,6 +1093,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 min_rate_bytes_s=args.min_rate,
                 session_deadline_s=args.session_deadline,
             ),
+            isolate=args.isolate,
+            scan_time_budget_s=args.scan_timeout,
+            scan_memory_budget_bytes=int(args.scan_memory * 2**20) if args.scan_memory else None,
+            pipeline_modules=tuple(args.pipelines_module),
         )
     except OSError as exc:
         # binding is the one OSError a user causes here (busy port, privileged port, bad host)

@@ -56,6 +56,10 @@ class ServiceError(QmrkitError, ConnectionError):
     message names the address and what was tried)."""
 
 
+class ResourceLimitError(QmrkitError, RuntimeError):
+    """Work stopped because it ran past a time or memory budget, or its process died."""
+
+
 class OptionalDependencyError(QmrkitError, ImportError):
     """An optional package is needed for this feature; the message names the extra to install."""
 

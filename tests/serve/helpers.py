@@ -107,7 +107,8 @@ class BackgroundServer:
             await s.start()
             return s
 
-        self.server = asyncio.run_coroutine_threadsafe(make(), self.loop).result(10)
+        # an isolated server warms its worker processes up before it listens
+        self.server = asyncio.run_coroutine_threadsafe(make(), self.loop).result(180)
         self.port = self.server.address[1]
         return self
 

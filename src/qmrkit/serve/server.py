@@ -21,6 +21,7 @@ No client can take the service from the others:
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import signal
@@ -94,6 +95,15 @@ class Server:
     metrics : Metrics, optional
     purge_interval_s : float
         How often the store's expired entries are deleted (0: never).
+    isolate : bool
+        Run every pipeline in a process of its own (:mod:`qmrkit.serve.isolation`): a crash or
+        runaway scan ends that session with an error and nothing else.
+    scan_time_budget_s, scan_memory_budget_bytes : float, int, optional
+        Per-scan wall time and resident memory; a scan past either is stopped (needs
+        ``isolate``).
+    pipeline_modules : tuple of str
+        Modules that register extra pipelines (``@qmrkit.serve.register``), imported by the
+        isolated workers too.
     """
 
     def __init__(
@@ -108,7 +118,16 @@ class Server:
         ssl_context: ssl.SSLContext | None = None,
         metrics: Metrics | None = None,
         purge_interval_s: float = 600.0,
+        isolate: bool = False,
+        scan_time_budget_s: float | None = None,
+        scan_memory_budget_bytes: int | None = None,
+        pipeline_modules: tuple[str, ...] = (),
     ):
+        if not isolate and (scan_time_budget_s is not None or scan_memory_budget_bytes):
+            raise ParameterError(
+                "per-scan time and memory budgets need isolation (--isolate): a reconstruction "
+                "thread cannot be stopped, a process can"
+            )
         if max_concurrent < 1 or max_connections < 1:
             raise ParameterError(
                 f"max_concurrent and max_connections must be >= 1, got {max_concurrent}, "
@@ -121,6 +140,10 @@ class Server:
         self.metrics = metrics or Metrics()
         self.max_connections = _fit_to_file_limit(int(max_connections))
         self.purge_interval_s = float(purge_interval_s)
+        self.isolate = bool(isolate)
+        self.scan_time_budget_s = scan_time_budget_s
+        self.scan_memory_budget_bytes = scan_memory_budget_bytes
+        self.pipeline_modules = tuple(pipeline_modules)
         self._slots = asyncio.Semaphore(max_concurrent)
         self._executor = ThreadPoolExecutor(
             max_workers=max_concurrent, thread_name_prefix="qmrkit-recon"
@@ -153,6 +176,12 @@ class Server:
         # moved out of the collector's view, a full collection — which stops every thread,
         # the event loop included — walks only what sessions allocate
         gc.freeze()
+        if self.isolate:  # the forkserver imports torch and the pipelines once, now
+            from .isolation import warm_up
+
+            await asyncio.get_running_loop().run_in_executor(
+                self._parse_pool, warm_up, self.pipeline_modules
+            )
         self._server = await asyncio.start_server(
             self._on_connect, self.host, self.port, ssl=self.ssl_context, limit=1 << 20
         )
@@ -373,7 +402,19 @@ class Server:
             t0 = time.perf_counter()
             try:
                 loop = asyncio.get_running_loop()
-                out = await loop.run_in_executor(self._executor, handler, session, arg)
+                if self.isolate:
+                    from .isolation import run_isolated
+
+                    job = functools.partial(
+                        run_isolated,
+                        session,
+                        time_budget_s=self.scan_time_budget_s,
+                        memory_budget_bytes=self.scan_memory_budget_bytes,
+                        imports=self.pipeline_modules,
+                    )
+                    out = await loop.run_in_executor(self._executor, job)
+                else:
+                    out = await loop.run_in_executor(self._executor, handler, session, arg)
             finally:
                 self.metrics.in_flight.dec()
                 self.metrics.duration.labels(name).observe(time.perf_counter() - t0)
@@ -433,6 +474,10 @@ def run_server(
     metrics_host: str = "127.0.0.1",
     grace_s: float = 600.0,
     limits: Limits | None = None,
+    isolate: bool = False,
+    scan_time_budget_s: float | None = None,
+    scan_memory_budget_bytes: int | None = None,
+    pipeline_modules: tuple[str, ...] = (),
 ) -> None:
     """Run until SIGTERM/SIGINT, then drain gracefully (blocking; for the CLI).
 
@@ -451,6 +496,10 @@ def run_server(
             max_connections=max_connections,
             ssl_context=ssl_context,
             limits=limits,
+            isolate=isolate,
+            scan_time_budget_s=scan_time_budget_s,
+            scan_memory_budget_bytes=scan_memory_budget_bytes,
+            pipeline_modules=pipeline_modules,
         )
         if metrics_port is not None:
             server.metrics.start_http(metrics_port, addr=metrics_host)
