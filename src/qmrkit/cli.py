@@ -1061,9 +1061,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.store is not None:
         _check_output_folder(args.store, "--store")
     ctx = (
-        tls_context(
-            args.tls_cert, args.tls_key, args.tls_ca, allow_anonymous=args.allow_anonymous
-        )
+        tls_context(args.tls_cert, args.tls_key, args.tls_ca, allow_anonymous=args.allow_anonymous)
         if args.tls_cert
         else None
     )

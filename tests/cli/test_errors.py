@@ -424,6 +424,8 @@ _D = ["--dwi", "{d}/dwi.nii.gz", "--bval", "{d}/dwi.bval", "--bvec", "{d}/dwi.bv
 def _dti(dwi: str = "dwi.nii.gz", bval: str = "dwi.bval", bvec: str = "dwi.bvec") -> list[str]:
     files = ["--dwi", dwi, "--bval", bval, "--bvec", bvec]
     return ["fit", "dti", *(f if f.startswith("--") else "{d}/" + f for f in files)]
+
+
 _P = ["--protocol", "{d}/dwi_protocol.tsv"]
 DWI_CASES = [
     (["fit", "nexi", "--dwi", "{d}/dwi.nii.gz", "--bval", "{d}/dwi.bval", *_P], "needs --bvec"),

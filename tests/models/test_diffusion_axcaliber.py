@@ -59,7 +59,8 @@ def test_axisymmetric_mean_equals_quad_every_branch():
     ref = [quad_mean(*c) for c in cases]
     np.testing.assert_allclose(got, ref, rtol=1e-12)
     np.testing.assert_allclose(
-        stick_spherical_mean(b, dpar).numpy(), [quad_mean(bb, d, 0) for bb, d, _ in cases],
+        stick_spherical_mean(b, dpar).numpy(),
+        [quad_mean(bb, d, 0) for bb, d, _ in cases],
         rtol=1e-12,
     )
     # float32
@@ -84,8 +85,15 @@ def reference_signal(a, f, fcsf, der, da=1.7, dcsf=3.0, d0=None):
     out = []
     for b, bd in zip(B, BIG_DELTA, strict=True):
         deff = ref_deff("cylinder", a / 2, da if d0 is None else d0, SMALL_DELTA, bd)
-        sr = quad(lambda x: np.exp(-b * (da * x * x + deff * (1 - x * x))), 0, 1, epsrel=1e-13)[0]
-        sh = quad(lambda x: np.exp(-b * (da * x * x + der * (1 - x * x))), 0, 1, epsrel=1e-13)[0]
+        sr = quad(
+            lambda x, b=b, deff=deff: np.exp(-b * (da * x * x + deff * (1 - x * x))),
+            0,
+            1,
+            epsrel=1e-13,
+        )[0]
+        sh = quad(lambda x, b=b: np.exp(-b * (da * x * x + der * (1 - x * x))), 0, 1, epsrel=1e-13)[
+            0
+        ]
         out.append((1 - fcsf) * (f * sr + (1 - f) * sh) + fcsf * np.exp(-b * dcsf))
     return np.array(out)
 
@@ -143,8 +151,12 @@ def test_recovery_noise_free_lm():
 def test_adam_and_mcmc_run_on_the_model():
     """The model is an ordinary fit.Model: adam and the ensemble sampler take it unchanged (short
     runs; the posterior of noise-free data centres on the truth)."""
-    truth = {"a": np.array([6.0, 9.0]), "f": np.array([0.6, 0.7]), "fcsf": np.array([0.1, 0.05]),
-             "DeR": np.array([0.6, 0.9])}
+    truth = {
+        "a": np.array([6.0, 9.0]),
+        "f": np.array([0.6, 0.7]),
+        "fcsf": np.array([0.1, 0.05]),
+        "DeR": np.array([0.6, 0.9]),
+    }
     model = AxCaliberSMT(B, SMALL_DELTA, BIG_DELTA)
     data = model.simulate(truth).numpy()
     with pytest.warns(ConvergenceWarning):  # 200 iterations: a smoke run, not a converged fit
@@ -161,15 +173,23 @@ def test_adam_and_mcmc_run_on_the_model():
 
 def test_from_invariants_and_registry():
     inv = Invariants(
-        values=np.zeros((2, 16, 1)), orders=(0,), b=B, small_delta=np.full(16, SMALL_DELTA),
-        big_delta=BIG_DELTA, mean_b0=np.ones(2),
+        values=np.zeros((2, 16, 1)),
+        orders=(0,),
+        b=B,
+        small_delta=np.full(16, SMALL_DELTA),
+        big_delta=BIG_DELTA,
+        mean_b0=np.ones(2),
     )
     m = AxCaliberSMT.from_invariants(inv, Da=2.0)
     np.testing.assert_array_equal(m.b.numpy(), B)
     assert m.Da == 2.0 and m.DeL == 2.0 and m.parameter("DeR").upper == 2.0
     inv_no_delta = Invariants(
-        values=np.zeros((16, 1)), orders=(0,), b=B, small_delta=np.full(16, np.nan),
-        big_delta=BIG_DELTA, mean_b0=np.ones(1),
+        values=np.zeros((16, 1)),
+        orders=(0,),
+        b=B,
+        small_delta=np.full(16, np.nan),
+        big_delta=BIG_DELTA,
+        mean_b0=np.ones(1),
     )
     with pytest.raises(ShapeError, match="δ"):
         AxCaliberSMT.from_invariants(inv_no_delta)

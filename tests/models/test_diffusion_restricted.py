@@ -127,7 +127,10 @@ def test_vector_timings_and_shapes():
     sd, bd = np.array([8.0, 8.0, 3.0]), np.array([19.0, 49.0, 30.0])
     out = cylinder_deff(r, 1.7, sd, bd)
     assert out.shape == (3, 3) and out.dtype == torch.float64
-    ref = [[ref_deff("cylinder", float(ri), 1.7, s, b) for s, b in zip(sd, bd)] for ri in r[:, 0]]
+    ref = [
+        [ref_deff("cylinder", float(ri), 1.7, s, b) for s, b in zip(sd, bd, strict=True)]
+        for ri in r[:, 0]
+    ]
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-10)
     b = np.array([1.0, 6.0, 17.8])
     att = cylinder_attenuation(b, r, 1.7, sd, bd)

@@ -28,7 +28,7 @@ def reference_signal(fs, fnr, dn, rs, de, b=B, big_delta=BIG_DELTA, dsoma=3.0):
     out = []
     for bb, bd in zip(b, big_delta, strict=True):
         soma = np.exp(-bb * ref_deff("sphere", rs, dsoma, SMALL_DELTA, bd))
-        stick = quad(lambda x: np.exp(-bb * dn * x * x), 0, 1, epsabs=0, epsrel=1e-13)[0]
+        stick = quad(lambda x, bb=bb: np.exp(-bb * dn * x * x), 0, 1, epsabs=0, epsrel=1e-13)[0]
         out.append(fs * soma + (1 - fs) * (fnr * stick + (1 - fnr) * np.exp(-bb * de)))
     return np.array(out)
 
@@ -38,8 +38,13 @@ def test_signal_equals_reference():
     rng = np.random.default_rng(0)
     worst = 0.0
     for _ in range(4):
-        vals = [rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 3), rng.uniform(1, 12),
-                rng.uniform(0.1, 3)]
+        vals = [
+            rng.uniform(0, 1),
+            rng.uniform(0, 1),
+            rng.uniform(0.1, 3),
+            rng.uniform(1, 12),
+            rng.uniform(0.1, 3),
+        ]
         p = {k: torch.tensor([[v]], dtype=torch.float64) for k, v in zip(NAMES, vals, strict=True)}
         got, ref = model.forward(p)[0].numpy(), reference_signal(*vals)
         worst = max(worst, np.abs(got / ref - 1).max())
@@ -103,8 +108,12 @@ def test_recovery_noise_free_lm():
 
 def test_from_invariants_registry_and_bad_inputs():
     inv = Invariants(
-        values=np.zeros((16, 1)), orders=(0,), b=B, small_delta=np.full(16, SMALL_DELTA),
-        big_delta=BIG_DELTA, mean_b0=np.ones(1),
+        values=np.zeros((16, 1)),
+        orders=(0,),
+        b=B,
+        small_delta=np.full(16, SMALL_DELTA),
+        big_delta=BIG_DELTA,
+        mean_b0=np.ones(1),
     )
     m = SANDI.from_invariants(inv, Dsoma=2.5)
     assert m.Dsoma == 2.5 and m.n_measurements == 16

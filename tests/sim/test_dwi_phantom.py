@@ -108,7 +108,11 @@ def test_invariants_by_quadrature_equal_nexi_exactly(clean):
     model = NEXI(b, delta, orders=(0, 2))
     pred = model.forward(_truth(clean, sel)).numpy().reshape(-1, 2, 2)
     for v, (u, params) in enumerate(
-        zip(clean.orientations[sel], zip(*(clean.truth[k][sel] for k in NAMES)), strict=True)
+        zip(
+            clean.orientations[sel],
+            zip(*(clean.truth[k][sel] for k in NAMES), strict=True),
+            strict=True,
+        )
     ):
         p = dict(zip(NAMES, params, strict=True))
         for s in range(2):

@@ -16,7 +16,6 @@ Spatial order inside qmrkit is ``(z, y, x)`` / ``(y, x)`` (ISMRMRD's ``kspace_en
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,7 +193,9 @@ def _check_kspace_values(scan: RawScan, path: str) -> None:
             f"{path}: k-space has {n_bad} non-finite (NaN or Inf) samples of {finite.numel()}"
         )
     if not bool((k != 0).any()):
-        raise DataFileError(f"{path}: k-space is zero everywhere: there is no signal to reconstruct")
+        raise DataFileError(
+            f"{path}: k-space is zero everywhere: there is no signal to reconstruct"
+        )
 
 
 def _limit(enc, name):

@@ -32,6 +32,7 @@ _MODELS: dict[str, tuple[type[Model], dict[str, Any], str, tuple[str, ...]]] = {
     "monoexp": (MonoExp, {}, "mono-exponential decay of kind T2|T2star|R2|R2star", ("te",)),
 }
 
+
 def _flags(names: tuple[str, ...]) -> str:
     return " and ".join(SETTINGS[n][0] for n in names)
 
@@ -176,9 +177,7 @@ def register_diffusion(
     if not hasattr(cls, builder):
         raise ParameterError(f"{cls.__name__} has no {builder}() to build it from DWI data")
     _DIFFUSION[name] = (cls, dict(fixed or {}), description, ())
-    DIFFUSION_SPECS[name] = DiffusionSpec(
-        cls, fit_to, int(l_max), tuple(needs), dict(fixed or {})
-    )
+    DIFFUSION_SPECS[name] = DiffusionSpec(cls, fit_to, int(l_max), tuple(needs), dict(fixed or {}))
 
 
 register_diffusion(

@@ -383,7 +383,9 @@ def diffusion_maps(
         )
         sel = sel & (b0 > 0)
     if not sel.any():
-        raise ParameterError("no voxel to fit: every voxel of the mask has a mean b = 0 signal <= 0")
+        raise ParameterError(
+            "no voxel to fit: every voxel of the mask has a mean b = 0 signal <= 0"
+        )
     inv = None
     if spec.fit_to == "series":
         m = spec.cls.from_dwi(dwi, **spec.fixed)

@@ -24,7 +24,6 @@ import numpy as np
 
 from ..errors import ParameterError, ProtocolError, ShapeError, UnknownNameError
 from .mrd_images import array_to_image, image_geometry, image_to_array, volume_to_image
-
 from .session import Session, shorten
 
 Handler = Callable[[Session, "str | None"], list[Any]]
@@ -65,7 +64,9 @@ def resolve(config: str) -> tuple[Handler, str | None]:
         try:
             check_name(arg)
         except UnknownNameError as exc:
-            raise UnknownNameError(f"config fit:{shorten(arg)}: {str(exc).split('; ', 1)[-1]}") from None
+            raise UnknownNameError(
+                f"config fit:{shorten(arg)}: {str(exc).split('; ', 1)[-1]}"
+            ) from None
     return HANDLERS[name], (arg or None)
 
 

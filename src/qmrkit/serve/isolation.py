@@ -25,7 +25,12 @@ from .session import Session
 log = get_logger("serve.isolation")
 
 _CONTEXTS: dict[tuple[str, ...], Any] = {}
-_PRELOAD = ("qmrkit.serve.handlers", "qmrkit.pipelines", "qmrkit.recon", "qmrkit.serve._worker_warmup")
+_PRELOAD = (
+    "qmrkit.serve.handlers",
+    "qmrkit.pipelines",
+    "qmrkit.recon",
+    "qmrkit.serve._worker_warmup",
+)
 
 
 def _context(imports: Sequence[str]) -> Any:

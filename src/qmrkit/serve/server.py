@@ -37,7 +37,15 @@ from .._progress import get_logger
 from ..errors import ParameterError, ProtocolError, QmrkitError
 from .handlers import handler_name, parse_parameters, resolve
 from .metrics import Metrics
-from .protocol import Limits, Message, MessageId, MessageReader, encode_close, encode_object, encode_text
+from .protocol import (
+    Limits,
+    Message,
+    MessageId,
+    MessageReader,
+    encode_close,
+    encode_object,
+    encode_text,
+)
 from .session import Session, SessionBudget, shorten
 
 log = get_logger("serve")

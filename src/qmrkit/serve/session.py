@@ -151,9 +151,7 @@ class SessionBudget:
         self.bytes += max(int(wire_bytes), int(decoded_bytes))
         lim = self.limits
         if self.messages > lim.max_session_messages:
-            raise ProtocolError(
-                f"session exceeds the limit of {lim.max_session_messages} messages"
-            )
+            raise ProtocolError(f"session exceeds the limit of {lim.max_session_messages} messages")
         if self.bytes > self.max_bytes:
             raise ProtocolError(
                 f"session exceeds its budget of {_mib(self.max_bytes)} "

@@ -380,7 +380,9 @@ def find_dependency(store: Store, header: Any, kind: str, label: str | None = No
         )
     dep = store.get(key, kind)
     if dep is not None:
-        return Lookup(dep, f"stored {label} {dep.measurement_id or '(no id)'} of this subject/session")
+        return Lookup(
+            dep, f"stored {label} {dep.measurement_id or '(no id)'} of this subject/session"
+        )
     return Lookup(None, f"no stored {label} for this subject, device and session")
 
 

@@ -362,10 +362,9 @@ def gpa_deff_from_series(
             b = _b_direct(y, sd, bd, n_phi)
         total = (b * w).sum(-1) * radius * radius
     r4 = radius**4
-    tail = (
-        2.0 * small_delta * r4 * series["tail1"] / diffusivity
-        - 2.0 * r4 * radius * radius * series["tail2"] / (diffusivity * diffusivity)
-    )
+    tail = 2.0 * small_delta * r4 * series[
+        "tail1"
+    ] / diffusivity - 2.0 * r4 * radius * radius * series["tail2"] / (diffusivity * diffusivity)
     return 2.0 * (total + tail) / (small_delta * small_delta * (big_delta - small_delta / 3.0))
 
 

@@ -55,7 +55,6 @@ from .axcaliber import (
 )
 from .compartments import stick_spherical_mean
 
-
 #: sides of D_n = D_e the grid start may search (:class:`SANDI` ``start_side``)
 START_SIDES = ("neurite_faster", "extra_faster", "any")
 
