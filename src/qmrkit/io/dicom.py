@@ -452,7 +452,7 @@ class _Frame:
     iop: np.ndarray  # (6,) row then column direction cosines, LPS
     ipp: np.ndarray  # (3,) position of the first pixel, LPS mm
     spacing: tuple[float, float]  # PixelSpacing: between rows, between columns (mm)
-    thickness: float | None  # SpacingBetweenSlices, else SliceThickness (mm)
+    thickness: float | None  # SliceThickness, else SpacingBetweenSlices (mm)
     pixels: np.ndarray  # (rows, cols) float64, rescaled
     acq: dict[str, tuple[Any, str]]
 
@@ -526,7 +526,8 @@ def _frames_of(ds: Any, path: Path) -> tuple[list[_Frame], str | None]:
                 iop=np.asarray([float(v) for v in iop], dtype=np.float64),
                 ipp=np.asarray([float(v) for v in ipp], dtype=np.float64),
                 spacing=(float(spacing[0]), float(spacing[1])),
-                thickness=between if between else thick,
+                # one slice: its thickness is the voxel's z size (several: their positions)
+                thickness=thick if thick else between,
                 pixels=pixels[k].astype(np.float64) * slope + intercept,
                 acq=acquisition_values(ds, k if enhanced else None),
             )

@@ -375,6 +375,12 @@ def _frames(arr: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(frames), frames, 0).astype(np.float32)
 
 
+def _voi_function(width: float) -> str:
+    """LINEAR_EXACT for windows narrower than 1 (maps of fractions, diffusivities in µm²/ms):
+    plain LINEAR is defined for widths of at least 1 only."""
+    return "LINEAR" if width >= 1 else "LINEAR_EXACT"
+
+
 def _window(frames: np.ndarray) -> tuple[float, float]:
     vals = frames[frames != 0]
     if vals.size == 0:
@@ -523,14 +529,17 @@ def _write_pmap(
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[
-            hd.VOILUTTransformation(window_center=centre, window_width=width)
+            hd.VOILUTTransformation(
+                window_center=centre, window_width=width, voi_lut_function=_voi_function(width)
+            )
         ],
         content_description=(derivation or f"{s.name} computed by qmrkit")[:64],
         content_label=_cs(s.name),
         pixel_measures=hd.PixelMeasuresSequence(
             pixel_spacing=g.spacing,
             slice_thickness=g.thickness,
-            spacing_between_slices=g.thickness if n_z > 1 else None,
+            # given for one slice too: highdicom would otherwise write 1 mm
+            spacing_between_slices=g.thickness,
         ),
         plane_orientation=hd.PlaneOrientationSequence("PATIENT", g.iop),
         plane_positions=[hd.PlanePositionSequence("PATIENT", g.position(k)) for k in range(n_z)],
@@ -613,7 +622,7 @@ class _Quantiser:
 
     def stored(self, values: np.ndarray) -> np.ndarray:
         top = 32767 if self.signed else 65535
-        q = np.rint(values / self.slope)
+        q = np.rint(values.astype(np.float64) / self.slope)  # float32 division would round
         q = np.clip(q, -32768 if self.signed else 0, top)
         return q.astype(np.int16 if self.signed else np.uint16)
 
@@ -703,8 +712,9 @@ def _write_mr(
         ds.SliceLocation = _ds(float(np.dot(g.position(k), normal)))
         if frames.shape[0] > 1:
             ds.SpacingBetweenSlices = _ds(g.thickness)
-        # MR Image module: a computed map has no pulse sequence; RM = research mode
-        ds.ScanningSequence = "RM"
+        # MR Image module: a computed map has no pulse sequence (RM = research mode); an
+        # exported series with inversion times is an inversion recovery (InversionTime is 2C on IR)
+        ds.ScanningSequence = "IR" if "InversionTime" in (acquisition or {}) else "RM"
         ds.SequenceVariant = "NONE"
         ds.ScanOptions = ""
         ds.MRAcquisitionType = "" if derived else "2D"  # Type 2: a map was not acquired
@@ -723,6 +733,7 @@ def _write_mr(
         ds.RescaleIntercept = "0"
         ds.RescaleType = s.unit or "US"
         ds.WindowCenter, ds.WindowWidth = _ds(centre), _ds(width)
+        ds.VOILUTFunction = _voi_function(width)
         pixels = q.stored(frames[k])
         ds.PixelData = pixels.tobytes()
         ds["PixelData"].VR = "OW"
