@@ -159,3 +159,14 @@ def test_mrf_dicom_out_takes_patient_and_study_from_the_mrd_header(tmp_path):
         nifti, aff = load_nifti(tmp_path / "o" / f"{name}.nii.gz")
         np.testing.assert_array_equal(s.data[..., 0], np.nan_to_num(nifti))
         np.testing.assert_allclose(s.affine, aff, atol=1e-5)
+
+
+def test_missing_highdicom_fails_before_fitting(molli, capsys, monkeypatch):
+    tmp, _, _ = molli
+    monkeypatch.setitem(__import__("sys").modules, "highdicom", None)
+    monkeypatch.setattr("qmrkit.fit.lm", lambda *a, **k: 1 / 0)  # never reached
+    assert main(["fit", "molli", "--data", str(tmp / "dicom"), "--out", str(tmp / "o"),
+                 "--dicom-out", "pmap"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "highdicom is needed" in err and "qmrkit[dicom]" in err
+    assert not (tmp / "o").exists()

@@ -335,3 +335,11 @@ def test_not_dicom(tmp_path):
     assert is_dicom(tmp_path) and not is_dicom(tmp_path / "notes.txt")
     shutil.copy(pydicom.data.get_testdata_file("MR_small.dcm"), tmp_path / "x")
     assert is_dicom(tmp_path / "x")
+
+
+def test_missing_pydicom_names_the_extra(monkeypatch, tmp_path):
+    from qmrkit.errors import OptionalDependencyError
+
+    monkeypatch.setitem(__import__("sys").modules, "pydicom", None)  # import pydicom fails
+    with pytest.raises(OptionalDependencyError, match=r"pip install 'qmrkit\[dicom\]'"):
+        read_dicom(tmp_path)

@@ -219,3 +219,31 @@ def test_dciodvfy_finds_no_errors(tmp_path, capsys):
     allowed = ("Modality LUT", "not present in standard DICOM IOD", "Unrecognized defined term",
                "<Laterality>", "needed to build DICOMDIR")
     assert all(any(a in w for a in allowed) for w in warnings_seen), warnings_seen
+
+
+@pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent")  # the file's name
+def test_enhanced_reference_with_per_frame_pixel_measures(tmp_path):
+    """A vendor's enhanced MR source (Philips: pixel measures per frame, not shared) still gives
+    patient, study and references; the map keeps its own geometry."""
+    import gzip
+    from pathlib import Path
+
+    import nibabel
+
+    gz = Path(nibabel.__file__).parent / "nicom" / "tests" / "data" / "philips_mprage.dcm.gz"
+    if not gz.exists():
+        pytest.skip(f"nibabel's test data are not installed ({gz})")
+    (tmp_path / "src.dcm").write_bytes(gzip.open(gz).read())
+    src = read_dicom(tmp_path / "src.dcm")
+    shared = src.reference.SharedFunctionalGroupsSequence[0]
+    assert "PixelMeasuresSequence" not in shared  # the case highdicom cannot read by itself
+    m = np.random.default_rng(2).uniform(100, 200, (16, 12, 2)).astype(np.float32)
+    (s,) = write_dicom_maps(tmp_path / "o", {"T2map": m}, units={"T2map": "ms"}, reference=src,
+                            kinds=("pmap",))
+    ds = pydicom.dcmread(s.files[0])
+    assert ds.PatientName == src.reference.PatientName
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == src.series_uid
+    assert "PixelMeasuresSequence" not in src.reference.SharedFunctionalGroupsSequence[0]  # intact
+    back = read_dicom(s.files[0])
+    np.testing.assert_array_equal(back.data[..., 0], m)
+    np.testing.assert_allclose(back.affine, src.affine, atol=1e-6)

@@ -18,6 +18,7 @@ Voxels that were not fitted (NaN in the NIfTI map) are stored as 0 in both varia
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import re
@@ -566,12 +567,29 @@ def _write_pmap(
 
 
 def _with_thickness(ds: Any, g: _Geometry) -> Any:
-    """highdicom reads SliceThickness of single-frame sources, which is Type 2 (may be absent
-    or empty in real files): a copy with the maps' thickness then."""
-    if "PerFrameFunctionalGroupsSequence" in ds or ds.get("SliceThickness") not in (None, ""):
+    """A source image as highdicom reads it: it takes SliceThickness of single-frame sources
+    (Type 2, may be absent or empty in real files) and the pixel measures and orientation of
+    multi-frame sources from their *shared* functional groups (vendors often put them per
+    frame). Where that is missing, a copy gets them (the maps' thickness; frame 1's groups)."""
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    if per is None:
+        if ds.get("SliceThickness") not in (None, ""):
+            return ds
+        ds = copy.deepcopy(ds)  # a shallow pydicom copy shares its elements with the caller's
+        ds.SliceThickness = _ds(g.thickness)
         return ds
-    ds = ds.copy()
-    ds.SliceThickness = _ds(g.thickness)
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    wanted = ("PixelMeasuresSequence", "PlaneOrientationSequence")
+    if shared is not None and all(kw in shared for kw in wanted):
+        return ds
+    pydicom = require("pydicom")
+    ds = copy.deepcopy(ds)
+    item = pydicom.Dataset() if shared is None else ds.SharedFunctionalGroupsSequence[0]
+    per = ds.PerFrameFunctionalGroupsSequence
+    for kw in wanted:
+        if kw not in item and len(per) and kw in per[0]:
+            item[kw] = per[0][kw]
+    ds.SharedFunctionalGroupsSequence = [item]
     return ds
 
 
