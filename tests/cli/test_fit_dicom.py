@@ -170,3 +170,24 @@ def test_missing_highdicom_fails_before_fitting(molli, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "highdicom is needed" in err and "qmrkit[dicom]" in err
     assert not (tmp / "o").exists()
+
+
+@pytest.mark.slow  # ≈ 15 s: a DTI fit
+def test_dti_dicom_out_every_map_with_its_unit(tmp_path, capsys):
+    from qmrkit import sim
+
+    prot = sim.dwi_protocol([(20.0, [1.0])], n_dirs=12)
+    sim.dwi_phantom((6, 5), protocol=prot, snr=50).save(tmp_path / "dti")
+    d = tmp_path / "dti"
+    assert main(["fit", "dti", "--dwi", str(d / "dwi.nii.gz"), "--bval", str(d / "dwi.bval"),
+                 "--bvec", str(d / "dwi.bvec"), "--out", str(tmp_path / "o"), "--no-figure",
+                 "--dicom-out", "pmap", "-q"]) == 0
+    folders = {p.name for p in (tmp_path / "o" / "dicom").iterdir()}
+    # S0, 6 Cholesky parameters, FA MD AD RD L1 L2 L3, V1x V1y V1z: one series each
+    assert len(folders) == 17 and {"S0map-pmap", "L11-pmap", "V1z-pmap"} <= folders
+    for name, unit in (("MD", "um2/ms"), ("FA", "1"), ("L11", "{sqrt(um2/ms)}")):
+        s = read_dicom(tmp_path / "o" / "dicom" / f"{name}-pmap")
+        n, aff = load_nifti(tmp_path / "o" / f"{name}.nii.gz")
+        assert s.unit == unit
+        np.testing.assert_array_equal(s.data, np.nan_to_num(n))  # (x, y, 1): one slice
+        np.testing.assert_allclose(s.affine, aff, atol=1e-6)

@@ -11,6 +11,7 @@ import pytest
 
 from qmrkit.errors import DicomError, ParameterError
 from qmrkit.io import read_dicom, write_dicom_maps, write_dicom_series
+from qmrkit.io.dicom_out import ucum
 
 from .dicom_files import FLIP, oblique_affine, pydicom, write_classic
 
@@ -131,7 +132,7 @@ def test_mrd_header_gives_patient_and_study(tmp_path):
     pytest.importorskip("ismrmrd")
     xml = """<?xml version="1.0"?>
 <ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
- <subjectInformation><patientName>Doe^Jane</patientName><patientWeight_kg>61.5</patientWeight_kg>
+ <subjectInformation><patientName>Doe^Jäne</patientName><patientWeight_kg>61.5</patientWeight_kg>
   <patientID>MRD-42</patientID><patientBirthdate>1980-05-17</patientBirthdate>
   <patientGender>F</patientGender></subjectInformation>
  <studyInformation><studyDate>2024-03-04</studyDate><studyTime>09:30:05</studyTime>
@@ -153,7 +154,8 @@ def test_mrd_header_gives_patient_and_study(tmp_path):
     for s in out:
         ds = pydicom.dcmread(s.files[0])
         assert (ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex) == (
-            "Doe^Jane", "MRD-42", "19800517", "F")
+            "Doe^Jäne", "MRD-42", "19800517", "F")
+        assert ds.SpecificCharacterSet == "ISO_IR 192"  # UTF-8, declared
         assert (ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber) == (
             "20240304", "093005", "S9", "123")
         assert ds.StudyInstanceUID == "1.2.826.0.1.3680043.2.1125.1"
@@ -163,9 +165,16 @@ def test_mrd_header_gives_patient_and_study(tmp_path):
     assert {s.series_number for s in out} == {9001, 9002}
 
 
+def test_units():
+    assert ucum("ms") == ("ms", "millisecond") and ucum("1/s")[0] == "s-1"
+    assert ucum("µm²/ms")[0] == "um2/ms" and ucum("")[0] == "1" and ucum("a.u.")[0] == "[arb'U]"
+    # no UCUM spelling (fractional power): an annotation, never a wrong physical unit
+    assert ucum("sqrt(µm²/ms)") == ("{sqrt(um2/ms)}", "sqrt(um2/ms) (no UCUM unit)")
+
+
 def test_bad_requests(tmp_path):
-    with pytest.raises(ParameterError, match="no UCUM code for the unit 'furlong'"):
-        write_dicom_maps(tmp_path, {"X": np.ones((2, 2))}, units={"X": "furlong"})
+    with pytest.raises(ParameterError, match=r"no UCUM code for the unit 'a\{b\}'"):
+        write_dicom_maps(tmp_path, {"X": np.ones((2, 2))}, units={"X": "a{b}"})
     sheared = np.eye(4)
     sheared[0, 1] = 0.5
     with pytest.raises(DicomError, match="non-orthogonal"):
@@ -200,14 +209,16 @@ def test_dciodvfy_finds_no_errors(tmp_path, capsys):
                                    ti=[100, 200])[0].parent)
     series = write_dicom_maps(tmp_path / "dcm", _maps(), units={"T1map": "ms",
                               "R2starmap": "1/s"}, reference=src)
-    series += write_dicom_maps(tmp_path / "anon", {"MDmap": np.full((4, 3), 0.8)},
-                               units={"MDmap": "µm²/ms"}, kinds=("pmap", "mr"))
+    series += write_dicom_maps(tmp_path / "anon", {"MDmap": np.full((4, 3), 0.8),
+                               "Lxx": np.full((4, 3), 0.9)},
+                               units={"MDmap": "µm²/ms", "Lxx": "sqrt(µm²/ms)"})
     exported = write_dicom_series(tmp_path / "exp", np.ones((4, 3, 2)), ti=[100, 200],
                                   patient_id="P1")
     files = [s.files[0] for s in series] + exported[:1]
     warnings_seen = set()
     for f in files:
-        done = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True, timeout=60,
+                              errors="replace")
         lines = (done.stdout + done.stderr).splitlines()
         errors = [line for line in lines if line.startswith("Error")]
         assert not errors, f"{f}:\n" + "\n".join(lines)

@@ -92,17 +92,26 @@ _COPIED = (
 def ucum(unit: str) -> tuple[str, str]:
     """UCUM code and meaning for a qmrkit unit (``"ms"`` → ``("ms", "millisecond")``).
 
+    A unit outside :data:`UCUM` that UCUM cannot spell (``sqrt(µm²/ms)``, the unit of DTI's
+    Cholesky parameters: UCUM has no fractional powers) becomes a UCUM *annotation*,
+    ``{sqrt(um2/ms)}``: a valid code of dimension one whose text names the unit, rather than a
+    wrong physical unit.
+
     Raises
     ------
     ParameterError
-        For a unit outside :data:`UCUM`; the message lists the known ones.
+        For a unit that is not text, or has characters an annotation cannot hold (braces).
     """
-    try:
+    if unit in UCUM:
         return UCUM[unit]
-    except KeyError:
+    text = str(unit).replace("µ", "u").replace("²", "2").replace("³", "3")
+    if not isinstance(unit, str) or not re.fullmatch(r"[\x21-\x7a\x7c\x7e ]+", text):
         raise ParameterError(
-            f"no UCUM code for the unit {unit!r}; known units: {sorted(UCUM)}"
-        ) from None
+            f"no UCUM code for the unit {unit!r}: known units are {sorted(UCUM)}, others must be "
+            "printable ASCII without braces (written as a UCUM annotation)"
+        )
+    # the code meaning is LO in the default character repertoire: ASCII only
+    return "{" + text.replace(" ", "") + "}", f"{text} (no UCUM unit)"
 
 
 @dataclass
@@ -451,6 +460,8 @@ def _from_mrd_header(ds: Any, header: Any) -> None:
     system = getattr(header, "acquisitionSystemInformation", None)
     field_t = getattr(system, "systemFieldStrength_T", None) if system is not None else None
     _set(ds, "MagneticFieldStrength", None if field_t is None else f"{float(field_t):.6g}")
+    if any(v.VR in ("PN", "LO", "SH", "ST", "LT", "UT") and not str(v.value).isascii() for v in ds):
+        ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8 names from the MRD header
 
 
 def _set(ds: Any, keyword: str, value: Any) -> None:
