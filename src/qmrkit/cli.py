@@ -662,7 +662,9 @@ def _check_fit_flags(args: argparse.Namespace) -> str:
             "'qmrkit models')"
         )
     if args.data is None:
-        raise ParameterError(f"model {key!r} needs --data (the image series: NIfTI, or a DICOM folder)")
+        raise ParameterError(
+            f"model {key!r} needs --data (the image series: NIfTI, or a DICOM folder)"
+        )
     if args.solver == "mcmc":
         raise ParameterError(
             "--solver mcmc is available for the diffusion models only; use lm, adam or dictionary"
@@ -907,6 +909,7 @@ def _check_dwi_files(args: argparse.Namespace, key: str) -> None:
             ("--fa", args.flip_angles),
             ("--tr", args.tr),
             ("--b1", args.b1),
+            ("--series", args.series),
         )
         if value is not None
     ]

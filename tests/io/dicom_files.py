@@ -29,7 +29,7 @@ def ds_str(v: float) -> str:
 
 
 def oblique_affine(voxel=(1.25, 2.0, 5.0), origin=(-40.5, 22.25, 13.0), left=False) -> np.ndarray:
-    """A RAS affine rotated 25° about z, 15° about x and 10° about y; z = +x × y unless ``left``."""
+    """A RAS affine rotated 25° about z, 15° about x, 10° about y; z = +x × y unless ``left``."""
     a, b, c = np.deg2rad([25.0, 15.0, 10.0])
     rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
     rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])

@@ -188,9 +188,8 @@ class DicomSeries:
         )
         if self.sorted_by in self.values:
             v = self.values[self.sorted_by]
-            text += (
-                f" sorted by {self.sources[self.sorted_by]}: {_fmt(v)} {VARIABLES[self.sorted_by][0]}"
-            )
+            unit = VARIABLES[self.sorted_by][0]
+            text += f" sorted by {self.sources[self.sorted_by]}: {_fmt(v)} {unit}"
         else:
             text += " in acquisition order"
         return text
@@ -467,8 +466,8 @@ def _frames_of(ds: Any, path: Path) -> tuple[list[_Frame], str | None]:
         )
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise DicomError(
-            f"{path} has {ds.SamplesPerPixel} samples per pixel ({ds.get('PhotometricInterpretation')}); "
-            "qmrkit fits greyscale images"
+            f"{path} has {ds.SamplesPerPixel} samples per pixel "
+            f"({ds.get('PhotometricInterpretation')}); qmrkit fits greyscale images"
         )
     try:
         pixels = np.asarray(ds.pixel_array)
@@ -758,7 +757,7 @@ def _assemble(frames: list[_Frame], sort_by: str, fallback: str | None) -> dict[
     data = np.empty((cols, rows, len(slices), n_meas), dtype=np.float32)
     for k, s in enumerate(slices):
         for m, f in enumerate(s):
-            data[:, :, k, m] = f.pixels.T  # (rows, cols) → NIfTI (x = column index, y = row index)
+            data[:, :, k, m] = f.pixels.T  # (rows, cols) → NIfTI (x = column, y = row index)
     if len(slices) == 1:
         data = data[:, :, 0, :]
     return {

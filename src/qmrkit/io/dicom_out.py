@@ -426,7 +426,8 @@ def _from_mrd_header(ds: Any, header: Any) -> None:
     if isinstance(header, str | bytes):
         xsd = require("ismrmrd").xsd
         try:
-            header = xsd.CreateFromDocument(header.decode() if isinstance(header, bytes) else header)
+            text = header.decode() if isinstance(header, bytes) else header
+            header = xsd.CreateFromDocument(text)
         except Exception as exc:
             raise ParameterError(f"reference is not an MRD XML header: {exc}") from exc
     if not hasattr(header, "encoding"):
