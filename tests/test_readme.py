@@ -30,6 +30,7 @@ SKIPPED = {
     "qmrkit send": "needs a running server; tests/cli/test_send.py streams through a real one",
     "qmrkit mrf": "names a user's scan.h5/b1.nii.gz; make demo and tests/pipelines run qmrkit mrf "
     "on written scans",
+    "qmrkit fit molli --send-to": "needs a PACS; tests/io/test_pacs.py sends to a real Orthanc",
 }
 
 # section -> reason, for python blocks known to fail at the time of writing (run, xfail if so)

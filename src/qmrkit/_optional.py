@@ -23,6 +23,9 @@ OPTIONAL = {
     "prometheus_client": (None, "the metrics endpoint of qmrkit serve"),
     "dask": ("dist", "scale-out over dask.distributed"),
     "safetensors": ("learn", "safetensors checkpoints in qmrkit.learn (train, load_model)"),
+    "pydicom": ("dicom", "reading and writing DICOM (qmrkit.io.read_dicom, --dicom-out)"),
+    "highdicom": ("dicom", "DICOM Parametric Map output (--dicom-out pmap)"),
+    "pynetdicom": ("dicom", "sending maps to a PACS by DICOM C-STORE (--send-to)"),
     "torchkbnufft": ("test", "the torchkbnufft comparison in tests and benchmarks"),
 }
 

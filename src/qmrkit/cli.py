@@ -99,6 +99,60 @@ def _input_file(text: str) -> Path:
     return p
 
 
+def _input_path(text: str) -> Path:
+    """An existing file or folder (a DICOM series may be a folder of files)."""
+    p = Path(text)
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"file not found: {p}")
+    if not os.access(p, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{p} is not readable (permission denied)")
+    return p
+
+
+def _pacs_url(text: str) -> str:
+    """``pacs://AET@host:port``, checked while parsing."""
+    from .io.pacs import parse_pacs_url
+
+    try:
+        parse_pacs_url(text)
+    except QmrkitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _ae_title(text: str) -> str:
+    from .io.pacs import check_ae_title
+
+    try:
+        return check_ae_title(text, "--calling-aet")
+    except QmrkitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_dicom_out(p: argparse.ArgumentParser) -> None:
+    """``--dicom-out``, ``--send-to`` and ``--calling-aet`` (fit and mrf)."""
+    p.add_argument(
+        "--dicom-out",
+        choices=("pmap", "mr", "both"),
+        help="also write every map as DICOM under OUT/dicom/: pmap = Parametric Map (float "
+        "values, UCUM units), mr = MR images with a rescale slope (for viewers without "
+        "Parametric Map support), both (default with --send-to); needs pip install "
+        "'qmrkit[dicom]'",
+    )
+    p.add_argument(
+        "--send-to",
+        type=_pacs_url,
+        metavar="pacs://AET@HOST:PORT",
+        help="send every DICOM map series to this PACS by C-STORE",
+    )
+    p.add_argument(
+        "--calling-aet",
+        type=_ae_title,
+        default="QMRKIT",
+        help="qmrkit's AE title towards the PACS (default QMRKIT)",
+    )
+
+
 def _model_name(text: str) -> str:
     """A model of the registry (checked first: the model decides which flags are needed)."""
     from .models.registry import check_name
@@ -193,9 +247,11 @@ def _parser() -> argparse.ArgumentParser:
 def _add_fit_parser(sub: Any) -> None:
     f = sub.add_parser(
         "fit",
-        help="fit a signal model to every voxel of an image series (NIfTI)",
-        description="Fit a signal model to every voxel of a NIfTI image series "
-        "(measurement axis last) and write NIfTI maps, a PNG figure and a JSON sidecar.",
+        help="fit a signal model to every voxel of an image series (NIfTI or DICOM)",
+        description="Fit a signal model to every voxel of an image series — NIfTI "
+        "(measurement axis last) or a DICOM series (a folder or files; the acquisition settings "
+        "are read from it) — and write NIfTI maps, a PNG figure and a JSON sidecar, optionally "
+        "DICOM maps sent to a PACS.",
     )
     f.add_argument(
         "model",
@@ -204,8 +260,14 @@ def _add_fit_parser(sub: Any) -> None:
     )
     f.add_argument(
         "--data",
-        type=_input_file,
-        help="image series, NIfTI (*spatial, n_meas) (relaxometry models)",
+        type=_input_path,
+        help="image series (relaxometry models): NIfTI (*spatial, n_meas), or DICOM: a folder "
+        "or file of one series, its TI/TE/flip angles/TR read from the files (flags override)",
+    )
+    f.add_argument(
+        "--series",
+        metavar="UID",
+        help="SeriesInstanceUID to read when a DICOM --data folder holds several series",
     )
     f.add_argument(
         "--dwi", type=_input_file, help="diffusion-weighted series, 4D NIfTI (dti, nexi)"
@@ -274,6 +336,7 @@ def _add_fit_parser(sub: Any) -> None:
     f.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
     f.add_argument("--out", required=True, type=Path, help="output folder")
     f.add_argument("--no-figure", action="store_true", help="do not write the PNG figure")
+    _add_dicom_out(f)
     _add_common(f)
 
 
@@ -453,6 +516,7 @@ def _add_mrf_parser(sub: Any) -> None:
     )
     mr.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cpu)")
     mr.add_argument("--out", required=True, type=Path, help="output folder")
+    _add_dicom_out(mr)
     _add_common(mr)
 
 
@@ -575,25 +639,14 @@ def _check_map_shape(flag: str, shape: tuple[int, ...], spatial: tuple[int, ...]
     )
 
 
-def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Acquisition settings from --protocol, overridden by flags; checked against the model."""
+def _fit_settings(args: argparse.Namespace, dicom: Any = None) -> dict[str, Any]:
+    """Acquisition settings from a DICOM series, then --protocol, then flags (each overriding
+    the one before, with a warning where a value disagrees with the DICOM files); checked
+    against the model."""
     from .io import load_protocol
     from .models.registry import check_name, check_settings
 
-    key = check_name(args.model)  # fail fast, before reading any data
-    dwi_flags = [f"--{n}" for n in ("dwi", "bval", "bvec", "json") if getattr(args, n) is not None]
-    if dwi_flags:
-        raise ParameterError(
-            f"model {key!r} fits an image series (--data); {', '.join(dwi_flags)} "
-            f"{'is' if len(dwi_flags) == 1 else 'are'} for the diffusion models (see "
-            "'qmrkit models')"
-        )
-    if args.data is None:
-        raise ParameterError(f"model {key!r} needs --data (the image series, NIfTI)")
-    if args.solver == "mcmc":
-        raise ParameterError(
-            "--solver mcmc is available for the diffusion models only; use lm, adam or dictionary"
-        )
+    key = _check_fit_flags(args)
     settings: dict[str, Any] = {}
     if args.protocol:
         settings.update(load_protocol(args.protocol))
@@ -606,9 +659,173 @@ def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("ti", "te", "flip_angles", "tr"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
+    if dicom is not None:
+        settings = _merge_dicom_settings(key, settings, dicom)
     check_settings(key, {**settings, "b1": args.b1})
     _check_tv_flags(args)
     return settings
+
+
+def _merge_dicom_settings(key: str, given: dict[str, Any], dicom: Any) -> dict[str, Any]:
+    """The model's required settings from the DICOM series where not given; a given value that
+    disagrees with the files gets a warning (the given one is used)."""
+    import numpy as np
+
+    from .io.dicom import VARIABLES
+    from .models.registry import SETTINGS, required_settings
+
+    out = dict(given)
+    for name in required_settings(key):
+        if name not in VARIABLES:
+            continue
+        if name not in out:
+            out.update(dicom.settings([name]))  # a DicomError names the tags looked at
+            continue
+        if name not in dicom.values:
+            continue
+        files = dicom.values[name]
+        mine = np.atleast_1d(np.asarray(out[name], dtype=float))
+        if name == "tr":
+            files = files[:1] if np.allclose(files, files[0]) else files
+        same = mine.shape == files.shape and np.allclose(mine, files, rtol=1e-3, atol=1e-2)
+        if not same:
+            flag = SETTINGS[name][0]
+            warnings.warn(
+                f"{flag} {_short(mine)} disagrees with the DICOM files' {_short(files)} "
+                f"({dicom.sources[name]}, measurements sorted by {dicom.sorted_by}); using "
+                f"{flag}",
+                QmrkitWarning,
+                stacklevel=2,
+            )
+    return out
+
+
+def _short(values: Any) -> str:
+    vals = [f"{float(v):g}" for v in list(values)[:12]]
+    return ",".join(vals) + (",..." if len(values) > 12 else "")
+
+
+def _check_fit_flags(args: argparse.Namespace) -> str:
+    """The checks of a relaxometry fit request that need no data; returns the model key."""
+    from .models.registry import check_name
+
+    key = check_name(args.model)  # fail fast, before reading any data
+    dwi_flags = [f"--{n}" for n in ("dwi", "bval", "bvec", "json") if getattr(args, n) is not None]
+    if dwi_flags:
+        raise ParameterError(
+            f"model {key!r} fits an image series (--data); {', '.join(dwi_flags)} "
+            f"{'is' if len(dwi_flags) == 1 else 'are'} for the diffusion models (see "
+            "'qmrkit models')"
+        )
+    if args.data is None:
+        raise ParameterError(
+            f"model {key!r} needs --data (the image series: NIfTI, or a DICOM folder)"
+        )
+    if args.solver == "mcmc":
+        raise ParameterError(
+            "--solver mcmc is available for the diffusion models only; use lm, adam or dictionary"
+        )
+    if args.series is not None and not _is_dicom_input(args.data):
+        raise ParameterError("--series picks a series of a DICOM --data folder")
+    _check_dicom_out_flags(args)
+    return key
+
+
+def _is_dicom_input(path: Path | None) -> bool:
+    from .io.dicom import is_dicom
+
+    return path is not None and not str(path).endswith((".nii", ".nii.gz")) and is_dicom(path)
+
+
+def _check_dicom_out_flags(args: argparse.Namespace) -> None:
+    """--send-to implies DICOM output; the DICOM packages must be importable (checked before
+    any fitting)."""
+    from ._optional import require
+
+    if args.send_to and args.dicom_out is None:
+        args.dicom_out = "both"
+    if args.dicom_out:
+        require("pydicom")
+        if args.dicom_out in ("pmap", "both"):
+            require("highdicom")
+    if args.send_to:
+        require("pynetdicom")
+
+
+def _read_dicom_input(args: argparse.Namespace, key: str) -> Any:
+    """Read a DICOM --data series, ordered by the variable the model needs (acquisition order
+    when the images lack it but a flag or protocol gives it)."""
+    from .io.dicom import SORTABLE, read_dicom
+    from .io.protocol import load_protocol
+    from .models.registry import required_settings
+
+    need = [n for n in required_settings(key) if n in SORTABLE]
+    sort_by = need[0] if need else "auto"
+    given = getattr(args, sort_by, None) is not None if need else False
+    if need and args.protocol and not given:
+        given = sort_by in load_protocol(args.protocol)
+    series = read_dicom(
+        args.data,
+        sort_by=sort_by,
+        fallback="acquisition" if given else None,
+        series_uid=args.series,
+    )
+    print(series.describe())
+    return series
+
+
+def _write_dicom_maps(
+    args: argparse.Namespace,
+    maps: dict[str, Any],
+    units: dict[str, str],
+    affine: Any,
+    reference: Any,
+    derivation: str,
+) -> list[Path]:
+    """--dicom-out / --send-to: write the maps as DICOM under OUT/dicom and send them."""
+    if not args.dicom_out:
+        return []
+    from .io.dicom_out import write_dicom_maps
+
+    kinds = ("pmap", "mr") if args.dicom_out == "both" else (args.dicom_out,)
+    if reference is None:
+        print(
+            "note: the input is not DICOM: the DICOM maps get a new study of an anonymous "
+            "patient (give a DICOM --data to file them with the scan)"
+        )
+    series = write_dicom_maps(
+        args.out / "dicom",
+        maps,
+        units=units,
+        affine=affine,
+        reference=reference,
+        kinds=kinds,
+        derivation=derivation,
+    )
+    files = [f for s in series for f in s.files]
+    print(f"DICOM: {len(series)} series, {len(files)} files in {args.out / 'dicom'}")
+    if args.send_to:
+        from .errors import ServiceError
+        from .io.pacs import send_dicom
+
+        report = send_dicom(files, args.send_to, calling_aet=args.calling_aet)
+        print(
+            f"sent {len(report.sent)} of {len(files)} DICOM files to {report.address} in "
+            f"{report.seconds:.2f} s"
+        )
+        if report.failed:
+            first = next(iter(report.failed.items()))
+            raise ServiceError(
+                f"the PACS {report.address} refused {len(report.failed)} file(s), e.g. "
+                f"{first[0].name}: {first[1]}"
+            )
+    return files
+
+
+def _named_maps(maps: dict[str, Any], names: dict[str, str], units: dict[str, str]) -> tuple:
+    """Maps and units keyed by their file stems (``T1`` → ``T1map``)."""
+    named = {names.get(k, k): v for k, v in maps.items()}
+    return named, {names.get(k, k): units.get(k, "") for k in maps}
 
 
 def _check_tv_flags(args: argparse.Namespace) -> None:
@@ -629,8 +846,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     if is_diffusion(args.model):
         return _cmd_fit_dwi(args)
-    settings = _fit_settings(args)
-    data, affine, header = load_nifti(args.data, with_header=True)
+    key = _check_fit_flags(args)
+    dicom = _read_dicom_input(args, key) if _is_dicom_input(args.data) else None
+    settings = _fit_settings(args, dicom)
+    if dicom is not None:
+        data, affine, header = dicom.data, dicom.affine, None
+    else:
+        data, affine, header = load_nifti(args.data, with_header=True)
     if data.ndim < 2:
         raise ShapeError(
             f"--data {args.data} has shape {data.shape}; a series needs image axes and a "
@@ -671,14 +893,25 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         )
     else:
         result = fit.dictionary_search(model, data, **common)
+    extra = {"Input": str(args.data), "Acquisition": settings}
+    if dicom is not None:
+        extra["DicomSeries"] = {
+            "SeriesInstanceUID": dicom.series_uid,
+            "SortedBy": dicom.sorted_by,
+            "Sources": dicom.sources,
+        }
     written = result.save(
         args.out,
         affine=affine,
         like=header,  # keep the input's qform/sform codes
-        extra_sidecar={"Input": str(args.data), "Acquisition": settings},
+        extra_sidecar=extra,
     )
     if not args.no_figure:
         written.append(_fit_figure(args.out, model, result.maps, result.units, result.solver))
+    maps, units = _named_maps(result.maps, result.map_names, result.units)
+    written += _write_dicom_maps(
+        args, maps, units, affine, dicom, f"qmrkit {model.name} fit ({result.solver})"
+    )
     print(result.summary())
     print(f"wrote {len(written)} files to {args.out} in {time.perf_counter() - t0:.2f} s")
     return 0
@@ -732,6 +965,7 @@ def _check_dwi_files(args: argparse.Namespace, key: str) -> None:
             ("--fa", args.flip_angles),
             ("--tr", args.tr),
             ("--b1", args.b1),
+            ("--series", args.series),
         )
         if value is not None
     ]
@@ -790,6 +1024,7 @@ def _cmd_fit_dwi(args: argparse.Namespace) -> int:
 
     key = check_name(args.model)
     _check_dwi_files(args, key)
+    _check_dicom_out_flags(args)
     dwi = load_dwi(args.dwi, args.bval, args.bvec, protocol=args.protocol, json=args.json)
     mask = load_nifti(args.mask)[0] != 0 if args.mask else None
     t0 = time.perf_counter()
@@ -818,6 +1053,10 @@ def _cmd_fit_dwi(args: argparse.Namespace) -> int:
     if not args.no_figure:
         units = maps.result.units
         written.append(_fit_figure(args.out, maps.model, maps.maps, units, args.solver))
+    named, units = _named_maps(maps.maps, maps.model.map_names, maps.result.units)
+    written += _write_dicom_maps(
+        args, named, units, dwi.affine, None, f"qmrkit {key} fit ({args.solver})"
+    )
     print(maps.summary())
     print(f"wrote {len(written)} files to {args.out} in {time.perf_counter() - t0:.2f} s")
     return 0
@@ -833,6 +1072,7 @@ def _cmd_mrf(args: argparse.Namespace) -> int:
     from .pipelines import mrf_image_size, mrf_maps
 
     t0 = time.perf_counter()
+    _check_dicom_out_flags(args)
     scan = read_mrd(args.scan)
     im_size = mrf_image_size(scan)  # a trajectory that disagrees with the header fails here
     schedule = schedule_from_header(scan.header)
@@ -874,6 +1114,14 @@ def _cmd_mrf(args: argparse.Namespace) -> int:
         device=args.device,
     )
     written = maps.save(args.out, affine=scan.affine)
+    mrf_names = {"T1": "T1map", "T2": "T2map", "PD": "M0map", "B1": "B1map"}
+    mrf_units = {"T1": "ms", "T2": "ms", "PD": "a.u.", "B1": "fraction"}
+    named, units = _named_maps(
+        {k: v for k, v in maps.maps().items() if k in mrf_names}, mrf_names, mrf_units
+    )
+    written += _write_dicom_maps(
+        args, named, units, scan.affine, scan.header, "qmrkit MR fingerprinting"
+    )
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in maps.stages.items())
     print(
         f"mrf: {'x'.join(str(n) for n in maps.t1.shape)} maps; {stages}; wrote {len(written)} "

@@ -47,6 +47,12 @@ class DataFileError(QmrkitError, OSError):
     """A data file cannot be read or written (missing, corrupt, wrong format)."""
 
 
+class DicomError(DataFileError):
+    """DICOM files cannot be used as given: several series mixed, a tag the fit needs is missing,
+    or the images do not form one regular grid (orientations differ, uneven slice spacing); the
+    message names the files, series or tags involved."""
+
+
 class ProtocolError(QmrkitError, ValueError):
     """A network message or acquisition protocol is malformed."""
 
@@ -107,6 +113,7 @@ __all__ = [
     "UnknownNameError",
     "ModelError",
     "DataFileError",
+    "DicomError",
     "ProtocolError",
     "ServiceError",
     "OptionalDependencyError",

@@ -209,10 +209,10 @@ CASES = [
         "fit",
         "exists and is not a folder",
     ),
-    (
+    (  # a folder is read as a DICOM series; this one holds NIfTI files only
         ["fit", "molli", "--data", "{d}", "--ti", TI, "--out", "{d}/o"],
         "fit",
-        "is a folder, not a file",
+        "no DICOM images in ",
     ),
     (["fit", "molli", "--bogus"], "fit", "the following arguments are required"),
     (["recon", "{d}/missing.h5", "--out", "{d}/r"], "recon", "file not found"),

@@ -1,6 +1,8 @@
-"""File formats: NIfTI (nibabel), DWI (NIfTI + FSL bval/bvec), protocol YAML and ISMRMRD/MRD HDF5
-raw data and images."""
+"""File formats: NIfTI (nibabel), DWI (NIfTI + FSL bval/bvec), protocol YAML, ISMRMRD/MRD HDF5
+raw data and images, and DICOM (pydicom, highdicom; series in, maps out, C-STORE to a PACS)."""
 
+from .dicom import DicomSeries, acquisition_values, is_dicom, read_dicom
+from .dicom_out import DicomMapSeries, write_dicom_maps, write_dicom_series
 from .dwi import DWI, load_dwi, save_dwi
 from .geometry import (
     ScanGeometry,
@@ -20,6 +22,7 @@ from .mrd import (
     write_mrd_images,
 )
 from .nifti import load_nifti, save_nifti
+from .pacs import PacsAddress, parse_pacs_url, send_dicom
 from .protocol import load_protocol
 
 __all__ = [
@@ -42,4 +45,14 @@ __all__ = [
     "to_nifti_order",
     "from_nifti_order",
     "map_from_nifti",
+    "DicomSeries",
+    "read_dicom",
+    "acquisition_values",
+    "is_dicom",
+    "DicomMapSeries",
+    "write_dicom_maps",
+    "write_dicom_series",
+    "PacsAddress",
+    "parse_pacs_url",
+    "send_dicom",
 ]
