@@ -37,12 +37,40 @@ def molli(tmp_path):
 
 def test_fit_from_dicom_equals_fit_from_nifti(molli, capsys):
     tmp, t1, aff = molli
-    assert main(["fit", "molli", "--data", str(tmp / "dicom"), "--out", str(tmp / "d"),
-                 "--no-figure", "--dicom-out", "both"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "molli",
+                "--data",
+                str(tmp / "dicom"),
+                "--out",
+                str(tmp / "d"),
+                "--no-figure",
+                "--dicom-out",
+                "both",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "sorted by InversionTime (0018,0082)" in out and "DICOM: 8 series" in out
-    assert main(["fit", "molli", "--data", str(tmp / "series.nii.gz"), "--ti", TI_ARG,
-                 "--out", str(tmp / "n"), "--no-figure"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "molli",
+                "--data",
+                str(tmp / "series.nii.gz"),
+                "--ti",
+                TI_ARG,
+                "--out",
+                str(tmp / "n"),
+                "--no-figure",
+            ]
+        )
+        == 0
+    )
     for name in ("T1map", "T1starmap", "Amap", "Bmap"):
         d, d_aff = load_nifti(tmp / "d" / f"{name}.nii.gz")
         n, n_aff = load_nifti(tmp / "n" / f"{name}.nii.gz")
@@ -71,16 +99,51 @@ def test_fit_from_dicom_equals_fit_from_nifti(molli, capsys):
 def test_flags_override_dicom_with_a_warning(molli, capsys):
     tmp, _, _ = molli
     other = ",".join(str(t + 5) for t in MOLLI_TI)
-    assert main(["fit", "molli", "--data", str(tmp / "dicom"), "--ti", other, "--out",
-                 str(tmp / "o"), "--no-figure", "--max-iter", "5"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "molli",
+                "--data",
+                str(tmp / "dicom"),
+                "--ti",
+                other,
+                "--out",
+                str(tmp / "o"),
+                "--no-figure",
+                "--max-iter",
+                "5",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
-    assert re.search(r"warning: --ti 105,.* disagrees with the DICOM files' 100,.*"
-                     r"InversionTime \(0018,0082\).*using --ti", err), err
+    assert re.search(
+        r"warning: --ti 105,.* disagrees with the DICOM files' 100,.*"
+        r"InversionTime \(0018,0082\).*using --ti",
+        err,
+    ), err
     side = json.loads((tmp / "o" / "fit.json").read_text())
     assert side["Acquisition"]["ti"] == [t + 5 for t in MOLLI_TI]
     # the same values: no warning
-    assert main(["fit", "molli", "--data", str(tmp / "dicom"), "--ti", TI_ARG, "--out",
-                 str(tmp / "o2"), "--no-figure", "--max-iter", "5"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "molli",
+                "--data",
+                str(tmp / "dicom"),
+                "--ti",
+                TI_ARG,
+                "--out",
+                str(tmp / "o2"),
+                "--no-figure",
+                "--max-iter",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert "disagrees" not in capsys.readouterr().err
 
 
@@ -91,8 +154,24 @@ def test_mixed_series_and_missing_tags_are_one_line(molli, capsys):
     assert main(["fit", "molli", "--data", str(tmp / "dicom"), "--out", str(tmp / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "hold 2 series" in err and "1.2.3.99" in err
-    assert main(["fit", "molli", "--data", str(tmp / "dicom"), "--series", "1.2.3.99",
-                 "--out", str(tmp / "o"), "--no-figure", "--max-iter", "2"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "molli",
+                "--data",
+                str(tmp / "dicom"),
+                "--series",
+                "1.2.3.99",
+                "--out",
+                str(tmp / "o"),
+                "--no-figure",
+                "--max-iter",
+                "2",
+            ]
+        )
+        == 0
+    )
     side = json.loads((tmp / "o" / "fit.json").read_text())
     assert side["DicomSeries"]["SeriesInstanceUID"] == "1.2.3.99"
     assert side["Acquisition"]["ti"] == [100.0, 200.0, 300.0]
@@ -101,8 +180,23 @@ def test_mixed_series_and_missing_tags_are_one_line(molli, capsys):
     assert main(["fit", "molli", "--data", str(tmp / "noti"), "--out", str(tmp / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no inversion times; looked for InversionTime" in err
-    assert main(["fit", "molli", "--data", str(tmp / "series.nii.gz"), "--series", "1.2",
-                 "--ti", TI_ARG, "--out", str(tmp / "o")]) == 2
+    assert (
+        main(
+            [
+                "fit",
+                "molli",
+                "--data",
+                str(tmp / "series.nii.gz"),
+                "--series",
+                "1.2",
+                "--ti",
+                TI_ARG,
+                "--out",
+                str(tmp / "o"),
+            ]
+        )
+        == 2
+    )
     assert "--series picks a series of a DICOM" in capsys.readouterr().err
 
 
@@ -113,10 +207,28 @@ def test_vfa_reads_flip_angles_and_tr(tmp_path, capsys):
     a = np.deg2rad(fa)
     sig = 1000 * np.sin(a) * (1 - e1) / (1 - np.cos(a) * e1)
     order = [2, 0, 3, 1]
-    write_classic(tmp_path / "v", np.round(sig[..., order] * 10)[:, :, None].astype(np.int16),
-                  oblique_affine(), fa=[fa[m] for m in order], tr=tr, slope=0.1)
-    assert main(["fit", "vfa", "--data", str(tmp_path / "v"), "--out", str(tmp_path / "o"),
-                 "--no-figure"]) == 0
+    write_classic(
+        tmp_path / "v",
+        np.round(sig[..., order] * 10)[:, :, None].astype(np.int16),
+        oblique_affine(),
+        fa=[fa[m] for m in order],
+        tr=tr,
+        slope=0.1,
+    )
+    assert (
+        main(
+            [
+                "fit",
+                "vfa",
+                "--data",
+                str(tmp_path / "v"),
+                "--out",
+                str(tmp_path / "o"),
+                "--no-figure",
+            ]
+        )
+        == 0
+    )
     side = json.loads((tmp_path / "o" / "fit.json").read_text())
     assert side["Acquisition"] == {"flip_angles": fa, "tr": tr}
     est, _ = load_nifti(tmp_path / "o" / "T1map.nii.gz")
@@ -125,8 +237,26 @@ def test_vfa_reads_flip_angles_and_tr(tmp_path, capsys):
 
 def test_dicom_out_from_nifti_input_is_an_anonymous_study(molli, capsys):
     tmp, _, aff = molli
-    assert main(["fit", "molli", "--data", str(tmp / "series.nii.gz"), "--ti", TI_ARG, "--out",
-                 str(tmp / "o"), "--no-figure", "--max-iter", "3", "--dicom-out", "pmap"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "molli",
+                "--data",
+                str(tmp / "series.nii.gz"),
+                "--ti",
+                TI_ARG,
+                "--out",
+                str(tmp / "o"),
+                "--no-figure",
+                "--max-iter",
+                "3",
+                "--dicom-out",
+                "pmap",
+            ]
+        )
+        == 0
+    )
     assert "the DICOM maps get a new study of an anonymous patient" in capsys.readouterr().out
     s = read_dicom(tmp / "o" / "dicom" / "T1map-pmap")
     np.testing.assert_allclose(s.affine, aff, atol=1e-6)
@@ -140,17 +270,38 @@ def test_mrf_dicom_out_takes_patient_and_study_from_the_mrd_header(tmp_path):
     from qmrkit.io import header_for_scan, write_mrd
 
     scan = sim.mrf_scan((16, 20), n_coils=2, seed=0, schedule=mrf.fisp_schedule(200, seed=0))
-    subject = ("<subjectInformation><patientName>Doe^Jane</patientName><patientID>MRD-7"
-               "</patientID></subjectInformation><studyInformation><studyInstanceUID>"
-               "1.2.826.0.1.3680043.2.1125.9</studyInstanceUID></studyInformation>")
-    scan.header = re.sub(r"(<ismrmrdHeader[^>]*>)", r"\1" + subject,
-                         scan.header or header_for_scan(scan), count=1)
+    subject = (
+        "<subjectInformation><patientName>Doe^Jane</patientName><patientID>MRD-7"
+        "</patientID></subjectInformation><studyInformation><studyInstanceUID>"
+        "1.2.826.0.1.3680043.2.1125.9</studyInstanceUID></studyInformation>"
+    )
+    scan.header = re.sub(
+        r"(<ismrmrdHeader[^>]*>)", r"\1" + subject, scan.header or header_for_scan(scan), count=1
+    )
     path = write_mrd(tmp_path / "scan.h5", scan)
-    d = mrf.Dictionary.build(scan.meta["schedule"], t1=mrf.log_grid(100, 3000, 0.4),
-                             t2=mrf.log_grid(10, 400, 0.4), keep_atoms=False)
+    d = mrf.Dictionary.build(
+        scan.meta["schedule"],
+        t1=mrf.log_grid(100, 3000, 0.4),
+        t2=mrf.log_grid(10, 400, 0.4),
+        keep_atoms=False,
+    )
     d_path = d.save(tmp_path / "d.npz")
-    assert main(["mrf", str(path), "--dictionary", str(d_path), "--out", str(tmp_path / "o"),
-                 "--dicom-out", "pmap", "-q"]) == 0
+    assert (
+        main(
+            [
+                "mrf",
+                str(path),
+                "--dictionary",
+                str(d_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--dicom-out",
+                "pmap",
+                "-q",
+            ]
+        )
+        == 0
+    )
     for name, unit in (("T1map", "ms"), ("T2map", "ms"), ("M0map", "[arb'U]"), ("B1map", "1")):
         s = read_dicom(tmp_path / "o" / "dicom" / f"{name}-pmap")
         ds = s.reference
@@ -165,8 +316,21 @@ def test_missing_highdicom_fails_before_fitting(molli, capsys, monkeypatch):
     tmp, _, _ = molli
     monkeypatch.setitem(__import__("sys").modules, "highdicom", None)
     monkeypatch.setattr("qmrkit.fit.lm", lambda *a, **k: 1 / 0)  # never reached
-    assert main(["fit", "molli", "--data", str(tmp / "dicom"), "--out", str(tmp / "o"),
-                 "--dicom-out", "pmap"]) == 2
+    assert (
+        main(
+            [
+                "fit",
+                "molli",
+                "--data",
+                str(tmp / "dicom"),
+                "--out",
+                str(tmp / "o"),
+                "--dicom-out",
+                "pmap",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "highdicom is needed" in err and "qmrkit[dicom]" in err
     assert not (tmp / "o").exists()
@@ -179,9 +343,27 @@ def test_dti_dicom_out_every_map_with_its_unit(tmp_path, capsys):
     prot = sim.dwi_protocol([(20.0, [1.0])], n_dirs=12)
     sim.dwi_phantom((6, 5), protocol=prot, snr=50).save(tmp_path / "dti")
     d = tmp_path / "dti"
-    assert main(["fit", "dti", "--dwi", str(d / "dwi.nii.gz"), "--bval", str(d / "dwi.bval"),
-                 "--bvec", str(d / "dwi.bvec"), "--out", str(tmp_path / "o"), "--no-figure",
-                 "--dicom-out", "pmap", "-q"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "dti",
+                "--dwi",
+                str(d / "dwi.nii.gz"),
+                "--bval",
+                str(d / "dwi.bval"),
+                "--bvec",
+                str(d / "dwi.bvec"),
+                "--out",
+                str(tmp_path / "o"),
+                "--no-figure",
+                "--dicom-out",
+                "pmap",
+                "-q",
+            ]
+        )
+        == 0
+    )
     folders = {p.name for p in (tmp_path / "o" / "dicom").iterdir()}
     # S0, 6 Cholesky parameters, FA MD AD RD L1 L2 L3, V1x V1y V1z: one series each
     assert len(folders) == 17 and {"S0map-pmap", "L11-pmap", "V1z-pmap"} <= folders

@@ -43,8 +43,14 @@ def test_classic_oblique_nonsquare_series_matches_truth_and_nibabel(tmp_path):
     stored = _stored((7, 5, 3, len(TI)))
     order = [3, 0, 6, 1, 5, 2, 4]  # files in neither TI nor instance order
     files = write_classic(
-        tmp_path / "s", stored[..., order], aff, ti=[TI[m] for m in order], slope=0.5,
-        intercept=-10.0, te=[1.1] * 7, tr=2.5,
+        tmp_path / "s",
+        stored[..., order],
+        aff,
+        ti=[TI[m] for m in order],
+        slope=0.5,
+        intercept=-10.0,
+        te=[1.1] * 7,
+        tr=2.5,
     )
     s = read_dicom(tmp_path / "s")
     assert s.data.shape == (7, 5, 3, 7) and s.data.dtype == np.float32
@@ -61,7 +67,7 @@ def test_classic_oblique_nonsquare_series_matches_truth_and_nibabel(tmp_path):
         ds = pydicom.dcmread(f)
         k = int(f.name.split("_")[1])  # the slice it was written for
         m = TI.index(float(ds.InversionTime))
-        ours = (s.affine @ np.stack([i.ravel(), j.ravel(), np.full(i.size, k), np.ones(i.size)]))
+        ours = s.affine @ np.stack([i.ravel(), j.ravel(), np.full(i.size, k), np.ones(i.size)])
         np.testing.assert_allclose(ours[:3], _nibabel_world(f, i.ravel(), j.ravel()), atol=1e-5)
         nib_data = dicomwrappers.wrapper_from_data(ds).get_data()  # (rows, cols), rescaled
         np.testing.assert_allclose(s.data[:, :, k, m], nib_data.T)
@@ -275,8 +281,9 @@ def test_pydicom_dicomdir_folder_lists_series_and_reads_one():
 def test_mixed_series_names_both(tmp_path):
     aff = oblique_affine()
     write_classic(tmp_path / "d", _stored((4, 3, 1, 2)), aff, ti=TI[:2], series_uid="1.2.3.4")
-    write_classic(tmp_path / "d", _stored((4, 3, 1, 2)), aff, ti=TI[:2], series_uid="1.2.3.5",
-                  seed=9)
+    write_classic(
+        tmp_path / "d", _stored((4, 3, 1, 2)), aff, ti=TI[:2], series_uid="1.2.3.5", seed=9
+    )
     with pytest.raises(DicomError) as err:
         read_dicom(tmp_path / "d")
     msg = str(err.value)
@@ -300,10 +307,13 @@ def test_inconsistent_geometry_errors(tmp_path):
     for f in files:
         ds = pydicom.dcmread(f)
         if f.name.split("_")[1] == "3":
-            n = np.cross(np.array(ds.ImageOrientationPatient[:3], float),
-                         np.array(ds.ImageOrientationPatient[3:], float))
-            ds.ImagePositionPatient = [f"{v:.10g}" for v in np.array(ds.ImagePositionPatient,
-                                                                      float) + 1.5 * n]
+            n = np.cross(
+                np.array(ds.ImageOrientationPatient[:3], float),
+                np.array(ds.ImageOrientationPatient[3:], float),
+            )
+            ds.ImagePositionPatient = [
+                f"{v:.10g}" for v in np.array(ds.ImagePositionPatient, float) + 1.5 * n
+            ]
             ds.save_as(f)
     with pytest.raises(DicomError, match=r"uneven slice spacing: gaps \[5, 5, 6.5\] mm"):
         read_dicom(tmp_path / "u")

@@ -32,8 +32,10 @@ def _frames_of(ds) -> tuple[np.ndarray, np.ndarray]:
         rwv = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
         vals = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns).astype(np.float64)
         vals = vals * float(rwv.RealWorldValueSlope) + float(rwv.RealWorldValueIntercept)
-        pos = [f.PlanePositionSequence[0].ImagePositionPatient
-               for f in ds.PerFrameFunctionalGroupsSequence]
+        pos = [
+            f.PlanePositionSequence[0].ImagePositionPatient
+            for f in ds.PerFrameFunctionalGroupsSequence
+        ]
         return vals, np.array(pos, float)
     vals = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     return vals[None], np.array([ds.ImagePositionPatient], float)
@@ -48,8 +50,9 @@ def test_round_trip_values_units_geometry_and_provenance(tmp_path):
     aff = oblique_affine()
     # the input series whose patient/study the maps join
     src = read_dicom(
-        write_classic(tmp_path / "in", np.ones((7, 5, 3, 2), np.int16), aff, ti=[100, 200])[0]
-        .parent
+        write_classic(tmp_path / "in", np.ones((7, 5, 3, 2), np.int16), aff, ti=[100, 200])[
+            0
+        ].parent
     )
     maps = _maps()
     series = write_dicom_maps(
@@ -60,7 +63,10 @@ def test_round_trip_values_units_geometry_and_provenance(tmp_path):
         derivation="qmrkit molli fit (lm)",
     )
     assert [(s.name, s.kind) for s in series] == [
-        ("T1map", "pmap"), ("T1map", "mr"), ("R2starmap", "pmap"), ("R2starmap", "mr")
+        ("T1map", "pmap"),
+        ("T1map", "mr"),
+        ("R2starmap", "pmap"),
+        ("R2starmap", "mr"),
     ]
     uids = {s.series_uid for s in series}
     assert len(uids) == 4 and src.series_uid not in uids
@@ -79,8 +85,9 @@ def test_round_trip_values_units_geometry_and_provenance(tmp_path):
             got.append(v)
             pos.append(p)
         got, pos = np.concatenate(got), np.concatenate(pos)
-        order = np.argsort(pos @ np.cross(*np.reshape(src.reference.ImageOrientationPatient,
-                                                      (2, 3)).astype(float)))
+        order = np.argsort(
+            pos @ np.cross(*np.reshape(src.reference.ImageOrientationPatient, (2, 3)).astype(float))
+        )
         got, pos = got[order], pos[order]
         np.testing.assert_allclose(pos, (FLIP * _world(aff, (1, 1, 3)).T), atol=1e-6)
         unit = {"T1map": "ms", "R2starmap": "s-1"}[s.name]
@@ -96,8 +103,10 @@ def test_round_trip_values_units_geometry_and_provenance(tmp_path):
         else:
             slope = s.rescale[0]
             assert float(pydicom.dcmread(s.files[0]).RescaleSlope) == slope
-            assert slope <= np.abs(truth).max() / 32767 * 1.0001 if s.name == "R2starmap" else (
-                slope <= np.abs(truth).max() / 65534
+            assert (
+                slope <= np.abs(truth).max() / 32767 * 1.0001
+                if s.name == "R2starmap"
+                else (slope <= np.abs(truth).max() / 65534)
             )
             err = np.abs(got - frames).max()
             assert err <= slope / 2 * (1 + 1e-6), (err, slope)
@@ -116,14 +125,16 @@ def test_left_handed_affine_lands_on_the_same_world_points(tmp_path):
     aff = np.diag([-1.5, 2.0, 4.0, 1.0])  # LAS-like: z opposite to x × y
     aff[:3, 3] = [30.0, -12.0, 7.5]
     m = _maps((5, 4, 3))["R2starmap"]
-    s = write_dicom_maps(tmp_path, {"R2starmap": m}, units={"R2starmap": "1/s"}, affine=aff,
-                         kinds=("pmap",))[0]
+    s = write_dicom_maps(
+        tmp_path, {"R2starmap": m}, units={"R2starmap": "1/s"}, affine=aff, kinds=("pmap",)
+    )[0]
     back = read_dicom(s.files[0])
     world_in = _world(aff, m.shape).T
     world_back = _world(back.affine, m.shape).T
     # every written voxel is found at its world position with its value
-    lookup = {tuple(np.round(p, 4)): v for p, v in zip(world_back, back.data[..., 0].ravel(),
-                                                        strict=True)}
+    lookup = {
+        tuple(np.round(p, 4)): v for p, v in zip(world_back, back.data[..., 0].ravel(), strict=True)
+    }
     for p, v in zip(world_in, m.ravel(), strict=True):
         assert lookup[tuple(np.round(p, 4))] == v
 
@@ -149,15 +160,24 @@ def test_mrd_header_gives_patient_and_study(tmp_path):
   <fieldOfView_mm><x>8</x><y>8</y><z>5</z></fieldOfView_mm></reconSpace>
   <encodingLimits/><trajectory>cartesian</trajectory></encoding>
 </ismrmrdHeader>"""
-    out = write_dicom_maps(tmp_path, {"T1map": np.full((4, 4), 900.0)}, units={"T1map": "ms"},
-                           reference=xml)
+    out = write_dicom_maps(
+        tmp_path, {"T1map": np.full((4, 4), 900.0)}, units={"T1map": "ms"}, reference=xml
+    )
     for s in out:
         ds = pydicom.dcmread(s.files[0])
         assert (ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex) == (
-            "Doe^Jäne", "MRD-42", "19800517", "F")
+            "Doe^Jäne",
+            "MRD-42",
+            "19800517",
+            "F",
+        )
         assert ds.SpecificCharacterSet == "ISO_IR 192"  # UTF-8, declared
         assert (ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber) == (
-            "20240304", "093005", "S9", "123")
+            "20240304",
+            "093005",
+            "S9",
+            "123",
+        )
         assert ds.StudyInstanceUID == "1.2.826.0.1.3680043.2.1125.1"
         assert ds.FrameOfReferenceUID == "1.2.826.0.1.3680043.2.1125.2"
         assert ds.PatientPosition == "HFS" and ds.StudyDescription == "cardiac T1"
@@ -189,8 +209,9 @@ def test_bad_requests(tmp_path):
 def test_exported_series_reads_back(tmp_path):
     aff = oblique_affine()
     series = np.random.default_rng(1).uniform(0, 500, (6, 4, 2, 3)).astype(np.float32)
-    files = write_dicom_series(tmp_path, series, affine=aff, ti=[300, 100, 200], tr=2.4,
-                               patient_id="P1")
+    files = write_dicom_series(
+        tmp_path, series, affine=aff, ti=[300, 100, 200], tr=2.4, patient_id="P1"
+    )
     assert len(files) == 6
     s = read_dicom(tmp_path)
     slope = float(pydicom.dcmread(files[0]).RescaleSlope)
@@ -201,24 +222,34 @@ def test_exported_series_reads_back(tmp_path):
     assert s.reference.PatientID == "P1"
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) is "
-                    "not installed; .ci/run installs it")
+@pytest.mark.skipif(
+    shutil.which("dciodvfy") is None,
+    reason="dciodvfy (Debian dicom3tools) is not installed; .ci/run installs it",
+)
 def test_dciodvfy_finds_no_errors(tmp_path, capsys):
     aff = oblique_affine()
-    src = read_dicom(write_classic(tmp_path / "in", np.ones((7, 5, 3, 2), np.int16), aff,
-                                   ti=[100, 200])[0].parent)
-    series = write_dicom_maps(tmp_path / "dcm", _maps(), units={"T1map": "ms",
-                              "R2starmap": "1/s"}, reference=src)
-    series += write_dicom_maps(tmp_path / "anon", {"MDmap": np.full((4, 3), 0.8),
-                               "Lxx": np.full((4, 3), 0.9)},
-                               units={"MDmap": "µm²/ms", "Lxx": "sqrt(µm²/ms)"})
-    exported = write_dicom_series(tmp_path / "exp", np.ones((4, 3, 2)), ti=[100, 200],
-                                  patient_id="P1")
+    src = read_dicom(
+        write_classic(tmp_path / "in", np.ones((7, 5, 3, 2), np.int16), aff, ti=[100, 200])[
+            0
+        ].parent
+    )
+    series = write_dicom_maps(
+        tmp_path / "dcm", _maps(), units={"T1map": "ms", "R2starmap": "1/s"}, reference=src
+    )
+    series += write_dicom_maps(
+        tmp_path / "anon",
+        {"MDmap": np.full((4, 3), 0.8), "Lxx": np.full((4, 3), 0.9)},
+        units={"MDmap": "µm²/ms", "Lxx": "sqrt(µm²/ms)"},
+    )
+    exported = write_dicom_series(
+        tmp_path / "exp", np.ones((4, 3, 2)), ti=[100, 200], patient_id="P1"
+    )
     files = [s.files[0] for s in series] + exported[:1]
     warnings_seen = set()
     for f in files:
-        done = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True, timeout=60,
-                              errors="replace")
+        done = subprocess.run(
+            ["dciodvfy", str(f)], capture_output=True, text=True, timeout=60, errors="replace"
+        )
         lines = (done.stdout + done.stderr).splitlines()
         errors = [line for line in lines if line.startswith("Error")]
         assert not errors, f"{f}:\n" + "\n".join(lines)
@@ -227,8 +258,13 @@ def test_dciodvfy_finds_no_errors(tmp_path, capsys):
         print("\ndciodvfy warnings:\n  " + "\n  ".join(sorted(warnings_seen)))
     # the known, accepted warnings only: the rescale slope in MR images, defined terms that
     # dciodvfy does not know, empty Laterality, no patient ID in the anonymous study
-    allowed = ("Modality LUT", "not present in standard DICOM IOD", "Unrecognized defined term",
-               "<Laterality>", "needed to build DICOMDIR")
+    allowed = (
+        "Modality LUT",
+        "not present in standard DICOM IOD",
+        "Unrecognized defined term",
+        "<Laterality>",
+        "needed to build DICOMDIR",
+    )
     assert all(any(a in w for a in allowed) for w in warnings_seen), warnings_seen
 
 
@@ -249,8 +285,9 @@ def test_enhanced_reference_with_per_frame_pixel_measures(tmp_path):
     shared = src.reference.SharedFunctionalGroupsSequence[0]
     assert "PixelMeasuresSequence" not in shared  # the case highdicom cannot read by itself
     m = np.random.default_rng(2).uniform(100, 200, (16, 12, 2)).astype(np.float32)
-    (s,) = write_dicom_maps(tmp_path / "o", {"T2map": m}, units={"T2map": "ms"}, reference=src,
-                            kinds=("pmap",))
+    (s,) = write_dicom_maps(
+        tmp_path / "o", {"T2map": m}, units={"T2map": "ms"}, reference=src, kinds=("pmap",)
+    )
     ds = pydicom.dcmread(s.files[0])
     assert ds.PatientName == src.reference.PatientName
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == src.series_uid

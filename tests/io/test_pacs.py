@@ -49,8 +49,9 @@ def orthanc(tmp_path_factory):
     HTTP on free loopback ports, no remote access, no authentication, called AE title checked;
     stopped (and its folder left to pytest) after the module's tests."""
     if ORTHANC is None:
-        pytest.skip("the Orthanc server is not installed (Debian package 'orthanc'; .ci/run "
-                    "installs it)")
+        pytest.skip(
+            "the Orthanc server is not installed (Debian package 'orthanc'; .ci/run installs it)"
+        )
     root = tmp_path_factory.mktemp("orthanc")
     dicom_port, http_port = _free_port(), _free_port()
     config = {
@@ -67,8 +68,9 @@ def orthanc(tmp_path_factory):
     }
     (root / "orthanc.json").write_text(json.dumps(config))
     log = (root / "orthanc.log").open("w")
-    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], cwd=root, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [ORTHANC, str(root / "orthanc.json")], cwd=root, stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{http_port}"
     deadline = time.monotonic() + 30
     while True:
@@ -96,8 +98,13 @@ def _molli_dicom(tmp_path: Path) -> tuple[Path, np.ndarray]:
     t1 = np.linspace(400.0, 1900.0, 6 * 8).reshape(6, 8)
     series, _ = molli_series(t1, 1000.0, MOLLI_TI, snr=300, seed=3)
     stored = np.round(series / series.max() * 3000)[:, :, None].astype(np.int16)
-    write_classic(tmp_path / "molli", stored, oblique_affine(voxel=(1.4, 1.6, 8.0)),
-                  ti=list(MOLLI_TI), slope=0.25)
+    write_classic(
+        tmp_path / "molli",
+        stored,
+        oblique_affine(voxel=(1.4, 1.6, 8.0)),
+        ti=list(MOLLI_TI),
+        slope=0.25,
+    )
     return tmp_path / "molli", t1
 
 
@@ -113,8 +120,21 @@ def _instances(url: str) -> dict[str, list]:
 def test_fit_send_to_orthanc_and_read_back(orthanc, tmp_path, capsys):
     folder, _ = _molli_dicom(tmp_path)
     out = tmp_path / "out"
-    rc = main(["fit", "molli", "--data", str(folder), "--out", str(out), "--no-figure",
-               "--send-to", orthanc["pacs"], "--calling-aet", "QMRKIT-CI"])
+    rc = main(
+        [
+            "fit",
+            "molli",
+            "--data",
+            str(folder),
+            "--out",
+            str(out),
+            "--no-figure",
+            "--send-to",
+            orthanc["pacs"],
+            "--calling-aet",
+            "QMRKIT-CI",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0, text
     written = sorted((out / "dicom").rglob("*.dcm"))
@@ -130,7 +150,8 @@ def test_fit_send_to_orthanc_and_read_back(orthanc, tmp_path, capsys):
         assert rwv.MeasurementUnitsCodeSequence[0].CodeValue == unit
         assert pm.PatientID == src.PatientID and pm.StudyInstanceUID == src.StudyInstanceUID
         values = pm.pixel_array * float(rwv.RealWorldValueSlope) + float(
-            rwv.RealWorldValueIntercept)
+            rwv.RealWorldValueIntercept
+        )
         np.testing.assert_array_equal(values.astype(np.float32), truth)  # float32 exact
         (mr,) = stored[f"{name} [{unit}] qmrkit MR"]
         slope = float(mr.RescaleSlope)
@@ -152,8 +173,19 @@ def test_refusals_are_clear(orthanc, tmp_path, capsys):
     report = send_dicom([f], orthanc["pacs"])
     assert report.sent == [f] and not report.failed
     folder, _ = _molli_dicom(tmp_path)
-    rc = main(["fit", "molli", "--data", str(folder), "--out", str(tmp_path / "o"), "--no-figure",
-               "--send-to", wrong])
+    rc = main(
+        [
+            "fit",
+            "molli",
+            "--data",
+            str(folder),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-figure",
+            "--send-to",
+            wrong,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "rejected the association" in err
 
@@ -162,8 +194,12 @@ def test_parse_pacs_url():
     a = parse_pacs_url("pacs://ORTHANC@pacs.example.org:4242")
     assert (a.aet, a.host, a.port) == ("ORTHANC", "pacs.example.org", 4242)
     assert parse_pacs_url("pacs://X@[::1]").port == 104
-    for bad in ("ORTHANC@host:4242", "pacs://host:4242", "pacs://A@h:99999",
-                "pacs://THIS_TITLE_IS_TOO_LONG@h:1"):
+    for bad in (
+        "ORTHANC@host:4242",
+        "pacs://host:4242",
+        "pacs://A@h:99999",
+        "pacs://THIS_TITLE_IS_TOO_LONG@h:1",
+    ):
         with pytest.raises(ParameterError):
             parse_pacs_url(bad)
     assert main(["fit", "molli", "--data", ".", "--out", "o", "--send-to", "http://x"]) == 2

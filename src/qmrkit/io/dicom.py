@@ -320,25 +320,33 @@ def acquisition_values(ds: Any, frame: int | None = None) -> dict[str, tuple[Any
         return None
 
     ti = first(
-        (_num(_in_groups(groups, "MRModifierSequence", "InversionTimes", direct=False)),
-         "InversionTimes (0018,9079) in the MR Modifier Sequence"),
+        (
+            _num(_in_groups(groups, "MRModifierSequence", "InversionTimes", direct=False)),
+            "InversionTimes (0018,9079) in the MR Modifier Sequence",
+        ),
         (_num(ds.get("InversionTime")), "InversionTime (0018,0082)"),
         (_ti_from_comment(ds.get("ImageComments")), "ImageComments (0020,4000)"),
     )
     te = first(
-        (_num(_in_groups(groups, "MREchoSequence", "EffectiveEchoTime", direct=False)),
-         "EffectiveEchoTime (0018,9082) in the MR Echo Sequence"),
+        (
+            _num(_in_groups(groups, "MREchoSequence", "EffectiveEchoTime", direct=False)),
+            "EffectiveEchoTime (0018,9082) in the MR Echo Sequence",
+        ),
         (_num(ds.get("EchoTime")), "EchoTime (0018,0081)"),
     )
     timing = "MRTimingAndRelatedParametersSequence"
     fa = first(
-        (_num(_in_groups(groups, timing, "FlipAngle", direct=False)),
-         "FlipAngle (0018,1314) in the MR Timing and Related Parameters Sequence"),
+        (
+            _num(_in_groups(groups, timing, "FlipAngle", direct=False)),
+            "FlipAngle (0018,1314) in the MR Timing and Related Parameters Sequence",
+        ),
         (_num(ds.get("FlipAngle")), "FlipAngle (0018,1314)"),
     )
     tr = first(
-        (_num(_in_groups(groups, timing, "RepetitionTime", direct=False)),
-         "RepetitionTime (0018,0080) in the MR Timing and Related Parameters Sequence"),
+        (
+            _num(_in_groups(groups, timing, "RepetitionTime", direct=False)),
+            "RepetitionTime (0018,0080) in the MR Timing and Related Parameters Sequence",
+        ),
         (_num(ds.get("RepetitionTime")), "RepetitionTime (0018,0080)"),
     )
     for name, found in (("ti", ti), ("te", te), ("flip_angles", fa), ("tr", tr)):
@@ -746,7 +754,8 @@ def _assemble(frames: list[_Frame], sort_by: str, fallback: str | None) -> dict[
             if missing:
                 f = missing[0]
                 raise DicomError(
-                    f"{f.path}" + (f" frame {f.index + 1}" if f.index else "")
+                    f"{f.path}"
+                    + (f" frame {f.index + 1}" if f.index else "")
                     + f" has no {_label(key)}; looked for {VARIABLES[key][1]}"
                 )
         s.sort(key=lambda f: ((float(f.acq[key][0]),) if key != "acquisition" else ()) + f.order)
@@ -829,9 +838,11 @@ def _check_same_grid(frames: list[_Frame]) -> None:
                 f"{_fmt(f0.iop)}, {f.path.name} has {_fmt(f.iop)}; the series is not one volume"
             )
     row, col = f0.iop[:3], f0.iop[3:]
-    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(
-        row @ col
-    ) > 1e-3:
+    if (
+        abs(np.linalg.norm(row) - 1) > 1e-3
+        or abs(np.linalg.norm(col) - 1) > 1e-3
+        or abs(row @ col) > 1e-3
+    ):
         raise DicomError(
             f"ImageOrientationPatient {_fmt(f0.iop)} of {f0.path.name} is not two orthogonal unit "
             "vectors"

@@ -406,9 +406,7 @@ def _reference(pydicom: Any, reference: Any) -> tuple[list[Any], Any]:
         return list(reference.datasets), reference.reference
     if isinstance(reference, pydicom.Dataset):
         return [reference], reference
-    if isinstance(reference, Sequence) and reference and isinstance(
-        reference[0], pydicom.Dataset
-    ):
+    if isinstance(reference, Sequence) and reference and isinstance(reference[0], pydicom.Dataset):
         return list(reference), reference[0]
     ds = pydicom.Dataset()
     ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "", "", "", ""
@@ -673,7 +671,7 @@ def _write_mr(
     first_instance: int = 1,
 ) -> None:
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
     from .. import __version__
 
@@ -727,11 +725,15 @@ def _write_mr(
         ds.InstanceNumber = first_instance + k
         # an exported series stands in for scanner images but was not acquired: DERIVED
         # value 3 is required for MR images: the map's name for a map, OTHER for a series
-        ds.ImageType = ["DERIVED", "SECONDARY", _cs(s.name)] if derived else [
-            "DERIVED",
-            "PRIMARY",
-            "OTHER",
-        ]
+        ds.ImageType = (
+            ["DERIVED", "SECONDARY", _cs(s.name)]
+            if derived
+            else [
+                "DERIVED",
+                "PRIMARY",
+                "OTHER",
+            ]
+        )
         if derived:
             ds.DerivationDescription = (derivation or f"{s.name} computed by qmrkit")[:1024]
         # Image Plane: x along the rows, y down the columns, LPS
