@@ -60,11 +60,15 @@ def residual_and_jacobian(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residuals ``(v, m)`` and Jacobian ``(v, m, P)`` of voxels ``idx`` at ``theta (v, P)``.
 
-    Forward-mode autodiff: one jvp per parameter over the whole batch (each voxel's residual depends
-    only on its own parameters, so a one-hot tangent column gives a Jacobian column). Falls back to
-    reverse mode if the model uses an operation without forward-mode support.
+    The model's own derivatives when it has them (:meth:`Model.jacobian`), else forward-mode
+    autodiff: one jvp per parameter over the whole batch (each voxel's residual depends only on its
+    own parameters, so a one-hot tangent column gives a Jacobian column). Falls back to reverse
+    mode if the model uses an operation without forward-mode support.
     """
     theta = theta.detach()
+    own = problem.model_jacobian(theta, idx)  # the model's closed-form derivatives, if any
+    if own is not None:
+        return own[0].detach(), own[1].detach()
     P = theta.shape[1]
     _load_forward_ad()
     try:
