@@ -170,7 +170,11 @@ def _lm_chunk(
         iters[act] += 1
         th_a = theta[act]
         delta, ok = _damped_step(H, g, lam, th_a, problem.lower, problem.upper)
-        trial = problem.clamp(th_a + delta.to(theta.dtype))
+        raw = th_a + delta.to(theta.dtype)
+        trial = problem.clamp(raw)
+        # a step cut by the box: its predicted gain (of the projected step) may be <= 0 although
+        # the voxel is far from converged, so it must not count as "nothing left to gain"
+        clipped = (trial != raw).any(dim=-1)
         step = (trial - th_a).double()
         with torch.no_grad():
             r_t = problem.residual(trial, act)
@@ -180,7 +184,7 @@ def _lm_chunk(
         accept = ok & torch.isfinite(cost_t) & (actual > 0)
         rho = actual / predicted.clamp_min(1e-300)
         conv_f = (accept & (actual <= ftol * cost)) | (
-            ok & (lam <= 1.0) & (predicted <= ftol * cost)
+            ok & ~clipped & (lam <= 1.0) & (predicted <= ftol * cost)
         )
         conv_x = accept & (step.abs() <= xtol * (th_a.double().abs() + xtol)).all(dim=-1)
         # Nielsen's damping update
