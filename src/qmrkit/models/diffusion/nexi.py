@@ -31,25 +31,106 @@ import torch
 from ...errors import ParameterError, ShapeError
 from ...fit.model import Model, Parameter
 
-#: Gauss–Legendre nodes over ξ ∈ [0, 1] used before the automatic choice (tests compare with it)
-N_NODES = 64
-
-
-def n_nodes_for(bd_max: float) -> int:
-    """Gauss–Legendre nodes over ξ ∈ [0, 1] that integrate the kernel to ~1e-13 relative.
-
-    The integrand is an entire function of ξ whose steepest part is ``exp(−b·D_n·ξ²)``; measured
-    against mpmath, ``10 + ⌈2·√(b·D_n)⌉`` nodes reach 1e-13 for ``exp(−c·ξ²)``·P_l (l = 0, 2) for
-    every c in [1, 400] (e.g. 26 nodes for GACELLE's b = 17.3 ms/µm² with D_n ≤ 3.5 µm²/ms, where the
-    previous fixed 64 cost 2.5× more and gained nothing; tests check against 128 nodes).
-    """
-    return 10 + int(math.ceil(2.0 * math.sqrt(max(float(bd_max), 0.0))))
+#: quadrature accuracy (absolute, relative to the spherical mean K_0) of the default node counts
+QUAD_RTOL = {torch.float64: 1e-13, torch.float32: 1e-9}
 
 
 def gauss_legendre_01(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Nodes and weights of n-point Gauss–Legendre quadrature on [0, 1] (float64)."""
     x, w = np.polynomial.legendre.leggauss(n)
     return 0.5 * (x + 1.0), 0.5 * w
+
+
+def n_nodes_for(bd_max: float, rtol: float = 1e-13) -> int:
+    """Fewest Gauss–Legendre nodes over ξ ∈ [0, 1] that integrate the kernel to ``rtol``.
+
+    The integrand is an entire function of ξ whose steepest part is ``exp(−b·D_n·ξ²)``. The count
+    is found numerically: ``exp(−c·ξ²)`` and ``exp(−c·ξ²)·P₂(ξ)`` for 25 values of c in
+    [0, ``bd_max``] against a 200-node rule, error ≤ ``rtol``·K_0. With exchange the same count
+    holds (tests: over the whole parameter box, 23 nodes give 7e-14, 18 give 2e-10 for GACELLE's
+    protocol, b·D_n ≤ 17.3·3.5). 23 nodes (float64) and 18 (float32) there, against the 64 used
+    before: 2.8× and 3.6× less work for the same accuracy.
+    """
+    cs = np.linspace(0.0, max(float(bd_max), 0.0), 25)[:, None]
+    xr, wr = gauss_legendre_01(200)
+    er = np.exp(-cs * xr * xr)
+    k0r, k2r = er @ wr, er @ (wr * 0.5 * (3 * xr * xr - 1))
+    for n in range(8, 200):
+        x, w = gauss_legendre_01(n)
+        e = np.exp(-cs * x * x)
+        err = max(np.abs(e @ w - k0r).max(), np.abs(e @ (w * 0.5 * (3 * x * x - 1)) - k2r).max())
+        if err <= rtol * k0r.min():
+            return n
+    return 200
+
+
+#: below this s (half the eigenvalue gap) the series form is used (module docs of karger_signal)
+_S_SMALL = 0.05
+
+#: largest exponent evaluated per dtype: beyond it exp gives subnormal numbers, ~10x slower on CPUs,
+#: while the signal changes by less than e^{-cap} (1.8e-35 in float32, 1e-304 in float64)
+_EXP_CAP = {torch.float32: 80.0, torch.float64: 700.0}
+
+#: voxels per pass through the (V, shells, nodes) kernel: ≈ 4 MB per float32 temporary with 15
+#: shells × 18 nodes (cache-friendly), and memory stays bounded for whole-brain batches
+_CHUNK = 4096
+
+
+def _series(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``C = cosh √z``, ``Sc = sinh(√z)/√z`` and ``(C − Sc)/z`` by their series (z = s² < 0.0025:
+    exact to 1e-20)."""
+    cosh = 1.0 + z * (1 / 2 + z * (1 / 24 + z * (1 / 720 + z / 40320)))
+    sinhc = 1.0 + z * (1 / 6 + z * (1 / 120 + z * (1 / 5040 + z / 362880)))
+    # Σ z^k (1/(2k+2)! − 1/(2k+3)!)
+    dsc = 1 / 3 + z * (1 / 30 + z * (1 / 840 + z * (1 / 45360 + z / 3991680)))
+    return cosh, sinhc, dsc
+
+
+class _Terms:
+    """Intermediates of the Kärger kernel shared by the signal and its derivatives."""
+
+    def __init__(self, b, t, xi, f, dn, de, rn):
+        self.cap = _EXP_CAP.get(b.dtype, 80.0)
+        self.one_m_f = (1.0 - f).clamp_min(1e-12)
+        self.kappa = f / self.one_m_f
+        # r_n·t and r_e·t = r_n·t·f/(1 − f): f → 1 leaves no extracellular space to exchange with
+        self.rnt = rn * t
+        self.ret = self.rnt * self.kappa
+        self.bx = b * xi * xi  # ∂(b·D_n·ξ²)/∂D_n
+        self.bn = self.bx * dn  # stick diffusion along the gradient, b·D_n·ξ²
+        self.bde = b * de
+        a = self.bn + self.rnt
+        self.d = self.bde + self.ret
+        self.hd = 0.5 * (a - self.d)
+        self.m = 0.5 * (a + self.d)
+        self.z = self.hd * self.hd + self.rnt * self.ret  # s², a sum of non-negative terms
+        # eigenvalues m ± s, both >= 0; the clamp keeps sqrt's derivative finite where s = 0
+        s = torch.sqrt(self.z.clamp_min(1e-30))
+        self.g = 2.0 * f - 1.0
+        # proj = [1, 1]·(M − m·I)·[f, 1 − f]; |proj| <= s
+        self.proj = self.hd * self.g - 2.0 * self.rnt * f
+        self.small = s < _S_SMALL
+        # s -> 0: the weights (s ∓ proj)/(2s) are 0/0; those points are replaced by the series
+        self.s = torch.where(self.small, torch.ones_like(s), s)
+        self.lam_hi = (self.m + self.s).clamp_min(1e-30)
+        # det M = a·d − r_n·t·r_e·t, expanded: no cancellation
+        self.lam_lo = (self.bn * self.d + self.rnt * self.bde) / self.lam_hi
+        big = self.s + self.proj.abs()
+        w_big = big / (2.0 * self.s)
+        # (s² − proj²)/(2s(s + |proj|)) with s² − proj² = f(1 − f)·(b·D_n·ξ² − b·D_e)²
+        w_small = f * self.one_m_f * (self.bn - self.bde) ** 2 / (2.0 * self.s * big)
+        pos = self.proj >= 0
+        self.c_lo = torch.where(pos, w_small, w_big)
+        self.c_hi = torch.where(pos, w_big, w_small)
+        self.e_lo = torch.exp(-self.lam_lo.clamp_max(self.cap))
+        self.e_hi = torch.exp(-self.lam_hi.clamp_max(self.cap))
+        self.signal = self.c_lo * self.e_lo + self.c_hi * self.e_hi
+        self.shape = self.signal.shape
+        self.idx = self.small.nonzero(as_tuple=True) if bool(self.small.any()) else None
+
+    def at_small(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (broadcastable) at the points where s < 0.05."""
+        return x.expand(self.shape)[self.idx]
 
 
 def karger_signal(
@@ -73,52 +154,17 @@ def karger_signal(
     ``s² − proj² = f(1 − f)·(b·D_n·ξ² − b·D_e)²``, never from ``s − |proj|``. The textbook form
     ``e^{−m}(cosh s − proj·sinh(s)/s)`` loses both to cancellation when one mode is slow and light
     (f → 1, where r_e·t is large, or f → 0): in float32 it was wrong by up to 0.76 (absolute) at
-    f = 1 − 1e-6 and by 1.5e-3 elsewhere, and in float64 by 1e-9; this form is within 5e-6
-    (float32) and 1e-14 (float64) of a 40-digit ``mpmath.expm`` everywhere in the bounds (tests).
+    f = 1 − 1e-6 and by 1.5e-3 elsewhere, and in float64 by 1e-9; this form is within 2e-6
+    (float32) and 2e-14 (float64) of a 40-digit ``mpmath.expm`` everywhere in the bounds (tests).
+    Where s < 0.05 (nearly equal eigenvalues; no cancellation there since |proj| <= s) that form is
+    used, with cosh and sinh(s)/s as series.
     """
-    # r_e·t = r_n·t·f/(1 − f); f → 1 leaves no extracellular space to exchange with
-    rnt = rn * t
-    ret = rnt * f / (1.0 - f).clamp_min(1e-12)
-    bn = b * dn * xi * xi  # neurite (stick) diffusion along the gradient, b·D_n·ξ²
-    bde = b * de
-    a = bn + rnt
-    d = bde + ret
-    half_diff = 0.5 * (a - d)
-    m = 0.5 * (a + d)
-    s2 = half_diff * half_diff + rnt * ret
-    # eigenvalues m ± s, both >= 0; the clamp keeps sqrt's derivative finite where s = 0
-    s = torch.sqrt(s2.clamp_min(1e-30))
-    # [1, 1]·(M − m·I)·[f, 1 − f] = (a − d)/2·(2f − 1) − 2·r_n·t·f; |proj| <= s
-    proj = half_diff * (2.0 * f - 1.0) - 2.0 * rnt * f
-    # exponents beyond `cap` would give subnormal numbers, which make exp ~10x slower on CPUs and
-    # change the signal by less than e^{-cap} (1.8e-35 in float32, 1e-304 in float64)
-    cap = _EXP_CAP[b.dtype] if b.dtype in _EXP_CAP else 80.0
-    # s -> 0 (equal eigenvalues): the weights (s ∓ proj)/(2s) are 0/0; use the series there
-    small = s < 0.05
-    s_safe = torch.where(small, torch.ones_like(s), s)
-    lam_hi = (m + s).clamp_min(1e-30)
-    lam_lo = (bn * d + rnt * bde) / lam_hi  # det M = a·d − r_n·t·r_e·t, expanded: no cancellation
-    big = s_safe + proj.abs()
-    w_big = big / (2.0 * s_safe)
-    w_small = f * (1.0 - f) * (bn - bde) ** 2 / (2.0 * s_safe * big)  # (s² − proj²)/(2s(s + |proj|))
-    c_lo = torch.where(proj >= 0, w_small, w_big)
-    c_hi = torch.where(proj >= 0, w_big, w_small)
-    eig = c_lo * torch.exp(-lam_lo.clamp_max(cap)) + c_hi * torch.exp(-lam_hi.clamp_max(cap))
-    # e^{−m}(cosh s − proj·sinh(s)/s) for s < 0.05: no cancellation there (|proj| <= s), series
-    # exact to 1e-20; s2 zeroed outside so the unused branch stays finite (and so do gradients)
-    z = torch.where(small, s2, torch.zeros_like(s2))
-    cosh = 1.0 + z * (1 / 2 + z * (1 / 24 + z * (1 / 720 + z / 40320)))
-    sinhc = 1.0 + z * (1 / 6 + z * (1 / 120 + z * (1 / 5040 + z / 362880)))
-    series = torch.exp(-m.clamp_max(cap)) * (cosh - torch.where(small, proj, 0.0 * proj) * sinhc)
-    return torch.where(small, series, eig)
-
-
-#: voxels per pass through the (V, shells, nodes) kernel (≈ 6 MB per float32 temporary with
-#: 15 shells × 26 nodes: cache-sized, and memory stays bounded for whole-brain batches)
-_CHUNK = 4096
-
-#: largest exponent evaluated per dtype (see :func:`karger_signal`)
-_EXP_CAP = {torch.float32: 80.0, torch.float64: 700.0}
+    k = _Terms(b, t, xi, f, dn, de, rn)
+    if k.idx is None:
+        return k.signal
+    z, m, proj = k.at_small(k.z), k.at_small(k.m), k.at_small(k.proj)
+    cosh, sinhc, _ = _series(z)
+    return k.signal.index_put(k.idx, torch.exp(-m.clamp_max(k.cap)) * (cosh - proj * sinhc))
 
 
 def karger_signal_and_derivatives(
@@ -134,79 +180,59 @@ def karger_signal_and_derivatives(
 
     Same broadcasting and units as :func:`karger_signal` (derivatives per unit of each parameter:
     1/(µm²/ms) for the diffusivities, ms for r_n). Used by :meth:`NEXI.jacobian`, which lets
-    ``fit.lm`` skip forward-mode autodiff: five dual-number passes through the kernel cost 15–25
-    forward evaluations, these formulas about three.
+    ``fit.lm`` skip forward-mode autodiff (five dual-number passes through the kernel cost ~15–25
+    forward evaluations).
 
-    For each parameter θ the derivatives of a, d (the diagonal of M), of r_n·t·r_e·t, det M and
-    proj are written out; then, with s >= 0.05,
-    ``dS = dc_lo·(e_lo − e_hi) − c_lo·e_lo·dλ_lo − c_hi·e_hi·dλ_hi`` (dλ_hi = dm + ds,
-    dλ_lo = (d det − λ_lo·dλ_hi)/λ_hi, dc_lo = −(dproj − proj·ds/s)/(2s)), and for s < 0.05 (where
-    ds = dz/(2s) is 0/0) the derivative of ``e^{−m}(C(z) − Sc(z)·proj)`` in z = s², with
+    For each parameter θ the derivatives of m, z = s², proj and det M are written out (a few
+    products of broadcast terms); with s >= 0.05, differentiating the eigen form (λ_hi = m + s,
+    λ_lo = det/λ_hi, c_lo = (s − proj)/(2s), c_hi = 1 − c_lo) and collecting terms,
+    ``dS = α·dproj + β·dz + γ·d det + κ·dm`` with
+    ``α = −(e_lo − e_hi)/(2s)``, ``κ = c_lo·e_lo·λ_lo/λ_hi − c_hi·e_hi``,
+    ``β = ((e_lo − e_hi)·proj/(2s²) + κ)/(2s)``, ``γ = −c_lo·e_lo/λ_hi``,
+    and for s < 0.05 (where dz/(2s) is 0/0) the derivative of ``e^{−m}(C(z) − Sc(z)·proj)`` with
     C = cosh √z, Sc = sinh(√z)/√z, C′ = Sc/2 and Sc′ = (C − Sc)/(2z), all by series.
     """
-    cap = _EXP_CAP[b.dtype] if b.dtype in _EXP_CAP else 80.0
-    one_m_f = (1.0 - f).clamp_min(1e-12)
-    kappa = f / one_m_f
-    rnt = rn * t
-    ret = rnt * kappa
-    bx = b * xi * xi  # ∂(b·D_n·ξ²)/∂D_n
-    bn = bx * dn
-    bde = b * de
-    a = bn + rnt
-    d = bde + ret
-    hd = 0.5 * (a - d)
-    m = 0.5 * (a + d)
-    z = hd * hd + rnt * ret
-    s = torch.sqrt(z.clamp_min(1e-30))
-    g = 2.0 * f - 1.0
-    proj = hd * g - 2.0 * rnt * f
-    small = s < 0.05
-    s_safe = torch.where(small, torch.ones_like(s), s)
-    lam_hi = (m + s).clamp_min(1e-30)
-    lam_lo = (bn * d + rnt * bde) / lam_hi
-    big = s_safe + proj.abs()
-    w_big = big / (2.0 * s_safe)
-    w_small = f * one_m_f * (bn - bde) ** 2 / (2.0 * s_safe * big)
-    c_lo = torch.where(proj >= 0, w_small, w_big)
-    c_hi = torch.where(proj >= 0, w_big, w_small)
-    e_lo = torch.exp(-lam_lo.clamp_max(cap))
-    e_hi = torch.exp(-lam_hi.clamp_max(cap))
-    eig = c_lo * e_lo + c_hi * e_hi
-    zs = torch.where(small, z, torch.zeros_like(z))
-    cosh = 1.0 + zs * (1 / 2 + zs * (1 / 24 + zs * (1 / 720 + zs / 40320)))
-    sinhc = 1.0 + zs * (1 / 6 + zs * (1 / 120 + zs * (1 / 5040 + zs / 362880)))
-    # (C − Sc)/z = Σ z^k (1/(2k+2)! − 1/(2k+3)!)
-    dsc = 1 / 3 + zs * (1 / 30 + zs * (1 / 840 + zs * (1 / 45360 + zs / 3991680)))
-    em = torch.exp(-m.clamp_max(cap))
-    proj_s = torch.where(small, proj, torch.zeros_like(proj))
-    series = em * (cosh - proj_s * sinhc)
-    signal = torch.where(small, series, eig)
+    k = _Terms(b, t, xi, f, dn, de, rn)
+    inv2s = 0.5 / k.s
+    e_diff = k.e_lo - k.e_hi
+    alpha = -e_diff * inv2s
+    kap = k.c_lo * k.e_lo * k.lam_lo / k.lam_hi - k.c_hi * k.e_hi
+    beta = (e_diff * k.proj * inv2s / k.s + kap) * inv2s
+    gamma = -k.c_lo * k.e_lo / k.lam_hi
 
-    # per parameter: (da, dd, d(r_n t·r_e t), explicit ∂proj/∂θ at fixed hd, d det)
-    de_f = rnt / (one_m_f * one_m_f)  # ∂(r_e t)/∂f
-    zero = torch.zeros((), dtype=signal.dtype, device=signal.device)
+    de_f = k.rnt / (k.one_m_f * k.one_m_f)  # ∂(r_e t)/∂f
+    # per parameter: ∂a, ∂d (the diagonal of M), ∂(r_n t·r_e t), ∂proj at fixed hd, ∂det M
     parts = {
-        "f": (zero, de_f, rnt * de_f, 2.0 * hd - 2.0 * rnt, bn * de_f),
-        "Dn": (bx, zero, zero, zero, bx * d),
-        "De": (zero, b, zero, zero, b * (bn + rnt)),
-        "rn": (t, t * kappa, 2.0 * ret * t, -2.0 * t * f, t * (bn * kappa + bde)),
+        "f": (None, de_f, k.rnt * de_f, 2.0 * k.hd - 2.0 * k.rnt, k.bn * de_f),
+        "Dn": (k.bx, None, None, None, k.bx * k.d),
+        "De": (None, b, None, None, b * (k.bn + k.rnt)),
+        "rn": (t, t * k.kappa, 2.0 * k.ret * t, -2.0 * t * f, t * (k.bn * k.kappa + k.bde)),
     }
-    inv2s = 0.5 / s_safe
-    ratio = torch.where(small, torch.zeros_like(proj), proj / s_safe)
-    e_diff = e_lo - e_hi
+    if k.idx is not None:
+        z, m, proj, hd = (k.at_small(v) for v in (k.z, k.m, k.proj, k.hd))
+        cosh, sinhc, dsc = _series(z)
+        em = torch.exp(-m.clamp_max(k.cap))
+        s_small = em * (cosh - proj * sinhc)
+        signal = k.signal.index_put(k.idx, s_small)
+    else:
+        signal = k.signal
     grads = {}
     for name, (da, dd, dre, dproj_x, ddet) in parts.items():
-        dm = 0.5 * (da + dd)
-        dhd = 0.5 * (da - dd)
-        dz = 2.0 * hd * dhd + dre
-        dproj = g * dhd + dproj_x
-        ds = dz * inv2s
-        dlam_hi = dm + ds
-        dlam_lo = (ddet - lam_lo * dlam_hi) / lam_hi
-        dc_lo = -(dproj - ratio * ds) * inv2s
-        d_eig = dc_lo * e_diff - c_lo * e_lo * dlam_lo - c_hi * e_hi * dlam_hi
-        d_series = -series * dm + em * ((0.5 * sinhc - 0.5 * proj_s * dsc) * dz - sinhc * dproj)
-        grads[name] = torch.where(small, d_series, d_eig)
+        da_ = 0.0 if da is None else da
+        dd_ = 0.0 if dd is None else dd
+        dm = 0.5 * (da_ + dd_)
+        dhd = 0.5 * (da_ - dd_)
+        dz = 2.0 * k.hd * dhd if dre is None else 2.0 * k.hd * dhd + dre
+        dproj = k.g * dhd if dproj_x is None else k.g * dhd + dproj_x
+        grad = alpha * dproj + beta * dz + gamma * ddet + kap * dm
+        if k.idx is not None:
+            dm_s, dproj_s = k.at_small(dm), k.at_small(dproj)
+            dz_s = 2.0 * hd * k.at_small(dhd) + (0.0 if dre is None else k.at_small(dre))
+            d_small = -s_small * dm_s + em * (
+                (0.5 * sinhc - 0.5 * proj * dsc) * dz_s - sinhc * dproj_s
+            )
+            grad = grad.expand(k.shape).index_put(k.idx, d_small)
+        grads[name] = grad.expand(k.shape)
     return signal, grads
 
 
@@ -225,8 +251,9 @@ class NEXI(Model):
     wide_pulse : bool
         Use t = Δ − δ/3 instead of t = Δ.
     n_nodes : int, optional
-        Gauss–Legendre nodes over cos θ (default: :func:`n_nodes_for` the largest b times D_n's
-        upper bound, ~1e-13 relative quadrature error).
+        Gauss–Legendre nodes over cos θ. Default: per dtype, the fewest that integrate to
+        :data:`QUAD_RTOL` (1e-13 in float64, 1e-9 in float32, far below float32 rounding) for the
+        largest b times D_n's upper bound (:func:`n_nodes_for`; 23 and 18 for GACELLE's protocol).
     start_atoms : int
         Size of the model's own dictionary start (:meth:`initial_guess`).
 
@@ -291,16 +318,29 @@ class NEXI(Model):
         self.orders = tuple(int(o) for o in orders)
         if self.orders not in ((0,), (0, 2)):
             raise ParameterError(f"orders must be (0,) or (0, 2), got {tuple(orders)}")
+        bd_max = float(bb.max()) * self._BASE[1].upper
         if n_nodes is None:
-            n_nodes = n_nodes_for(bb.max() * self._BASE[1].upper)
-        if int(n_nodes) < 8:
+            counts = {dt: n_nodes_for(bd_max, QUAD_RTOL[dt]) for dt in QUAD_RTOL}
+        elif int(n_nodes) < 8:
             raise ParameterError(f"n_nodes must be >= 8, got {n_nodes}")
+        else:
+            counts = {dt: int(n_nodes) for dt in QUAD_RTOL}
         if int(start_atoms) < 1:
             raise ParameterError(f"start_atoms must be >= 1, got {start_atoms}")
         self.start_atoms = int(start_atoms)
         self.parameters = self._BASE + ((self._P2,) if 2 in self.orders else ())
-        xi, w = gauss_legendre_01(int(n_nodes))
-        super().__init__(b=bb, t=t, xi=xi, w=w, p2_weight=w * 0.5 * (3 * xi * xi - 1))
+        rules = {}
+        for dt, suffix in ((torch.float64, ""), (torch.float32, "_f32")):
+            xi, w = gauss_legendre_01(counts[dt])
+            rules.update({f"xi{suffix}": xi, f"w{suffix}": w})
+            rules[f"p2_weight{suffix}"] = w * 0.5 * (3 * xi * xi - 1)
+        super().__init__(b=bb, t=t, **rules)
+
+    def quadrature(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Nodes ξ, weights and P₂-weights of the rule for the bound dtype (``(G,)`` each)."""
+        if self._dtype == torch.float64:
+            return self.xi, self.w, self.p2_weight
+        return self.xi_f32, self.w_f32, self.p2_weight_f32
 
     @classmethod
     def from_invariants(cls, inv: Any, **kwargs: Any) -> NEXI:
@@ -314,10 +354,11 @@ class NEXI(Model):
     def kernels(self, p: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``K_0`` and ``K_2`` per shell, each ``(V, n_shells)``."""
         col = {k: p[k][..., None] for k in ("f", "Dn", "De", "rn")}  # (V, 1, 1)
+        xi, w, w2 = self.quadrature()
         s = karger_signal(
-            self.b[:, None], self.t[:, None], self.xi, col["f"], col["Dn"], col["De"], col["rn"]
+            self.b[:, None], self.t[:, None], xi, col["f"], col["Dn"], col["De"], col["rn"]
         )  # (V, n_shells, G)
-        return s @ self.w, s @ self.p2_weight
+        return s @ w, s @ w2
 
     def forward(self, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
         n = p["f"].shape[0]
@@ -349,18 +390,19 @@ class NEXI(Model):
             sig = torch.cat([o[0] for o in outs], dim=0)
             return sig, {k: torch.cat([o[1][k] for o in outs], dim=0) for k in outs[0][1]}
         col = {k: p[k][..., None] for k in ("f", "Dn", "De", "rn")}  # (V, 1, 1)
+        xi, w, w2 = self.quadrature()
         s, ds = karger_signal_and_derivatives(
-            self.b[:, None], self.t[:, None], self.xi, col["f"], col["Dn"], col["De"], col["rn"]
+            self.b[:, None], self.t[:, None], xi, col["f"], col["Dn"], col["De"], col["rn"]
         )
-        k0, k2 = s @ self.w, s @ self.p2_weight
+        k0, k2 = s @ w, s @ w2
         if self.orders == (0,):
-            return k0, {k: v @ self.w for k, v in ds.items()}
+            return k0, {k: v @ w for k, v in ds.items()}
         p2 = p["p2"]
 
         def rows(l0: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
             return torch.stack([l0, l2], dim=-1).flatten(-2)
 
-        grads = {k: rows(v @ self.w, -(v @ self.p2_weight) * p2) for k, v in ds.items()}
+        grads = {k: rows(v @ w, -(v @ w2) * p2) for k, v in ds.items()}
         grads["p2"] = rows(torch.zeros_like(k0), -k2)
         return rows(k0, -k2 * p2), grads
 
