@@ -216,3 +216,23 @@ def test_lm_converges_in_tens_of_iterations():
     its = res.iterations.numpy()
     assert np.median(its) <= 10 and its.max() <= 50
     assert res.loss_history[-1] <= res.loss_history[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lm_step_cut_by_bounds_is_not_convergence(dtype):
+    """Correlated columns: the first step overshoots q's upper bound, and the projected step
+    raises the cost (its predicted gain is negative). That must not stop the voxel at its start:
+    the answer is the box-constrained least-squares solution (scipy lsq_linear)."""
+    from scipy.optimize import lsq_linear
+
+    t = np.linspace(1.0, 2.4, 8)
+    model = fit.model_from_function(
+        lambda p, q, t: p + q * t, {"p": (-10.0, 10.0), "q": (0.0, 0.5)}, t=t
+    )
+    y = -0.4 + 0.9 * t  # truth q = 0.9 is outside the box
+    ref = lsq_linear(np.stack([np.ones_like(t), t], 1), y, bounds=([-10, 0], [10, 0.5]))
+    res = fit.lm(model, y[None], init={"p": 0.9, "q": 0.25}, dtype=dtype, progress=False)
+    tol = 1e-8 if dtype == torch.float64 else 2e-4
+    # before the fix: stopped after one iteration at the start (p, q) = (0.9, 0.25)
+    np.testing.assert_allclose(res["p"].numpy(), [ref.x[0]], atol=tol)
+    np.testing.assert_allclose(res["q"].numpy(), [ref.x[1]], atol=tol)

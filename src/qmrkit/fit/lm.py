@@ -60,11 +60,15 @@ def residual_and_jacobian(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residuals ``(v, m)`` and Jacobian ``(v, m, P)`` of voxels ``idx`` at ``theta (v, P)``.
 
-    Forward-mode autodiff: one jvp per parameter over the whole batch (each voxel's residual depends
-    only on its own parameters, so a one-hot tangent column gives a Jacobian column). Falls back to
-    reverse mode if the model uses an operation without forward-mode support.
+    The model's own derivatives when it has them (:meth:`Model.jacobian`), else forward-mode
+    autodiff: one jvp per parameter over the whole batch (each voxel's residual depends only on its
+    own parameters, so a one-hot tangent column gives a Jacobian column). Falls back to reverse
+    mode if the model uses an operation without forward-mode support.
     """
     theta = theta.detach()
+    own = problem.model_jacobian(theta, idx)  # the model's closed-form derivatives, if any
+    if own is not None:
+        return own[0].detach(), own[1].detach()
     P = theta.shape[1]
     _load_forward_ad()
     try:
@@ -166,11 +170,11 @@ def _lm_chunk(
         iters[act] += 1
         th_a = theta[act]
         delta, ok = _damped_step(H, g, lam, th_a, problem.lower, problem.upper)
-        unclamped = th_a + delta.to(theta.dtype)
-        trial = problem.clamp(unclamped)
-        # a step cut by the bounds is not the LM step: its quadratic-model gain can be <= 0
-        # without the voxel being at a minimum, so it must not end the voxel as "converged"
-        clamped = (trial != unclamped).any(dim=-1)
+        raw = th_a + delta.to(theta.dtype)
+        trial = problem.clamp(raw)
+        # a step cut by the box: its predicted gain (of the projected step) may be <= 0 although
+        # the voxel is far from converged, so it must not count as "nothing left to gain"
+        clipped = (trial != raw).any(dim=-1)
         step = (trial - th_a).double()
         with torch.no_grad():
             r_t = problem.residual(trial, act)
@@ -180,7 +184,7 @@ def _lm_chunk(
         accept = ok & torch.isfinite(cost_t) & (actual > 0)
         rho = actual / predicted.clamp_min(1e-300)
         conv_f = (accept & (actual <= ftol * cost)) | (
-            ok & ~clamped & (lam <= 1.0) & (predicted <= ftol * cost)
+            ok & ~clipped & (lam <= 1.0) & (predicted <= ftol * cost)
         )
         conv_x = accept & (step.abs() <= xtol * (th_a.double().abs() + xtol)).all(dim=-1)
         # Nielsen's damping update

@@ -224,6 +224,18 @@ class Model:
         """
         return None
 
+    def jacobian(
+        self, p: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """Optional hand-written derivatives: ``(signal (V, n_meas), {name: ∂signal/∂name})``.
+
+        Each derivative is ``(V, n_meas)`` per unit of the parameter in physical units. The default
+        (None) lets solvers differentiate :meth:`forward` by autodiff; a model whose forward pass is
+        costly to differentiate that way (many small elementwise operations per measurement) can
+        return closed-form derivatives here, which must agree with autodiff (test them).
+        """
+        return None
+
     def derived(self, p: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Maps computed from fitted parameters (each ``(V,)``), e.g. T1 from T1* for MOLLI."""
         return {}

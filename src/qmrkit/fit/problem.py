@@ -112,6 +112,32 @@ class Problem:
             r = torch.view_as_real(r).flatten(-2)
         return r
 
+    def model_jacobian(
+        self, theta: torch.Tensor, idx: torch.Tensor | slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Residual ``(v, m)`` and Jacobian ``(v, m, P)`` from the model's own derivatives
+        (:meth:`Model.jacobian`), in internal units; None if the model has none."""
+        with torch.no_grad():
+            out = self.model.jacobian(self.param_dict(theta, idx))
+        if out is None:
+            return None
+        sig, grads = out
+        sel = slice(None) if idx is None else idx
+        r = sig / self.scale - self.data[sel]
+        # internal θ: amplitudes are value/scale, the residual is signal/scale
+        cols = [
+            grads[par.name] if par.amplitude else grads[par.name] / self.scale
+            for par in self.model.parameters
+        ]
+        J = torch.stack(cols, dim=-1)
+        if self.weights is not None:
+            sw = self.weights[sel].sqrt()
+            r, J = r * sw, J * sw[..., None]
+        if r.is_complex():
+            r = torch.view_as_real(r).flatten(-2)
+            J = torch.view_as_real(J.transpose(-1, -2)).flatten(-2).transpose(-1, -2)
+        return r, J
+
     # -- conversions -----------------------------------------------------------------------------
     def to_physical(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """Internal ``(V, P)`` -> dict ``name -> (V,)`` in physical units."""
