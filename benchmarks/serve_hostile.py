@@ -29,6 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.serve.helpers import BackgroundServer, header_xml, series_images  # noqa: E402
+
 from _common import table, write_results  # noqa: E402
 from qmrkit.pipelines import fit_maps  # noqa: E402
 from qmrkit.serve import Limits, exchange  # noqa: E402
@@ -41,7 +43,6 @@ from qmrkit.serve.protocol import (  # noqa: E402
     encode_text,
 )
 from qmrkit.sim import MOLLI_TI, molli_series  # noqa: E402
-from tests.serve.helpers import BackgroundServer, header_xml, series_images  # noqa: E402
 
 
 def _rss_mb() -> float:
