@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 
 import numpy as np
@@ -116,3 +117,26 @@ class BackgroundServer:
         asyncio.run_coroutine_threadsafe(self.server.drain(10), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+def raw_session(port: int, payload: bytes, *, read: bool = True, timeout: float = 20.0) -> bytes:
+    """Send raw bytes, half-close, and return everything the server sends until it closes
+    (``read=False``: send and leave)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            s.sendall(payload)
+            if not read:
+                return b""
+            s.shutdown(socket.SHUT_WR)
+        except OSError:  # the server may refuse and close before everything was sent
+            pass
+        chunks = []
+        while True:
+            try:
+                c = s.recv(65536)
+            except OSError:  # reset, timeout
+                break
+            if not c:
+                break
+            chunks.append(c)
+    return b"".join(chunks)

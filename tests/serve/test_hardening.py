@@ -34,7 +34,7 @@ from qmrkit.serve.protocol import (
 from qmrkit.serve.session import expected_session_bytes, shorten
 from qmrkit.sim import MOLLI_TI, molli_series
 
-from .helpers import BackgroundServer, header_xml, series_images
+from .helpers import BackgroundServer, header_xml, raw_session, series_images
 
 
 def _molli(seed=0, shape=(10, 8)):
@@ -61,25 +61,9 @@ def _good_fit_still_correct(port: int) -> None:
     np.testing.assert_allclose(got, np.nan_to_num(ref), rtol=1e-6)
 
 
-def _session(port: int, payload: bytes, *, timeout: float = 20.0, hold: bool = False) -> bytes:
+def _session(port: int, payload: bytes, *, timeout: float = 20.0) -> bytes:
     """Send raw bytes; return everything the server sends until it closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        try:
-            s.sendall(payload)
-            if not hold:
-                s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        chunks = []
-        while True:
-            try:
-                c = s.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not c:
-                break
-            chunks.append(c)
-    return b"".join(chunks)
+    return raw_session(port, payload, timeout=timeout)
 
 
 def _texts(reply: bytes) -> list[str]:

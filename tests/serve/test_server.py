@@ -19,7 +19,7 @@ from qmrkit.serve.mrd_images import image_to_array
 from qmrkit.serve.protocol import encode_close, encode_config_file, encode_text
 from qmrkit.sim import MOLLI_TI, molli_series
 
-from .helpers import BackgroundServer, header_xml, series_images
+from .helpers import BackgroundServer, header_xml, raw_session, series_images
 
 
 def _molli(seed=0, shape=(12, 10)):
@@ -96,21 +96,7 @@ def test_null_unknown_config_and_json_override():
 
 
 def _raw_session(port, payload: bytes, read=True, timeout=10.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(payload)
-        if not read:
-            return b""
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            try:
-                c = s.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not c:
-                break
-            chunks.append(c)
-        return b"".join(chunks)
+    return raw_session(port, payload, read=read, timeout=timeout)
 
 
 def test_faults_never_hurt_a_concurrent_good_client():

@@ -161,6 +161,16 @@ def _grid_start(
 class RestrictedSeriesMixin:
     """Binds the float64 constants of a GPA series as acquisition settings (cast by ``.to``)."""
 
+    @classmethod
+    def from_invariants(cls, inv: Any, **kwargs: Any) -> Any:
+        """A model matching ``Invariants`` (its shells' b, δ, Δ); fit it to ``inv.order(0)``."""
+        if np.isnan(inv.small_delta).any() or np.isnan(inv.big_delta).any():
+            raise ShapeError(
+                "the invariants have no δ/Δ: give small_delta and big_delta (ms) to "
+                "rotational_invariants"
+            )
+        return cls(inv.b, inv.small_delta, inv.big_delta, **kwargs)
+
     def _series_settings(
         self,
         geometry: str,
@@ -315,16 +325,6 @@ class AxCaliberSMT(RestrictedSeriesMixin, Model):
         deff_max = gpa_deff("cylinder", r_max, self.D0, sd, bd, n_roots=self.n_roots)
         self._oblate_r = bool((deff_max > self.Da).any())
         super().__init__(b=bb, small_delta=sd, big_delta=bd, **acq)
-
-    @classmethod
-    def from_invariants(cls, inv: Any, **kwargs: Any) -> AxCaliberSMT:
-        """A model matching ``Invariants`` (its shells' b, δ, Δ); fit it to ``inv.order(0)``."""
-        if np.isnan(inv.small_delta).any() or np.isnan(inv.big_delta).any():
-            raise ShapeError(
-                "the invariants have no δ/Δ: give small_delta and big_delta (ms) to "
-                "rotational_invariants"
-            )
-        return cls(inv.b, inv.small_delta, inv.big_delta, **kwargs)
 
     def initial_guess(self, data: torch.Tensor, inputs: Mapping[str, torch.Tensor]):
         """Grid start: ``a`` × ``DeR`` on :attr:`start_grid` points (linear in each), and for every

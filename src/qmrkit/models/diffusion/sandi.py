@@ -41,10 +41,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
-from ...errors import ParameterError, ShapeError
+from ...errors import ParameterError
 from ...fit.model import Model, Parameter
 from .axcaliber import (
     RestrictedSeriesMixin,
@@ -156,16 +155,6 @@ class SANDI(RestrictedSeriesMixin, Model):
         )
         acq = self._series_settings("sphere", r_hi, self.Dsoma, sd, bd, n_roots)
         super().__init__(b=bb, small_delta=sd, big_delta=bd, **acq)
-
-    @classmethod
-    def from_invariants(cls, inv: Any, **kwargs: Any) -> SANDI:
-        """A model matching ``Invariants`` (its shells' b, δ, Δ); fit it to ``inv.order(0)``."""
-        if np.isnan(inv.small_delta).any() or np.isnan(inv.big_delta).any():
-            raise ShapeError(
-                "the invariants have no δ/Δ: give small_delta and big_delta (ms) to "
-                "rotational_invariants"
-            )
-        return cls(inv.b, inv.small_delta, inv.big_delta, **kwargs)
 
     def initial_guess(self, data: torch.Tensor, inputs: Mapping[str, torch.Tensor]):
         """Grid start: ``Rs`` × ``Dn`` × ``De`` on :attr:`start_grid` points (linear; only the
