@@ -157,8 +157,13 @@ def test_analytic_jacobian_matches_forward_autodiff(orders):
     rng = np.random.default_rng(7)
     n = 150
     vals = {
-        "f": np.concatenate([rng.uniform(0, 1, n - 40), 1 - 10 ** rng.uniform(-5, -1, 20),
-                             10 ** rng.uniform(-7, -2, 20)]),
+        "f": np.concatenate(
+            [
+                rng.uniform(0, 1, n - 40),
+                1 - 10 ** rng.uniform(-5, -1, 20),
+                10 ** rng.uniform(-7, -2, 20),
+            ]
+        ),
         "Dn": rng.uniform(0.01, 3.5, n),
         "De": rng.uniform(0.01, 3.5, n),
         "rn": 10 ** rng.uniform(np.log10(1 / 250), 0, n),

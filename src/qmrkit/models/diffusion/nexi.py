@@ -21,8 +21,8 @@ Exchange time ``t_ex = (1 − f)/r_n`` (ms) is a derived map.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
