@@ -126,7 +126,14 @@ class _Terms:
         self.e_hi = torch.exp(-self.lam_hi.clamp_max(self.cap))
         self.signal = self.c_lo * self.e_lo + self.c_hi * self.e_hi
         self.shape = self.signal.shape
-        self.idx = self.small.nonzero(as_tuple=True) if bool(self.small.any()) else None
+        # the few s < 0.05 points are recomputed by the series (index_put); under torch.compile
+        # (fused MCMC moves) a data-dependent index set would break the graph, so there the
+        # series is evaluated everywhere and blended with torch.where instead
+        self.compiling = torch.compiler.is_compiling()
+        if self.compiling or not bool(self.small.any()):
+            self.idx = None
+        else:
+            self.idx = self.small.nonzero(as_tuple=True)
 
     def at_small(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (broadcastable) at the points where s < 0.05."""
@@ -160,6 +167,11 @@ def karger_signal(
     used, with cosh and sinh(s)/s as series.
     """
     k = _Terms(b, t, xi, f, dn, de, rn)
+    if k.compiling:
+        z = torch.where(k.small, k.z, torch.zeros_like(k.z))
+        cosh, sinhc, _ = _series(z)
+        series = torch.exp(-k.m.clamp_max(k.cap)) * (cosh - k.proj * sinhc)
+        return torch.where(k.small, series, k.signal)
     if k.idx is None:
         return k.signal
     z, m, proj = k.at_small(k.z), k.at_small(k.m), k.at_small(k.proj)
