@@ -22,6 +22,10 @@ Exchange time ``t_ex = (1 − f)/r_n`` (ms) is a derived map.
 from __future__ import annotations
 
 import math
+<<<<<<< HEAD
+=======
+import warnings
+>>>>>>> nexifit
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -126,7 +130,14 @@ class _Terms:
         self.e_hi = torch.exp(-self.lam_hi.clamp_max(self.cap))
         self.signal = self.c_lo * self.e_lo + self.c_hi * self.e_hi
         self.shape = self.signal.shape
-        self.idx = self.small.nonzero(as_tuple=True) if bool(self.small.any()) else None
+        # the few s < 0.05 points are recomputed by the series (index_put); under torch.compile
+        # (fused MCMC moves) a data-dependent index set would break the graph, so there the
+        # series is evaluated everywhere and blended with torch.where instead
+        self.compiling = torch.compiler.is_compiling()
+        if self.compiling or not bool(self.small.any()):
+            self.idx = None
+        else:
+            self.idx = self.small.nonzero(as_tuple=True)
 
     def at_small(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (broadcastable) at the points where s < 0.05."""
@@ -160,6 +171,11 @@ def karger_signal(
     used, with cosh and sinh(s)/s as series.
     """
     k = _Terms(b, t, xi, f, dn, de, rn)
+    if k.compiling:
+        z = torch.where(k.small, k.z, torch.zeros_like(k.z))
+        cosh, sinhc, _ = _series(z)
+        series = torch.exp(-k.m.clamp_max(k.cap)) * (cosh - k.proj * sinhc)
+        return torch.where(k.small, series, k.signal)
     if k.idx is None:
         return k.signal
     z, m, proj = k.at_small(k.z), k.at_small(k.m), k.at_small(k.proj)
@@ -208,7 +224,14 @@ def karger_signal_and_derivatives(
         "De": (None, b, None, None, b * (k.bn + k.rnt)),
         "rn": (t, t * k.kappa, 2.0 * k.ret * t, -2.0 * t * f, t * (k.bn * k.kappa + k.bde)),
     }
-    if k.idx is not None:
+    if k.compiling:  # series everywhere, blended by where (see _Terms)
+        hd = k.hd
+        cosh, sinhc, dsc = _series(torch.where(k.small, k.z, torch.zeros_like(k.z)))
+        em = torch.exp(-k.m.clamp_max(k.cap))
+        proj = k.proj
+        s_small = em * (cosh - proj * sinhc)
+        signal = torch.where(k.small, s_small, k.signal)
+    elif k.idx is not None:
         z, m, proj, hd = (k.at_small(v) for v in (k.z, k.m, k.proj, k.hd))
         cosh, sinhc, dsc = _series(z)
         em = torch.exp(-m.clamp_max(k.cap))
@@ -225,7 +248,11 @@ def karger_signal_and_derivatives(
         dz = 2.0 * k.hd * dhd if dre is None else 2.0 * k.hd * dhd + dre
         dproj = k.g * dhd if dproj_x is None else k.g * dhd + dproj_x
         grad = alpha * dproj + beta * dz + gamma * ddet + kap * dm
-        if k.idx is not None:
+        if k.compiling:
+            dz_s = 2.0 * hd * dhd if dre is None else 2.0 * hd * dhd + dre
+            d_small = -s_small * dm + em * ((0.5 * sinhc - 0.5 * proj * dsc) * dz_s - sinhc * dproj)
+            grad = torch.where(k.small, d_small, grad)
+        elif k.idx is not None:
             dm_s, dproj_s = k.at_small(dm), k.at_small(dproj)
             dz_s = 2.0 * hd * k.at_small(dhd) + (0.0 if dre is None else k.at_small(dre))
             d_small = -s_small * dm_s + em * (
@@ -234,6 +261,42 @@ def karger_signal_and_derivatives(
             grad = grad.expand(k.shape).index_put(k.idx, d_small)
         grads[name] = grad.expand(k.shape)
     return signal, grads
+
+
+class _MaybeCompiled:
+    """A kernel function and its ``torch.compile``d version (built on first use; one static shape:
+    only full ``_CHUNK``-voxel chunks use it). Fusing the ~40 elementwise operations of the kernel
+    into a few loops made the float32 forward 11× faster on the CPU (4096 voxels × 15 shells × 18
+    nodes: 12 ms against 133 ms, after ~8 s of compilation, cached on disk by PyTorch). Falls back
+    to the eager function, with one warning, when compilation fails (e.g. no C++ compiler)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = None
+        self.failed = False
+
+    def __call__(self, use: bool, *args):
+        if use and not self.failed and not torch.compiler.is_compiling():
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, dynamic=False)
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any backend failure: run eagerly instead
+                self.failed = True
+                warnings.warn(
+                    f"NEXI: torch.compile of the kernel failed ({type(exc).__name__}: "
+                    f"{str(exc)[:200]}); running eagerly (pass compile=False to skip the attempt)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return self.fn(*args)
+
+
+_SIGNAL = _MaybeCompiled(karger_signal)
+_SIGNAL_AND_DERIVATIVES = _MaybeCompiled(karger_signal_and_derivatives)
+
+#: with ``compile=None`` the kernel is compiled for calls of at least this many voxels
+_COMPILE_MIN_VOXELS = 4 * _CHUNK
 
 
 class NEXI(Model):
@@ -256,6 +319,10 @@ class NEXI(Model):
         largest b times D_n's upper bound (:func:`n_nodes_for`; 23 and 18 for GACELLE's protocol).
     start_atoms : int
         Size of the model's own dictionary start (:meth:`initial_guess`).
+    compile : bool, optional
+        Fuse the kernel with ``torch.compile`` (full 4096-voxel chunks; ≈ 10× faster per
+        evaluation on the CPU after a one-off compilation of seconds). Default None: for calls
+        of at least 16,384 voxels (whole-volume ``lm``/``adam``), eager otherwise.
 
     Notes
     -----
@@ -296,6 +363,7 @@ class NEXI(Model):
         wide_pulse: bool = False,
         n_nodes: int | None = None,
         start_atoms: int = 4096,
+        compile: bool | None = None,
     ):
         bb = np.atleast_1d(np.asarray(b, dtype=np.float64))
         if bb.ndim != 1 or bb.size == 0 or not np.isfinite(bb).all() or (bb <= 0).any():
@@ -328,6 +396,7 @@ class NEXI(Model):
         if int(start_atoms) < 1:
             raise ParameterError(f"start_atoms must be >= 1, got {start_atoms}")
         self.start_atoms = int(start_atoms)
+        self.compile = compile
         self.parameters = self._BASE + ((self._P2,) if 2 in self.orders else ())
         rules = {}
         for dt, suffix in ((torch.float64, ""), (torch.float32, "_f32")):
@@ -351,27 +420,40 @@ class NEXI(Model):
         sd = None if np.isnan(inv.small_delta).any() else inv.small_delta
         return cls(inv.b, inv.big_delta, sd, orders=orders, **kwargs)
 
-    def kernels(self, p: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compiled(self, n: int) -> bool:
+        return bool(self.compile) or (self.compile is None and n >= _COMPILE_MIN_VOXELS)
+
+    def kernels(
+        self, p: Mapping[str, torch.Tensor], compiled: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``K_0`` and ``K_2`` per shell, each ``(V, n_shells)``."""
         col = {k: p[k][..., None] for k in ("f", "Dn", "De", "rn")}  # (V, 1, 1)
         xi, w, w2 = self.quadrature()
-        s = karger_signal(
-            self.b[:, None], self.t[:, None], xi, col["f"], col["Dn"], col["De"], col["rn"]
+        s = _SIGNAL(
+            compiled and col["f"].shape[0] == _CHUNK,
+            self.b[:, None],
+            self.t[:, None],
+            xi,
+            col["f"],
+            col["Dn"],
+            col["De"],
+            col["rn"],
         )  # (V, n_shells, G)
         return s @ w, s @ w2
 
     def forward(self, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
         n = p["f"].shape[0]
-        if n > _CHUNK:  # (V, shells, nodes) temporaries: bounded memory, and faster in cache
-            parts = [
-                self.forward({k: v[i : i + _CHUNK] for k, v in p.items()})
-                for i in range(0, n, _CHUNK)
-            ]
-            return torch.cat(parts, dim=0)
-        k0, k2 = self.kernels(p)
-        if self.orders == (0,):
-            return k0
-        return torch.stack([k0, -k2 * p["p2"]], dim=-1).flatten(-2)
+        compiled = self._compiled(n)
+        # (V, shells, nodes) temporaries in chunks: bounded memory, and faster in cache
+        parts = []
+        for i in range(0, n, _CHUNK):
+            q = {k: v[i : i + _CHUNK] for k, v in p.items()} if n > _CHUNK else p
+            k0, k2 = self.kernels(q, compiled)
+            if self.orders == (0,):
+                parts.append(k0)
+            else:
+                parts.append(torch.stack([k0, -k2 * q["p2"]], dim=-1).flatten(-2))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def jacobian(
         self, p: Mapping[str, torch.Tensor]
@@ -382,17 +464,30 @@ class NEXI(Model):
         −K_2 for p₂); ``fit.lm`` and ``fit.mcmc`` use this instead of forward-mode autodiff.
         """
         n = p["f"].shape[0]
+        compiled = self._compiled(n)
         if n > _CHUNK:
             outs = [
-                self.jacobian({k: v[i : i + _CHUNK] for k, v in p.items()})
+                self._jacobian_chunk({k: v[i : i + _CHUNK] for k, v in p.items()}, compiled)
                 for i in range(0, n, _CHUNK)
             ]
             sig = torch.cat([o[0] for o in outs], dim=0)
             return sig, {k: torch.cat([o[1][k] for o in outs], dim=0) for k in outs[0][1]}
+        return self._jacobian_chunk(p, compiled)
+
+    def _jacobian_chunk(
+        self, p: Mapping[str, torch.Tensor], compiled: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         col = {k: p[k][..., None] for k in ("f", "Dn", "De", "rn")}  # (V, 1, 1)
         xi, w, w2 = self.quadrature()
-        s, ds = karger_signal_and_derivatives(
-            self.b[:, None], self.t[:, None], xi, col["f"], col["Dn"], col["De"], col["rn"]
+        s, ds = _SIGNAL_AND_DERIVATIVES(
+            compiled and col["f"].shape[0] == _CHUNK,
+            self.b[:, None],
+            self.t[:, None],
+            xi,
+            col["f"],
+            col["Dn"],
+            col["De"],
+            col["rn"],
         )
         k0, k2 = s @ w, s @ w2
         if self.orders == (0,):
