@@ -22,10 +22,7 @@ Exchange time ``t_ex = (1 − f)/r_n`` (ms) is a derived map.
 from __future__ import annotations
 
 import math
-<<<<<<< HEAD
-=======
 import warnings
->>>>>>> nexifit
 from collections.abc import Mapping, Sequence
 from typing import Any
 
