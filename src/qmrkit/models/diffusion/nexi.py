@@ -432,7 +432,9 @@ class NEXI(Model):
         """The kernel on one chunk of voxels; with ``compiled`` a chunk of at least 1/8 of the
         compiled size is padded (repeating its last voxel) to that one static shape, since the
         fused kernel is ~10× faster and compiles once; the padding is sliced off the result."""
-        col = {k: p[k][..., None] for k in ("f", "Dn", "De", "rn")}  # (V, 1, 1)
+        # (V, 1, 1) columns; contiguous, so that the compiled kernel sees one layout (columns of a
+        # (V, P) parameter matrix are strided views, and each layout would compile anew)
+        col = {k: p[k][..., None].contiguous() for k in ("f", "Dn", "De", "rn")}
         xi, w, w2 = self.quadrature()
         v = col["f"].shape[0]
         pad = _CHUNK - v if compiled and _CHUNK // 8 <= v < _CHUNK else 0
