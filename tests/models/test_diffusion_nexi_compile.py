@@ -47,3 +47,27 @@ def test_compiled_kernel_equals_eager():
         assert np.median(err_f) < 1e-5, (k, np.median(err_f))
         assert np.percentile(err_f, 99) <= 2 * np.percentile(err_e, 99) + 1e-6, k
         assert err_f.max() <= 2 * err_e.max() + 1e-6, (k, err_f.max(), err_e.max())
+
+
+@pytest.mark.slow  # compiles forward and backward graphs (~20–40 s on 2 cores, cached afterwards)
+def test_compiled_kernel_gradients_equal_eager():
+    """fit.adam differentiates NEXI.forward by autograd; through the compiled kernel (as for whole
+    volumes of >= 16,384 voxels) the gradients equal the eager ones (float64, 4096 voxels)."""
+    n = 4096
+    rng = np.random.default_rng(14)
+    vals = {
+        "f": rng.uniform(0.05, 0.95, n),
+        "Dn": rng.uniform(0.3, 3.5, n),
+        "De": rng.uniform(0.1, 3.0, n),
+        "rn": 10 ** rng.uniform(np.log10(1 / 250), 0, n),
+        "p2": rng.uniform(0, 1, n),
+    }
+    grads = []
+    for comp in (False, True):
+        model = NEXI(B, DELTA, orders=(0, 2), compile=comp)
+        p = {k: torch.tensor(v)[:, None].requires_grad_(True) for k, v in vals.items()}
+        w = torch.linspace(0.5, 1.5, 30, dtype=torch.float64)
+        (model.forward(p) * w).sum().backward()
+        grads.append({k: p[k].grad.numpy().copy() for k in NAMES})
+    for k in NAMES:
+        np.testing.assert_allclose(grads[1][k], grads[0][k], rtol=1e-9, atol=1e-12, err_msg=k)
