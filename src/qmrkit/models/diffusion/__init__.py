@@ -7,7 +7,7 @@ from .axcaliber import AxCaliberSMT
 from .compartments import axisymmetric_spherical_mean, stick_spherical_mean
 from .dti import DTI, dti_wls, tensor_eig, tensor_from_cholesky, tensor_maps
 from .invariants import Invariants, Shell, find_shells, real_sh, rotational_invariants
-from .nexi import NEXI, karger_signal
+from .nexi import NEXI, karger_signal, karger_signal_and_derivatives, n_nodes_for
 from .restricted import (
     cylinder_attenuation,
     cylinder_deff,
@@ -22,6 +22,8 @@ __all__ = [
     "DTI",
     "NEXI",
     "karger_signal",
+    "karger_signal_and_derivatives",
+    "n_nodes_for",
     "AxCaliberSMT",
     "SANDI",
     "axisymmetric_spherical_mean",
