@@ -446,7 +446,8 @@ def _add_send_parser(sub: Any) -> None:
     sd.add_argument(
         "--config",
         required=True,
-        help="pipeline: sense, tv, gridding, mrf, fit:<model>, store-b1, store-noise, null",
+        help="pipeline: sense, tv, gridding, mrf, fit:<model>, store-b1, store-noise, null, "
+        "dependency-query (sends the header only; the answer goes to OUT/dependencies.json)",
     )
     sd.add_argument(
         "--compress",
@@ -1410,6 +1411,9 @@ def _cmd_send(args: argparse.Namespace) -> int:
             f"{args.scan} has no XML header: sending a minimal one built from its "
             f"{len(images)} images (acquisition settings from --param)"
         )
+    query = args.config.strip().lower().removesuffix(".xml") == "dependency-query"
+    if query:  # the question is about the header's subject/device/session; data is not needed
+        acqs, images = [], []
     sigma = None
     if args.compress is not None:
         noise = [a for a in acqs if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
@@ -1439,6 +1443,11 @@ def _cmd_send(args: argparse.Namespace) -> int:
     for line in reply.texts:
         print(f"server: {line}")
     written = save_reply(reply, args.out, header_xml=header)
+    if query and reply.dependencies is not None:
+        path = Path(args.out) / "dependencies.json"
+        path.write_text(json.dumps(reply.dependencies, indent=2) + "\n")
+        written.append(path)
+        print(f"dependencies: {json.dumps(reply.dependencies)}")
     ratio = reply.bytes_raw / max(reply.bytes_sent, 1)
     print(
         f"sent {reply.bytes_sent:,} bytes ({ratio:.2f}x smaller than raw), received {len(reply.images)} "

@@ -18,6 +18,7 @@ from .protocol import (
     Limits,
     MessageId,
     MessageReader,
+    decode_dependency_answer,
     encode_close,
     encode_compressed_acquisition,
     encode_config_file,
@@ -34,6 +35,8 @@ class Reply:
 
     images: list[Any] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    # the answer of a ``dependency-query`` session (attribute -> values), None otherwise
+    dependencies: dict[str, list[str]] | None = None
     bytes_sent: int = 0
     bytes_raw: int = 0
     seconds: float = 0.0
@@ -135,6 +138,8 @@ async def exchange(
             elif msg.id == MessageId.TEXT:
                 reply.texts.append(msg.value)
                 log.info("server: %s", msg.value)
+            elif msg.id == MessageId.DEPENDENCY_QUERY:
+                reply.dependencies = decode_dependency_answer(msg.value)
         try:
             await asyncio.wait_for(sender, timeout=5)
         except (ConnectionError, asyncio.TimeoutError):

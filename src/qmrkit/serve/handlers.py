@@ -9,7 +9,8 @@ raw data → T1/T2/PD maps, B1-corrected with a stored B1 map), ``sense``/``tv``
 data → images through :func:`qmrkit.recon.reconstruct`: a magnitude and a phase series),
 ``store-b1`` (a B1 map image → dependency store), ``store-noise`` (noise acquisitions → noise
 statistics in the store; later scans of the same subject/device/session without their own noise
-acquisitions are prewhitened with it).
+acquisitions are prewhitened with it), ``dependency-query`` (config + header only: which
+calibrations of this subject/device/session are stored, answered as a 1019 message).
 """
 
 from __future__ import annotations
@@ -275,6 +276,32 @@ def _store_noise(session: Session, arg: str | None) -> list[Any]:
         f"store-noise: stored noise statistics of {stats['sigma'].size} channels"
         + (f" as {mid}" if mid else "")
     ]
+
+
+@register("dependency-query")
+def _dependency_query(session: Session, arg: str | None) -> list[Any]:
+    """Answer "which calibrations of this subject/device/session are stored?" with one
+    DEPENDENCY_QUERY (1019) message, as Gadgetron does, so a scanner can skip sending a noise scan
+    the server already has. Needs only the config and the MRD header."""
+    from .protocol import DependencyAnswer
+    from .store import dependency_answer
+
+    if session.header is None:
+        raise ProtocolError("dependency-query needs the MRD header (message 3) before CLOSE")
+    answer = dependency_answer(session.store, session.header)
+    found, missing = answer["FoundDependencies"], answer["MissingDependencies"]
+    line = (
+        f"dependency-query: {len(answer['NoiseDependencies'])} noise and "
+        f"{len(answer['B1Dependencies'])} B1 calibrations stored for this subject/device/session"
+        + (
+            f"; named in the header: {len(found)} found, {len(missing)} missing"
+            if found or missing
+            else ""
+        )
+    )
+    if answer["status"][0] != "success":
+        line += f" ({answer['status'][1]})"
+    return [DependencyAnswer(answer), line]
 
 
 def parse_parameters(text: str) -> dict[str, Any]:

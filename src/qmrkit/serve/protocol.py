@@ -33,6 +33,7 @@ class MessageId(IntEnum):
     CLOSE = 4
     TEXT = 5
     ACQUISITION = 1008
+    DEPENDENCY_QUERY = 1019  # Gadgetron's answer to a dependency query: uint64 length + meta XML
     IMAGE = 1022
     WAVEFORM = 1026
 
@@ -225,6 +226,19 @@ class MessageReader:
             )
         if mid == MessageId.CLOSE:
             return Message(MessageId.CLOSE, None, 2)
+        if mid == MessageId.DEPENDENCY_QUERY:
+            (n,) = struct.unpack("<Q", await self._exactly(8, "a dependency answer length"))
+            if n > self.limits.max_text_bytes:
+                raise ProtocolError(
+                    f"DEPENDENCY_QUERY message of {n} bytes exceeds the limit of "
+                    f"{self.limits.max_text_bytes}"
+                )
+            raw = await self._exactly(n, "a DEPENDENCY_QUERY body")
+            return Message(
+                MessageId.DEPENDENCY_QUERY,
+                _text(raw.rstrip(b"\x00"), "DEPENDENCY_QUERY"),
+                self.bytes_read - start,
+            )
         if mid == MessageId.ACQUISITION:
             msg = await self._acquisition()
         elif mid == MessageId.IMAGE:
@@ -386,8 +400,40 @@ def encode_close() -> bytes:
     return struct.pack("<H", MessageId.CLOSE)
 
 
+class DependencyAnswer(dict):
+    """A pipeline output sent as a DEPENDENCY_QUERY (1019) message (attribute → values)."""
+
+
+def encode_dependency_answer(answer: dict[str, list[str]]) -> bytes:
+    """A DEPENDENCY_QUERY (1019) message: uint16 id, uint64 length, then the answer as an ISMRMRD
+    meta container (``<ismrmrdMeta>`` XML), the layout Gadgetron's dependency-query writer uses."""
+    import ismrmrd
+
+    meta = ismrmrd.Meta()
+    for name, values in answer.items():
+        meta[name] = [str(v) for v in values]
+    raw = meta.serialize().encode("utf-8")
+    return struct.pack("<HQ", MessageId.DEPENDENCY_QUERY, len(raw)) + raw
+
+
+def decode_dependency_answer(xml: str) -> dict[str, list[str]]:
+    """The dict of :func:`encode_dependency_answer` back from its meta XML."""
+    import ismrmrd
+
+    if not xml.strip():
+        return {}
+    try:
+        meta = ismrmrd.Meta.deserialize(xml)
+    except Exception as exc:  # the XML parser's errors vary; the message is what matters
+        raise ProtocolError(f"DEPENDENCY_QUERY answer is not ISMRMRD meta XML: {exc}") from None
+    return {k: list(v) if isinstance(v, list) else [v] for k, v in meta.items()}
+
+
 def encode_object(obj: Any) -> bytes:
-    """An ismrmrd Acquisition, Image, Waveform or header (serialised by the ismrmrd package)."""
+    """An ismrmrd Acquisition, Image, Waveform or header (serialised by the ismrmrd package), or a
+    :class:`DependencyAnswer`."""
+    if isinstance(obj, DependencyAnswer):
+        return encode_dependency_answer(obj)
     import ismrmrd
     from ismrmrd.serialization import ProtocolSerializer
     from ismrmrd.xsd import ismrmrdHeader

@@ -80,6 +80,16 @@ class Dependency:
     created: float
 
 
+@dataclass(frozen=True)
+class StoredEntry:
+    """One stored dependency as listed by :meth:`DirectoryStore.entries` (no arrays)."""
+
+    kind: str
+    measurement_id: str
+    created: float  # seconds since the epoch
+    expires: float
+
+
 class Store(Protocol):
     def put(
         self,
@@ -250,6 +260,39 @@ class DirectoryStore:
         ]
         return max(found, key=lambda x: x.created) if found else None
 
+    def entries(self, key: DependencyKey) -> list[StoredEntry]:
+        """What is stored for one subject/device/session: the newest unexpired version of each
+        (kind, measurement id), newest first; empty for an incomplete key.
+
+        Only the small JSON header of each file is read (not its arrays), so answering a
+        dependency query costs milliseconds even for large B1 maps.
+        """
+        if not key.complete:
+            return []
+        d = self._dir(key)
+        if not d.is_dir():
+            return []
+        now = time.time()
+        newest: dict[tuple[str, str], StoredEntry] = {}
+        for p in d.glob("[!.]*.npz"):
+            try:
+                with np.load(p) as z:
+                    header = json.loads(bytes(z["__header__"]).decode())
+                entry = StoredEntry(
+                    str(header["kind"]),
+                    str(header["measurement_id"]),
+                    float(header["created"]),
+                    float(header["expires"]),
+                )
+            except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile):
+                continue  # unreadable: purge() removes it; a query just does not list it
+            if entry.expires < now:
+                continue
+            k = (entry.kind, entry.measurement_id)
+            if k not in newest or entry.created > newest[k].created:
+                newest[k] = entry
+        return sorted(newest.values(), key=lambda e: -e.created)
+
     def purge(self, *, leftover_age_s: float = 3600.0) -> int:
         """Delete expired entries, unreadable ones, versions superseded for ``leftover_age_s``,
         and temporary files a crashed writer left behind (older than ``leftover_age_s``; younger
@@ -384,6 +427,56 @@ def find_dependency(store: Store, header: Any, kind: str, label: str | None = No
             dep, f"stored {label} {dep.measurement_id or '(no id)'} of this subject/session"
         )
     return Lookup(None, f"no stored {label} for this subject, device and session")
+
+
+def dependency_answer(store: DirectoryStore | None, header: Any) -> dict[str, list[str]]:
+    """The answer to an MRD dependency query (message 1019, as Gadgetron's) for one scan.
+
+    Lists what is stored for the scan's own subject/device/session only: a scanner asks "is the
+    noise calibration I am about to send already there?" and skips it if so. Another subject's
+    entries are never listed (the store is keyed by subject, device and session; a header without
+    all three ids gets an empty answer and says why).
+
+    Returns
+    -------
+    dict
+        ``status`` (``["success"]`` or ``["incomplete", reason]``), ``NoiseDependencies`` and
+        ``B1Dependencies`` (measurement ids stored, newest first; ``NoiseDependencies`` is the
+        attribute Gadgetron's dependency query fills), ``FoundDependencies`` and
+        ``MissingDependencies`` (the header's ``measurementDependency`` entries as
+        ``"<type>:<measurement id>"``, each found in the store or not).
+    """
+    answer: dict[str, list[str]] = {
+        "NoiseDependencies": [],
+        "B1Dependencies": [],
+        "FoundDependencies": [],
+        "MissingDependencies": [],
+    }
+    key = key_from_header(header)
+    named = dependencies_in_header(header)
+    if store is None:
+        answer["status"] = ["incomplete", "this server has no dependency store (--store DIR)"]
+        answer["MissingDependencies"] = [f"{t}:{m}" for t, m in named]
+        return answer
+    if not key.complete:
+        answer["status"] = [
+            "incomplete",
+            f"the MRD header lacks {', '.join(key.missing)}; stored calibrations are only "
+            "matched by subject, device and session",
+        ]
+        answer["MissingDependencies"] = [f"{t}:{m}" for t, m in named]
+        return answer
+    stored = store.entries(key)
+    for e in stored:
+        if e.kind == "noise":
+            answer["NoiseDependencies"].append(e.measurement_id)
+        elif e.kind == "b1":
+            answer["B1Dependencies"].append(e.measurement_id)
+    for t, mid in named:
+        hit = any(e.measurement_id == mid and _type_matches(t, e.kind) for e in stored)
+        answer["FoundDependencies" if hit else "MissingDependencies"].append(f"{t}:{mid}")
+    answer["status"] = ["success"]
+    return answer
 
 
 def open_store(spec: str | Path | None) -> DirectoryStore:
