@@ -13,6 +13,7 @@ from .geometry import (
 )
 from .mrd import (
     RawScan,
+    ScanAssembler,
     attach_header,
     header_for_scan,
     read_mrd,
@@ -35,6 +36,7 @@ __all__ = [
     "RawScan",
     "read_mrd",
     "scan_from_acquisitions",
+    "ScanAssembler",
     "write_mrd",
     "write_mrd_images",
     "read_mrd_images",

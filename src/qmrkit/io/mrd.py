@@ -553,136 +553,307 @@ def scan_from_acquisitions(
         (trajectory dimensions vs matrix z, partition or line indices outside the encoding
         limits, unequal sample counts of frames or batch entries).
     """
-    xml, hdr = _parse_header(header_xml, source)
-    path = source
+    asm = ScanAssembler(header_xml, encoding=encoding, source=source)
     if len(acquisitions) == 0:
-        raise DataFileError(f"{path}: the dataset has no acquisitions")
-    if not 0 <= encoding < len(hdr.encoding):
-        raise DataFileError(
-            f"{path}: encoding {encoding} requested, the header has {len(hdr.encoding)}"
-        )
-    enc = hdr.encoding[encoding]
-    em, rm = enc.encodedSpace.matrixSize, enc.reconSpace.matrixSize
-    _check_matrix(path, "encoded", em)
-    _check_matrix(path, "recon", rm)
-    ef, rf = enc.encodedSpace.fieldOfView_mm, enc.reconSpace.fieldOfView_mm
-    traj_type = str(getattr(enc.trajectory, "value", enc.trajectory))
-    three_d = int(em.z) > 1
-
-    def zyx(v, cast):
-        return (cast(v.z), cast(v.y), cast(v.x)) if three_d else (cast(v.y), cast(v.x))
-
-    limits = {n: lim for n in LIMIT_NAMES if (lim := _limit(enc, n)) is not None}
-    noise, acqs = _split_acquisitions(acquisitions, encoding)
-    if not acqs:
-        raise DataFileError(f"{path}: no imaging acquisitions in encoding {encoding}")
-    scan = RawScan(
-        header=xml,
-        kdata=torch.empty(0),
-        matrix_size=zyx(em, int),
-        recon_size=zyx(rm, int),
-        fov_mm=zyx(ef, float),
-        recon_fov_mm=zyx(rf, float),
-        slice_thickness_mm=None if three_d else float(rf.z),
-        trajectory=traj_type,
-        encoding_limits=limits,
-        noise=(
-            torch.from_numpy(np.concatenate(noise, axis=1).astype(np.complex64)) if noise else None
-        ),
-        geometry=ScanGeometry.from_acquisition(acqs[0]),
-        meta={"path" if source != "stream" else "source": source},
-    )
-    n_c = int(acqs[0].active_channels)
-    if any(int(a.active_channels) != n_c for a in acqs):
-        raise DataFileError(f"{path}: acquisitions have different channel counts")
-    _check_indices(scan, acqs, path)
-    frames = traj_type != "cartesian" and _mrf_frames(hdr, acqs, path)
-    counters = tuple(n for n in BATCH_COUNTERS if not (frames and n == "repetition"))
-    counts = {}
-    for name in counters:
-        vals = {int(getattr(a.idx, name)) for a in acqs}
-        if len(vals) > 1:
-            counts[name] = max(vals) + 1
-            if len(vals) != counts[name]:  # a gap: images of nothing, or a corrupt counter
-                raise DataFileError(
-                    f"{path}: the {name} counter takes {len(vals)} values from 0 to "
-                    f"{max(vals)}; {counts[name] - len(vals)} {name} indices in between have no "
-                    "acquisitions"
-                )
-    scan.batch_dims = tuple(counts)
-    # what assembly will allocate, from counters a client sets freely: refused before allocating
-    per_entry = (
-        math.prod(scan.matrix_size)
-        if traj_type == "cartesian"
-        else sum(int(a.number_of_samples) for a in acqs)
-    )
-    nbytes = 8 * n_c * per_entry * math.prod(counts.values())
-    if nbytes > MAX_KSPACE_BYTES:
-        raise DataFileError(
-            f"{path}: the acquisitions' counters {counts} and matrix {scan.matrix_size} would "
-            f"assemble {nbytes / 2**30:.1f} GiB of k-space (limit {MAX_KSPACE_BYTES >> 30} GiB)"
-        )
-
-    def bidx(a):
-        return tuple(int(getattr(a.idx, n)) for n in scan.batch_dims)
-
-    if traj_type == "cartesian":
-        _assemble_cartesian(scan, acqs, tuple(counts.values()), bidx, n_c, path)
-    else:
-        _assemble_noncartesian(scan, acqs, tuple(counts.values()), bidx, n_c, path, frames)
-    _check_kspace_values(scan, path)
-    log.info(
-        "read %s: %s %s, %d coils, kdata %s",
-        path,
-        traj_type,
-        scan.matrix_size,
-        n_c,
-        tuple(scan.kdata.shape),
-    )
-    return scan
-
-
-def _split_acquisitions(acquisitions: Sequence[Any], encoding: int) -> tuple[list, list]:
-    """Noise-scan data and the imaging acquisitions of ``encoding`` (navigator, phase-correction
-    and dummy scans dropped)."""
-    ismrmrd = require("ismrmrd")
-    skip = (
-        ismrmrd.ACQ_IS_NAVIGATION_DATA,
-        ismrmrd.ACQ_IS_PHASECORR_DATA,
-        ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
-    )
-    noise, acqs = [], []
+        raise DataFileError(f"{source}: the dataset has no acquisitions")
     for a in acquisitions:
-        if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-            noise.append(np.asarray(a.data))
-        elif a.encoding_space_ref == encoding and not any(a.is_flag_set(f) for f in skip):
-            acqs.append(a)
-    return noise, acqs
+        asm.add(a)
+    return asm.finish()
 
 
-def _check_indices(scan: RawScan, acqs: list, path: str) -> None:
-    """Partition and line indices inside the matrix and the header's encoding limits."""
-    nz = scan.matrix_size[0] if scan.ndim == 3 else 1
-    p = np.array([int(a.idx.kspace_encode_step_2) for a in acqs])
-    if p.max() >= nz:
-        raise DataFileError(
-            f"{path}: acquisitions have partition indices (kspace_encode_step_2) up to "
-            f"{p.max()} but the header's encoded matrix has z = {nz}"
-            + (" (a 2D header for 3D data?)" if nz == 1 else "")
-        )
-    for name, counter in (
-        ("kspace_encoding_step_1", "kspace_encode_step_1"),
-        ("kspace_encoding_step_2", "kspace_encode_step_2"),
-    ):
-        lim = scan.encoding_limits.get(name)
-        if lim is None:
-            continue
-        v = np.array([int(getattr(a.idx, counter)) for a in acqs])
-        if v.min() < lim[0] or v.max() > lim[2]:
+class ScanAssembler:
+    """Builds a :class:`RawScan` one acquisition at a time (what :func:`scan_from_acquisitions`
+    does for a whole list): the server feeds it acquisitions as they arrive, so a session holds
+    k-space, not a list of acquisitions plus k-space.
+
+    Cartesian lines go straight into k-space: one ``(coils, *matrix)`` buffer per batch entry
+    (slice/contrast/repetition), calibration-only lines into a second buffer created only when
+    the first such line arrives. The acquisition objects are not kept, so a session's memory is
+    its k-space (the full grid, zeros where lines are missing) instead of the lines, plus the
+    grid, plus a same-size calibration grid at the end. Non-Cartesian acquisitions are kept until
+    :meth:`finish` (their sample count is known only then) and assembled as before.
+
+    Every check of :func:`scan_from_acquisitions` runs, in the same order and with the same
+    messages, in :meth:`finish`; :meth:`add` refuses at once only what cannot be stored (a
+    channel count different from the first acquisition's, k-space beyond
+    :data:`MAX_KSPACE_BYTES`).
+
+    Attributes
+    ----------
+    representatives : dict
+        After :meth:`finish`: per batch-entry index tuple (``scan.batch_dims`` order), the header
+        (``ismrmrd.AcquisitionHeader``) of the imaging readout nearest the k-space centre, whose
+        position and directions an image of that entry takes.
+    """
+
+    def __init__(self, header_xml: str | bytes, *, encoding: int = 0, source: str = "stream"):
+        self.xml, hdr = _parse_header(header_xml, source)
+        self.source = source
+        if not 0 <= encoding < len(hdr.encoding):
             raise DataFileError(
-                f"{path}: {counter} runs {v.min()}..{v.max()}, outside the header's encoding "
-                f"limits {lim[0]}..{lim[2]}"
+                f"{source}: encoding {encoding} requested, the header has {len(hdr.encoding)}"
             )
+        self.hdr, self.encoding = hdr, encoding
+        enc = hdr.encoding[encoding]
+        self._em, self._rm = enc.encodedSpace.matrixSize, enc.reconSpace.matrixSize
+        _check_matrix(source, "encoded", self._em)
+        _check_matrix(source, "recon", self._rm)
+        self.trajectory = str(getattr(enc.trajectory, "value", enc.trajectory))
+        self.three_d = int(self._em.z) > 1
+        em = self._em
+        self.matrix = (int(em.z), int(em.y), int(em.x)) if self.three_d else (int(em.y), int(em.x))
+        self.limits = {n: lim for n in LIMIT_NAMES if (lim := _limit(enc, n)) is not None}
+        self._centre = tuple(
+            self.limits.get(name, (0, 0, 0))[1]
+            for name in ("kspace_encoding_step_1", "kspace_encoding_step_2")
+        )
+        ismrmrd = require("ismrmrd")
+        self._noise_flag = ismrmrd.ACQ_IS_NOISE_MEASUREMENT
+        self._cal_flag = ismrmrd.ACQ_IS_PARALLEL_CALIBRATION
+        self._both_flag = ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING
+        self._skip = (
+            ismrmrd.ACQ_IS_NAVIGATION_DATA,
+            ismrmrd.ACQ_IS_PHASECORR_DATA,
+            ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
+        )
+        self.n_acquisitions = 0  # everything added, noise and skipped ones included
+        self.representatives: dict[tuple, Any] = {}
+        self._noise: list[np.ndarray] = []
+        self._first: Any = None  # the first imaging acquisition (geometry, channel count)
+        self._n_c = 0
+        self._counters: dict[str, set[int]] = {n: set() for n in BATCH_COUNTERS}
+        self._steps: dict[str, list[int]] = {}  # counter -> [min, max] over imaging readouts
+        self._nearest: dict[tuple, tuple[int, Any]] = {}  # full counter key -> (distance, head)
+        # Cartesian: full counter key -> [kspace, calibration or None]; shared sampling masks
+        self._entries: dict[tuple, list] = {}
+        self._mask = self._cmask = None
+        self._outside = False  # a line outside the matrix: reported by finish() after the checks
+        self._kept: list[Any] = []  # non-Cartesian acquisitions, assembled in finish()
+
+    def add(self, a: Any) -> None:
+        """Take one ``ismrmrd.Acquisition`` (in acquisition order)."""
+        self.n_acquisitions += 1
+        if a.is_flag_set(self._noise_flag):
+            self._noise.append(np.array(a.data, dtype=np.complex64))
+            return
+        if a.encoding_space_ref != self.encoding or any(a.is_flag_set(f) for f in self._skip):
+            return
+        n_c = int(a.active_channels)
+        if self._first is None:
+            self._first, self._n_c = a, n_c
+        elif n_c != self._n_c:
+            raise DataFileError(f"{self.source}: acquisitions have different channel counts")
+        idx = a.idx
+        key = tuple(int(getattr(idx, n)) for n in BATCH_COUNTERS)
+        for n, v in zip(BATCH_COUNTERS, key, strict=True):
+            self._counters[n].add(v)
+        s1, s2 = int(idx.kspace_encode_step_1), int(idx.kspace_encode_step_2)
+        for name, v in (("kspace_encode_step_1", s1), ("kspace_encode_step_2", s2)):
+            lo_hi = self._steps.setdefault(name, [v, v])
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], v), max(lo_hi[1], v)
+        d = abs(s1 - self._centre[0]) + abs(s2 - self._centre[1])
+        if key not in self._nearest or d < self._nearest[key][0]:
+            self._nearest[key] = (d, a.getHead())
+        if self.trajectory == "cartesian":
+            self._place(a, key, (s2, s1) if self.three_d else (s1,))
+        else:
+            self._kept.append(a)
+
+    def _place(self, a: Any, key: tuple, pe: tuple[int, ...]) -> None:
+        matrix, n_c = self.matrix, self._n_c
+        if any(p >= m for p, m in zip(pe, matrix[:-1], strict=True)):
+            self._outside = True  # finish() names the problem (limits, partitions, matrix)
+            return
+        entry = self._entries.get(key)
+        if entry is None:
+            nbytes = 8 * n_c * math.prod(matrix) * (len(self._entries) + 1)
+            if nbytes > MAX_KSPACE_BYTES:
+                raise DataFileError(
+                    f"{self.source}: the acquisitions' counters and matrix {matrix} would "
+                    f"assemble {nbytes / 2**30:.1f} GiB of k-space (limit "
+                    f"{MAX_KSPACE_BYTES >> 30} GiB)"
+                )
+            entry = self._entries[key] = [np.zeros((n_c, *matrix), dtype=np.complex64), None]
+            if self._mask is None:
+                self._mask = np.zeros(matrix, dtype=bool)
+                self._cmask = np.zeros(matrix, dtype=bool)
+        nx = matrix[-1]
+        d = np.asarray(a.data)
+        if d.shape != (n_c, nx):
+            # asymmetric echo / different readout length: centre it on center_sample
+            full = np.zeros((n_c, nx), dtype=np.complex64)
+            off = nx // 2 - int(a.center_sample)
+            full[:, max(off, 0) : max(off, 0) + d.shape[1]] = d[:, : nx - max(off, 0)]
+            d = full
+        is_cal = a.is_flag_set(self._cal_flag)
+        both = a.is_flag_set(self._both_flag)
+        if is_cal and not both:
+            if entry[1] is None:
+                entry[1] = np.zeros((n_c, *matrix), dtype=np.complex64)
+            entry[1][(slice(None), *pe)] = d
+            self._cmask[pe] = True
+        else:
+            entry[0][(slice(None), *pe)] = d
+            self._mask[pe] = True
+            if both:
+                self._cmask[pe] = True
+
+    def finish(self) -> RawScan:
+        """The assembled scan (the checks of :func:`scan_from_acquisitions` run here).
+
+        Raises
+        ------
+        DataFileError
+            No acquisitions or no imaging acquisitions, or acquisitions inconsistent with the
+            header (see :func:`scan_from_acquisitions`).
+        """
+        path, em, rm = self.source, self._em, self._rm
+        if self.n_acquisitions == 0:
+            raise DataFileError(f"{path}: the dataset has no acquisitions")
+        if self._first is None:
+            raise DataFileError(f"{path}: no imaging acquisitions in encoding {self.encoding}")
+        enc = self.hdr.encoding[self.encoding]
+        ef, rf = enc.encodedSpace.fieldOfView_mm, enc.reconSpace.fieldOfView_mm
+
+        def zyx(v, cast):
+            return (cast(v.z), cast(v.y), cast(v.x)) if self.three_d else (cast(v.y), cast(v.x))
+
+        scan = RawScan(
+            header=self.xml,
+            kdata=torch.empty(0),
+            matrix_size=zyx(em, int),
+            recon_size=zyx(rm, int),
+            fov_mm=zyx(ef, float),
+            recon_fov_mm=zyx(rf, float),
+            slice_thickness_mm=None if self.three_d else float(rf.z),
+            trajectory=self.trajectory,
+            encoding_limits=self.limits,
+            noise=(
+                torch.from_numpy(np.concatenate(self._noise, axis=1).astype(np.complex64))
+                if self._noise
+                else None
+            ),
+            geometry=ScanGeometry.from_acquisition(self._first),
+            meta={"path" if path != "stream" else "source": path},
+        )
+        self._noise = []
+        self._check_steps(scan)
+        acqs = self._kept
+        frames = self.trajectory != "cartesian" and _mrf_frames(self.hdr, acqs, path)
+        counters = tuple(n for n in BATCH_COUNTERS if not (frames and n == "repetition"))
+        counts = {}
+        for name in counters:
+            vals = self._counters[name]
+            if len(vals) > 1:
+                counts[name] = max(vals) + 1
+                if len(vals) != counts[name]:  # a gap: images of nothing, or a corrupt counter
+                    raise DataFileError(
+                        f"{path}: the {name} counter takes {len(vals)} values from 0 to "
+                        f"{max(vals)}; {counts[name] - len(vals)} {name} indices in between have "
+                        "no acquisitions"
+                    )
+        scan.batch_dims = tuple(counts)
+        n_c = self._n_c
+        # what assembly will allocate, from counters a client sets freely: refused before allocating
+        per_entry = (
+            math.prod(scan.matrix_size)
+            if self.trajectory == "cartesian"
+            else sum(int(a.number_of_samples) for a in acqs)
+        )
+        nbytes = 8 * n_c * per_entry * math.prod(counts.values())
+        if nbytes > MAX_KSPACE_BYTES:
+            raise DataFileError(
+                f"{path}: the acquisitions' counters {counts} and matrix {scan.matrix_size} would "
+                f"assemble {nbytes / 2**30:.1f} GiB of k-space (limit {MAX_KSPACE_BYTES >> 30} GiB)"
+            )
+        positions = [BATCH_COUNTERS.index(n) for n in scan.batch_dims]
+
+        def reduce(full_key: tuple) -> tuple:
+            return tuple(full_key[i] for i in positions)
+
+        if self.trajectory == "cartesian":
+            if self._outside:
+                raise DataFileError(
+                    f"{path}: encoding steps outside the matrix {scan.matrix_size} "
+                    "(kspace_encode_step_1/_2)"
+                )
+            self._stack_cartesian(scan, tuple(counts.values()), reduce)
+        else:
+
+            def bidx(a):
+                return tuple(int(getattr(a.idx, n)) for n in scan.batch_dims)
+
+            _assemble_noncartesian(scan, acqs, tuple(counts.values()), bidx, n_c, path, frames)
+        self._kept = []
+        best: dict[tuple, tuple[int, Any]] = {}
+        for full_key, (dist, head) in self._nearest.items():
+            k = reduce(full_key)
+            if k not in best or dist < best[k][0]:
+                best[k] = (dist, head)
+        self.representatives = {k: v[1] for k, v in best.items()}
+        _check_kspace_values(scan, path)
+        log.info(
+            "read %s: %s %s, %d coils, kdata %s",
+            path,
+            self.trajectory,
+            scan.matrix_size,
+            n_c,
+            tuple(scan.kdata.shape),
+        )
+        return scan
+
+    def _check_steps(self, scan: RawScan) -> None:
+        """Partition and line indices inside the matrix and the header's encoding limits."""
+        path = self.source
+        nz = scan.matrix_size[0] if scan.ndim == 3 else 1
+        p_max = self._steps["kspace_encode_step_2"][1]
+        if p_max >= nz:
+            raise DataFileError(
+                f"{path}: acquisitions have partition indices (kspace_encode_step_2) up to "
+                f"{p_max} but the header's encoded matrix has z = {nz}"
+                + (" (a 2D header for 3D data?)" if nz == 1 else "")
+            )
+        for name, counter in (
+            ("kspace_encoding_step_1", "kspace_encode_step_1"),
+            ("kspace_encoding_step_2", "kspace_encode_step_2"),
+        ):
+            lim = scan.encoding_limits.get(name)
+            if lim is None:
+                continue
+            lo, hi = self._steps[counter]
+            if lo < lim[0] or hi > lim[2]:
+                raise DataFileError(
+                    f"{path}: {counter} runs {lo}..{hi}, outside the header's encoding "
+                    f"limits {lim[0]}..{lim[2]}"
+                )
+
+    def _stack_cartesian(self, scan: RawScan, batch_shape: tuple, reduce: Any) -> None:
+        """Move the per-entry buffers into one ``(*batch, coils, *matrix)`` array, releasing each
+        buffer as it is copied (peak: the result plus one entry)."""
+        n_c, matrix = self._n_c, self.matrix
+        any_cal = any(e[1] is not None for e in self._entries.values())
+        if not batch_shape and len(self._entries) == 1:  # one entry: its buffers are the result
+            k, cal = self._entries.popitem()[1]
+            scan.kdata = torch.from_numpy(k)
+            scan.mask = torch.from_numpy(self._mask)
+            scan.calib = torch.from_numpy(cal) if cal is not None else None
+            scan.calib_mask = torch.from_numpy(self._cmask) if self._cmask.any() else None
+            return
+        # np.zeros pages are committed as entries are copied in and each entry is released
+        # right after, so the resident peak stays near one k-space plus one entry
+        k = np.zeros((*batch_shape, n_c, *matrix), dtype=np.complex64)
+        cal = np.zeros_like(k) if any_cal else None
+        for full_key in list(self._entries):
+            data, calib = self._entries.pop(full_key)
+            b = reduce(full_key)
+            k[b] = data
+            if calib is not None:
+                cal[b] = calib
+            del data, calib
+        scan.kdata = torch.from_numpy(k)
+        scan.mask = torch.from_numpy(self._mask)
+        scan.calib = torch.from_numpy(cal) if any_cal else None
+        scan.calib_mask = torch.from_numpy(self._cmask) if self._cmask.any() else None
 
 
 def _mrf_frames(hdr: Any, acqs: list, path: str) -> bool:
@@ -697,48 +868,6 @@ def _mrf_frames(hdr: Any, acqs: list, path: str) -> bool:
             f"{len(reps)} repetitions (0..{max(reps)}); one frame per TR is expected"
         )
     return True
-
-
-def _assemble_cartesian(scan, acqs, batch_shape, bidx, n_c, path) -> None:
-    ismrmrd = require("ismrmrd")
-    matrix = scan.matrix_size
-    three_d = scan.ndim == 3
-    nx = matrix[-1]
-    k = np.zeros((*batch_shape, n_c, *matrix), dtype=np.complex64)
-    cal = np.zeros_like(k)
-    mask = np.zeros(matrix, dtype=bool)
-    cmask = np.zeros(matrix, dtype=bool)
-    any_cal = False
-    for a in acqs:
-        d = np.asarray(a.data)
-        if d.shape != (n_c, nx):
-            # asymmetric echo / different readout length: centre it on center_sample
-            full = np.zeros((n_c, nx), dtype=np.complex64)
-            off = nx // 2 - int(a.center_sample)
-            full[:, max(off, 0) : max(off, 0) + d.shape[1]] = d[:, : nx - max(off, 0)]
-            d = full
-        pe = (
-            (int(a.idx.kspace_encode_step_2), int(a.idx.kspace_encode_step_1))
-            if three_d
-            else (int(a.idx.kspace_encode_step_1),)
-        )
-        if any(p >= m for p, m in zip(pe, matrix[:-1], strict=True)):
-            raise DataFileError(f"{path}: encoding step {pe} outside the matrix {matrix}")
-        is_cal = a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
-        both = a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
-        if is_cal and not both:
-            cal[(*bidx(a), slice(None), *pe)] = d
-            cmask[pe] = True
-            any_cal = True
-        else:
-            k[(*bidx(a), slice(None), *pe)] = d
-            mask[pe] = True
-            if both:
-                cmask[pe] = True
-    scan.kdata = torch.from_numpy(k)
-    scan.mask = torch.from_numpy(mask)
-    scan.calib = torch.from_numpy(cal) if any_cal else None
-    scan.calib_mask = torch.from_numpy(cmask) if cmask.any() else None
 
 
 def _trajectory(scan: RawScan, a: Any, path: str) -> np.ndarray:
@@ -1002,4 +1131,5 @@ __all__ = [
     "write_mrd_images",
     "read_mrd_images",
     "BATCH_COUNTERS",
+    "ScanAssembler",
 ]

@@ -71,6 +71,17 @@ def resolve(config: str) -> tuple[Handler, str | None]:
     return HANDLERS[name], (arg or None)
 
 
+#: pipelines that take raw acquisitions and assemble them with ``io.mrd.ScanAssembler``: the
+#: server feeds each acquisition to the assembler as it arrives (k-space is filled while the
+#: client sends), so a session holds k-space rather than a list of acquisitions
+STREAMING = frozenset({"sense", "tv", "gridding", "mrf"})
+
+
+def streams(config: str) -> bool:
+    """Whether ``config``'s pipeline assembles acquisitions as they arrive."""
+    return handler_name(config) in STREAMING
+
+
 def handler_name(config: str) -> str:
     """The registered pipeline name of ``config`` (``"fit"`` for ``"fit:molli"``), or
     ``"unknown"``: the only values a metrics label takes, so a client cannot create series."""
@@ -407,9 +418,12 @@ def _scan_from_session(session: Session) -> Any:
     """
     from ..io.mrd import scan_from_acquisitions
 
-    if not session.acquisitions:
+    if session.assembler is not None:  # streamed: k-space was filled as acquisitions arrived
+        scan = session.assembler.finish()
+    elif not session.acquisitions:
         raise ProtocolError("this pipeline needs acquisitions, but the client sent none")
-    scan = scan_from_acquisitions(session.header_xml, session.acquisitions, source="stream")
+    else:
+        scan = scan_from_acquisitions(session.header_xml, session.acquisitions, source="stream")
     _attach_stored_noise(session, scan)
     return scan
 
@@ -462,6 +476,8 @@ def _representative_acquisitions(session: Session, scan: Any) -> dict[tuple, Any
     Gadgetron take the centre line's)."""
     import ismrmrd
 
+    if session.assembler is not None:  # it kept the nearest readout's header per batch entry
+        return session.assembler.representatives
     skip = (
         ismrmrd.ACQ_IS_NOISE_MEASUREMENT,
         ismrmrd.ACQ_IS_NAVIGATION_DATA,

@@ -35,7 +35,7 @@ from typing import Any
 
 from .._progress import get_logger
 from ..errors import ParameterError, ProtocolError, QmrkitError
-from .handlers import handler_name, parse_parameters, resolve
+from .handlers import handler_name, parse_parameters, resolve, streams
 from .metrics import Metrics
 from .protocol import (
     Limits,
@@ -385,6 +385,17 @@ class Server:
                 if not checked:  # an unknown pipeline is refused before its data is read
                     resolve(session.config)
                     checked = True
+                    if session.header is not None and streams(session.config):
+                        from ..io.mrd import ScanAssembler
+
+                        session.assembler = await self._off_loop(
+                            functools.partial(ScanAssembler, session.header_xml, source="stream")
+                        )
+                if msg.id == MessageId.ACQUISITION and session.assembler is not None:
+                    # decoded and placed in k-space off the loop, one at a time: the next
+                    # message is read only when this one is stored (a queue of one)
+                    await self._off_loop(_decode_into, msg, session.assembler)
+                    continue
                 if msg.decoded_bytes > _INLINE_DECODE_BYTES or msg.compressed:
                     await self._off_loop(msg.decoded)
                 else:
@@ -429,6 +440,11 @@ class Server:
                 for stage, s in session.stages.items():
                     self.metrics.stage.labels(name, stage).observe(s)
         return out
+
+
+def _decode_into(msg: Message, assembler: Any) -> None:
+    assembler.add(msg.decoded().value)
+    msg.value = None  # the samples now live in k-space only
 
 
 def _fit_to_file_limit(max_connections: int) -> int:

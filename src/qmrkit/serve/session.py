@@ -48,6 +48,9 @@ class Session:
     header: Any = None
     parameters: dict[str, Any] = field(default_factory=dict)
     acquisitions: list[Any] = field(default_factory=list)
+    # raw-data pipelines (``streams`` in handlers): acquisitions go into this
+    # ``io.mrd.ScanAssembler`` as they arrive instead of into ``acquisitions``
+    assembler: Any = None
     images: list[Any] = field(default_factory=list)
     waveforms: list[Any] = field(default_factory=list)
     store: Any = None
