@@ -92,12 +92,15 @@ def test_prior_penalty_values_and_maps():
     mu = {"a": rng.normal(size=shape), "b": 0.5}
     sg = {"a": rng.uniform(0.5, 2, shape), "b": 2.0}
     mask = rng.uniform(size=shape) > 0.3
+    mask[0, 0] = True
+    mu["a"][0, 0] = np.nan  # NaN: no prior on "a" at this voxel
     t = {"a": torch.tensor(a), "b": torch.tensor(b)}
     ctx = RegularizerContext(t, t, torch.tensor(mask), int(mask.sum()))
     za, zb = (a - mu["a"]) / sg["a"], (b - 0.5) / 2.0
+    has_a = mask & np.isfinite(mu["a"])
     for kind, f in (("l1", np.abs), ("gaussian", np.square)):
         got = float(fit.Prior(("a", "b"), mu, sg, 3.0, kind=kind)(ctx))
-        ref = 3.0 * (f(za)[mask].sum() + f(zb)[mask].sum()) / mask.sum()
+        ref = 3.0 * (f(za)[has_a].sum() + f(zb)[mask].sum()) / mask.sum()
         np.testing.assert_allclose(got, ref, rtol=1e-13)
 
 
@@ -171,3 +174,27 @@ def test_prior_bad_input():
         _adam(y, [fit.Prior("theta", np.zeros(4), 1.0)])
     with pytest.raises(ParameterError, match="unknown parameters"):
         fit.mcmc(_const_model(), y, noise=1.0, priors=[fit.Prior("T1", 1.0, 1.0)], n_steps=10)
+
+
+def test_mcmc_callable_prior_still_accepted():
+    """Plain log-prior callables keep working next to Prior objects: a N(μ, σ²) callable and a
+    Prior(kind="gaussian") on one model give the conjugate posterior mean."""
+    n, s, mu, sigma = 6, 0.8, 2.0, 0.4
+    y = _data(n, seed=9)
+    r = fit.mcmc(
+        _const_model(),
+        y,
+        noise=s,
+        priors=[
+            lambda p: -0.5 * ((p["theta"][:, 0] - mu) / sigma) ** 2,
+            fit.Prior("theta", mu, sigma, kind="gaussian"),
+        ],
+        n_steps=2000,
+        dtype=torch.float64,
+        seed=4,
+        progress=False,
+    )
+    prec = M / s**2 + 2 / sigma**2  # the same prior twice: precision 2/σ²
+    mean, sd = (y.sum(1) / s**2 + 2 * mu / sigma**2) / prec, 1 / np.sqrt(prec)
+    m, ess = r.mean["theta"].numpy(), r.ess["theta"].numpy()
+    assert np.all(np.abs(m - mean) <= 3.5 * sd / np.sqrt(ess))

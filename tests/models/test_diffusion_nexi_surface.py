@@ -26,11 +26,11 @@ def _two_sheets(nx, ny):
     return np.array(faces), roi
 
 
-@pytest.mark.slow  # three NEXI adam runs on 48 vertices: ~30 s on 2 idle cores
+@pytest.mark.slow  # three NEXI adam runs on 48 vertices: ≈ 60 s CPU (214 s wall at load 12.5)
 def test_surface_nexi_graph_tv_and_prior_lower_error():
     """Low SNR (30) NEXI per vertex: plain adam vs GraphTV on f_n + a Laplace prior on f_n and r_n
     (μ, σ per ROI = mean, std of an unregularised fit at SNR 150). Median relative errors
-    against the truth. Measured (load ≈ 13 on 2 cores): f 0.44 → 0.06, r_n 0.91 → 0.2."""
+    against the truth. Measured: f 0.346 → 0.057, r_n 0.864 → 0.341 (500 and 540 iterations)."""
     faces, roi = _two_sheets(4, 6)
     A = roi == 1
     truth = {

@@ -384,8 +384,8 @@ class Prior(Regularizer):
         Parameters the prior acts on.
     mu, sigma : float, array or mapping of str -> (float or array), optional
         Prior centre and scale in the parameter's physical units: a scalar, or a map of the image
-        shape (``(n_vertices,)`` on a surface). A mapping gives each parameter its own. Not needed
-        when ``labels`` and ``table`` are given.
+        shape (``(n_vertices,)`` on a surface; NaN where no prior applies). A mapping gives each
+        parameter its own. Not needed when ``labels`` and ``table`` are given.
     weight : float
         λ relative to the data loss in :func:`qmrkit.fit.adam` (GACELLE: 1e-4).
     kind : {"l1", "gaussian"}
@@ -441,9 +441,12 @@ class Prior(Regularizer):
                 )
             self._spec = ("values", self._per_param(mu, "mu"), self._per_param(sigma, "sigma"))
             for p, s in self._spec[2].items():
-                sv = _as_numpy(s)
-                if not (np.isfinite(sv).all() and (sv > 0).all()):
-                    raise ParameterError(f"Prior sigma for {p!r} must be finite and > 0")
+                sv = np.asarray(_as_numpy(s), dtype=np.float64)
+                # NaN marks voxels without a prior; anything else must be a finite positive scale
+                if not (np.isnan(sv) | (np.isfinite(sv) & (sv > 0))).all():
+                    raise ParameterError(
+                        f"Prior sigma for {p!r} must be finite and > 0 (NaN: no prior there)"
+                    )
         self._cache: dict[tuple, dict[str, tuple[torch.Tensor, ...]]] = {}
 
     def _per_param(self, v: Any, what: str) -> dict[str, Any]:
