@@ -110,7 +110,7 @@ def _mcmc(y, prior, noise):
         y,
         noise=noise,
         priors=[prior],
-        n_steps=3000,
+        n_steps=2000,
         dtype=torch.float64,
         seed=3,
         progress=False,
