@@ -21,7 +21,7 @@ def _const_model(n_meas=M):
     )
 
 
-def _adam(data, regs):
+def _adam(data, regs, device=None):
     return fit.adam(
         _const_model(data.shape[-1]),
         data,
@@ -31,6 +31,7 @@ def _adam(data, regs):
         max_iter=20000,
         convergence_value=1e-9,
         min_lr_factor=1e-4,
+        device=device,
         progress=False,
     )
 
@@ -40,7 +41,7 @@ def _data(n, seed=0):
     return rng.uniform(1, 5, (n, 1)) + rng.normal(0, 0.5, (n, M))
 
 
-def test_adam_gaussian_prior_closed_form():
+def test_adam_gaussian_prior_closed_form(device):
     """loss = mean_m((θ − y_m)/s)² + λ((θ − μ)/σ)²  ⇒  θ* = (ȳ/s² + λμ/σ²)/(1/s² + λ/σ²), s the
     data scale adam divides by; σ a per-voxel map, μ a scalar, two λ."""
     y = _data(12)
@@ -49,10 +50,10 @@ def test_adam_gaussian_prior_closed_form():
     mu = 2.0
     shifts = {}
     for lam in (0.05, 0.2):
-        r = _adam(y, [fit.Prior("theta", mu, sigma, lam, kind="gaussian")])
+        r = _adam(y, [fit.Prior("theta", mu, sigma, lam, kind="gaussian")], device)
         s = r.settings["data_scale"]
         ref = (ybar / s**2 + lam * mu / sigma**2) / (1 / s**2 + lam / sigma**2)
-        got = r["theta"].numpy()
+        got = r["theta"].cpu().numpy()
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * np.abs(ref - ybar).max())
         shifts[lam] = (ybar - got) / (ybar - mu)  # fraction of the way toward μ
         # the fraction equals κ/(1 + κ) with κ = λs²/σ²: grows with λ and with 1/σ
@@ -104,7 +105,7 @@ def test_prior_penalty_values_and_maps():
         np.testing.assert_allclose(got, ref, rtol=1e-13)
 
 
-def _mcmc(y, prior, noise):
+def _mcmc(y, prior, noise, device=None):
     return fit.mcmc(
         _const_model(y.shape[-1]),
         y,
@@ -113,21 +114,26 @@ def _mcmc(y, prior, noise):
         n_steps=2000,
         dtype=torch.float64,
         seed=3,
+        device=device,
         progress=False,
     )
 
 
-def test_mcmc_gaussian_prior_conjugate_posterior():
+def test_mcmc_gaussian_prior_conjugate_posterior(device):
     """y_m ~ N(θ, s²), θ ~ N(μ, σ²): posterior N((Σy/s² + μ/σ²)/(M/s² + 1/σ²), 1/(M/s² + 1/σ²)),
     μ and σ per voxel (maps); within 3.5 Monte Carlo standard errors."""
     n, s = 10, 0.8
     y = _data(n, seed=5)
     rng = np.random.default_rng(6)
     mu, sigma = rng.uniform(1, 5, n), rng.uniform(0.2, 1.0, n)
-    r = _mcmc(y, fit.Prior("theta", mu, sigma, kind="gaussian"), s)
+    r = _mcmc(y, fit.Prior("theta", mu, sigma, kind="gaussian"), s, device)
     prec = M / s**2 + 1 / sigma**2
     mean, sd = (y.sum(1) / s**2 + mu / sigma**2) / prec, 1 / np.sqrt(prec)
-    m, st, ess = r.mean["theta"].numpy(), r.std["theta"].numpy(), r.ess["theta"].numpy()
+    m, st, ess = (
+        r.mean["theta"].cpu().numpy(),
+        r.std["theta"].cpu().numpy(),
+        r.ess["theta"].cpu().numpy(),
+    )
     assert np.all(np.abs(m - mean) <= 3.5 * sd / np.sqrt(ess)), (m - mean) / (sd / np.sqrt(ess))
     assert np.all(np.abs(st - sd) <= 3.5 * sd / np.sqrt(2 * ess))
     # without the prior the posterior mean is ȳ: the prior moved it toward μ
