@@ -1,9 +1,10 @@
 """Generic parameter estimation for any signal model written in PyTorch.
 
 Solvers: :func:`lm` (batched Levenberg–Marquardt, the default for smooth models), :func:`adam`
-(whole-volume gradient descent with Adam/SGDM/RMSProp, L1/L2/Huber losses and regularisers such as
-total variation), :func:`dictionary_search` (starts, or a fit of its own). This package knows no MRI
-physics: models live in :mod:`qmrkit.models` or come from :func:`model_from_function`.
+(whole-volume gradient descent with Adam/SGDM/RMSProp, L1/L2/Huber losses and regularisers: total
+variation on image grids, :class:`GraphTV` along surface-mesh edges, :class:`Prior`),
+:func:`dictionary_search` (starts, or a fit of its own). This package knows no MRI physics: models
+live in :mod:`qmrkit.models` or come from :func:`model_from_function`.
 """
 
 from .adam import adam
@@ -12,7 +13,14 @@ from .lm import lm
 from .mcmc import McmcResult, mcmc
 from .model import FunctionModel, Model, Parameter, model_from_function
 from .problem import Problem, make_problem
-from .regularizers import CustomRegularizer, Regularizer, RegularizerContext, TotalVariation
+from .regularizers import (
+    CustomRegularizer,
+    GraphTV,
+    Prior,
+    Regularizer,
+    RegularizerContext,
+    TotalVariation,
+)
 from .result import FitResult
 
 __all__ = [
@@ -30,6 +38,8 @@ __all__ = [
     "Regularizer",
     "RegularizerContext",
     "TotalVariation",
+    "GraphTV",
+    "Prior",
     "CustomRegularizer",
     "dictionary_search",
 ]

@@ -131,15 +131,33 @@ def adam(
     huber_delta : float
         Huber threshold in units of the data scale.
     regularizers : sequence
-        :class:`~qmrkit.fit.TotalVariation`, :class:`~qmrkit.fit.CustomRegularizer`, callables
-        ``fn(maps) -> scalar`` or ``(callable, weight)`` pairs. Regularised fits optimise the whole
-        volume jointly (no voxel chunking).
+        :class:`~qmrkit.fit.TotalVariation` (image grids), :class:`~qmrkit.fit.GraphTV` (along
+        the edges of a surface mesh or any graph), :class:`~qmrkit.fit.Prior` (``|θ − μ|/σ`` or
+        its square, μ/σ scalars, maps or per ROI), :class:`~qmrkit.fit.CustomRegularizer`,
+        callables ``fn(maps) -> scalar`` or ``(callable, weight)`` pairs. Regularised fits optimise
+        the whole volume jointly (no voxel chunking).
 
     Returns
     -------
     FitResult
         ``maps`` hold the minimum-loss iterate (per voxel without regularisers, global with them),
         ``final_maps`` the last iterate; ``loss_history`` the loss per iteration.
+
+    Examples
+    --------
+    Surface-based NEXI (GACELLE demo 1): data projected onto a mid-cortical mesh, one row per
+    vertex; total variation along the mesh's edges on f_n and a prior per ROI (μ, σ from a
+    high-SNR dataset)::
+
+        surf = io.read_surface("lh.midthickness.surf.gii")          # or FreeSurfer lh.white
+        dwi = io.read_surface_data("lh.nexi_invariants.func.gii",   # (n_vertices, 30)
+                                   n_vertices=surf.n_vertices)
+        model = models.diffusion.NEXI(b, big_delta, orders=(0, 2))   # b ms/µm², Δ ms
+        table = {1: {"f": (0.45, 0.05), "rn": (0.04, 0.01)}, 2: {...}}  # label -> (μ, σ)
+        res = fit.adam(model, dwi, loss="l1", regularizers=[
+            fit.GraphTV("f", 1e-2, faces=surf.faces),
+            fit.Prior(("f", "rn"), weight=1e-3, kind="l1", labels=parcels, table=table)])
+        io.write_surface_maps("out/", res, prefix="lh.")          # lh.f.func.gii, ...
     """
     if loss not in LOSSES:
         raise ParameterError(f"loss must be one of {LOSSES}, got {loss!r}")

@@ -171,6 +171,20 @@ class _Posterior:
         self.noise_mode = noise_mode  # "sample" | "fixed"
         self.sigma = sigma  # (V,) internal units when fixed
         self.priors = list(priors or [])
+        names = problem.model.parameter_names
+        for prior in self.priors:
+            # fit.Prior objects: μ, σ per voxel, bound to the rows of each chunk in bind()
+            if hasattr(prior, "bind_voxels"):
+                unknown = [q for q in prior.params if q not in names]
+                if unknown:
+                    raise ParameterError(
+                        f"prior refers to unknown parameters {unknown}; the model has {names}"
+                    )
+            elif not callable(prior):
+                raise ParameterError(
+                    "priors must be fit.Prior objects or callables fn(params) -> (n,), got "
+                    f"{type(prior).__name__}"
+                )
         self.n_res = problem.n_meas * (2 if problem.data.is_complex() else 1)
         if likelihood == "rician" and (problem.data.is_complex() or (problem.data < 0).any()):
             raise ParameterError(
@@ -199,7 +213,14 @@ class _Posterior:
             c_log = -self.n_res * torch.log(sigma)
             c_quad = 0.5 / (sigma * sigma)
         sqrt_w = None if sub.weights is None else sub.weights.sqrt()
-        return _BoundPosterior(self, sub, sqrt_w, c_log, c_quad, sigma)
+        bound = _BoundPosterior(self, sub, sqrt_w, c_log, c_quad, sigma)
+        bound.priors = [
+            pr.bind_voxels(sub.index, sub.spatial_shape, sub.device, sub.dtype)
+            if hasattr(pr, "bind_voxels")
+            else pr
+            for pr in self.priors
+        ]
+        return bound
 
 
 class _BoundPosterior:
@@ -209,6 +230,7 @@ class _BoundPosterior:
         self.post, self.p, self.sqrt_w = post, sub, sqrt_w
         self.c_log, self.c_quad, self.sigma = c_log, c_quad, sigma
         self.P = post.P
+        self.priors = list(post.priors)  # replaced by voxel-bound callables in bind()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         p, post = self.p, self.post
@@ -244,9 +266,9 @@ class _BoundPosterior:
             if p.weights is not None:
                 terms = terms * p.weights
             ll = terms.sum(1)
-        if post.priors:
+        if self.priors:
             params = p.param_dict(safe)
-            for prior in post.priors:
+            for prior in self.priors:
                 lp = prior(params)
                 if not isinstance(lp, torch.Tensor):
                     raise ParameterError(
@@ -297,7 +319,7 @@ def mcmc(
     noise: str | float | Any = "sample",
     likelihood: str = "gaussian",
     init: Any = None,
-    priors: Sequence[Callable[[Mapping[str, torch.Tensor]], torch.Tensor]] | None = None,
+    priors: Sequence[Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | Any] | None = None,
     quantiles: Sequence[float] = (0.025, 0.975),
     stretch: float = 2.0,
     target_acceptance: float = 0.3,
@@ -348,8 +370,10 @@ def mcmc(
         Rician for magnitude images at low SNR.
     init : FitResult, optional
         Where walkers start (dispersed by the Laplace covariance). Default: an ``lm`` fit.
-    priors : sequence of callables, optional
-        Extra log-priors ``fn(params) -> (n,)`` with ``params`` a dict of ``(n, 1)`` physical values.
+    priors : sequence of fit.Prior or callables, optional
+        Extra log-priors: :class:`~qmrkit.fit.Prior` objects (scalar, per-ROI or map μ and σ;
+        ``"l1"`` → Laplace, ``"gaussian"`` → normal log-density, added inside the bounds), or
+        callables ``fn(params) -> (n,)`` with ``params`` a dict of ``(n, 1)`` physical values.
     quantiles : sequence of float
         Posterior quantiles to report (in (0, 1)).
     stretch : float

@@ -1,5 +1,6 @@
 """File formats: NIfTI (nibabel), DWI (NIfTI + FSL bval/bvec), protocol YAML, ISMRMRD/MRD HDF5
-raw data and images, and DICOM (pydicom, highdicom; series in, maps out, C-STORE to a PACS)."""
+raw data and images, surfaces and per-vertex data (GIfTI, FreeSurfer geometry, MGH), and DICOM
+(pydicom, highdicom; series in, maps out, C-STORE to a PACS)."""
 
 from .dicom import DicomSeries, acquisition_values, is_dicom, read_dicom
 from .dicom_out import DicomMapSeries, write_dicom_maps, write_dicom_series
@@ -25,6 +26,15 @@ from .mrd import (
 from .nifti import load_nifti, save_nifti
 from .pacs import PacsAddress, parse_pacs_url, send_dicom
 from .protocol import load_protocol
+from .surface import (
+    Surface,
+    mesh_edges,
+    read_surface,
+    read_surface_data,
+    write_surface,
+    write_surface_map,
+    write_surface_maps,
+)
 
 __all__ = [
     "load_nifti",
@@ -57,4 +67,11 @@ __all__ = [
     "PacsAddress",
     "parse_pacs_url",
     "send_dicom",
+    "Surface",
+    "read_surface",
+    "read_surface_data",
+    "write_surface",
+    "write_surface_map",
+    "write_surface_maps",
+    "mesh_edges",
 ]
