@@ -99,6 +99,13 @@ def _input_file(text: str) -> Path:
     return p
 
 
+def _mask_arg(text: str) -> str | Path:
+    """``--mask auto`` (the default), ``--mask none`` or a mask NIfTI file."""
+    if text.strip().lower() in ("auto", "none"):
+        return text.strip().lower()
+    return _input_file(text)
+
+
 def _input_path(text: str) -> Path:
     """An existing file or folder (a DICOM series may be a folder of files)."""
     p = Path(text)
@@ -189,6 +196,12 @@ def _check_output_folder(path: Path, flag: str = "--out") -> None:
         raise ParameterError(f"{flag} {path}: {anc} is not writable (permission denied)")
 
 
+_THREADS_HELP = (
+    "torch intra-op threads (default: $QMRKIT_NUM_THREADS, else $OMP_NUM_THREADS, else the CPUs "
+    "this process may use); OpenMP waits passively (OMP_WAIT_POLICY=PASSIVE unless set)"
+)
+
+
 def _add_common(p: argparse.ArgumentParser, *, progress: bool = True) -> None:
     """Options every command accepts after its name too (``qmrkit fit ... --quiet``)."""
     # SUPPRESS: when absent, the value given before the command (or its default) stays
@@ -206,6 +219,7 @@ def _add_common(p: argparse.ArgumentParser, *, progress: bool = True) -> None:
         default=argparse.SUPPRESS,
         help="more log output (-vv: debug, and tracebacks of errors)",
     )
+    p.add_argument("--threads", type=_positive_int, default=argparse.SUPPRESS, help=_THREADS_HELP)
     if progress:
         p.add_argument(
             "--progress",
@@ -226,6 +240,7 @@ def _parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, log only errors")
+    p.add_argument("--threads", type=_positive_int, default=None, help=_THREADS_HELP)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_fit_parser(sub)
 
@@ -299,7 +314,14 @@ def _add_fit_parser(sub: Any) -> None:
         "b (ms/µm²), small_delta and big_delta (ms)",
     )
     f.add_argument(
-        "--mask", type=_input_file, help="mask NIfTI (non-zero voxels are fitted), (x, y[, z])"
+        "--mask",
+        type=_mask_arg,
+        default="auto",
+        metavar="auto|none|FILE",
+        help="voxels to fit: auto (default) = the object found in the data (Otsu threshold on "
+        "the root-sum-of-squares over measurements, small holes filled; background voxels come "
+        "out NaN; method, threshold and voxel count in fit.json), none = every voxel, or a mask "
+        "NIfTI (non-zero voxels are fitted), (x, y[, z])",
     )
     f.add_argument(
         "--solver",
@@ -335,7 +357,18 @@ def _add_fit_parser(sub: Any) -> None:
     f.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cpu)")
     f.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
     f.add_argument("--out", required=True, type=Path, help="output folder")
-    f.add_argument("--no-figure", action="store_true", help="do not write the PNG figure")
+    f.add_argument(
+        "--no-figure",
+        action="store_true",
+        help="do not write the PNG figure (by default it is rendered in a separate process "
+        "while the maps are written)",
+    )
+    f.add_argument(
+        "--timings",
+        action="store_true",
+        help="print the time of each stage (startup, import, read, mask, fit, write, figure); "
+        "always recorded in fit.json under Timings",
+    )
     _add_dicom_out(f)
     _add_common(f)
 
@@ -644,7 +677,7 @@ def _fit_settings(args: argparse.Namespace, dicom: Any = None) -> dict[str, Any]
     """Acquisition settings from a DICOM series, then --protocol, then flags (each overriding
     the one before, with a warning where a value disagrees with the DICOM files); checked
     against the model."""
-    from .io import load_protocol
+    from .io.protocol import load_protocol
     from .models.registry import check_name, check_settings
 
     key = _check_fit_flags(args)
@@ -733,9 +766,11 @@ def _check_fit_flags(args: argparse.Namespace) -> str:
 
 
 def _is_dicom_input(path: Path | None) -> bool:
+    if path is None or str(path).endswith((".nii", ".nii.gz")):
+        return False  # NIfTI: no need to import the DICOM reader
     from .io.dicom import is_dicom
 
-    return path is not None and not str(path).endswith((".nii", ".nii.gz")) and is_dicom(path)
+    return is_dicom(path)
 
 
 def _check_dicom_out_flags(args: argparse.Namespace) -> None:
@@ -836,18 +871,138 @@ def _check_tv_flags(args: argparse.Namespace) -> None:
         raise ParameterError("--tv-dims needs --tv")
 
 
-def _cmd_fit(args: argparse.Namespace) -> int:
-    import torch
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; None elsewhere), so that the CLI's
+    timings include the interpreter's own start-up and the imports before :func:`main`."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return None
 
-    from . import fit
-    from .io import load_nifti
-    from .models import get
+
+class _Stages:
+    """Wall time per stage of a command: ``mark(name)`` charges the time since the last mark to
+    ``name``. ``startup`` is the time from process start to :func:`main` (interpreter, site,
+    ``qmrkit.cli``), when the platform tells it."""
+
+    def __init__(self) -> None:
+        self._t = time.perf_counter()
+        age = _process_age()
+        self.seconds: dict[str, float] = {} if age is None else {"startup": age}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
+        self._t = now
+
+    def record(self) -> dict[str, float]:
+        """Seconds per stage and ``total`` (process start, or main, to now), rounded to ms."""
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["total"] = round(sum(self.seconds.values()), 3)
+        return out
+
+    def line(self) -> str:
+        return "timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.record().items())
+
+
+def _stages(args: argparse.Namespace) -> _Stages:
+    """The command's stage timer (started by :func:`main`; a fresh one when called directly)."""
+    st = getattr(args, "_stages", None)
+    if st is None:
+        st = args._stages = _Stages()
+    return st
+
+
+def _start_figure(args: argparse.Namespace) -> Any:
+    """The figure worker, started before the expensive work so that matplotlib's import overlaps
+    it (None with --no-figure)."""
+    if args.no_figure:
+        return None
+    from ._figure import FigureWorker
+
+    return FigureWorker()
+
+
+def _finish(
+    args: argparse.Namespace, written: list[Path], worker: Any, extra: dict[str, Any]
+) -> None:
+    """Wait for the figure, then record the timings in fit.json (and print them if asked)."""
+    stages = _stages(args)
+    if worker is not None:
+        written.append(worker.wait())
+        stages.mark("figure")
+    record = stages.record()
+    for name in ("fit.json", "mcmc.json"):  # one more small write: timings include the maps'
+        path = args.out / name
+        if path.exists():
+            sidecar = json.loads(path.read_text())
+            sidecar["Timings"] = {f"{k}_s": v for k, v in record.items()}
+            path.write_text(json.dumps(sidecar, indent=2))
+    if args.timings or args.verbose:
+        print(stages.line())
+
+
+def _fit_mask(args: argparse.Namespace, data: Any, spatial: tuple[int, ...]) -> tuple:
+    """``--mask``: (mask for the fit or None, the fit.json "Mask" entry)."""
+    if isinstance(args.mask, Path):
+        from .io.nifti import load_nifti
+
+        mask = load_nifti(args.mask)[0] != 0
+        _check_map_shape("--mask", mask.shape, spatial)
+        return mask, {"Method": "file", "File": str(args.mask), "VoxelCount": int(mask.sum())}
+    from .pipelines.masking import resolve_mask
+
+    mask, auto = resolve_mask(args.mask, data)
+    if auto is None:
+        return None, {"Method": "none", "VoxelCount": int(_n_voxels(spatial))}
+    return mask, auto.sidecar()
+
+
+def _n_voxels(shape: Sequence[int]) -> int:
+    n = 1
+    for k in shape:
+        n *= int(k)
+    return n
+
+
+def _mask_line(info: dict[str, Any]) -> str:
+    if info["Method"] != "auto":
+        return f"mask: {info['Method']}, {info['VoxelCount']} voxels"
+    if not info["BackgroundFound"]:
+        return f"mask: auto found no background, all {info['VoxelCount']} voxels fitted"
+    return (
+        f"mask: auto, threshold {info['Threshold']:.4g} (Otsu on the root-sum-of-squares), "
+        f"{info['VoxelCount']} voxels"
+    )
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
     from .models.registry import is_diffusion
-    from .pipelines.diffusion import tv_regularizers
 
     if is_diffusion(args.model):
         return _cmd_fit_dwi(args)
     key = _check_fit_flags(args)
+    worker = _start_figure(args)
+    try:
+        return _fit_series(args, key, worker)
+    finally:
+        if worker is not None:
+            worker.cancel()
+
+
+def _fit_series(args: argparse.Namespace, key: str, worker: Any) -> int:
+    import torch
+
+    from . import fit
+    from .io.nifti import load_nifti
+    from .models import get
+
+    stages = _stages(args)
+    stages.mark("import")
     dicom = _read_dicom_input(args, key) if _is_dicom_input(args.data) else None
     settings = _fit_settings(args, dicom)
     if dicom is not None:
@@ -860,10 +1015,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             "measurement axis last (x, y[, z], n_meas)"
         )
     spatial = data.shape[:-1]
-    mask = None
-    if args.mask:
-        mask = load_nifti(args.mask)[0] != 0
-        _check_map_shape("--mask", mask.shape, spatial)
     b1 = None
     if args.b1:
         b1, _ = load_nifti(args.b1)
@@ -875,6 +1026,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             f"{model.name} model has {model.n_measurements} {model.measurement_axis}; give one "
             "setting per image, measurement axis last"
         )
+    stages.mark("read")
+    mask, mask_info = _fit_mask(args, data, spatial)
+    stages.mark("mask")
     dtype = torch.float64 if args.float64 else torch.float32
     common = {"mask": mask, "device": args.device, "dtype": dtype}
     kw = {"max_iter": args.max_iter} if args.max_iter else {}
@@ -882,6 +1036,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.solver == "lm":
         result = fit.lm(model, data, progress=args.progress, **common, **kw)
     elif args.solver == "adam":
+        from .pipelines.diffusion import tv_regularizers
+
         regs = tv_regularizers(model, args.tv, args.tv_dims)
         result = fit.adam(
             model,
@@ -894,7 +1050,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         )
     else:
         result = fit.dictionary_search(model, data, **common)
-    extra = {"Input": str(args.data), "Acquisition": settings}
+    stages.mark("fit")
+    if worker is not None:  # renders while the maps are written
+        _submit_figure(worker, args.out, model, result.maps, result.units, result.solver)
+    extra: dict[str, Any] = {"Input": str(args.data), "Acquisition": settings, "Mask": mask_info}
     if dicom is not None:
         extra["DicomSeries"] = {
             "SeriesInstanceUID": dicom.series_uid,
@@ -907,25 +1066,34 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         like=header,  # keep the input's qform/sform codes
         extra_sidecar=extra,
     )
-    if not args.no_figure:
-        written.append(_fit_figure(args.out, model, result.maps, result.units, result.solver))
     maps, units = _named_maps(result.maps, result.map_names, result.units)
     written += _write_dicom_maps(
         args, maps, units, affine, dicom, f"qmrkit {model.name} fit ({result.solver})"
     )
+    stages.mark("write")
+    print(_mask_line(mask_info))
     print(result.summary())
+    _finish(args, written, worker, extra)
     print(f"wrote {len(written)} files to {args.out} in {time.perf_counter() - t0:.2f} s")
     return 0
 
 
-def _fit_figure(out: Path, model: Any, maps: dict, units: dict, solver: str) -> Path:
-    """``maps.png``: derived maps first, then the parameters."""
-    from .io.figures import save_map_figure
-
+def _figure_names(model: Any, maps: dict) -> list[str]:
+    """Derived maps first, then the parameters."""
     derived = [k for k in maps if k not in model.parameter_names]
-    names = derived + [k for k in model.parameter_names if k in maps]
-    return save_map_figure(
-        out / "maps.png", maps, units=units, names=names, title=f"{model.name} ({solver})"
+    return derived + [k for k in model.parameter_names if k in maps]
+
+
+def _submit_figure(
+    worker: Any, out: Path, model: Any, maps: dict, units: dict, solver: str
+) -> None:
+    """Hand ``maps.png`` to the figure worker."""
+    worker.submit(
+        out / "maps.png",
+        maps,
+        units=units,
+        names=_figure_names(model, maps),
+        title=f"{model.name} ({solver})",
     )
 
 
@@ -1010,24 +1178,38 @@ def _check_dwi_files(args: argparse.Namespace, key: str) -> None:
     check_timing(b, timing, spec.needs, B0_THRESHOLD)
     if args.tv:
         tv_regularizers(example_model(key), args.tv, args.tv_dims)  # unknown names fail here
-    if args.mask:
+    if isinstance(args.mask, Path):
         _check_map_shape("--mask", _nifti_shape(args.mask), shape[:-1])
 
 
 def _cmd_fit_dwi(args: argparse.Namespace) -> int:
     """``qmrkit fit dti|nexi --dwi ... --bval ... --bvec ...`` through
     :func:`qmrkit.pipelines.diffusion_maps`."""
-    import torch
-
-    from .io import load_dwi, load_nifti
     from .models.registry import check_name
-    from .pipelines.diffusion import diffusion_maps
 
     key = check_name(args.model)
     _check_dwi_files(args, key)
     _check_dicom_out_flags(args)
+    worker = _start_figure(args)
+    try:
+        return _fit_dwi(args, key, worker)
+    finally:
+        if worker is not None:
+            worker.cancel()
+
+
+def _fit_dwi(args: argparse.Namespace, key: str, worker: Any) -> int:
+    import torch
+
+    from .io.dwi import load_dwi
+    from .pipelines.diffusion import diffusion_maps
+
+    stages = _stages(args)
+    stages.mark("import")
     dwi = load_dwi(args.dwi, args.bval, args.bvec, protocol=args.protocol, json=args.json)
-    mask = load_nifti(args.mask)[0] != 0 if args.mask else None
+    stages.mark("read")
+    mask, mask_info = _fit_mask(args, dwi.data, dwi.data.shape[:-1])
+    stages.mark("mask")
     t0 = time.perf_counter()
     maps = diffusion_maps(
         dwi,
@@ -1042,23 +1224,29 @@ def _cmd_fit_dwi(args: argparse.Namespace) -> int:
         dtype=torch.float64 if args.float64 else torch.float32,
         progress=args.progress,
     )
+    stages.mark("fit")
+    if worker is not None:  # renders while the maps are written
+        _submit_figure(worker, args.out, maps.model, maps.maps, maps.result.units, args.solver)
     inputs = {"dwi": args.dwi, "bval": args.bval, "bvec": args.bvec}
-    inputs.update({k: getattr(args, k) for k in ("protocol", "json", "mask") if getattr(args, k)})
+    inputs.update({k: getattr(args, k) for k in ("protocol", "json") if getattr(args, k)})
+    if isinstance(args.mask, Path):
+        inputs["mask"] = args.mask
     files = {k: str(v) for k, v in inputs.items()}
+    extra = {"Input": str(args.dwi), "InputFiles": files, "Mask": mask_info}
     written = maps.save(
         args.out,
         affine=dwi.affine,
         like=dwi.header,  # keep the DWI's qform/sform codes
-        extra_sidecar={"Input": str(args.dwi), "InputFiles": files},
+        extra_sidecar=extra,
     )
-    if not args.no_figure:
-        units = maps.result.units
-        written.append(_fit_figure(args.out, maps.model, maps.maps, units, args.solver))
     named, units = _named_maps(maps.maps, maps.model.map_names, maps.result.units)
     written += _write_dicom_maps(
         args, named, units, dwi.affine, None, f"qmrkit {key} fit ({args.solver})"
     )
+    stages.mark("write")
+    print(_mask_line(mask_info))
     print(maps.summary())
+    _finish(args, written, worker, extra)
     print(f"wrote {len(written)} files to {args.out} in {time.perf_counter() - t0:.2f} s")
     return 0
 
@@ -1495,7 +1683,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qmrkit`` console script; returns the exit status (see the module
     docstring: 2 and one line for user mistakes, the traceback for bugs)."""
     from ._progress import configure_logging, set_progress_default
+    from ._threads import configure_process
 
+    stages = _Stages()
+    # before anything imports torch: OpenMP reads its wait policy when its runtime starts
+    configure_process()
     parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
@@ -1509,12 +1701,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     prog = f"qmrkit {args.command}"
+    args._stages = stages
     configure_logging(args.verbose, quiet=args.quiet)
     if args.quiet and hasattr(args, "progress"):
         args.progress = False
     previous = set_progress_default(False if args.quiet else None)
     try:
         with _warnings_as_lines(prog):
+            configure_process(getattr(args, "threads", None))  # --threads, once parsed
             if getattr(args, "out", None) is not None:
                 _check_output_folder(args.out)
             return _HANDLERS[args.command](args)

@@ -2,6 +2,7 @@
 
 from .calibration import noise_statistics
 from .diffusion import DiffusionMaps, diffusion_maps
+from .masking import ObjectMask, object_mask
 from .mrf import MrfMaps, b1_grid, default_dictionary, mrf_image_size, mrf_maps
 from .series import fit_maps
 
@@ -15,4 +16,6 @@ __all__ = [
     "MrfMaps",
     "default_dictionary",
     "b1_grid",
+    "object_mask",
+    "ObjectMask",
 ]

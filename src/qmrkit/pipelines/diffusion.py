@@ -32,6 +32,7 @@ from ..fit.model import Model
 from ..io.dwi import DWI
 from ..models.diffusion import Invariants, rotational_invariants
 from ..models.registry import DWI_TIMING, diffusion_spec
+from .masking import resolve_mask
 
 SOLVERS = ("lm", "adam", "mcmc", "dictionary")
 
@@ -328,8 +329,10 @@ def diffusion_maps(
     model : str
         ``"dti"``, ``"nexi"`` or another name registered with
         :func:`~qmrkit.models.registry.register_diffusion`.
-    mask : array bool (x, y, z), optional
-        Voxels to fit (default: all with a positive mean b = 0 signal).
+    mask : array bool (x, y, z), "auto", "none" or None
+        Voxels to fit (always only those with a positive mean b = 0 signal). ``"auto"``: the
+        object found by :func:`qmrkit.pipelines.masking.object_mask` on the DWI volumes
+        (recorded in the sidecars under ``Mask``); None or ``"none"`` (default): every voxel.
     solver : {"lm", "adam", "mcmc", "dictionary"}
         :func:`~qmrkit.fit.lm` (default), :func:`~qmrkit.fit.adam` (whole volume, L1 loss by
         default as GACELLE's askadam), :func:`~qmrkit.fit.mcmc` (posterior mean/std maps),
@@ -366,6 +369,7 @@ def diffusion_maps(
     timing = {"small_delta": dwi.small_delta, "big_delta": dwi.big_delta}
     check_timing(dwi.bvals, timing, spec.needs, dwi.b0_threshold)
     spatial = dwi.data.shape[:-1]
+    mask, auto = resolve_mask(mask, dwi.data)
     if mask is None:
         sel = np.ones(spatial, dtype=bool)
     else:
@@ -425,6 +429,8 @@ def diffusion_maps(
     else:
         result = fit.dictionary_search(m, data, **common, **opts)
     provenance.update({"Model": model, "Solver": solver, "DataType": str(dtype).split(".")[-1]})
+    if auto is not None:
+        provenance["Mask"] = auto.sidecar()
     if regs:
         provenance["TotalVariation"] = {
             "terms": [

@@ -13,6 +13,7 @@ import torch
 from .._device import resolve_device
 from .._progress import get_logger
 from ..errors import ParameterError, ShapeError
+from .masking import resolve_mask
 
 log = get_logger("pipelines.mrf")
 
@@ -145,6 +146,7 @@ def mrf_maps(
     n_iter: int = 0,
     eps: float = 1e-3,
     pd_threshold: float = 0.1,
+    mask: Any = "auto",
     device: Any = None,
 ) -> MrfMaps:
     """Reconstruct and match an MRF scan (one spiral interleaf per TR), 2D or 3D.
@@ -170,6 +172,11 @@ def mrf_maps(
     pd_threshold : float
         Voxels whose fitted PD is below this fraction of the 99th percentile of PD are set to NaN
         in the T1, T2, B1 and score maps (background and aliasing around the object); 0 keeps all.
+    mask : "auto", "none", None or array bool
+        Voxels matched (the others are NaN), in the image's array order: ``"auto"`` (default) is
+        :func:`qmrkit.pipelines.masking.object_mask` of the subspace coefficient images (the same
+        rule as ``qmrkit fit --mask auto``; recorded in ``info["mask"]``), None/``"none"`` every
+        voxel.
 
     Returns
     -------
@@ -233,7 +240,12 @@ def mrf_maps(
         stages["subspace_cg"] = time.perf_counter() - t
     t = time.perf_counter()
     x = coeffs.movedim(0, -1)  # (*im, K)
-    mask = _object_mask(x)
+    sel, auto = resolve_mask(mask, x)
+    mask = (
+        torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        if sel is None
+        else torch.as_tensor(sel, device=x.device).bool()
+    )
     res = match(x, dictionary, b1_map=b1, mask=mask)
     if pd_threshold > 0:
         pd = res.pd
@@ -259,13 +271,13 @@ def mrf_maps(
         b1=out(res.b1),
         score=out(res.score),
         stages=stages,
-        info={"rank": dictionary.rank, "atoms": dictionary.n_atoms, "b1_clipped": res.n_b1_clipped},
+        info={
+            "rank": dictionary.rank,
+            "atoms": dictionary.n_atoms,
+            "b1_clipped": res.n_b1_clipped,
+            "mask": auto.sidecar()
+            if auto is not None
+            else {"Method": "none" if sel is None else "array"},
+        },
         affine=scan.affine,
     )
-
-
-def _object_mask(x: torch.Tensor, fraction: float = 0.05) -> torch.Tensor:
-    """Voxels whose coefficient norm exceeds ``fraction`` of the 99th percentile (the object)."""
-    n = torch.linalg.vector_norm(x, dim=-1)
-    ref = torch.quantile(n.reshape(-1).float()[:: max(1, n.numel() // 100000)], 0.99)
-    return n > fraction * ref

@@ -7,6 +7,7 @@ from typing import Any
 from .. import fit
 from ..errors import ParameterError
 from ..models import get as get_model
+from .masking import resolve_mask
 
 
 def fit_maps(
@@ -20,10 +21,18 @@ def fit_maps(
     **options: Any,
 ) -> fit.FitResult:
     """Fit ``model`` (a registry name, e.g. ``"molli"``) with acquisition ``settings`` (e.g.
-    ``{"ti": [...]}`` in ms) to ``series (*spatial, n_meas)``; returns the :class:`FitResult`."""
+    ``{"ti": [...]}`` in ms) to ``series (*spatial, n_meas)``; returns the :class:`FitResult`.
+
+    ``mask``: a boolean array (*spatial), ``"auto"`` (the object found by
+    :func:`qmrkit.pipelines.masking.object_mask`: background voxels come out NaN; its method,
+    threshold and voxel count go to ``result.settings["mask"]`` and so to ``fit.json``), or None /
+    ``"none"`` (default: every voxel)."""
+    if solver not in ("lm", "adam"):
+        raise ParameterError(f"solver must be 'lm' or 'adam', got {solver!r}")
     m = get_model(model, **settings)
-    if solver == "lm":
-        return fit.lm(m, series, mask=mask, device=device, progress=False, **options)
-    if solver == "adam":
-        return fit.adam(m, series, mask=mask, device=device, progress=False, **options)
-    raise ParameterError(f"solver must be 'lm' or 'adam', got {solver!r}")
+    sel, auto = resolve_mask(mask, series)
+    run = fit.lm if solver == "lm" else fit.adam
+    result = run(m, series, mask=sel, device=device, progress=False, **options)
+    if auto is not None:
+        result.settings["mask"] = auto.sidecar()
+    return result

@@ -154,7 +154,9 @@ def _fit(session: Session, arg: str | None) -> list[Any]:
                 f"from the series' {series.shape[:-1]}"
             )
     t0 = time.perf_counter()
-    result = fit_maps(series, arg, kwargs)
+    # background voxels NaN, as `qmrkit fit`: the one object_mask rule; mask="none" fits all
+    mask = str(session.parameters.get("mask", "auto"))
+    result = fit_maps(series, arg, kwargs, mask=mask)
     session.stage("fit", time.perf_counter() - t0)
     geometry = image_geometry(session.header, session.images[0])  # maps lie where the series lies
     out: list[Any] = []
@@ -169,8 +171,16 @@ def _fit(session: Session, arg: str | None) -> list[Any]:
             "ImageProcessingHistory": "qmrkit",
         }
         out.append(array_to_image(m.cpu().numpy(), series_index=i, meta=meta, geometry=geometry))
+    info = result.settings.get("mask")
+    masked = (
+        f" (mask auto: threshold {info['Threshold']:.4g})"
+        if info and info.get("BackgroundFound")
+        else " (mask auto: no background found)"
+        if info
+        else ""
+    )
     out.append(
-        f"fit:{arg}: {result.n_voxels} voxels in {result.elapsed_s:.2f} s, "
+        f"fit:{arg}: {result.n_voxels} voxels{masked} in {result.elapsed_s:.2f} s, "
         f"{100 * result.fraction_converged:.1f}% converged"
     )
     return out

@@ -509,7 +509,13 @@ def run_server(
     is often published, the metrics should only reach the cluster's scraper). When the grace
     period ends with a pipeline thread still running (a reconstruction cannot be interrupted),
     the process exits anyway once every client has had its error and CLOSE.
+
+    The process gets qmrkit's thread policy (:func:`qmrkit._threads.configure_process`: passive
+    OpenMP waiting, the intra-op thread count), which isolated workers inherit.
     """
+    from .._threads import configure_process
+
+    configure_process()
 
     async def main() -> None:
         server = Server(

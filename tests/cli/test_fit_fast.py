@@ -1,0 +1,126 @@
+"""``qmrkit fit``: the automatic mask equals the in-process pipeline, ``--no-figure`` changes
+nothing but the figure, per-stage timings in fit.json, and a start-up without unused imports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qmrkit import pipelines, sim
+from qmrkit.cli import main
+from qmrkit.io import load_nifti, save_nifti
+
+TI_ARG = ",".join(str(t) for t in sim.MOLLI_TI)
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+@pytest.fixture(scope="module")
+def phantom_file(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fast")
+    ph = sim.cardiac_phantom((40, 32))
+    series, _ = sim.molli_series(ph["T1"], 1000 * ph["PD"], sim.MOLLI_TI, snr=50)
+    path = save_nifti(tmp / "series.nii.gz", series.astype(np.float32))
+    return tmp, path, ph["labels"] > 0
+
+
+def _fit(tmp: Path, path: Path, out: str, *extra: str) -> Path:
+    argv = ["fit", "molli", "--data", str(path), "--ti", TI_ARG, "--out", str(tmp / out), "-q"]
+    assert main([*argv, *extra]) == 0
+    return tmp / out
+
+
+def test_mask_auto_is_the_default_and_equals_the_pipeline(phantom_file):
+    tmp, path, obj = phantom_file
+    out = _fit(tmp, path, "auto", "--no-figure")
+    data, _ = load_nifti(path)  # what the CLI fitted: float32 from the file
+    ref = pipelines.fit_maps(data, "molli", {"ti": list(sim.MOLLI_TI)}, mask="auto")
+    for name, stem in ref.map_names.items():
+        got, _ = load_nifti(out / f"{stem}.nii.gz")
+        np.testing.assert_array_equal(got, ref.maps[name].numpy().astype(np.float32))
+    t1, _ = load_nifti(out / "T1map.nii.gz")
+    assert np.isnan(t1[~obj]).all() and np.isfinite(t1[obj]).all()
+    side = json.loads((out / "fit.json").read_text())
+    assert side["Mask"]["Method"] == "auto" and side["Mask"]["VoxelCount"] == int(obj.sum())
+    assert side["Mask"]["Threshold"] == pytest.approx(ref.settings["mask"]["Threshold"])
+    assert side["VoxelsFitted"] == int(obj.sum())
+    # every map's sidecar names the mask too
+    assert json.loads((out / "T1map.json").read_text())["Mask"]["Method"] == "auto"
+
+
+def test_mask_none_fits_every_voxel(phantom_file):
+    tmp, path, obj = phantom_file
+    out = _fit(tmp, path, "none", "--no-figure", "--mask", "none")
+    side = json.loads((out / "fit.json").read_text())
+    assert side["Mask"]["Method"] == "none" and side["VoxelsFitted"] == obj.size
+
+
+def test_no_figure_writes_no_figure_and_the_same_maps(phantom_file):
+    tmp, path, _ = phantom_file
+    with_fig = _fit(tmp, path, "fig")
+    without = _fit(tmp, path, "nofig", "--no-figure")
+    png = with_fig / "maps.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert not (without / "maps.png").exists()
+    stems = sorted(p.name for p in with_fig.glob("*.nii.gz"))
+    assert stems == sorted(p.name for p in without.glob("*.nii.gz")) and len(stems) == 6
+    for name in stems:
+        a, _ = load_nifti(with_fig / name)
+        b, _ = load_nifti(without / name)
+        np.testing.assert_array_equal(a, b)
+    timings = json.loads((with_fig / "fit.json").read_text())["Timings"]
+    assert "figure_s" in timings
+    assert "figure_s" not in json.loads((without / "fit.json").read_text())["Timings"]
+
+
+def test_timings_in_fit_json_and_printed(phantom_file, capsys):
+    tmp, path, _ = phantom_file
+    argv = ["fit", "molli", "--data", str(path), "--ti", TI_ARG, "--out", str(tmp / "t")]
+    assert main([*argv, "--no-figure", "--timings", "--no-progress"]) == 0
+    line = [s for s in capsys.readouterr().out.splitlines() if s.startswith("timings:")]
+    assert len(line) == 1
+    t = json.loads((tmp / "t" / "fit.json").read_text())["Timings"]
+    stages = ["import_s", "read_s", "mask_s", "fit_s", "write_s"]
+    assert all(k in t and t[k] >= 0 for k in stages)
+    # the total is the sum of the stages (startup included where the platform reports it)
+    parts = sum(v for k, v in t.items() if k != "total_s")
+    assert t["total_s"] == pytest.approx(parts, abs=0.01)
+    assert t["fit_s"] > 0 and line[0].endswith(f"total {t['total_s']:.2f} s")
+
+
+def test_figure_worker_failure_is_reported(tmp_path):
+    from qmrkit._figure import FigureWorker
+
+    w = FigureWorker()
+    w.submit(tmp_path / "f.png", {"T1": np.ones((4, 4))}, units={"T1": "ms"}, bogus=1)
+    with pytest.raises(RuntimeError, match="figure worker failed"):
+        w.wait()
+    w.cancel()
+
+
+def _imports(code: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys; print('MODULES', *sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
+    return set(out.stdout.splitlines()[-1].split()[1:])
+
+
+def test_help_imports_neither_torch_nor_plotting():
+    mods = _imports(
+        "from qmrkit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+    )
+    heavy = {"torch", "matplotlib", "h5py", "ismrmrd", "pydicom", "scipy", "nibabel"}
+    assert not heavy & mods
+
+
+def test_figure_worker_module_does_not_import_torch():
+    mods = _imports("import qmrkit._figure, matplotlib.figure")
+    assert "torch" not in mods and "matplotlib.pyplot" not in mods
