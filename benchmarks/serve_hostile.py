@@ -70,7 +70,9 @@ def _good(port: int, series: np.ndarray) -> tuple[float, float]:
     wall = time.perf_counter() - t0
     assert not r.errors, r.texts
     (t1,) = [image_to_array(i) for i in r.images if "T1map" in str(i.meta["SeriesDescription"])]
-    ref = np.nan_to_num(fit_maps(series, "molli", {"ti": list(MOLLI_TI)})["T1"].numpy())
+    ref = np.nan_to_num(
+        fit_maps(series, "molli", {"ti": list(MOLLI_TI)}, mask="auto")["T1"].numpy()
+    )
     ok = ref != 0
     return wall, float(np.max(np.abs(t1[ok] - ref[ok]) / np.abs(ref[ok])))
 
