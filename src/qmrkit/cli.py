@@ -917,6 +917,18 @@ def _stages(args: argparse.Namespace) -> _Stages:
     return st
 
 
+@contextlib.contextmanager
+def _figure_worker(args: argparse.Namespace) -> Iterator[Any]:
+    """:func:`_start_figure`'s worker for the duration of a command, cancelled on the way out
+    (a figure not yet asked for is not drawn when the command fails)."""
+    worker = _start_figure(args)
+    try:
+        yield worker
+    finally:
+        if worker is not None:
+            worker.cancel()
+
+
 def _start_figure(args: argparse.Namespace) -> Any:
     """The figure worker, started before the expensive work so that matplotlib's import overlaps
     it (None with --no-figure)."""
@@ -986,12 +998,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if is_diffusion(args.model):
         return _cmd_fit_dwi(args)
     key = _check_fit_flags(args)
-    worker = _start_figure(args)
-    try:
+    with _figure_worker(args) as worker:
         return _fit_series(args, key, worker)
-    finally:
-        if worker is not None:
-            worker.cancel()
 
 
 def _fit_series(args: argparse.Namespace, key: str, worker: Any) -> int:
@@ -1190,12 +1198,8 @@ def _cmd_fit_dwi(args: argparse.Namespace) -> int:
     key = check_name(args.model)
     _check_dwi_files(args, key)
     _check_dicom_out_flags(args)
-    worker = _start_figure(args)
-    try:
+    with _figure_worker(args) as worker:
         return _fit_dwi(args, key, worker)
-    finally:
-        if worker is not None:
-            worker.cancel()
 
 
 def _fit_dwi(args: argparse.Namespace, key: str, worker: Any) -> int:
