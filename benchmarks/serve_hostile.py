@@ -50,6 +50,22 @@ def _rss_mb() -> float:
         return next(int(x.split()[1]) for x in f if x.startswith("VmRSS")) / 1024
 
 
+def _peak_rss_mb() -> float:
+    """The process's peak resident set size since the last :func:`_reset_peak_rss` (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _series() -> np.ndarray:
     t1 = np.random.default_rng(3).uniform(500, 1800, (64, 64))
     return molli_series(t1, 1000.0, MOLLI_TI, snr=80, seed=3)[0].astype(np.float32)
@@ -206,11 +222,17 @@ def corpus(series: np.ndarray) -> dict:
     )
     replied = 0
     with BackgroundServer(limits=Limits(read_timeout=2.0)) as srv:
+        # the server runs in this process: its memory is this process's (the client side of
+        # each case is a socket and a few kB)
+        rss_before = _rss_mb()
+        reset = _reset_peak_rss()
         t0 = time.perf_counter()
         for c in cases:
             out = _raw(srv.port, c)
             replied += out.endswith(encode_close())
         elapsed = time.perf_counter() - t0
+        peak = _peak_rss_mb() if reset else float("nan")
+        rss_after = _rss_mb()
         _, diff = _good(srv.port, series)
         errors = {k[0]: int(v._value.get()) for k, v in srv.server.metrics.errors._metrics.items()}
     return {
@@ -219,14 +241,38 @@ def corpus(series: np.ndarray) -> dict:
         "seconds": elapsed,
         "errors_by_kind": errors,
         "good_max_rel_diff_after": diff,
+        "rss_before_MB": rss_before,
+        "rss_peak_MB": peak,
+        "rss_after_MB": rss_after,
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--slow-clients", type=int, default=600)
+    ap.add_argument(
+        "--parts",
+        default="slow,header,corpus",
+        help="comma-separated subset of slow,header,corpus (a subset writes "
+        "serve-hostile-<parts>.json, leaving the full run's file alone)",
+    )
     args = ap.parse_args()
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     series = _series()
+    out: dict = {}
+    if "slow" in parts:
+        out["slow_clients"] = _slow_part(args, series)
+    if "header" in parts:
+        out["slow_header"] = _header_part()
+    if "corpus" in parts:
+        out["corpus"] = _corpus_part(series)
+    full = set(parts) == {"slow", "header", "corpus"}
+    name = "serve-hostile" if full else "serve-hostile-" + "-".join(parts)
+    path = write_results(name, out)
+    print(f"\nwrote {path}")
+
+
+def _slow_part(args: argparse.Namespace, series: np.ndarray) -> dict:
     print("== slow clients")
     sc = slow_clients(args.slow_clients, series)
     print(
@@ -244,6 +290,10 @@ def main() -> None:
             ],
         )
     )
+    return sc
+
+
+def _header_part() -> dict:
     print("\n== a header that takes long to parse")
     sh = slow_header()
     print(
@@ -259,6 +309,10 @@ def main() -> None:
             ],
         )
     )
+    return sh
+
+
+def _corpus_part(series: np.ndarray) -> dict:
     print("\n== bad-input corpus")
     co = corpus(series)
     print(
@@ -269,12 +323,14 @@ def main() -> None:
                 ("answered_with_close", "answered with CLOSE", "d"),
                 ("seconds", "total (s)", ".1f"),
                 ("good_max_rel_diff_after", "good maps after vs in-process", ".1e"),
+                ("rss_before_MB", "RSS before (MB)", ".0f"),
+                ("rss_peak_MB", "peak RSS during (MB)", ".0f"),
+                ("rss_after_MB", "RSS after (MB)", ".0f"),
             ],
         )
     )
     print("errors by kind:", co["errors_by_kind"])
-    path = write_results("serve-hostile", {"slow_clients": sc, "slow_header": sh, "corpus": co})
-    print(f"\nwrote {path}")
+    return co
 
 
 if __name__ == "__main__":
