@@ -106,3 +106,26 @@ def test_errors_match_the_file_path():
         asm.add(other)
     with pytest.raises(DataFileError, match="the dataset has no acquisitions"):
         ScanAssembler(xml).finish()
+
+
+def test_noncartesian_streamed_memory_bound():
+    """Radial: acquisitions are kept until CLOSE (the sample count is known only then) and copied
+    into k-space there. Traced peak: the kept acquisitions (samples + trajectories + headers)
+    plus the k-space array and the trajectory in float64, measured 2.55 sample copies here;
+    guarded at 2.7 so a regression (a second list, a concatenated copy) fails."""
+    from qmrkit.io.mrd import _noncartesian_acquisitions
+
+    s = sim.raw_scan((64, 64), n_coils=8, trajectory="radial", n_spokes=96, seed=3)
+    xml = header_for_scan(s)
+    samples = s.kdata.numel() * 8
+    tracemalloc.start()
+    try:
+        asm = ScanAssembler(xml)
+        for a in _noncartesian_acquisitions(s):
+            asm.add(a)
+        r = asm.finish()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert torch.equal(r.kdata, s.kdata) and torch.allclose(r.traj, s.traj)
+    assert peak < samples * 2.7 + (64 << 10), (peak / samples,)

@@ -738,7 +738,7 @@ class ScanAssembler:
         )
         self._noise = []
         self._check_steps(scan)
-        acqs = self._kept
+        acqs = self._kept  # emptied by _assemble_noncartesian as it copies
         frames = self.trajectory != "cartesian" and _mrf_frames(self.hdr, acqs, path)
         counters = tuple(n for n in BATCH_COUNTERS if not (frames and n == "repetition"))
         counts = {}
@@ -928,13 +928,26 @@ def _assemble_noncartesian(scan, acqs, batch_shape, bidx, n_c, path, frames) -> 
     tr = np.where(tr >= 0.5, tr - 1.0, tr)
     m = tr.shape[0]
     k = np.zeros((*batch_shape, n_c, m), dtype=np.complex64)
-    for key, grp in groups.items():
-        d = np.concatenate([np.asarray(a.data) for a in grp], axis=1)
-        if d.shape[1] != m:
+    # the groups hold the acquisitions from here on, and each acquisition is released once it is
+    # copied, so the traced peak stays near one copy of the samples (not the list plus k-space)
+    del first
+    acqs.clear()
+    for key in list(groups):
+        grp = groups.pop(key)
+        total = sum(int(a.number_of_samples) for a in grp)
+        if total != m:
             raise DataFileError(
-                f"{path}: batch entries have different sample counts ({d.shape[1]} vs {m})"
+                f"{path}: batch entries have different sample counts ({total} vs {m})"
             )
-        k[(*key, slice(None), slice(None))] = d
+        dst = k[(*key, slice(None), slice(None))]
+        off = 0
+        grp.reverse()
+        while grp:  # each acquisition is dropped as soon as its samples are in k-space
+            a = grp.pop()
+            n = int(a.number_of_samples)
+            dst[:, off : off + n] = a.data
+            off += n
+        del a
     scan.kdata = torch.from_numpy(k)
     scan.traj = torch.from_numpy(np.ascontiguousarray(tr)).to(torch.float32)
 
