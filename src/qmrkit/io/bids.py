@@ -327,6 +327,9 @@ class SubjectInput:
         For diffusion: ``{"bval": Path, "bvec": Path, "metadata": dict}``.
     sources : list of str
         BIDS URIs of every raw file used (images, sidecars, gradients).
+    error : str or None
+        Why this input cannot be fitted (``"DataFileError: ..."``), found while indexing; a batch
+        reports it as this input's failure.
     """
 
     subject: str
@@ -337,6 +340,7 @@ class SubjectInput:
     settings: dict[str, Any] = field(default_factory=dict)
     dwi: dict[str, Any] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    error: str | None = None
 
     @property
     def label(self) -> str:
@@ -388,8 +392,8 @@ def find_inputs(
     """Every input of ``model`` in ``dataset`` (module docs list the conventions), sorted by label.
 
     Problems found in one input (missing sidecar field, inconsistent collection) do not stop the
-    search: such an input gets ``settings["_error"]`` with the message, so a batch reports it as
-    a failed subject while the others run.
+    search: such an input gets ``error`` set, so a batch reports it as a failed subject while the
+    others run.
 
     Raises
     ------
@@ -441,7 +445,7 @@ def _find_relaxometry(dataset: BidsDataset, key: str, subjects: list[str]) -> li
         try:
             _fill_relaxometry(dataset, item, files, coll, field_name, setting, key, where)
         except (ParameterError, DataFileError) as exc:
-            item.settings["_error"] = str(exc)
+            item.error = f"{type(exc).__name__}: {exc}"
             item.files = [f.path for f in files]
         out.append(item)
     # one input per subject/session/acq/run: MOLLI wins over IRT1 for molli, the reverse for ir
@@ -529,7 +533,7 @@ def _find_dwi(dataset: BidsDataset, key: str, subjects: list[str]) -> list[Subje
             item.dwi = {**grads, "metadata": dataset.metadata(f)}
             srcs += [dataset.uri(s) for s in dataset.sidecar_sources(f)]
         except (ParameterError, DataFileError) as exc:
-            item.settings["_error"] = str(exc)
+            item.error = f"{type(exc).__name__}: {exc}"
         item.sources = list(dict.fromkeys(srcs))
         out.append(item)
     return out
