@@ -615,7 +615,8 @@ def write_dataset_description(
             {
                 "Name": "qmrkit",
                 "Version": __version__,
-                "Description": f"qmrkit batch: 'qmrkit fit {model}' ({solver}) per subject",
+                "Description": "qmrkit batch: 'qmrkit fit' per subject (each sidecar names "
+                "its Model and Solver)",
             }
         ],
         # the source is named by a BIDS URI whose dataset "raw" DatasetLinks resolves
@@ -634,7 +635,7 @@ def write_dataset_description(
         _atomic_write_text(
             readme,
             f"Parametric maps of {raw_desc.get('Name', raw.root.name)} written by qmrkit "
-            f"{__version__} ('qmrkit batch --model {model}'). Times are in ms (each sidecar's "
+            f"{__version__} ('qmrkit batch --model {model}', solver {solver}). Times are in ms (each sidecar's "
             "Units says so); logs/ holds one JSON record per fitted input.\n",
         )
     update_bidsignore(outp, ())
