@@ -31,6 +31,8 @@ SKIPPED = {
     "qmrkit mrf": "names a user's scan.h5/b1.nii.gz; make demo and tests/pipelines run qmrkit mrf "
     "on written scans",
     "qmrkit fit molli --send-to": "needs a PACS; tests/io/test_pacs.py sends to a real Orthanc",
+    "qmrkit batch study --model molli --scheduler tcp": "needs a running Dask cluster; "
+    "tests/dist/test_batch.py runs on a LocalCluster",
 }
 
 # section -> reason, for python blocks known to fail at the time of writing (run, xfail if so)

@@ -25,6 +25,7 @@ _SUBPACKAGES = (
     "pipelines",
     "serve",
     "learn",
+    "dist",
 )
 
 __all__ = ["__version__", *_SUBPACKAGES]

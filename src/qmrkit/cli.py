@@ -256,6 +256,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_recon_parser(sub)
     _learn_parser(sub)
     _add_mrf_parser(sub)
+    from .dist.cli import add_batch_parser  # qmrkit batch lives with the Dask code
+
+    add_batch_parser(sub)
     return p
 
 
@@ -1681,6 +1684,15 @@ _HANDLERS = {
     "mrf": _cmd_mrf,
     "learn": _cmd_learn,
 }
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from .dist.cli import cmd_batch
+
+    return cmd_batch(args)
+
+
+_HANDLERS["batch"] = _cmd_batch
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """File formats: NIfTI (nibabel), DWI (NIfTI + FSL bval/bvec), protocol YAML, ISMRMRD/MRD HDF5
-raw data and images, surfaces and per-vertex data (GIfTI, FreeSurfer geometry, MGH), and DICOM
-(pydicom, highdicom; series in, maps out, C-STORE to a PACS)."""
+raw data and images, surfaces and per-vertex data (GIfTI, FreeSurfer geometry, MGH), BIDS datasets
+in and derivatives out, and DICOM (pydicom, highdicom; series in, maps out, C-STORE to a PACS)."""
 
+from .bids import BidsDataset, BidsFile, SubjectInput, check_derivatives, find_inputs
 from .dicom import DicomSeries, acquisition_values, is_dicom, read_dicom
 from .dicom_out import DicomMapSeries, write_dicom_maps, write_dicom_series
 from .dwi import DWI, load_dwi, save_dwi
@@ -74,4 +75,9 @@ __all__ = [
     "write_surface_map",
     "write_surface_maps",
     "mesh_edges",
+    "BidsDataset",
+    "BidsFile",
+    "SubjectInput",
+    "find_inputs",
+    "check_derivatives",
 ]

@@ -1,5 +1,6 @@
 """Simulation: numerical phantoms, noise, synthetic series (used by tests, demos and benchmarks)."""
 
+from .bids import bids_dataset
 from .brain import BRAIN_TISSUES, brain_phantom
 from .coils import coil_maps
 from .diffusion import (
@@ -23,6 +24,7 @@ from .relaxometry import MOLLI_TI, molli_series
 from .shepp_logan import SHEPP_LOGAN_TISSUES, shepp_logan
 
 __all__ = [
+    "bids_dataset",
     "cardiac_phantom",
     "nist_phantom",
     "CARDIAC_TISSUES",

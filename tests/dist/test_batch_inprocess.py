@@ -1,0 +1,106 @@
+"""``qmrkit batch --scheduler inprocess`` (no Dask): the command line, errors, voxel blocks."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qmrkit import cli
+from qmrkit.io.bids import check_derivatives
+from qmrkit.sim.bids import bids_dataset
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    truth = bids_dataset(root, n_subjects=2, shape=(8, 8), models=("molli", "vfa", "dti"))
+    return root, truth
+
+
+def test_cli_batch_vfa_in_process(study, capsys):
+    root, truth = study
+    out = root / "derivatives" / "vfa"
+    rc = cli.main(
+        ["batch", str(root), "--model", "vfa", "--scheduler", "inprocess", "--out", str(out), "-q"]
+    )
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "3 done, 0 skipped (done before), 0 failed" in text
+    assert check_derivatives(out) == []
+    # Rician SNR 60 and 4 flip angles: VFA T1 within 5 % of the truth (median over tissue)
+    for label, folder in (("sub-01", "sub-01/anat"), ("sub-02_ses-pre", "sub-02/ses-pre/anat")):
+        t1 = np.asarray(nib.load(str(out / folder / f"{label}_T1map.nii.gz")).dataobj)
+        want = truth[f"{label}/vfa"]["T1"]
+        tissue = truth[f"{label}/vfa"]["M0"] > 500
+        assert np.median(np.abs(t1[tissue] - want[tissue]) / want[tissue]) < 0.05
+    side = json.loads((out / "sub-01/anat/sub-01_T1map.json").read_text())
+    assert side["Acquisition"] == {"flip_angles": [3.0, 8.0, 15.0, 20.0], "tr": 15.0}
+
+
+def test_batch_dti_from_dwi_folder(study):
+    """dwi/ inputs with .bval/.bvec: FA and MD against the simulated tensors (eigenvalues
+    1.7, 0.3, 0.3 µm²/ms in one half of the image, isotropic 0.8 in the other)."""
+    from qmrkit.dist import run_batch
+
+    root, truth = study
+    out = root / "derivatives" / "dti"
+    rep = run_batch(root, "dti", out=out, scheduler="inprocess", participant_label=["01"])
+    assert [r.status for r in rep.records] == ["done"]
+    assert check_derivatives(out) == []
+    name = "sub-01/dwi/sub-01_model-dti_param-{}_dwimap.nii.gz"
+    fa = np.asarray(nib.load(str(out / name.format("FA"))).dataobj)
+    md = np.asarray(nib.load(str(out / name.format("MD"))).dataobj)
+    ev = np.array([1.7, 0.3, 0.3])
+    fa_true = np.sqrt(1.5 * np.sum((ev - ev.mean()) ** 2) / np.sum(ev**2))  # 0.799
+    prolate, iso = np.s_[4:, :, 0], np.s_[:4, :, 0]
+    assert abs(np.median(fa[prolate]) - fa_true) < 0.05
+    assert abs(np.median(md[prolate]) - ev.mean()) < 0.05
+    assert abs(np.median(md[iso]) - 0.8) < 0.05 and np.median(fa[iso]) < 0.1
+    side = json.loads((out / name.format("FA").replace(".nii.gz", ".json")).read_text())
+    assert "bids:raw:sub-01/dwi/sub-01_dwi.bval" in side["Sources"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--scheduler", "nowhere"], "--scheduler must be 'local', 'inprocess' or a scheduler"),
+        (["--participant-label", "42"], "participant(s) 42 not in"),
+        (["--block-voxels", "0"], "must be > 0, got 0"),
+    ],
+)
+def test_cli_batch_usage_errors(study, capsys, argv, message):
+    root, _ = study
+    rc = cli.main(["batch", str(root), "--model", "molli", "--scheduler", "inprocess", *argv])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_inputs_for_the_model(study, capsys):
+    root, _ = study
+    rc = cli.main(["batch", str(root), "--model", "t2", "--scheduler", "inprocess"])
+    assert rc == 2
+    assert "no inputs for model 't2'" in capsys.readouterr().err
+
+
+def test_dwi_timing_is_inherited_into_the_fit_flags(study, tmp_path):
+    """δ/Δ from a top-level dwi.json reach ``qmrkit fit --json`` merged with the subject's own
+    sidecar (the inheritance principle), in seconds as BIDS writes them."""
+    from qmrkit.dist.batch import Job, _fit_argv
+    from qmrkit.io.bids import BidsDataset, find_inputs
+
+    root, _ = study
+    top = root / "dwi.json"
+    top.write_text(json.dumps({"SmallDelta": 0.0135, "BigDelta": 0.03, "EchoTime": 0.1}))
+    try:
+        item = find_inputs(BidsDataset(root), "dti", participant_label=["01"])[0]
+    finally:
+        top.unlink()
+    assert item.dwi["metadata"] == {"SmallDelta": 0.0135, "BigDelta": 0.03, "EchoTime": 0.08}
+    assert item.sources[-2:] == ["bids:raw:dwi.json", "bids:raw:sub-01/dwi/sub-01_dwi.json"]
+    argv = _fit_argv(Job(item, "nexi", tmp_path, tmp_path), tmp_path, tmp_path / "fit")
+    side = argv[argv.index("--json") + 1]
+    assert json.loads(open(side).read()) == {"SmallDelta": 0.0135, "BigDelta": 0.03}
+    assert argv[:3] == ["nexi", "--dwi", str(item.files[0])]
