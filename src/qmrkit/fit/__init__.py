@@ -2,7 +2,9 @@
 
 Solvers: :func:`lm` (batched Levenberg–Marquardt, the default for smooth models), :func:`adam`
 (whole-volume gradient descent with Adam/SGDM/RMSProp, L1/L2/Huber losses and regularisers such as
-total variation), :func:`dictionary_search` (starts, or a fit of its own). This package knows no MRI
+total variation), :func:`dictionary_search` (starts, or a fit of its own). Neural-network
+surrogates of slow simulators (:func:`train_surrogate`, :class:`SurrogateModel`) serve as forward
+models. This package knows no MRI
 physics: models live in :mod:`qmrkit.models` or come from :func:`model_from_function`.
 """
 
@@ -14,6 +16,7 @@ from .model import FunctionModel, Model, Parameter, model_from_function
 from .problem import Problem, make_problem
 from .regularizers import CustomRegularizer, Regularizer, RegularizerContext, TotalVariation
 from .result import FitResult
+from .surrogate import Surrogate, SurrogateModel, SurrogateReport, sample_inputs, train_surrogate
 
 __all__ = [
     "Model",
@@ -32,4 +35,9 @@ __all__ = [
     "TotalVariation",
     "CustomRegularizer",
     "dictionary_search",
+    "Surrogate",
+    "SurrogateModel",
+    "SurrogateReport",
+    "train_surrogate",
+    "sample_inputs",
 ]
