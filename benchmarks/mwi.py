@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +167,10 @@ def main() -> None:
     p, b1, data = phantom(args.voxels // 2)
     n = data.shape[0]
     model = McrMwi(FA, TE, TR, sur, fixed=FIXED, b1=b1)
-    fit.lm(model, data[:2], progress=False, dtype=torch.float64, max_iter=2)  # warm-up
+    warm = McrMwi(FA, TE, TR, sur, fixed=FIXED, b1=b1[:2])
+    with warnings.catch_warnings():  # the warm-up stops early on purpose
+        warnings.simplefilter("ignore")
+        fit.lm(warm, data[:2], progress=False, dtype=torch.float64, max_iter=2)
     t = time.perf_counter()
     res = fit.lm(model, data, dtype=torch.float64, max_iter=300, progress=False)
     t_lm = time.perf_counter() - t
