@@ -19,6 +19,11 @@ import torch
 from qmrkit.errors import ParameterError, ShapeError
 from qmrkit.mrf.epgx import epgx_spgr, exchange_matrix_exp, spgr_two_pool_steady_state
 
+# torch loads its forward-mode decompositions through torch.jit.script once per process
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
+
 
 def _rot(alpha, phi):
     """Right-handed rotation by alpha about (cos phi, sin phi, 0)."""
