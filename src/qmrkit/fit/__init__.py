@@ -3,8 +3,9 @@
 Solvers: :func:`lm` (batched Levenberg–Marquardt, the default for smooth models), :func:`adam`
 (whole-volume gradient descent with Adam/SGDM/RMSProp, L1/L2/Huber losses and regularisers: total
 variation on image grids, :class:`GraphTV` along surface-mesh edges, :class:`Prior`),
-:func:`dictionary_search` (starts, or a fit of its own). This package knows no MRI physics: models
-live in :mod:`qmrkit.models` or come from :func:`model_from_function`.
+:func:`dictionary_search` (starts, or a fit of its own). Neural-network surrogates of slow
+simulators (:func:`train_surrogate`, :class:`SurrogateModel`) serve as forward models. This package
+knows no MRI physics: models live in :mod:`qmrkit.models` or come from :func:`model_from_function`.
 """
 
 from .adam import adam
@@ -22,6 +23,7 @@ from .regularizers import (
     TotalVariation,
 )
 from .result import FitResult
+from .surrogate import Surrogate, SurrogateModel, SurrogateReport, sample_inputs, train_surrogate
 
 __all__ = [
     "Model",
@@ -42,4 +44,9 @@ __all__ = [
     "Prior",
     "CustomRegularizer",
     "dictionary_search",
+    "Surrogate",
+    "SurrogateModel",
+    "SurrogateReport",
+    "train_surrogate",
+    "sample_inputs",
 ]

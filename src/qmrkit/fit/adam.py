@@ -56,7 +56,9 @@ class _Sigmoid:
 
     def theta(self, u: torch.Tensor) -> torch.Tensor:
         x = self.lo + (self.hi - self.lo) * torch.sigmoid(u)
-        return torch.where(self.log, torch.exp(x), x)
+        # exp only of the log-scaled columns: exp of a linear one (T1 = 1200 ms) overflows, and
+        # torch.where's gradient then multiplies 0 by inf = NaN even on the unselected branch
+        return torch.where(self.log, torch.exp(torch.where(self.log, x, torch.zeros_like(x))), x)
 
     def inverse(self, theta: torch.Tensor) -> torch.Tensor:
         x = torch.where(self.log, torch.log(theta.clamp_min(1e-30)), theta)

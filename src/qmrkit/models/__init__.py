@@ -1,6 +1,8 @@
-"""Signal models (each a :class:`qmrkit.fit.Model`): relaxometry and diffusion (DTI, ...)."""
+"""Signal models (each a :class:`qmrkit.fit.Model`): relaxometry, diffusion (DTI, ...) and myelin water
+(three-pool GRE, MCR-MWI)."""
 
 from .diffusion import DTI
+from .myelin import McrMwi, ThreePoolGRE, train_mcr_mwi_surrogate
 from .registry import available, get
 from .relaxometry import InversionRecovery, MolliT1, MonoExp, VfaT1, recovery_start
 
@@ -11,6 +13,9 @@ __all__ = [
     "VfaT1",
     "MonoExp",
     "recovery_start",
+    "ThreePoolGRE",
+    "McrMwi",
+    "train_mcr_mwi_surrogate",
     "get",
     "available",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 from ..errors import ParameterError, UnknownNameError
 from ..fit.model import Model
 from .diffusion import DTI, NEXI, SANDI, AxCaliberSMT
+from .myelin import McrMwi, ThreePoolGRE
 from .relaxometry import InversionRecovery, MolliT1, MonoExp, VfaT1
 
 # acquisition setting -> (CLI flag, what it is); the one place that names the flags, so error
@@ -30,6 +31,19 @@ _MODELS: dict[str, tuple[type[Model], dict[str, Any], str, tuple[str, ...]]] = {
     "t2star": (MonoExp, {"kind": "T2star"}, "mono-exponential T2*", ("te",)),
     "r2star": (MonoExp, {"kind": "R2star"}, "mono-exponential R2* (1/s)", ("te",)),
     "monoexp": (MonoExp, {}, "mono-exponential decay of kind T2|T2star|R2|R2star", ("te",)),
+    "threepoolgre": (
+        ThreePoolGRE,
+        {},
+        "three-pool complex multi-echo GRE myelin water (Nam 2015), complex data",
+        ("te",),
+    ),
+    "mcrmwi": (
+        McrMwi,
+        {},
+        "MCR-MWI myelin water (Chan & Marques 2020): multi-echo x multi-flip complex GRE with "
+        "EPG-X T1 weighting (direct; a surrogate via the Python API), optional --b1",
+        ("flip_angles", "te", "tr"),
+    ),
 }
 
 
