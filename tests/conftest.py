@@ -2,8 +2,12 @@
 
 import os
 
-import pytest
-import torch
+# the library's thread policy (qmrkit._threads, as the CLI and server apply it): OpenMP workers
+# sleep instead of spinning between parallel regions; it must be set before torch loads OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # under pytest-xdist each worker gets one thread, so two workers share two cores without thrashing
 if os.environ.get("PYTEST_XDIST_WORKER"):
