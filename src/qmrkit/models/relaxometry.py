@@ -60,6 +60,11 @@ def _scalar(name: str, value: Any, unit: str) -> float:
 # -------------------------------------------------------------------------------------------------
 # shared closed-form start for |A − B·exp(−t/τ)| signals (MOLLI, inversion recovery)
 # -------------------------------------------------------------------------------------------------
+#: voxels per pass of :func:`recovery_start`: its (v, 5, n_tau) float64 temporaries (≈2 MB each)
+#: stay in cache; larger passes run from memory, and fresh multi-MB buffers cost page faults
+_START_CHUNK = 1024
+
+
 @torch.no_grad()
 def recovery_start(
     t: torch.Tensor, data: torch.Tensor, tau_lo: float, tau_hi: float, n_tau: int = 48
@@ -74,10 +79,10 @@ def recovery_start(
     points by a parabola in log τ) wins. This resolves the magnitude sign ambiguity without
     iterating; LM refines from there.
     """
-    if data.shape[0] > 32768:  # bound the (V, 5, n_tau) temporaries
+    if data.shape[0] > _START_CHUNK:  # bound the (V, 5, n_tau) temporaries
         parts = [
-            recovery_start(t, data[i : i + 32768], tau_lo, tau_hi, n_tau)
-            for i in range(0, data.shape[0], 32768)
+            recovery_start(t, data[i : i + _START_CHUNK], tau_lo, tau_hi, n_tau)
+            for i in range(0, data.shape[0], _START_CHUNK)
         ]
         return tuple(torch.cat(x) for x in zip(*parts, strict=True))  # type: ignore[return-value]
     order = torch.argsort(t)
@@ -175,6 +180,23 @@ class MolliT1(Model):
     def forward(self, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.abs(p["A"] - p["B"] * torch.exp(-self.ti / p["T1star"]))
 
+    def jacobian(self, p):
+        """Signal and closed-form derivatives (each ``(V, n_ti)``, per a.u. or per ms).
+
+        With u = A − B·e, e = exp(−TI/T1*): ∂|u| = sign(u)·∂u (sign 0 at u = 0, as autograd),
+        ∂u/∂A = 1, ∂u/∂B = −e, ∂u/∂T1* = −B·e·TI/T1*².
+        """
+        t = p["T1star"]
+        e = torch.exp(-self.ti / t)
+        be = p["B"] * e
+        u = p["A"] - be
+        sgn = torch.sign(u)
+        return u.abs(), {
+            "A": sgn.expand_as(u),
+            "B": -sgn * e,
+            "T1star": -sgn * be * self.ti / (t * t),
+        }
+
     def initial_guess(self, data, inputs):
         lo, hi = self.parameter("T1star").lower, self.parameter("T1star").upper
         a, b, tau = recovery_start(self.ti, data, max(lo, 5.0), min(hi, 5000.0))
@@ -220,6 +242,24 @@ class InversionRecovery(Model):
 
     def forward(self, p):
         return torch.abs(p["M0"] * (1.0 - (1.0 + p["eta"]) * torch.exp(-self.ti / p["T1"])))
+
+    def jacobian(self, p):
+        """Signal and closed-form derivatives (each ``(V, n_ti)``).
+
+        With u = M0·(1 − k·e), k = 1 + η, e = exp(−TI/T1): ∂|u| = sign(u)·∂u,
+        ∂u/∂M0 = 1 − k·e, ∂u/∂T1 = −M0·k·e·TI/T1², ∂u/∂η = −M0·e.
+        """
+        t1, m0 = p["T1"], p["M0"]
+        e = torch.exp(-self.ti / t1)
+        ke = (1.0 + p["eta"]) * e
+        shape = 1.0 - ke
+        u = m0 * shape
+        sgn = torch.sign(u)
+        return u.abs(), {
+            "M0": sgn * shape,
+            "T1": -sgn * m0 * ke * self.ti / (t1 * t1),
+            "eta": -sgn * m0 * e,
+        }
 
     def initial_guess(self, data, inputs):
         a, b, tau = recovery_start(self.ti, data, 5.0, 8000.0)
@@ -282,6 +322,21 @@ class VfaT1(Model):
         a = torch.deg2rad(self.flip_angles) * p.get("b1", 1.0)
         e1 = torch.exp(-self.tr / p["T1"])
         return p["M0"] * torch.sin(a) * (1.0 - e1) / (1.0 - torch.cos(a) * e1)
+
+    def jacobian(self, p):
+        """Signal and closed-form derivatives (each ``(V, n_flip)``).
+
+        With E = exp(−TR/T1), c = cos α, q = 1 − c·E: ∂S/∂M0 = sin α·(1 − E)/q and
+        ∂S/∂T1 = M0·sin α·(c − 1)/q² · ∂E/∂T1, ∂E/∂T1 = E·TR/T1². B1 is an input, not fitted.
+        """
+        a = torch.deg2rad(self.flip_angles) * p.get("b1", 1.0)
+        t1, m0 = p["T1"], p["M0"]
+        e1 = torch.exp(-self.tr / t1)
+        sin_a, cos_a = torch.sin(a), torch.cos(a)
+        inv_q = 1.0 / (1.0 - cos_a * e1)
+        shape = sin_a * (1.0 - e1) * inv_q
+        d_e1 = m0 * sin_a * (cos_a - 1.0) * inv_q * inv_q
+        return m0 * shape, {"M0": shape, "T1": d_e1 * (e1 * self.tr / (t1 * t1))}
 
     def initial_guess(self, data, inputs):
         b1 = inputs.get("b1")
@@ -373,6 +428,22 @@ class MonoExp(Model):
     def forward(self, p):
         s = p["S0"] * self._decay(p)
         return s + p["C"] if self.offset else s
+
+    def jacobian(self, p):
+        """Signal and closed-form derivatives (each ``(V, n_te)``).
+
+        ∂S/∂S0 = d with d the decay; ∂S/∂T2 = S0·d·TE/T2² for times, ∂S/∂R2 = −S0·d·TE/1000
+        for rates (1/s with TE in ms); ∂S/∂C = 1.
+        """
+        x = p[self._pname]
+        d = self._decay(p)
+        s = p["S0"] * d
+        ds = -s * self.te / 1000.0 if self._is_rate else s * self.te / (x * x)
+        grads = {"S0": d, self._pname: ds}
+        if self.offset:
+            grads["C"] = torch.ones_like(s)
+            s = s + p["C"]
+        return s, grads
 
     def initial_guess(self, data, inputs):
         # weighted log-linear fit (weights S², which undoes the log's noise amplification)
