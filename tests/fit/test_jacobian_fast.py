@@ -228,3 +228,29 @@ def test_lm_first_call_imports_no_compiler_machinery():
         check=True,
     )
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 4097])
+def test_selection_quantile_equals_sorting_quantile(n):
+    from qmrkit.fit.problem import _quantile
+
+    x = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)) * 3
+    assert _quantile(x, 0.99) == float(torch.quantile(x, 0.99))
+    assert _quantile(x, 0.99) == pytest.approx(float(np.quantile(x.numpy(), 0.99)), rel=1e-15)
+
+
+def test_recovery_start_in_chunks_equals_one_pass(monkeypatch):
+    import qmrkit.models.relaxometry as relax
+
+    model, data = _phantom("molli", n=300)
+    ti = torch.tensor(TI)
+    d = torch.tensor(data)
+    whole = torch.stack(relax.recovery_start(ti, d, 5.0, 5000.0))
+    monkeypatch.setattr(relax, "_START_CHUNK", 64)  # 5 chunks, the last one partial
+    parts = torch.stack(relax.recovery_start(ti, d, 5.0, 5000.0))
+    assert torch.equal(whole.nan_to_num(-1.0), parts.nan_to_num(-1.0))
+    # and a useful start (LM refines it): T1* within 5 % of the truth in the median voxel and
+    # within 30 % everywhere (measured 3.8 % and 24 %)
+    t1s = np.random.default_rng(11).uniform(300, 1700, 300)
+    err = np.abs(whole[2].numpy() / t1s - 1)
+    assert np.median(err) < 0.05 and err.max() < 0.3

@@ -60,8 +60,8 @@ def _scalar(name: str, value: Any, unit: str) -> float:
 # -------------------------------------------------------------------------------------------------
 # shared closed-form start for |A − B·exp(−t/τ)| signals (MOLLI, inversion recovery)
 # -------------------------------------------------------------------------------------------------
-#: voxels per pass of :func:`recovery_start`: its (v, 5, n_tau) float64 temporaries (≈2 MB each)
-#: stay in cache; larger passes run from memory, and fresh multi-MB buffers cost page faults
+#: voxels per pass of :func:`recovery_start`'s grid search: its four (v, 5, n_tau) float64 buffers
+#: (≈2 MB each) stay in cache; larger passes run from memory
 _START_CHUNK = 1024
 
 
@@ -79,12 +79,6 @@ def recovery_start(
     points by a parabola in log τ) wins. This resolves the magnitude sign ambiguity without
     iterating; LM refines from there.
     """
-    if data.shape[0] > _START_CHUNK:  # bound the (V, 5, n_tau) temporaries
-        parts = [
-            recovery_start(t, data[i : i + _START_CHUNK], tau_lo, tau_hi, n_tau)
-            for i in range(0, data.shape[0], _START_CHUNK)
-        ]
-        return tuple(torch.cat(x) for x in zip(*parts, strict=True))  # type: ignore[return-value]
     order = torch.argsort(t)
     ts = t[order].to(torch.float64)
     d = data[:, order].abs().to(torch.float64)
@@ -97,12 +91,23 @@ def recovery_start(
     yy = (d * d).sum(-1)[:, None, None]
     log_lo, log_hi = math.log(tau_lo), math.log(tau_hi)
     logs = torch.linspace(log_lo, log_hi, n_tau, dtype=torch.float64, device=d.device)
-    cost, _, _ = _varpro_costs(ts, Y, yy, torch.exp(logs)[None, None, :])  # (V, K, G)
-    # refine each candidate's minimum by a parabola through its three best grid points (in log τ),
-    # so the choice between neighbouring polarity candidates is made at their true minima
+    taus = torch.exp(logs)[None, None, :]
+    # the (v, K, G) cost arrays are built chunk by chunk in the same cache-sized buffers and
+    # reduced at once to each candidate's three best grid points
+    chunk = max(1, min(V, _START_CHUNK))
+    work = [torch.empty((chunk, k.shape[1], n_tau), dtype=d.dtype, device=d.device) for _ in "sabc"]
+    g = torch.empty(k.shape + (1,), dtype=torch.long, device=d.device)
+    c_m, c_0, c_p = (torch.empty(k.shape, dtype=d.dtype, device=d.device) for _ in range(3))
+    for i in range(0, V, chunk):
+        j = min(V, i + chunk)
+        cost, _, _ = _varpro_costs(ts, Y[i:j], yy[i:j], taus, out=[w[: j - i] for w in work])
+        # refine each candidate's minimum by a parabola through its three best grid points (in
+        # log τ), so the choice between neighbouring polarity candidates is made at their minima
+        gi = cost.argmin(dim=-1, keepdim=True).clamp(1, n_tau - 2)
+        g[i:j] = gi
+        for o, c in zip((-1, 0, 1), (c_m, c_0, c_p), strict=True):
+            c[i:j] = cost.gather(-1, gi + o)[..., 0]
     step = float(logs[1] - logs[0])
-    g = cost.argmin(dim=-1, keepdim=True).clamp(1, n_tau - 2)
-    c_m, c_0, c_p = (cost.gather(-1, g + o)[..., 0] for o in (-1, 0, 1))
     curv = c_m - 2 * c_0 + c_p
     usable = torch.isfinite(c_m) & torch.isfinite(c_p) & (curv > 0)
     offset = torch.where(usable, 0.5 * (c_m - c_p) / torch.where(usable, curv, 1.0), 0.0).clamp(
@@ -125,21 +130,34 @@ def recovery_start(
 
 
 def _varpro_costs(
-    ts: torch.Tensor, Y: torch.Tensor, yy: torch.Tensor, taus: torch.Tensor
+    ts: torch.Tensor,
+    Y: torch.Tensor,
+    yy: torch.Tensor,
+    taus: torch.Tensor,
+    out: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Least-squares cost and (A, B) of y ≈ A − B·exp(−t/τ) for sign candidates ``Y (V, K, M)``
-    and a shared grid of time constants ``taus`` of shape ``(1, 1, G)``."""
+    and a shared grid of time constants ``taus`` of shape ``(1, 1, G)``.
+
+    The (V, K, G) arrays are the start's whole cost, so they are built in place, in the four
+    ``(V, K, G)`` buffers ``out`` when given (reused across chunks: a fresh multi-MB buffer costs
+    page faults on every call); the operations are memory-bound."""
     E = torch.exp(-ts / taus[..., None])  # (.., G, M)
     M = ts.numel()
     se, see = E.sum(-1), (E * E).sum(-1)
     sy = Y.sum(-1)[..., None]  # (V, K, 1)
-    sey = Y @ E[0, 0].T  # (V, K, G)
+    if out is None:
+        shape = Y.shape[:2] + taus.shape[-1:]
+        out = [torch.empty(shape, dtype=Y.dtype, device=Y.device) for _ in range(4)]
+    sey, A, B, cost = out
+    torch.matmul(Y, E[0, 0].T, out=sey)  # (V, K, G)
     # normal equations:  [M, −Σe; −Σe, Σe²][A; B] = [Σy; −Σey]
     det = (M * see - se * se).clamp_min(1e-12)
-    A = (see * sy - se * sey) / det
-    B = (se * sy - M * sey) / det
-    cost = yy - (A * sy - B * sey)  # ‖y‖² − bᵀx
-    cost = torch.where((A > 0) & (B > 0), cost, torch.full_like(cost, float("inf")))
+    torch.mul(see, sy, out=A).addcmul_(se, sey, value=-1.0).div_(det)  # (Σe²Σy − ΣeΣey)/det
+    torch.mul(se, sy, out=B).sub_(sey, alpha=M).div_(det)  # (ΣeΣy − MΣey)/det
+    torch.mul(A, sy, out=cost).addcmul_(B, sey, value=-1.0).neg_().add_(yy)  # ‖y‖² − bᵀx
+    # infeasible (A or B not positive, or NaN: NaN > 0 is False) -> inf; sey is free scratch now
+    cost.masked_fill_(~torch.minimum(A, B, out=sey).gt_(0).bool(), float("inf"))
     return cost, A, B
 
 
