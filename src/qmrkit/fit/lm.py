@@ -224,10 +224,24 @@ def _damped_step(
 
 
 def _normal_equations(r: torch.Tensor, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``JᵀJ (v, P, P)`` and ``Jᵀr (v, P)`` in float64 (einsum: batched matmul of tiny matrices
-    loops over the voxels)."""
-    Jd = J.double()
-    return torch.einsum("vmp,vmq->vpq", Jd, Jd), torch.einsum("vmp,vm->vp", Jd, r.double())
+    """``JᵀJ (v, P, P)`` and ``Jᵀr (v, P)`` in float64.
+
+    For few parameters each entry is one product-and-sum over the measurements of two Jacobian
+    columns (contiguous in the layout :meth:`Problem.model_jacobian` returns); batched matmul of
+    tiny matrices loops over the voxels and is several times slower."""
+    P = J.shape[-1]
+    Jt = J.transpose(1, 2).double()  # (v, P, m)
+    rd = r.double()
+    if P > _UNROLLED_MAX_P:
+        return Jt @ Jt.transpose(1, 2), (Jt @ rd[..., None])[..., 0]
+    cols = Jt.unbind(1)
+    entries: list[torch.Tensor | None] = [None] * (P * P)
+    for i in range(P):
+        for j in range(i + 1):
+            entries[i * P + j] = entries[j * P + i] = (cols[i] * cols[j]).sum(-1)
+    H = torch.stack(entries, dim=-1).reshape(-1, P, P)  # type: ignore[arg-type]
+    g = (Jt * rd[:, None, :]).sum(-1)
+    return H, g
 
 
 def _lm_chunk(

@@ -141,7 +141,10 @@ class Problem:
             grads[par.name] if par.amplitude else grads[par.name] / self.scale
             for par in self.model.parameters
         ]
-        J = torch.stack(cols, dim=-1)
+        # (v, m, P) as a view of (v, P, m) storage: stacking whole columns is a contiguous copy
+        # (stacking along a new last axis is a strided scatter, several times slower), and each
+        # parameter's column stays contiguous for the solvers' per-parameter reductions
+        J = torch.stack(cols, dim=1).transpose(1, 2)
         if self.weights is not None:
             sw = self.weights[sel].sqrt()
             r, J = r * sw, J * sw[..., None]
