@@ -17,7 +17,8 @@ qmrkit ``fit.lm`` is timed twice: the **first call in a fresh process** (a subpr
 qmrkit, loads the data and calls ``fit.lm`` once: what a CLI user or a server request gets; import
 time reported separately) and **warm** (best of 3 after one call in this process).
 
-Usage: python benchmarks/fit_relaxometry.py [--voxels-scipy 300] [--threads 2] [--gpu-voxels 1000000]
+Usage: python benchmarks/fit_relaxometry.py [--voxels-scipy 300] [--threads 2] [--problems molli,vfa,t2]
+       [--out NAME] [--gpu-voxels 1000000]
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ TI = np.asarray(MOLLI_TI)
 FA = np.array([2.0, 5.0, 10.0, 15.0, 20.0])
 TR = 15.0
 TE = np.array([10.0, 20, 30, 40, 60, 80, 100, 120])
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+# the fresh-process child imports qmrkit from here (QMRKIT_SRC: another checkout's src, to time an
+# older version with this same script: PYTHONPATH=$QMRKIT_SRC QMRKIT_SRC=... python this.py)
+SRC = os.environ.get("QMRKIT_SRC", str(Path(__file__).resolve().parents[1] / "src"))
 
 
 # -- problems: data, the qmrkit model, a NumPy forward model and a generic start for scipy --------
@@ -280,6 +283,7 @@ def main() -> None:
     ap.add_argument("--problems", default="molli,vfa,t2", help="comma-separated: molli,vfa,t2")
     ap.add_argument("--gpu-voxels", type=int, default=1_000_000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="fit_relaxometry", help="results/NAME.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -323,7 +327,7 @@ def main() -> None:
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"\nload average at start {load}, at end {load_end}")
     path = write_results(
-        "fit_relaxometry",
+        args.out,
         {
             "rows": all_rows,
             "gpu": gpu,
