@@ -1,9 +1,10 @@
 """Batched Levenberg–Marquardt over all voxels at once.
 
 Each voxel is an independent small least-squares problem. All of them iterate together: residuals
-and Jacobians of every active voxel come from one batched forward-mode autodiff pass per parameter
-(no hand-written derivatives), the P×P damped normal equations are solved in float64 for every voxel
-in one batched Cholesky, and damping, acceptance and convergence are decided per voxel. A converged
+and Jacobians of every active voxel come from the model's closed-form derivatives when it has them,
+else from one batched autodiff pass (see :func:`residual_and_jacobian`); the P×P damped normal
+equations are solved in float64 for every voxel at once (an unrolled Cholesky over voxel vectors
+for few parameters), and damping, acceptance and convergence are decided per voxel. A converged
 voxel leaves the active set, so it stops costing compute.
 
 Damping follows Nielsen's gain-ratio rule with Marquardt's diagonal scaling (scale-invariant in each
