@@ -60,6 +60,15 @@ class _Sigmoid:
         # torch.where's gradient then multiplies 0 by inf = NaN even on the unselected branch
         return torch.where(self.log, torch.exp(torch.where(self.log, x, torch.zeros_like(x))), x)
 
+    def theta_and_derivative(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`theta` of ``u`` and ∂θ/∂u element-wise, from one sigmoid."""
+        s = torch.sigmoid(u)
+        width = self.hi - self.lo
+        x = self.lo + width * s
+        theta = torch.where(self.log, torch.exp(x), x)
+        dx = width * s * (1 - s)
+        return theta, torch.where(self.log, dx * theta, dx)
+
     def inverse(self, theta: torch.Tensor) -> torch.Tensor:
         x = torch.where(self.log, torch.log(theta.clamp_min(1e-30)), theta)
         s = ((x - self.lo) / (self.hi - self.lo)).clamp(1e-5, 1 - 1e-5)
@@ -73,6 +82,16 @@ def _voxel_loss(r: torch.Tensor, loss: str, delta: float) -> torch.Tensor:
         return (r * r).mean(dim=1)
     a = r.abs()
     return torch.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta)).mean(dim=1)
+
+
+def _loss_derivative(r: torch.Tensor, loss: str, delta: float) -> torch.Tensor:
+    """∂ρ/∂r of the per-residual penalty of :func:`_voxel_loss` (autograd's conventions: the
+    derivative of |r| at 0 is 0)."""
+    if loss == "l1":
+        return torch.sign(r)
+    if loss == "l2":
+        return 2 * r
+    return torch.where(r.abs() <= delta, r, delta * torch.sign(r))
 
 
 def adam(
@@ -196,6 +215,9 @@ def adam(
     theta0, origin = initial_theta(problem, init, start=start, n_atoms=n_atoms, seed=seed)
     mapping = _Sigmoid(problem)
     u = mapping.inverse(theta0).detach().requires_grad_(True)
+    # closed-form gradients where the model has derivatives and the loss is separable (no
+    # regulariser couples the voxels); autograd otherwise
+    closed_form = not regs and problem.model_jacobian(theta0[:1], torch.arange(1)) is not None
     opt_kwargs: dict[str, Any] = {"lr": lr}
     if optimizer == "sgdm":
         opt_kwargs["momentum"] = 0.9
@@ -219,10 +241,22 @@ def adam(
     with bar:
         for it in range(1, max_iter + 1):
             opt.zero_grad(set_to_none=True)
-            theta = mapping.theta(u)
-            r = problem.residual(theta)
-            vloss = _voxel_loss(r, loss, huber_delta)
-            total = vloss.mean()
+            if closed_form:
+                # the model's own derivatives: the gradient is Jᵀ·ρ'(r) chained through the
+                # sigmoid map, without building and walking an autograd graph every iteration
+                with torch.no_grad():
+                    theta, dtheta = mapping.theta_and_derivative(u)
+                    r, J = problem.model_jacobian(theta)  # type: ignore[misc]
+                    vloss = _voxel_loss(r, loss, huber_delta)
+                    total = vloss.mean()
+                    dr = _loss_derivative(r, loss, huber_delta) / r.numel()
+                    grad = (J.transpose(1, 2) * dr[:, None, :]).sum(-1)  # Jᵀ·ρ'(r), (V, P)
+                    u.grad = grad * dtheta
+            else:
+                theta = mapping.theta(u)
+                r = problem.residual(theta)
+                vloss = _voxel_loss(r, loss, huber_delta)
+                total = vloss.mean()
             if regs:
                 ctx = _context(problem, theta, mapping.normalized(u), spatial_mask)
                 for reg in regs:
@@ -235,7 +269,8 @@ def adam(
                     stacklevel=2,
                 )
                 break
-            total.backward()
+            if not closed_form:
+                total.backward()
             with torch.no_grad():
                 tv = float(total)
                 history.append(tv)

@@ -1,9 +1,10 @@
 """Batched Levenberg–Marquardt over all voxels at once.
 
 Each voxel is an independent small least-squares problem. All of them iterate together: residuals
-and Jacobians of every active voxel come from one batched forward-mode autodiff pass per parameter
-(no hand-written derivatives), the P×P damped normal equations are solved in float64 for every voxel
-in one batched Cholesky, and damping, acceptance and convergence are decided per voxel. A converged
+and Jacobians of every active voxel come from the model's closed-form derivatives when it has them,
+else from one batched autodiff pass (see :func:`residual_and_jacobian`); the P×P damped normal
+equations are solved in float64 for every voxel at once (an unrolled Cholesky over voxel vectors
+for few parameters), and damping, acceptance and convergence are decided per voxel. A converged
 voxel leaves the active set, so it stops costing compute.
 
 Damping follows Nielsen's gain-ratio rule with Marquardt's diagonal scaling (scale-invariant in each
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .._progress import get_logger, progress_bar
+from .._progress import _NullBar, get_logger, progress_bar
 from ..errors import ConvergenceWarning, ParameterError
 from .problem import Problem, make_problem
 from .result import FitResult
@@ -55,47 +56,134 @@ def _load_forward_ad() -> None:
             _FORWARD_AD_READY = True
 
 
+JACOBIAN_MODES = ("auto", "model", "forward", "reverse")
+
+
 def residual_and_jacobian(
-    problem: Problem, theta: torch.Tensor, idx: torch.Tensor
+    problem: Problem,
+    theta: torch.Tensor,
+    idx: torch.Tensor | slice | None = None,
+    mode: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residuals ``(v, m)`` and Jacobian ``(v, m, P)`` of voxels ``idx`` at ``theta (v, P)``.
 
-    The model's own derivatives when it has them (:meth:`Model.jacobian`), else forward-mode
-    autodiff: one jvp per parameter over the whole batch (each voxel's residual depends only on its
-    own parameters, so a one-hot tangent column gives a Jacobian column). Falls back to reverse
-    mode if the model uses an operation without forward-mode support.
+    ``mode``:
+
+    * ``"model"``: the model's closed-form derivatives (:meth:`Model.jacobian`); no autodiff at all,
+      hence no framework overhead (relaxometry models, NEXI);
+    * ``"forward"``: forward-mode autodiff in one pass over a stacked batch: θ repeated P times
+      with one-hot tangents (each voxel's residual depends only on its own parameters, so block j
+      of the output tangent is Jacobian column j); one forward pass of the model instead of P;
+    * ``"reverse"``: reverse mode, one backward pass per residual component (C++ autograd only);
+      also the fallback when a model uses an operation without a forward-mode formula;
+    * ``"auto"``: ``"model"`` when the model has derivatives, else ``"forward"`` when P is smaller
+      than the number of residual components m, else ``"reverse"`` (fewer passes either way).
+      Note torch loads its forward-mode machinery on the first forward-mode call of a process
+      (≈1.5 s); models with closed-form derivatives never pay it.
     """
+    if mode not in JACOBIAN_MODES:
+        raise ParameterError(f"jacobian must be one of {JACOBIAN_MODES}, got {mode!r}")
     theta = theta.detach()
-    own = problem.model_jacobian(theta, idx)  # the model's closed-form derivatives, if any
-    if own is not None:
-        return own[0].detach(), own[1].detach()
+    if mode in ("auto", "model"):
+        own = problem.model_jacobian(theta, idx)  # the model's closed-form derivatives, if any
+        if own is not None:
+            return own[0].detach(), own[1].detach()
+        if mode == "model":
+            raise ParameterError(
+                f"jacobian='model' but the {problem.model.name} model has no closed-form "
+                "derivatives (Model.jacobian returns None); use 'auto', 'forward' or 'reverse'"
+            )
     P = theta.shape[1]
+    if mode == "auto":
+        m = problem.n_meas * (2 if problem.data.is_complex() else 1)
+        mode = "forward" if P < m else "reverse"
+    if mode == "forward":
+        try:
+            return _forward_jacobian(problem, theta, idx)
+        except (RuntimeError, NotImplementedError) as exc:  # pragma: no cover - exotic models
+            log.debug("forward-mode Jacobian failed (%s); using reverse mode", exc)
+    return _reverse_jacobian(problem, theta, idx)
+
+
+def _voxel_index(problem: Problem, idx: torch.Tensor | slice | None) -> torch.Tensor:
+    """Voxel indices as a tensor (the stacked batch repeats them)."""
+    if isinstance(idx, torch.Tensor):
+        return idx
+    every = torch.arange(problem.n_voxels, device=problem.device)
+    return every if idx is None else every[idx]
+
+
+def _forward_jacobian(
+    problem: Problem, theta: torch.Tensor, idx: torch.Tensor | slice | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All P Jacobian columns from one forward-mode pass over a P-fold stacked batch."""
+    v, P = theta.shape
     _load_forward_ad()
-    try:
-        cols = []
-        r = None
-        with fwAD.dual_level():
-            for j in range(P):
-                tangent = torch.zeros_like(theta)
-                tangent[:, j] = 1.0
-                out = fwAD.unpack_dual(problem.residual(fwAD.make_dual(theta, tangent), idx))
-                if out.tangent is None:  # residual does not depend on this parameter
-                    cols.append(torch.zeros_like(out.primal))
-                else:
-                    cols.append(out.tangent)
-                r = out.primal
-        return r.detach(), torch.stack(cols, dim=-1).detach()
-    except (RuntimeError, NotImplementedError) as exc:  # pragma: no cover - exotic user models
-        log.debug("forward-mode Jacobian failed (%s); using reverse mode", exc)
+    rows = _voxel_index(problem, idx).repeat(P)
+    stacked = theta.repeat(P, 1)  # block j holds every voxel, with tangent e_j
+    tangent = torch.eye(P, dtype=theta.dtype, device=theta.device).repeat_interleave(v, dim=0)
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(problem.residual(fwAD.make_dual(stacked, tangent), rows))
+    r = out.primal[:v]
+    if out.tangent is None:  # the residual does not depend on the parameters at all
+        return r.detach(), torch.zeros(*r.shape, P, dtype=r.dtype, device=r.device)
+    J = out.tangent.reshape(P, v, -1).permute(1, 2, 0)
+    return r.detach(), J.detach()
+
+
+def _reverse_jacobian(
+    problem: Problem, theta: torch.Tensor, idx: torch.Tensor | slice | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reverse-mode pass per residual component (the rows of every voxel's Jacobian)."""
     with torch.enable_grad():
         th = theta.clone().requires_grad_(True)
         r = problem.residual(th, idx)
+        m = r.shape[1]
         rows = [
-            torch.autograd.grad(r[:, m].sum(), th, retain_graph=True, allow_unused=True)[0]
-            for m in range(r.shape[1])
+            torch.autograd.grad(r[:, k].sum(), th, retain_graph=k < m - 1, allow_unused=True)[0]
+            for k in range(m)
         ]
         rows = [torch.zeros_like(th) if g is None else g for g in rows]
     return r.detach(), torch.stack(rows, dim=1).detach()
+
+
+#: up to this many parameters the damped P×P systems are solved by an unrolled Cholesky written
+#: with (V,)-vector operations: LAPACK's batched routines loop over the voxels one small matrix at a
+#: time (≈5 ms for 16k 3×3 systems on one core), the unrolled form costs ≈P³/3 vector operations
+_UNROLLED_MAX_P = 6
+
+
+def _cholesky_solve_small(A: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve ``A x = b`` for SPD ``A (V, P, P)`` and ``b (V, P)``; also returns a ``(V,)`` flag that
+    is False where the factorisation fails (a pivot ≤ 0 or NaN, LAPACK's ``potrf`` rule)."""
+    P = A.shape[-1]
+    L: list[list[torch.Tensor]] = [[] for _ in range(P)]  # L[i][k], k <= i
+    ok = torch.ones(A.shape[0], dtype=torch.bool, device=A.device)
+    for j in range(P):
+        s = A[:, j, j]
+        for k in range(j):
+            s = s - L[j][k] * L[j][k]
+        ok = ok & (s > 0)
+        d = torch.sqrt(s)
+        for i in range(j + 1, P):
+            t = A[:, i, j]
+            for k in range(j):
+                t = t - L[i][k] * L[j][k]
+            L[i].append(t / d)
+        L[j].append(d)
+    y: list[torch.Tensor] = []
+    for i in range(P):  # L y = b
+        t = b[:, i]
+        for k in range(i):
+            t = t - L[i][k] * y[k]
+        y.append(t / L[i][i])
+    x: list[torch.Tensor] = [y[0]] * P
+    for i in reversed(range(P)):  # Lᵀ x = y
+        t = y[i]
+        for k in range(i + 1, P):
+            t = t - L[k][i] * x[k]
+        x[i] = t / L[i][i]
+    return torch.stack(x, dim=-1), ok
 
 
 def _damped_step(
@@ -111,11 +199,11 @@ def _damped_step(
     Box constraints by an active set: a parameter on a bound whose gradient points out of the box
     is held fixed (its row and column removed), so the step for the others is the correct reduced
     Levenberg–Marquardt step rather than a projection of an infeasible one (which can stall).
+    ``lower``/``upper`` are float64.
     """
     th = theta.double()
-    lo, hi = lower.double(), upper.double()
     tiny = 1e-12 * (th.abs() + 1.0)
-    active = ((th <= lo + tiny) & (g > 0)) | ((th >= hi - tiny) & (g < 0))
+    active = ((th <= lower + tiny) & (g > 0)) | ((th >= upper - tiny) & (g < 0))
     if bool(active.any()):
         free = (~active).double()
         H = H * free[:, :, None] * free[:, None, :] + torch.diag_embed(active.double())
@@ -124,11 +212,37 @@ def _damped_step(
     floor = d.amax(dim=-1, keepdim=True) * 1e-12 + 1e-300
     D = torch.maximum(d, floor)
     A = H + torch.diag_embed(lam[:, None] * D)
-    L, info = torch.linalg.cholesky_ex(A)
-    ok = info == 0
-    delta = torch.cholesky_solve(-g[..., None], L)[..., 0]
-    delta = torch.where(ok[:, None] & torch.isfinite(delta), delta, torch.zeros_like(delta))
-    return delta, ok & torch.isfinite(delta).all(dim=-1)
+    if A.shape[-1] <= _UNROLLED_MAX_P:
+        delta, ok = _cholesky_solve_small(A, -g)
+    else:
+        L, info = torch.linalg.cholesky_ex(A)
+        ok = info == 0
+        delta = torch.cholesky_solve(-g[..., None], L)[..., 0]
+    finite = torch.isfinite(delta).all(dim=-1)
+    ok = ok & finite
+    delta = torch.where(ok[:, None], delta, torch.zeros_like(delta))
+    return delta, ok
+
+
+def _normal_equations(r: torch.Tensor, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``JᵀJ (v, P, P)`` and ``Jᵀr (v, P)`` in float64.
+
+    For few parameters each entry is one product-and-sum over the measurements of two Jacobian
+    columns (contiguous in the layout :meth:`Problem.model_jacobian` returns); batched matmul of
+    tiny matrices loops over the voxels and is several times slower."""
+    P = J.shape[-1]
+    Jt = J.transpose(1, 2).double()  # (v, P, m)
+    rd = r.double()
+    if P > _UNROLLED_MAX_P:
+        return Jt @ Jt.transpose(1, 2), (Jt @ rd[..., None])[..., 0]
+    cols = Jt.unbind(1)
+    entries: list[torch.Tensor | None] = [None] * (P * P)
+    for i in range(P):
+        for j in range(i + 1):
+            entries[i * P + j] = entries[j * P + i] = (cols[i] * cols[j]).sum(-1)
+    H = torch.stack(entries, dim=-1).reshape(-1, P, P)  # type: ignore[arg-type]
+    g = (Jt * rd[:, None, :]).sum(-1)
+    return H, g
 
 
 def _lm_chunk(
@@ -140,46 +254,57 @@ def _lm_chunk(
     xtol: float,
     lambda0: float,
     bar: Any,
+    jacobian: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
     V, P = theta0.shape
     dev = problem.device
+    lower, upper = problem.lower.double(), problem.upper.double()
     theta = problem.clamp(theta0.detach().clone())
     status = torch.zeros(V, dtype=torch.int8, device=dev)
     iters = torch.zeros(V, dtype=torch.int32, device=dev)
     act = torch.arange(V, device=dev)
+    track = not isinstance(bar, _NullBar)  # counting finished voxels syncs a GPU: only for a bar
 
-    r, J = residual_and_jacobian(problem, theta, act)
+    # closed-form derivatives cost about one more forward pass, so with them every trial point
+    # gets its Jacobian at once (one model call per iteration instead of two); with autodiff the
+    # Jacobian is only worth computing where a step was accepted
+    fused = jacobian in ("auto", "model") and problem.model_jacobian(theta[:1], act[:1]) is not None
+    r, J = residual_and_jacobian(problem, theta, act, jacobian)
     cost_all = 0.5 * r.double().pow(2).sum(dim=1)
-    history = [float(cost_all.sum())]
-    Jd = J.double()
-    H = Jd.transpose(1, 2) @ Jd
-    g = (Jd.transpose(1, 2) @ r.double()[..., None])[..., 0]
+    history = [cost_all.sum()]  # 0-d tensors, read once at the end (no host sync per iteration)
+    H, g = _normal_equations(r, J)
     cost = cost_all.clone()
     lam = torch.full((V,), lambda0, dtype=torch.float64, device=dev)
     nu = torch.full((V,), 2.0, dtype=torch.float64, device=dev)
     exact = cost <= 1e-30
     status[exact] = 3
-    keep = ~exact
-    act, H, g, cost, lam, nu = act[keep], H[keep], g[keep], cost[keep], lam[keep], nu[keep]
+    if bool(exact.any()):
+        keep = torch.nonzero(~exact).reshape(-1)
+        act, H, g, cost, lam, nu = (x[keep] for x in (act, H, g, cost, lam, nu))
     # the bar counts finished voxels (not iterations up to max_iter): its ETA follows convergence
-    bar.update(V - act.numel())
+    if track:
+        bar.update(V - act.numel())
 
     for it in range(1, max_iter + 1):
         if act.numel() == 0:
             break
         iters[act] += 1
         th_a = theta[act]
-        delta, ok = _damped_step(H, g, lam, th_a, problem.lower, problem.upper)
+        delta, ok = _damped_step(H, g, lam, th_a, lower, upper)
         raw = th_a + delta.to(theta.dtype)
         trial = problem.clamp(raw)
         # a step cut by the box: its predicted gain (of the projected step) may be <= 0 although
         # the voxel is far from converged, so it must not count as "nothing left to gain"
         clipped = (trial != raw).any(dim=-1)
         step = (trial - th_a).double()
-        with torch.no_grad():
-            r_t = problem.residual(trial, act)
+        if fused:
+            r_t, J_t = residual_and_jacobian(problem, trial, act, jacobian)
+        else:
+            with torch.no_grad():
+                r_t = problem.residual(trial, act)
         cost_t = 0.5 * r_t.double().pow(2).sum(dim=1)
-        predicted = -(step * g).sum(-1) - 0.5 * (step[:, None, :] @ H @ step[..., None])[:, 0, 0]
+        Hs = (H * step[:, None, :]).sum(-1)
+        predicted = -(step * (g + 0.5 * Hs)).sum(-1)
         actual = cost - cost_t
         accept = ok & torch.isfinite(cost_t) & (actual > 0)
         rho = actual / predicted.clamp_min(1e-300)
@@ -189,43 +314,48 @@ def _lm_chunk(
         conv_x = accept & (step.abs() <= xtol * (th_a.double().abs() + xtol)).all(dim=-1)
         # Nielsen's damping update
         lam = torch.where(
-            accept,
-            lam * torch.clamp(1 - (2 * rho - 1) ** 3, min=1.0 / 3.0),
-            lam * nu,
+            accept, lam * torch.clamp(1 - (2 * rho - 1) ** 3, min=1.0 / 3.0), lam * nu
         )
-        nu = torch.where(accept, torch.full_like(nu, 2.0), nu * 2)
+        nu = torch.where(accept, 2.0, nu * 2)
 
         # converged: an accepted step gained little, or (mildly damped) the quadratic model
         # predicts no gain worth having, which also ends float32 voxels at their noise floor
         conv_e = accept & (cost_t <= 1e-30)
         stalled = ~accept & (lam > 1e16)
-        theta[act[accept]] = trial[accept]
+        theta[act] = torch.where(accept[:, None], trial, th_a)
         cost = torch.where(accept, cost_t, cost)
         cost_all[act] = cost
 
         done = conv_f | conv_x | conv_e | stalled
-        code = torch.zeros_like(status[act])
-        code = torch.where(stalled, torch.full_like(code, 4), code)
-        code = torch.where(conv_x, torch.full_like(code, 2), code)
-        code = torch.where(conv_f, torch.full_like(code, 1), code)
-        code = torch.where(conv_e, torch.full_like(code, 3), code)
-        status[act] = torch.where(done, code, status[act])
+        # the code of a finished voxel (running voxels keep 0), by precedence exact > ftol > xtol
+        code = torch.zeros_like(status[:1]).expand(act.numel()).clone()
+        code.masked_fill_(stalled, 4).masked_fill_(conv_x, 2).masked_fill_(conv_f, 1)
+        status[act] = code.masked_fill_(conv_e, 3)
 
         keep = ~done
         refresh = accept & keep  # moved and still iterating: new Jacobian needed
-        if refresh.any():
-            ridx = act[refresh]
-            r_new, J_new = residual_and_jacobian(problem, theta[ridx], ridx)
-            Jd = J_new.double()
-            H[refresh] = Jd.transpose(1, 2) @ Jd
-            g[refresh] = (Jd.transpose(1, 2) @ r_new.double()[..., None])[..., 0]
-        act, H, g, cost, lam, nu = act[keep], H[keep], g[keep], cost[keep], lam[keep], nu[keep]
-        history.append(float(cost_all.sum()))
-        bar.update(int(done.sum()))
-        bar.set_postfix(iteration=it, active=int(act.numel()))
-    bar.update(act.numel())  # voxels stopped by max_iter are finished too
+        if fused:
+            H_t, g_t = _normal_equations(r_t, J_t)
+            H = torch.where(refresh[:, None, None], H_t, H)
+            g = torch.where(refresh[:, None], g_t, g)
+        elif bool(refresh.any()):
+            rpos = torch.nonzero(refresh).reshape(-1)
+            ridx = act[rpos]
+            r_new, J_new = residual_and_jacobian(problem, theta[ridx], ridx, jacobian)
+            H_new, g_new = _normal_equations(r_new, J_new)
+            H = H.index_copy(0, rpos, H_new)
+            g = g.index_copy(0, rpos, g_new)
+        history.append(cost_all.sum())
+        if track:
+            bar.update(int(done.sum()))
+            bar.set_postfix(iteration=it, active=int(keep.sum()))
+        if bool(done.any()):
+            kpos = torch.nonzero(keep).reshape(-1)
+            act, H, g, cost, lam, nu = (x[kpos] for x in (act, H, g, cost, lam, nu))
+    if track:
+        bar.update(act.numel())  # voxels stopped by max_iter are finished too
     status[act] = -1
-    return theta, status, iters, history
+    return theta, status, iters, torch.stack(history).tolist()
 
 
 def _add_histories(a: list[float], b: list[float]) -> list[float]:
@@ -257,6 +387,7 @@ def lm(
     device: Any = None,
     dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
+    jacobian: str = "auto",
 ) -> FitResult:
     """Fit a model to every voxel by batched Levenberg–Marquardt (least squares).
 
@@ -293,6 +424,11 @@ def lm(
     progress : bool, optional
         Show a progress bar of finished voxels (default None: on a terminal or in a notebook,
         see :func:`qmrkit._progress.progress_enabled`).
+    jacobian : {"auto", "model", "forward", "reverse"}
+        How derivatives are computed (see :func:`residual_and_jacobian`): the model's closed form
+        when it has one (``"auto"``, ``"model"``), else forward-mode autodiff in one stacked pass,
+        or reverse mode (one backward pass per measurement; avoids torch's ≈1.5 s one-off load of
+        its forward-mode machinery, worth it for few measurements).
 
     Returns
     -------
@@ -307,6 +443,8 @@ def lm(
     xtol = (1e-8 if dtype == torch.float64 else 1e-6) if xtol is None else float(xtol)
     if ftol < 0 or xtol < 0:
         raise ParameterError(f"ftol and xtol must be >= 0, got ftol={ftol}, xtol={xtol}")
+    if jacobian not in JACOBIAN_MODES:
+        raise ParameterError(f"jacobian must be one of {JACOBIAN_MODES}, got {jacobian!r}")
     t0 = time.perf_counter()
     problem = make_problem(
         model, data, mask=mask, weights=weights, device=device, dtype=dtype, solver="lm"
@@ -328,7 +466,14 @@ def lm(
             idx = torch.arange(c0, min(V, c0 + batch_size), device=problem.device)
             sub = problem.subset(idx) if batch_size < V else problem
             th, st, it, hist = _lm_chunk(
-                sub, theta0[idx], max_iter=max_iter, ftol=ftol, xtol=xtol, lambda0=lambda0, bar=bar
+                sub,
+                theta0[idx],
+                max_iter=max_iter,
+                ftol=ftol,
+                xtol=xtol,
+                lambda0=lambda0,
+                bar=bar,
+                jacobian=jacobian,
             )
             theta[idx], status[idx], iters[idx] = th, st, it
             history = _add_histories(history, hist)
@@ -339,7 +484,8 @@ def lm(
             ConvergenceWarning,
             stacklevel=2,
         )
-    reasons = {REASONS[int(k)]: int((status == k).sum()) for k in REASONS if (status == k).any()}
+    counts = torch.bincount(status.long() + 1, minlength=len(REASONS)).tolist()  # codes -1..4
+    reasons = {REASONS[k]: counts[k + 1] for k in REASONS if counts[k + 1]}
     log.info("lm: %d voxels, %s, start=%s, %.3f s", V, reasons, origin, time.perf_counter() - t0)
     return FitResult.from_theta(
         problem,
@@ -359,5 +505,6 @@ def lm(
             "device": str(problem.device),
             "batch_size": batch_size,
             "reasons": reasons,
+            "jacobian": jacobian,
         },
     )

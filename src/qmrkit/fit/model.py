@@ -251,7 +251,8 @@ class Model:
         missing = [n for n in self.parameter_names if n not in tensors]
         if missing:
             raise ParameterError(f"{self.name}.simulate: missing parameters {missing}")
-        shape = torch.broadcast_shapes(*(t.shape for t in tensors.values()))
+        # NumPy's rule, not torch.broadcast_shapes: in torch 2.13 the latter imports sympy (≈1 s)
+        shape = tuple(np.broadcast_shapes(*(tuple(t.shape) for t in tensors.values())))
         flat = {k: t.to(self._device).expand(shape).reshape(-1, 1) for k, t in tensors.items()}
         for c in self.covariates:
             v = inputs.get(c, self.covariate_maps.get(c, 1.0))

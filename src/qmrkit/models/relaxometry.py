@@ -60,6 +60,11 @@ def _scalar(name: str, value: Any, unit: str) -> float:
 # -------------------------------------------------------------------------------------------------
 # shared closed-form start for |A − B·exp(−t/τ)| signals (MOLLI, inversion recovery)
 # -------------------------------------------------------------------------------------------------
+#: voxels per pass of :func:`recovery_start`'s grid search: its four (v, 5, n_tau) float64 buffers
+#: (≈2 MB each) stay in cache; larger passes run from memory
+_START_CHUNK = 1024
+
+
 @torch.no_grad()
 def recovery_start(
     t: torch.Tensor, data: torch.Tensor, tau_lo: float, tau_hi: float, n_tau: int = 48
@@ -74,12 +79,6 @@ def recovery_start(
     points by a parabola in log τ) wins. This resolves the magnitude sign ambiguity without
     iterating; LM refines from there.
     """
-    if data.shape[0] > 32768:  # bound the (V, 5, n_tau) temporaries
-        parts = [
-            recovery_start(t, data[i : i + 32768], tau_lo, tau_hi, n_tau)
-            for i in range(0, data.shape[0], 32768)
-        ]
-        return tuple(torch.cat(x) for x in zip(*parts, strict=True))  # type: ignore[return-value]
     order = torch.argsort(t)
     ts = t[order].to(torch.float64)
     d = data[:, order].abs().to(torch.float64)
@@ -92,12 +91,23 @@ def recovery_start(
     yy = (d * d).sum(-1)[:, None, None]
     log_lo, log_hi = math.log(tau_lo), math.log(tau_hi)
     logs = torch.linspace(log_lo, log_hi, n_tau, dtype=torch.float64, device=d.device)
-    cost, _, _ = _varpro_costs(ts, Y, yy, torch.exp(logs)[None, None, :])  # (V, K, G)
-    # refine each candidate's minimum by a parabola through its three best grid points (in log τ),
-    # so the choice between neighbouring polarity candidates is made at their true minima
+    taus = torch.exp(logs)[None, None, :]
+    # the (v, K, G) cost arrays are built chunk by chunk in the same cache-sized buffers and
+    # reduced at once to each candidate's three best grid points
+    chunk = max(1, min(V, _START_CHUNK))
+    work = [torch.empty((chunk, k.shape[1], n_tau), dtype=d.dtype, device=d.device) for _ in "sabc"]
+    g = torch.empty(k.shape + (1,), dtype=torch.long, device=d.device)
+    c_m, c_0, c_p = (torch.empty(k.shape, dtype=d.dtype, device=d.device) for _ in range(3))
+    for i in range(0, V, chunk):
+        j = min(V, i + chunk)
+        cost, _, _ = _varpro_costs(ts, Y[i:j], yy[i:j], taus, out=[w[: j - i] for w in work])
+        # refine each candidate's minimum by a parabola through its three best grid points (in
+        # log τ), so the choice between neighbouring polarity candidates is made at their minima
+        gi = cost.argmin(dim=-1, keepdim=True).clamp(1, n_tau - 2)
+        g[i:j] = gi
+        for o, c in zip((-1, 0, 1), (c_m, c_0, c_p), strict=True):
+            c[i:j] = cost.gather(-1, gi + o)[..., 0]
     step = float(logs[1] - logs[0])
-    g = cost.argmin(dim=-1, keepdim=True).clamp(1, n_tau - 2)
-    c_m, c_0, c_p = (cost.gather(-1, g + o)[..., 0] for o in (-1, 0, 1))
     curv = c_m - 2 * c_0 + c_p
     usable = torch.isfinite(c_m) & torch.isfinite(c_p) & (curv > 0)
     offset = torch.where(usable, 0.5 * (c_m - c_p) / torch.where(usable, curv, 1.0), 0.0).clamp(
@@ -120,21 +130,34 @@ def recovery_start(
 
 
 def _varpro_costs(
-    ts: torch.Tensor, Y: torch.Tensor, yy: torch.Tensor, taus: torch.Tensor
+    ts: torch.Tensor,
+    Y: torch.Tensor,
+    yy: torch.Tensor,
+    taus: torch.Tensor,
+    out: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Least-squares cost and (A, B) of y ≈ A − B·exp(−t/τ) for sign candidates ``Y (V, K, M)``
-    and a shared grid of time constants ``taus`` of shape ``(1, 1, G)``."""
+    and a shared grid of time constants ``taus`` of shape ``(1, 1, G)``.
+
+    The (V, K, G) arrays are the start's whole cost, so they are built in place, in the four
+    ``(V, K, G)`` buffers ``out`` when given (reused across chunks: a fresh multi-MB buffer costs
+    page faults on every call); the operations are memory-bound."""
     E = torch.exp(-ts / taus[..., None])  # (.., G, M)
     M = ts.numel()
     se, see = E.sum(-1), (E * E).sum(-1)
     sy = Y.sum(-1)[..., None]  # (V, K, 1)
-    sey = Y @ E[0, 0].T  # (V, K, G)
+    if out is None:
+        shape = Y.shape[:2] + taus.shape[-1:]
+        out = [torch.empty(shape, dtype=Y.dtype, device=Y.device) for _ in range(4)]
+    sey, A, B, cost = out
+    torch.matmul(Y, E[0, 0].T, out=sey)  # (V, K, G)
     # normal equations:  [M, −Σe; −Σe, Σe²][A; B] = [Σy; −Σey]
     det = (M * see - se * se).clamp_min(1e-12)
-    A = (see * sy - se * sey) / det
-    B = (se * sy - M * sey) / det
-    cost = yy - (A * sy - B * sey)  # ‖y‖² − bᵀx
-    cost = torch.where((A > 0) & (B > 0), cost, torch.full_like(cost, float("inf")))
+    torch.mul(see, sy, out=A).addcmul_(se, sey, value=-1.0).div_(det)  # (Σe²Σy − ΣeΣey)/det
+    torch.mul(se, sy, out=B).sub_(sey, alpha=M).div_(det)  # (ΣeΣy − MΣey)/det
+    torch.mul(A, sy, out=cost).addcmul_(B, sey, value=-1.0).neg_().add_(yy)  # ‖y‖² − bᵀx
+    # infeasible (A or B not positive, or NaN: NaN > 0 is False) -> inf; sey is free scratch now
+    cost.masked_fill_(~torch.minimum(A, B, out=sey).gt_(0).bool(), float("inf"))
     return cost, A, B
 
 
@@ -174,6 +197,23 @@ class MolliT1(Model):
 
     def forward(self, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.abs(p["A"] - p["B"] * torch.exp(-self.ti / p["T1star"]))
+
+    def jacobian(self, p):
+        """Signal and closed-form derivatives (each ``(V, n_ti)``, per a.u. or per ms).
+
+        With u = A − B·e, e = exp(−TI/T1*): ∂|u| = sign(u)·∂u (sign 0 at u = 0, as autograd),
+        ∂u/∂A = 1, ∂u/∂B = −e, ∂u/∂T1* = −B·e·TI/T1*².
+        """
+        t = p["T1star"]
+        e = torch.exp(-self.ti / t)
+        be = p["B"] * e
+        u = p["A"] - be
+        sgn = torch.sign(u)
+        return u.abs(), {
+            "A": sgn.expand_as(u),
+            "B": -sgn * e,
+            "T1star": -sgn * be * self.ti / (t * t),
+        }
 
     def initial_guess(self, data, inputs):
         lo, hi = self.parameter("T1star").lower, self.parameter("T1star").upper
@@ -220,6 +260,24 @@ class InversionRecovery(Model):
 
     def forward(self, p):
         return torch.abs(p["M0"] * (1.0 - (1.0 + p["eta"]) * torch.exp(-self.ti / p["T1"])))
+
+    def jacobian(self, p):
+        """Signal and closed-form derivatives (each ``(V, n_ti)``).
+
+        With u = M0·(1 − k·e), k = 1 + η, e = exp(−TI/T1): ∂|u| = sign(u)·∂u,
+        ∂u/∂M0 = 1 − k·e, ∂u/∂T1 = −M0·k·e·TI/T1², ∂u/∂η = −M0·e.
+        """
+        t1, m0 = p["T1"], p["M0"]
+        e = torch.exp(-self.ti / t1)
+        ke = (1.0 + p["eta"]) * e
+        shape = 1.0 - ke
+        u = m0 * shape
+        sgn = torch.sign(u)
+        return u.abs(), {
+            "M0": sgn * shape,
+            "T1": -sgn * m0 * ke * self.ti / (t1 * t1),
+            "eta": -sgn * m0 * e,
+        }
 
     def initial_guess(self, data, inputs):
         a, b, tau = recovery_start(self.ti, data, 5.0, 8000.0)
@@ -282,6 +340,21 @@ class VfaT1(Model):
         a = torch.deg2rad(self.flip_angles) * p.get("b1", 1.0)
         e1 = torch.exp(-self.tr / p["T1"])
         return p["M0"] * torch.sin(a) * (1.0 - e1) / (1.0 - torch.cos(a) * e1)
+
+    def jacobian(self, p):
+        """Signal and closed-form derivatives (each ``(V, n_flip)``).
+
+        With E = exp(−TR/T1), c = cos α, q = 1 − c·E: ∂S/∂M0 = sin α·(1 − E)/q and
+        ∂S/∂T1 = M0·sin α·(c − 1)/q² · ∂E/∂T1, ∂E/∂T1 = E·TR/T1². B1 is an input, not fitted.
+        """
+        a = torch.deg2rad(self.flip_angles) * p.get("b1", 1.0)
+        t1, m0 = p["T1"], p["M0"]
+        e1 = torch.exp(-self.tr / t1)
+        sin_a, cos_a = torch.sin(a), torch.cos(a)
+        inv_q = 1.0 / (1.0 - cos_a * e1)
+        shape = sin_a * (1.0 - e1) * inv_q
+        d_e1 = m0 * sin_a * (cos_a - 1.0) * inv_q * inv_q
+        return m0 * shape, {"M0": shape, "T1": d_e1 * (e1 * self.tr / (t1 * t1))}
 
     def initial_guess(self, data, inputs):
         b1 = inputs.get("b1")
@@ -373,6 +446,22 @@ class MonoExp(Model):
     def forward(self, p):
         s = p["S0"] * self._decay(p)
         return s + p["C"] if self.offset else s
+
+    def jacobian(self, p):
+        """Signal and closed-form derivatives (each ``(V, n_te)``).
+
+        ∂S/∂S0 = d with d the decay; ∂S/∂T2 = S0·d·TE/T2² for times, ∂S/∂R2 = −S0·d·TE/1000
+        for rates (1/s with TE in ms); ∂S/∂C = 1.
+        """
+        x = p[self._pname]
+        d = self._decay(p)
+        s = p["S0"] * d
+        ds = -s * self.te / 1000.0 if self._is_rate else s * self.te / (x * x)
+        grads = {"S0": d, self._pname: ds}
+        if self.offset:
+            grads["C"] = torch.ones_like(s)
+            s = s + p["C"]
+        return s, grads
 
     def initial_guess(self, data, inputs):
         # weighted log-linear fit (weights S², which undoes the log's noise amplification)
