@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .._shapes import broadcast_shapes
+
 
 def toeplitz_kernel(psf: torch.Tensor, im_size: Sequence[int]) -> torch.Tensor:
     """Real FFT kernel ``K̂`` of shape ``(..., *2N)`` from a PSF image ``(..., *2N)``.
@@ -57,7 +59,7 @@ def toeplitz_apply(x: torch.Tensor, kernel: torch.Tensor, im_size: Sequence[int]
     nd = len(im_size)
     dims = tuple(range(x.ndim - nd, x.ndim))
     y = torch.fft.fftn(x, s=tuple(2 * n for n in im_size), dim=dims)
-    if torch.broadcast_shapes(y.shape, kernel.shape) == y.shape:
+    if broadcast_shapes(y.shape, kernel.shape) == tuple(y.shape):
         y.mul_(kernel)
     else:
         y = y * kernel

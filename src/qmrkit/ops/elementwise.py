@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .._device import as_tensor
+from .._shapes import broadcast_shapes
 from ..errors import ShapeError
 from ._util import TensorCache
 from .base import LinearOperator
@@ -27,8 +28,8 @@ class Diagonal(LinearOperator):
         w = as_tensor(weights, name="weights")
         shape = tuple(w.shape) if shape is None else tuple(int(s) for s in shape)
         try:
-            ok = torch.broadcast_shapes(tuple(w.shape), shape) == shape
-        except RuntimeError:
+            ok = broadcast_shapes(tuple(w.shape), shape) == shape
+        except ValueError:
             ok = False
         if not ok:
             raise ShapeError(

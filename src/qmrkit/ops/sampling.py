@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .._device import as_tensor
+from .._shapes import broadcast_shapes
 from ..errors import DTypeError, ParameterError, ShapeError
 from ._util import TensorCache
 from .base import LinearOperator
@@ -58,12 +59,12 @@ class Mask(LinearOperator):
                 f"data shape {shape}"
             )
         try:
-            torch.broadcast_shapes(tuple(m.shape), shape)
-        except RuntimeError as exc:
+            broadcast_shapes(tuple(m.shape), shape)
+        except ValueError as exc:
             raise ShapeError(
                 f"Mask: mask of shape {tuple(m.shape)} does not broadcast to the data shape {shape}"
             ) from exc
-        if torch.broadcast_shapes(tuple(m.shape), shape) != shape:
+        if broadcast_shapes(tuple(m.shape), shape) != tuple(shape):
             raise ShapeError(
                 f"Mask: mask of shape {tuple(m.shape)} does not broadcast to the data shape {shape}"
             )

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .._device import as_tensor, resolve_device
+from .._shapes import broadcast_shapes
 from ..errors import DTypeError, ParameterError, ShapeError
 from ..ops import FFT, LinearOperator, Mask, Sense
 
@@ -95,8 +96,8 @@ def cartesian_operator(
             raise DTypeError(f"mask must be boolean or 0/1, got {m.dtype}")
         m = m != 0
         try:
-            torch.broadcast_shapes(tuple(m.shape), spatial)
-        except RuntimeError:
+            broadcast_shapes(tuple(m.shape), spatial)
+        except ValueError:
             raise ShapeError(
                 f"mask of shape {tuple(m.shape)} does not broadcast to the image shape {spatial}"
             ) from None

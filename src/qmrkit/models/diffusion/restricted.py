@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..._shapes import broadcast_shapes
 from ...errors import ParameterError, ShapeError
 
 #: κ in α_m²R² − κ: 1 for the cylinder (Van Gelderen), 2 for the sphere (Murday–Cotts)
@@ -465,12 +466,12 @@ def gpa_deff(
         geometry, r_max, d_min, float(sd1.min()), float((sd1 + bd1).min()), int(n_roots)
     )
     try:
-        shape = torch.broadcast_shapes(r.shape, d0.shape)
+        shape = broadcast_shapes(r.shape, d0.shape)
         if scalar_timing:
             shape = (*shape, 1)
         else:  # the timings run along the last axis, numpy-style
-            shape = torch.broadcast_shapes(shape, sd1.shape)
-    except RuntimeError:
+            shape = broadcast_shapes(shape, sd1.shape)
+    except ValueError:
         raise ShapeError(
             f"radius {tuple(r.shape)}, diffusivity {tuple(d0.shape)} and the {sd1.size} "
             "timings (last axis) do not broadcast; give radius as (V, 1) for (V, S) output"
