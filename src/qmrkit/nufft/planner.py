@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -176,7 +177,15 @@ def choose_for_sigma(
     """Narrowest kernel reaching ``eps`` at oversampling ``sigma``, its estimate and its grid.
 
     The grid depends on W (it is at least 2W cells), so each width is judged on its own grid.
+    Memoised: every method and every plan of the same size and ε asks the same question.
     """
+    return _choose_for_sigma(float(eps), float(sigma), tuple(int(n) for n in im_size))
+
+
+@lru_cache(maxsize=1024)
+def _choose_for_sigma(
+    eps: float, sigma: float, im_size: tuple[int, ...]
+) -> tuple[Kernel, float, tuple[int, ...]]:
     w = max(2, width_rule(eps, sigma) - 1)
     while True:
         grid = tuple(grid_size(n, sigma, w) for n in im_size)
