@@ -103,9 +103,19 @@ def kernel_ft(kernel: Kernel, freq: np.ndarray, grid: int) -> np.ndarray:
 
 
 def deapodization(n: int, grid: int, kernel: Kernel) -> np.ndarray:
-    """Kernel transform at the centred image indices ``r = i − n//2`` (length ``n``), float64."""
+    """Kernel transform at the centred image indices ``r = i − n//2`` (length ``n``), float64.
+
+    Memoised (read-only result): every plan of a size needs it, at ~1/3 of a warm plan's time.
+    """
+    return _deapodization(int(n), int(grid), kernel)
+
+
+@lru_cache(maxsize=1024)
+def _deapodization(n: int, grid: int, kernel: Kernel) -> np.ndarray:
     r = np.arange(n, dtype=np.float64) - n // 2
-    return kernel_ft(kernel, r, grid)
+    out = kernel_ft(kernel, r, grid)
+    out.flags.writeable = False
+    return out
 
 
 @lru_cache(maxsize=4096)
