@@ -7,7 +7,7 @@ VPY    := $(VENV)/bin/python
 PIP    := $(VPY) -m pip install --quiet --disable-pip-version-check
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test test-fast bench lint venv install install-test clean
+.PHONY: demo test test-fast bench lint venv install install-test clean gpu-wheels gpu-check
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,18 @@ bench: $(VENV)/.installed-test
 	@for b in fit_relaxometry mcmc mrf serve recon mel optim_ops; do \
 		echo "== benchmarks/$$b.py"; $(VPY) benchmarks/$$b.py || exit 1; done
 	$(VPY) benchmarks/nufft.py --quick
+
+## gpu-wheels: download (here, with network) the wheels the lent GPU machine's python3 lacks into
+## .gpu-wheels/ (git-ignored, carried to the run; measured and kept under 48 MiB). See docs/gpu.md.
+gpu-wheels:
+	$(PYTHON) benchmarks/gpu_wheels.py
+
+## gpu-check: CUDA tests + a short GPU version of each benchmark in ≤ 8 min, results in
+## benchmarks/results/gpu-check.json; on a machine without CUDA, CPU mode (GPU parts skipped with
+## the reason). Uses GPU_PYTHON (default: the plain python3 that holds the CUDA torch), not .venv.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=src $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests benchmarks

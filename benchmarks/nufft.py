@@ -39,6 +39,13 @@ def _parse() -> argparse.Namespace:
     p.add_argument(
         "--markdown", default=None, metavar="JSON", help="print a markdown table of a results file"
     )
+    p.add_argument(
+        "--planning",
+        action="store_true",
+        help="plan-construction times (fresh processes) and the normal-operator choice on radial\n"
+        "multi-coil CG-SENSE, measured; writes results/nufft-planning.json",
+    )
+    p.add_argument("--plan-worker", nargs=2, metavar=("CASE", "EPS"), help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -418,6 +425,121 @@ def main():
     print(f"\nwritten {out}")
 
 
+# -- planning: plan construction and the normal-operator choice ----------------------------------
+def plan_worker(key: str, eps: float) -> None:
+    """In a fresh process: heuristic plan time (cold, then warm), first transforms, FINUFFT's."""
+    case = make_case(key, quick=False)
+    traj, im, coils = case["traj"], case["im_size"], case["coils"]
+    out: dict = {"case": case["name"], "eps": eps}
+    t0 = time.perf_counter()
+    op = nufft.plan(traj, im, eps=eps, batch=coils)
+    out["plan_cold_s"] = time.perf_counter() - t0  # first plan of the process
+    t0 = time.perf_counter()
+    op = nufft.plan(traj, im, eps=eps, batch=coils)
+    out["plan_warm_s"] = time.perf_counter() - t0
+    out["choice"] = (
+        f"{op.info.backend}/{op.info.method}/σ={op.info.oversampling:g}/{op.info.normal}"
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((coils, *im), generator=g, dtype=torch.complex64)
+    pairs = []
+    for _ in range(3):  # the sparse matrices of a "sparse" plan are built at the third transform
+        t0 = time.perf_counter()
+        y = op(x)
+        op.H(y)
+        pairs.append(time.perf_counter() - t0)
+    out["first_pair_s"], out["second_pair_s"], out["third_pair_s"] = pairs
+    try:
+        t0 = time.perf_counter()
+        finufft_plans(traj, im, eps, coils)
+        out["finufft_plan_setpts_s"] = time.perf_counter() - t0
+    except ImportError:
+        out["finufft_plan_setpts_s"] = None
+    print("RESULT " + json.dumps(out))
+
+
+def normal_choice_rows() -> list[dict]:
+    """8-coil radial CG-SENSE (30 iterations) with normal direct, Toeplitz and the planner's."""
+    from qmrkit import recon
+    from qmrkit.sim import coil_maps, shepp_logan
+
+    rows = []
+    n, nc = 256, 8
+    x = torch.tensor(shepp_logan((n, n))["image"], dtype=torch.complex64)
+    maps = coil_maps(nc, (n, n))
+    for spokes in (100, 402):
+        traj = nufft.golden_angle_radial(spokes, 2 * n).to(torch.float32)
+        y = nufft.plan(traj, (n, n), eps=1e-6)(maps * x)
+        row = {"case": f"2D {n}² radial {spokes}×{2 * n}, {nc} coils, CG 30 it, ε=1e-3"}
+        res = {}
+        for normal in ("auto", "direct", "toeplitz"):
+
+            def solve(normal=normal, y=y, traj=traj, res=res):
+                res[normal] = recon.sense(y, maps, traj=traj, max_iter=30, tol=0, normal=normal)
+
+            t = best_time(solve, ARGS.reps - 1)
+            row[f"{normal}_s"] = t
+        row["auto_picked"] = res["auto"].settings["nufft_normal"]
+        row["auto_backend"] = res["auto"].settings["nufft"]
+        row["faster"] = "toeplitz" if row["toeplitz_s"] < row["direct_s"] else "direct"
+        row["toeplitz_speedup"] = row["direct_s"] / row["toeplitz_s"]
+        a, b = res["direct"].image, res["toeplitz"].image
+        row["rel_diff_toeplitz_direct"] = float((a - b).norm() / b.norm())
+        print(
+            f"  {row['case']}: direct {row['direct_s']:.2f} s, Toeplitz {row['toeplitz_s']:.2f} s "
+            f"(×{row['toeplitz_speedup']:.2f}), auto {row['auto_s']:.2f} s picked "
+            f"{row['auto_picked']}"
+        )
+        rows.append(row)
+    return rows
+
+
+def planning() -> None:
+    import subprocess
+
+    plans = []
+    for key in ("2d", "3d1"):
+        for eps in (1e-3, 1e-6):
+            env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+            r = subprocess.run(
+                [sys.executable, __file__, "--threads", str(ARGS.threads)]
+                + ["--plan-worker", key, str(eps)],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            line = [v for v in r.stdout.splitlines() if v.startswith("RESULT ")]
+            if not line:
+                raise RuntimeError(f"plan worker {key} {eps} failed: {r.stderr[-2000:]}")
+            d = json.loads(line[0][7:])
+            print(
+                f"  {d['case']} ε={eps:g}: plan {1e3 * d['plan_cold_s']:.0f} ms cold / "
+                f"{1e3 * d['plan_warm_s']:.0f} ms warm ({d['choice']}); fwd+adj 1st "
+                f"{d['first_pair_s']:.2f} s, 3rd {d['third_pair_s']:.2f} s; FINUFFT plan+setpts "
+                f"{1e3 * (d['finufft_plan_setpts_s'] or float('nan')):.0f} ms"
+            )
+            plans.append(d)
+    print("normal operator, measured:")
+    normal = normal_choice_rows()
+    out = Path(ARGS.out) if ARGS.out else ROOT / "benchmarks" / "results" / "nufft-planning.json"
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "platform": platform.platform(),
+                    "threads": ARGS.threads,
+                    "torch": torch.__version__,
+                    "load_avg": os.getloadavg(),
+                },
+                "plans": plans,
+                "normal": normal,
+            },
+            indent=2,
+        )
+    )
+    print(f"written {out}")
+
+
 def markdown(path: str) -> str:
     """Markdown tables (timings, then ratios) of a results JSON written by this script."""
     data = json.loads(Path(path).read_text())
@@ -466,5 +588,9 @@ def markdown(path: str) -> str:
 if __name__ == "__main__":
     if ARGS.markdown:
         print(markdown(ARGS.markdown))
+    elif ARGS.plan_worker:
+        plan_worker(ARGS.plan_worker[0], float(ARGS.plan_worker[1]))
+    elif ARGS.planning:
+        planning()
     else:
         main()

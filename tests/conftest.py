@@ -16,7 +16,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def _is_cuda(value) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    return isinstance(value, str) and value.split(":")[0] == "cuda"
+
+
 def pytest_collection_modifyitems(config, items):
+    # Every test parametrised with a CUDA device carries the `gpu` mark, whichever conftest's
+    # device list it came from, so `pytest -m gpu` (benchmarks/gpu_check.py) selects all of them.
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and any(_is_cuda(v) for v in callspec.params.values()):
+            item.add_marker(pytest.mark.gpu)
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="no CUDA device on this machine")
         for item in items:

@@ -65,6 +65,12 @@ class NativeEngine:
         into bins spread/interpolated with dense batched products (:mod:`.binned`).
     chunk_bytes : int
         Temporary memory bound of one interpolation chunk (gather method).
+    accumulate_double : bool
+        Spread (sum) in float64 for complex64 data.
+    defer : bool
+        Compute the interpolation data at the first transform instead of here.
+    expected_bytes : int
+        What :meth:`memory_bytes` reports before a deferred set-up (the planner's estimate).
     """
 
     backend = "torch"
@@ -79,6 +85,8 @@ class NativeEngine:
         method: str = "gather",
         chunk_bytes: int = CHUNK_BYTES,
         accumulate_double: bool = False,
+        defer: bool = False,
+        expected_bytes: int = 0,
     ):
         self.im_size = tuple(int(n) for n in im_size)
         self.grid = tuple(int(g) for g in grid)
@@ -93,7 +101,6 @@ class NativeEngine:
         # complex64 plans asking for ε < 1e-5 spread (sum) in float64: float32 sums of many
         # cancelling contributions (radial centres) floored the adjoint at ~1.5e-6
         self.acc = torch.float64 if accumulate_double else self.real
-        w = kernel.width
         # deapodisation (1/ψ̂ per axis, outer product), float64 then cast
         scale = None
         for ax, (n, g) in enumerate(zip(self.im_size, self.grid, strict=True)):
@@ -103,11 +110,27 @@ class NativeEngine:
             v = v.reshape(shape)
             scale = v if scale is None else scale * v
         self.deapod = torch.as_tensor(scale, dtype=self.real, device=self.device).contiguous()
+        self.idx: list[torch.Tensor] = []
+        self.wts: list[torch.Tensor] = []
+        self.csr = self.csr_t = None
+        self.binned: BinnedGridder | None = None
+        # with ``defer`` the interpolation data (per-axis weights, the sparse matrices, the bins)
+        # are computed at the first transform, not here: a plan is then built in milliseconds
+        # (like FINUFFT's plan before its setpts), and one never applied costs nothing
+        self._traj: torch.Tensor | None = traj
+        self._expected_bytes = expected_bytes
+        if not defer:
+            self._setup()
+
+    def _setup(self) -> None:
+        """Per-axis indices and weights, then the method's precomputed data (once)."""
+        traj, self._traj = self._traj, None
+        if traj is None:
+            return
+        kernel, method, w = self.kernel, self.method, self.kernel.width
         # per-axis base indices and weights, computed in float64 for accuracy
         t = torch.arange(w, device=self.device, dtype=torch.float64)
         strides = [int(np.prod(self.grid[ax + 1 :])) for ax in range(self.ndim)]
-        self.idx: list[torch.Tensor] = []
-        self.wts: list[torch.Tensor] = []
         first: list[torch.Tensor] = []
         wts64: list[torch.Tensor] = []
         k64 = traj.to(torch.float64)
@@ -124,8 +147,6 @@ class NativeEngine:
             ii = torch.remainder(pos.to(torch.int64), g) * strides[ax]
             self.idx.append(ii)
             self.wts.append(wt.to(self.real))
-        self.csr = self.csr_t = None
-        self.binned: BinnedGridder | None = None
         if method == "sparse":
             self._build_sparse()
         elif method == "binned":
@@ -191,7 +212,10 @@ class NativeEngine:
         self.idx, self.wts = [], []
 
     def memory_bytes(self) -> int:
-        """Bytes held by the precomputed interpolation data."""
+        """Bytes held by the precomputed interpolation data (the planner's estimate until a
+        deferred engine's first transform computes it)."""
+        if self._traj is not None:
+            return int(self._expected_bytes)
         if self.binned is not None:
             return self.binned.memory_bytes()
         if self.csr is not None:
@@ -273,6 +297,8 @@ class NativeEngine:
     # -- transforms ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch ``(B, *N)`` -> samples ``(B, M)``."""
+        if self._traj is not None:
+            self._setup()
         b = x.shape[0]
         g = pad_to_grid(x * self.deapod, self.grid)  # (*G, B)
         dims = tuple(range(self.ndim))
@@ -284,6 +310,8 @@ class NativeEngine:
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """Samples ``(B, M)`` -> image batch ``(B, *N)``."""
+        if self._traj is not None:
+            self._setup()
         b = y.shape[0]
         yr = torch.view_as_real(y.transpose(0, 1).contiguous()).reshape(self.n_samples, 2 * b)
         gr = self.spread(yr)

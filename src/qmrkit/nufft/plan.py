@@ -292,6 +292,7 @@ def _engine(
     eps: float,
     dtype: torch.dtype,
     fftw: str = "estimate",
+    defer: bool = False,
 ):
     if c.backend == "torch":
         return NativeEngine(
@@ -302,6 +303,8 @@ def _engine(
             dtype,
             c.method,
             accumulate_double=dtype == torch.complex64 and eps < 1e-5,
+            defer=defer,
+            expected_bytes=c.memory,
         )
     if c.backend == "finufft":
         return FinufftEngine(
@@ -606,13 +609,19 @@ def plan(
             )
     assert chosen is not None and normal_choice is not None
 
-    engines = [_engine(chosen, tr, size, eps, dtype) for tr in trajs]
+    # the plan's costly parts wait for their first use (a heuristic plan is built in
+    # milliseconds): the interpolation data (weights, sparse matrices, bins) for the first
+    # transform (see NativeEngine), the Toeplitz kernel (an adjoint NUFFT on the 2N grid and an
+    # FFT) for the first normal application
+    engines = [_engine(chosen, tr, size, eps, dtype, defer=True) for tr in trajs]
     toep = None
     if normal_choice == "toeplitz":
-        psf = _psf(chosen.backend, trajs, size, eps, torch.complex128)
-        toep = ToeplitzNormal(
-            psf.reshape(*traj_batch, *psf.shape[1:]) if traj_batch else psf[0], size, dtype
-        )
+
+        def psf_fn(backend=chosen.backend, trajs=trajs):
+            psf = _psf(backend, trajs, size, eps, torch.complex128)
+            return psf.reshape(*traj_batch, *psf.shape[1:]) if traj_batch else psf[0]
+
+        toep = ToeplitzNormal(psf_fn, size, dtype, batch_shape=traj_batch)
     mem = sum(e.memory_bytes() for e in engines) + (toep.memory_bytes() if toep else 0)
     info = NufftInfo(
         backend=chosen.backend,

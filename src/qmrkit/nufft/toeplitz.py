@@ -74,20 +74,47 @@ class ToeplitzNormal:
 
     Parameters
     ----------
-    psf : Tensor
-        Adjoint NUFFT of unit samples on the doubled image size, ``(..., *2N)`` (complex128).
+    psf : Tensor or callable
+        Adjoint NUFFT of unit samples on the doubled image size, ``(..., *2N)`` (complex128), or
+        a function returning it: then the kernel is built at the first application (plans stay
+        cheap to build, and a plan whose normal operator is never used never pays for it).
     im_size : tuple of int
         Image size N.
     dtype : torch.dtype, optional
         Complex dtype of the data; the real kernel is stored in the matching real precision.
+    batch_shape : tuple of int
+        Leading (per-trajectory) dimensions of the PSF; used for :meth:`memory_bytes` before a
+        deferred kernel is built.
     """
 
-    def __init__(self, psf: torch.Tensor, im_size: Sequence[int], dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        psf: torch.Tensor | Callable[[], torch.Tensor],
+        im_size: Sequence[int],
+        dtype: torch.dtype | None = None,
+        batch_shape: Sequence[int] = (),
+    ):
         self.im_size = tuple(int(n) for n in im_size)
+        self.dtype = dtype
+        self.batch_shape = tuple(int(b) for b in batch_shape)
+        self._kernel: torch.Tensor | None = None
+        self._psf_fn = psf if callable(psf) else None
+        if self._psf_fn is None:
+            self._kernel = self._make(psf)
+
+    def _make(self, psf: torch.Tensor) -> torch.Tensor:
         kernel = toeplitz_kernel(psf, self.im_size)
-        if dtype is not None:
-            kernel = kernel.to(torch.float32 if dtype == torch.complex64 else torch.float64)
-        self.kernel = kernel
+        if self.dtype is not None:
+            kernel = kernel.to(torch.float32 if self.dtype == torch.complex64 else torch.float64)
+        return kernel
+
+    @property
+    def kernel(self) -> torch.Tensor:
+        """The real FFT kernel ``(..., *2N)`` (built on first access when deferred)."""
+        if self._kernel is None:
+            self._kernel = self._make(self._psf_fn())
+            self._psf_fn = None
+        return self._kernel
 
     @classmethod
     def build(
@@ -96,7 +123,14 @@ class ToeplitzNormal:
         return cls(adjoint_2n(), im_size)
 
     def memory_bytes(self) -> int:
-        return self.kernel.numel() * self.kernel.element_size()
+        """Bytes of the kernel (the size it will have, when not built yet)."""
+        if self._kernel is not None:
+            return self._kernel.numel() * self._kernel.element_size()
+        size = 4 if self.dtype == torch.complex64 else 8
+        n = 1
+        for v in (*self.batch_shape, *(2 * m for m in self.im_size)):
+            n *= v
+        return n * size
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return toeplitz_apply(x, self.kernel, self.im_size)

@@ -12,6 +12,7 @@ from .._device import as_tensor, resolve_device
 from .._shapes import broadcast_shapes
 from ..errors import DTypeError, ParameterError, ShapeError
 from ..ops import FFT, LinearOperator, Mask, Sense
+from ..ops._util import TensorCache
 
 
 class Lift(LinearOperator):
@@ -40,6 +41,87 @@ class Lift(LinearOperator):
     def normal(self, x):
         self._check(x, self.ishape, "input")
         return self.op.normal(x)
+
+
+class CartesianSense(LinearOperator):
+    """``Mask · FFT · Sense`` fused: image ``(*batch, *spatial)`` -> k-space ``(C, *spatial)``.
+
+    The centred orthonormal FFT over even-sized axes is ``F z = s·c ⊙ fftn(c ⊙ z)`` with the
+    checkerboard ``c_i = (−1)^{Σ i}`` over the FFT axes and the sign ``s = Π (−1)^{n/2}`` (see
+    :class:`qmrkit.ops.FFT`). Folding ``c`` into the maps (``S' = c ⊙ S``) and ``s·c`` into the
+    mask (``w = s·c ⊙ M``) gives
+
+    * forward ``A x = w ⊙ fftn(S' ⊙ x)``,
+    * adjoint ``Aᴴ y = Σ_c conj(S'_c) ⊙ ifftn(w ⊙ y_c)``,
+    * normal ``AᴴA x = Σ_c conj(S'_c) ⊙ ifftn(M ⊙ fftn(S'_c ⊙ x))`` (``c² = 1``, ``s² = 1``),
+
+    the same operator as the composition with three element-wise passes over the coil images
+    per normal application instead of seven (they were half of a 3D CG-SENSE iteration's time).
+    Built by :func:`cartesian_operator` and :func:`hybrid_readout` when every FFT axis is even.
+    """
+
+    def __init__(self, maps: torch.Tensor, mask: torch.Tensor, fft_axes: Sequence[int]):
+        n_c = int(maps.shape[0])
+        spatial = tuple(int(v) for v in maps.shape[1:])
+        super().__init__(spatial, (n_c, *spatial))
+        nd = len(spatial)
+        self.fft_axes = tuple(int(a) for a in fft_axes)  # negative, relative to the coil images
+        real = maps.real.dtype
+        c = torch.ones((1,) * nd, dtype=real, device=maps.device)
+        sign = 1.0
+        for a in self.fft_axes:
+            n = spatial[a]
+            shape = [1] * nd
+            shape[a] = n
+            alt = 1.0 - 2.0 * (torch.arange(n, device=maps.device) % 2).to(real)
+            c = c * alt.reshape(shape)
+            sign = -sign if (n // 2) % 2 else sign
+        m = mask.to(device=maps.device, dtype=real)
+        self.maps, self.mask = maps, mask
+        with torch.no_grad():
+            sm = maps * c
+            self._sm = TensorCache(sm)
+            self._smc = TensorCache(sm.conj().resolve_conj())
+            self._w = TensorCache(sign * c * m)
+            self._m = TensorCache(m)
+
+    @staticmethod
+    def applies(shape: Sequence[int], fft_axes: Sequence[int]) -> bool:
+        """True when every FFT axis of ``shape`` is even (the checkerboard identity holds)."""
+        return all(int(shape[a]) % 2 == 0 for a in fft_axes)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        nd = len(self.ishape)
+        z = x.unsqueeze(-nd - 1) * self._sm.like(x)
+        k = torch.fft.fftn(z, dim=self.fft_axes, norm="ortho")
+        return k.mul_(self._w.like(k))
+
+    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        nd = len(self.ishape)
+        z = torch.fft.ifftn(y * self._w.like(y), dim=self.fft_axes, norm="ortho")
+        return z.mul_(self._smc.like(z)).sum(dim=-nd - 1)
+
+    def _normal(self, x: torch.Tensor) -> torch.Tensor:
+        nd = len(self.ishape)
+        if not x.is_complex():
+            x = x.to(torch.complex128 if x.dtype == torch.float64 else torch.complex64)
+        z = x.unsqueeze(-nd - 1) * self._sm.like(x)
+        k = torch.fft.fftn(z, dim=self.fft_axes, norm="ortho")
+        k.mul_(self._m.like(k))
+        z = torch.fft.ifftn(k, dim=self.fft_axes, norm="ortho")
+        return z.mul_(self._smc.like(z)).sum(dim=-nd - 1)
+
+    def normal(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x, self.ishape, "input")
+        if torch.is_grad_enabled() and x.requires_grad:
+            # in-place products on tensors autograd saved: take the out-of-place route
+            return self.adjoint(self.forward(x))
+        return self._normal(x)
+
+    def __repr__(self) -> str:
+        return (
+            f"CartesianSense(coils={self.oshape[0]}, image={self.ishape}, fft_axes={self.fft_axes})"
+        )
 
 
 def to_complex(x: Any, name: str, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -109,7 +191,10 @@ def cartesian_operator(
             )
     if not bool(m.any()):
         raise ParameterError("the mask samples nothing (all entries are False/0)")
-    op = Mask(m, shape=shape) @ FFT(shape, axes=tuple(range(-n_sp, 0))) @ Sense(maps)
+    axes = tuple(range(-n_sp, 0))
+    if CartesianSense.applies(spatial, axes) and maps.ndim == n_sp + 1:
+        return CartesianSense(maps, m, axes), m
+    op = Mask(m, shape=shape) @ FFT(shape, axes=axes) @ Sense(maps)
     return op, m
 
 
@@ -149,6 +234,8 @@ def hybrid_readout(
     else:
         fft_axes = tuple(range(-n_sp, -1))
     shape = (int(maps.shape[0]), *spatial)
+    if CartesianSense.applies(spatial, fft_axes):
+        return CartesianSense(maps, m_pe, fft_axes), yh, maps
     op = Mask(m_pe, shape=shape) @ FFT(shape, axes=fft_axes) @ Sense(maps)
     return op, yh, maps
 
