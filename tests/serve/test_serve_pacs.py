@@ -1,0 +1,234 @@
+"""`qmrkit serve --send-to`: every finished map series goes to a real PACS (Orthanc, started on
+free loopback ports as in tests/io/test_pacs.py) in the background; a PACS that is down or
+silent never delays a reply, is retried a bounded number of times and is counted."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from qmrkit.errors import ParameterError
+from qmrkit.pipelines import fit_maps
+from qmrkit.serve import Server, exchange
+from qmrkit.serve.mrd_images import image_to_array
+from qmrkit.sim import MOLLI_TI, molli_series
+
+from ..orthanc import free_port, running_orthanc, stored_instances
+from .helpers import BackgroundServer, header_xml, series_images
+
+pytest.importorskip("pynetdicom", reason="C-STORE needs the 'dicom' extra (pynetdicom)")
+pytest.importorskip("highdicom", reason="Parametric Maps need the 'dicom' extra (highdicom)")
+
+AET = "QMRKITSERVE"
+UNITS = {"T1map": "ms", "T1starmap": "ms", "Amap": "[arb'U]", "Bmap": "[arb'U]"}
+# an oblique slice (LPS directions, as MRD images carry them), FOV 240 x 200 mm, 6 mm thick
+READ = np.array([np.cos(0.3), np.sin(0.3), 0.0])
+PHASE = np.array([-np.sin(0.3) * np.cos(0.2), np.cos(0.3) * np.cos(0.2), np.sin(0.2)])
+POSITION = np.array([3.0, -4.0, 12.5])
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    with running_orthanc(tmp_path_factory.mktemp("orthanc"), AET) as o:
+        yield o
+
+
+def _molli(seed=0, shape=(12, 10)):
+    t1 = np.random.default_rng(seed).uniform(500, 1800, shape)
+    series, _ = molli_series(t1, 1000.0, MOLLI_TI, snr=80, seed=seed)
+    series[:2, :3] = 0.0  # background, so that the auto mask leaves voxels out (NaN -> 0)
+    return series.astype(np.float32)
+
+
+def _images(series):
+    images = series_images(series)
+    for im in images:
+        im.field_of_view[:] = [240.0, 200.0, 6.0]
+        im.position[:] = POSITION.tolist()
+        im.read_dir[:] = READ.tolist()
+        im.phase_dir[:] = PHASE.tolist()
+        im.slice_dir[:] = np.cross(READ, PHASE).tolist()
+    return images
+
+
+def _maps(reply):
+    out = {}
+    for im in reply.images:
+        name = im.meta["SeriesDescription"]
+        out[(name[0] if isinstance(name, list) else name).removeprefix("qmrkit_")] = image_to_array(
+            im
+        )
+    return out
+
+
+def _metric(server, result):
+    return server.metrics.pacs_sends.labels(result)._value.get()
+
+
+def _wait(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_fit_session_maps_reach_orthanc_equal_to_reply_and_fit_maps(orthanc):
+    series = _molli()
+    with BackgroundServer(send_to=orthanc["pacs"], calling_aet="QMRKIT-CI") as srv:
+        reply = asyncio.run(
+            exchange(
+                "127.0.0.1",
+                srv.port,
+                config="fit:molli",
+                header_xml=header_xml(ti=MOLLI_TI, patient="PAT-PACS-1"),
+                images=_images(series),
+            )
+        )
+        server = srv.server
+    # leaving the block drained the server: queued sends are finished within the grace period
+    assert not reply.errors, reply.texts
+    assert any(f"maps queued for PACS {AET}" in t for t in reply.texts), reply.texts
+    assert server.pacs.counts == {"sent": 1, "failed": 0, "dropped": 0, "abandoned": 0}
+    assert _metric(server, "sent") == 1 and _metric(server, "failed") == 0
+    text = server.metrics.exposition().decode()
+    assert 'qmrkit_pacs_sends_total{result="sent"} 1.0' in text
+    replied = _maps(reply)
+    ref = fit_maps(series, "molli", {"ti": list(MOLLI_TI)}, mask="auto")
+    stems = ref.map_names
+    assert set(replied) == set(UNITS) == {stems[k] for k in ref.maps}
+    stored = stored_instances(orthanc["url"])
+    assert len(stored) == 8  # 4 maps x (Parametric Map + MR)
+    every = [ds for v in stored.values() for ds in v]
+    # one study and one frame of reference for all maps; the header's "FOR-1" is not a UID,
+    # so a valid UID derived from it stands in
+    assert len({ds.StudyInstanceUID for ds in every}) == 1
+    (frame,) = {ds.FrameOfReferenceUID for ds in every}
+    assert re.fullmatch(r"[0-9]+(\.[0-9]+)+", frame) and len(frame) <= 64
+    for key, m in ref.maps.items():
+        name, unit = stems[key], UNITS[stems[key]]
+        truth = replied[name].T  # NIfTI (x, y) -> DICOM (rows = y, cols = x)
+        (pm,) = stored[f"{name} [{unit}] qmrkit PMAP"]
+        assert pm.PatientID == "PAT-PACS-1"
+        rwv = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+        assert rwv.MeasurementUnitsCodeSequence[0].CodeValue == unit
+        values = pm.pixel_array * float(rwv.RealWorldValueSlope) + float(
+            rwv.RealWorldValueIntercept
+        )
+        # exactly the float32 map the client received, and fit_maps' map in-process
+        np.testing.assert_array_equal(values.astype(np.float32), truth)
+        np.testing.assert_allclose(values, np.nan_to_num(m.numpy()).T, rtol=1e-6, atol=1e-6)
+        assert np.isnan(m.numpy()).sum() >= 6 and (values == 0).sum() >= 6  # masked voxels
+        (mr,) = stored[f"{name} [{unit}] qmrkit MR"]
+        slope = float(mr.RescaleSlope)
+        err = np.abs(mr.pixel_array * slope + float(mr.RescaleIntercept) - truth).max()
+        assert err <= slope / 2 * (1 + 1e-6)
+        # geometry: DICOM orientation is LPS like MRD; the first voxel lies half the FOV back
+        # from the image's centre position (centre voxel index n // 2, as qmrkit places it)
+        np.testing.assert_allclose(
+            [float(v) for v in mr.ImageOrientationPatient], [*READ, *PHASE], atol=1e-6
+        )
+        np.testing.assert_allclose([float(v) for v in mr.PixelSpacing], [20.0, 20.0], atol=1e-6)
+        corner = POSITION - READ * 20.0 * 6 - PHASE * 20.0 * 5
+        np.testing.assert_allclose([float(v) for v in mr.ImagePositionPatient], corner, atol=1e-4)
+
+
+class _SilentPacs:
+    """A TCP port that accepts connections and never answers (a hung PACS)."""
+
+    def __enter__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        return f"pacs://HUNG@127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+def test_down_pacs_never_delays_a_reply_and_is_counted():
+    series = _molli(seed=1)
+    closed = f"pacs://DOWN@127.0.0.1:{free_port()}"
+    options = {"retries": 2, "backoff_s": 0.2, "timeout_s": 5}
+    with BackgroundServer(send_to=closed, pacs_options=options) as srv:
+        reply = asyncio.run(
+            exchange(
+                "127.0.0.1",
+                srv.port,
+                config="fit:molli",
+                header_xml=header_xml(ti=MOLLI_TI),
+                images=_images(series),
+            )
+        )
+        assert not reply.errors and any("maps queued for PACS DOWN" in t for t in reply.texts)
+        ref = fit_maps(series, "molli", {"ti": list(MOLLI_TI)}, mask="auto")
+        np.testing.assert_allclose(
+            _maps(reply)["T1map"], np.nan_to_num(ref.maps["T1"].numpy()), rtol=1e-6, atol=1e-6
+        )
+        server = srv.server
+        assert _wait(lambda: _metric(server, "failed") == 1), server.pacs.counts
+        assert server.metrics.pacs_retries._value.get() == 2  # 3 attempts, bounded
+        assert server.pacs.pending == 0 and _metric(server, "sent") == 0
+        # the server serves on
+        r = asyncio.run(exchange("127.0.0.1", srv.port, config="null", header_xml=header_xml()))
+        assert "null pipeline" in r.texts[0]
+
+
+def test_hung_pacs_stalls_no_session_and_shutdown_keeps_its_grace():
+    series = _molli(seed=2, shape=(6, 5))
+    with _SilentPacs() as hung:
+        options = {"retries": 5, "backoff_s": 0.1, "timeout_s": 3}
+        bg = BackgroundServer(send_to=hung, pacs_options=options)
+        with bg as srv:
+            server = srv.server
+            first = asyncio.run(
+                exchange(
+                    "127.0.0.1",
+                    srv.port,
+                    config="fit:molli",
+                    header_xml=header_xml(ti=MOLLI_TI),
+                    images=_images(series),
+                )
+            )
+            assert not first.errors and server.pacs.pending == 1  # waiting on the hung PACS
+            t0 = time.perf_counter()
+            other = asyncio.run(
+                exchange(
+                    "127.0.0.1",
+                    srv.port,
+                    config="fit:molli",
+                    header_xml=header_xml(ti=MOLLI_TI),
+                    images=_images(series),
+                )
+            )
+            took = time.perf_counter() - t0
+            assert not other.errors and len(other.images) == 4
+            assert took < 2.5, f"a session took {took:.2f} s while the PACS hung"  # < timeout_s
+            assert server.pacs.pending == 2
+            # shutdown: the grace period bounds the wait for the PACS, then the rest is given up
+            t0 = time.perf_counter()
+            asyncio.run_coroutine_threadsafe(server.drain(1.0), bg.loop).result(30)
+            waited = time.perf_counter() - t0
+            assert 0.9 < waited < 3.0, waited
+            assert _wait(lambda: server.pacs.pending == 0, 10), server.pacs.counts
+            assert server.pacs.counts["abandoned"] == 2 and server.pacs.counts["sent"] == 0
+            assert server.max_loop_lag < 0.5
+
+
+def test_bad_pacs_address_fails_at_start(capsys):
+    from qmrkit.cli import main
+
+    for bad in ("http://x", "pacs://host:4242", "pacs://A@h:99999"):
+        with pytest.raises(ParameterError, match="pacs://"):
+            Server(send_to=bad)
+    with pytest.raises(ParameterError, match="DICOM kind"):
+        Server(send_to="pacs://A@127.0.0.1:4242", dicom_kind="png")
+    assert main(["serve", "--port", "0", "--send-to", "pacs://host:4242"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "expected a PACS address pacs://AET@host:port" in err
