@@ -232,3 +232,86 @@ def test_bad_pacs_address_fails_at_start(capsys):
     assert main(["serve", "--port", "0", "--send-to", "pacs://host:4242"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "expected a PACS address pacs://AET@host:port" in err
+
+
+def _quantitative(value, series_index, affine_shift=0.0):
+    from qmrkit.serve.mrd_images import array_to_image
+
+    img = array_to_image(
+        np.full((4, 3), value, np.float32),
+        series_index=series_index,
+        meta={"DataRole": "Quantitative", "SeriesDescription": f"qmrkit_M{series_index}map"},
+    )
+    img.field_of_view[:] = [8.0, 6.0, 2.0]
+    img.position[:] = [affine_shift, 0.0, 0.0]
+    img.read_dir[:], img.phase_dir[:], img.slice_dir[:] = [1, 0, 0], [0, 1, 0], [0, 0, 1]
+    return img
+
+
+def test_maps_on_different_grids_still_share_one_study(tmp_path):
+    import pydicom
+
+    from qmrkit.serve.pacs_out import PacsJob, write_job
+
+    job = PacsJob(
+        header_xml(patient="PAT-2"),
+        [_quantitative(1.5, 1), _quantitative(2.5, 2, affine_shift=10.0)],
+        "test",
+    )
+    files = write_job(job, tmp_path, ("mr",))
+    sets = [pydicom.dcmread(f) for f in files]
+    assert len(sets) == 2 and {float(ds.ImagePositionPatient[0]) for ds in sets} == {-4.0, 6.0}
+    assert len({ds.StudyInstanceUID for ds in sets}) == 1
+    assert len({ds.FrameOfReferenceUID for ds in sets}) == 1
+    assert len({ds.SeriesInstanceUID for ds in sets}) == 2
+
+
+class _FakeReport:
+    def __init__(self, files):
+        self.sent, self.failed = list(files), {}
+
+
+def test_retries_back_off_and_a_full_queue_drops_at_once():
+    """The queue's own logic, with a stand-in for send_dicom that fails twice and records when
+    it was called (the real C-STORE is tested against Orthanc above)."""
+    import threading
+
+    from qmrkit.errors import ServiceError
+    from qmrkit.serve.metrics import Metrics
+    from qmrkit.serve.pacs_out import PacsForwarder
+
+    calls, gate = [], threading.Event()
+
+    def sender(files, address, *, calling_aet, timeout):
+        calls.append(time.monotonic())
+        gate.wait(10)  # hold the worker so that the queue fills
+        if len(calls) <= 2:
+            raise ServiceError("cannot reach the PACS (test)")
+        return _FakeReport(files)
+
+    metrics = Metrics()
+    fw = PacsForwarder(
+        "pacs://X@127.0.0.1:1",
+        dicom_kind="mr",
+        metrics=metrics,
+        max_queue=1,
+        retries=2,
+        backoff_s=0.2,
+        sender=sender,
+    )
+    fw.start()
+    outputs = [_quantitative(1.0, 1), "a text line"]
+    assert "maps queued for PACS X" in fw.submit(outputs, header_xml(), "t")
+    assert _wait(lambda: len(calls) == 1, 10)  # the worker holds job 1
+    assert "maps queued" in fw.submit(outputs, header_xml(), "t")  # job 2 waits in the queue
+    t0 = time.monotonic()
+    line = fw.submit(outputs, header_xml(), "t")  # job 3: queue full
+    assert time.monotonic() - t0 < 0.05 and line.startswith("maps NOT sent to PACS X")
+    assert fw.submit(["text only"], header_xml(), "t") is None  # nothing to send
+    gate.set()
+    assert fw.close(20) == 0
+    assert fw.counts == {"sent": 2, "failed": 0, "dropped": 1, "abandoned": 0}
+    assert metrics.pacs_retries._value.get() == 2
+    gaps = np.diff(calls[:3])
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4  # backoff 0.2 s, then doubled
+    assert metrics.pacs_queue._value.get() == 0

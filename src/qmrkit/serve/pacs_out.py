@@ -175,15 +175,21 @@ def write_job(job: PacsJob, directory: Path, kinds: Sequence[str]) -> list[Path]
     volumes = maps_from_images(job.images, header)
     if not volumes:
         return []
+    # maps of one session share one affine (that of the series or scan): one call, so that they
+    # share a new study when the header names none; otherwise one call per map, with the study
+    # and frame of reference pinned in the header first so that they still share them
+    same = all(np.allclose(v.affine, volumes[0].affine, atol=1e-6) for v in volumes)
+    groups = [volumes] if same else [[v] for v in volumes]
+    if len(groups) > 1 and header is not None:
+        _pin_uids(header)
     files: list[Path] = []
-    # one call per map: each map has its own affine (they normally agree)
     number = 9001
-    for v in volumes:
+    for group in groups:
         written = write_dicom_maps(
             directory,
-            {v.name: v.array},
-            units={v.name: v.unit},
-            affine=v.affine,
+            {v.name: v.array for v in group},
+            units={v.name: v.unit for v in group},
+            affine=group[0].affine,
             reference=header,
             kinds=kinds,
             derivation=job.derivation,
@@ -192,6 +198,21 @@ def write_job(job: PacsJob, directory: Path, kinds: Sequence[str]) -> list[Path]
         number += len(written)
         files += [f for s in written for f in s.files]
     return files
+
+
+def _pin_uids(header: Any) -> None:
+    """Give an MRD header a study instance UID (and a frame of reference UID where it has
+    measurement information) when it lacks them, so that several DICOM writes share them."""
+    import pydicom
+    from ismrmrd import xsd
+
+    if header.studyInformation is None:
+        header.studyInformation = xsd.studyInformationType()
+    if not header.studyInformation.studyInstanceUID:
+        header.studyInformation.studyInstanceUID = pydicom.uid.generate_uid()
+    meas = header.measurementInformation
+    if meas is not None and not meas.frameOfReferenceUID:
+        meas.frameOfReferenceUID = pydicom.uid.generate_uid()
 
 
 class PacsForwarder:
