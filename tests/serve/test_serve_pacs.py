@@ -315,3 +315,37 @@ def test_retries_back_off_and_a_full_queue_drops_at_once():
     gaps = np.diff(calls[:3])
     assert gaps[0] >= 0.2 and gaps[1] >= 0.4  # backoff 0.2 s, then doubled
     assert metrics.pacs_queue._value.get() == 0
+
+
+def test_2d_mrf_map_images_lie_where_qmrkit_mrf_puts_its_maps(tmp_path):
+    """The geometry the `mrf` pipeline gives its map images (2D, oblique) stacks back to the
+    affine of `read_mrd`, which `qmrkit mrf` writes its NIfTI and DICOM maps with."""
+    from ismrmrd.xsd import CreateFromDocument
+
+    from qmrkit import sim
+    from qmrkit.io.geometry import ScanGeometry
+    from qmrkit.io.mrd import read_mrd, write_mrd
+    from qmrkit.mrf import fisp_schedule
+    from qmrkit.serve.client import read_mrd_file
+    from qmrkit.serve.handlers import _mrf_plane_geometry, _scan_from_session
+    from qmrkit.serve.mrd_images import array_to_image
+    from qmrkit.serve.pacs_out import maps_from_images
+    from qmrkit.serve.session import Session
+
+    # a short schedule: only the geometry matters here
+    scan = sim.mrf_scan((24, 24), n_coils=1, schedule=fisp_schedule(40, seed=1), seed=1)
+    c, s = np.cos(0.5), np.sin(0.5)
+    scan.geometry = ScanGeometry((-3.0, 8.0, 41.0), (c, 0.0, s), (0.0, 1.0, 0.0), (-s, 0.0, c))
+    path = write_mrd(tmp_path / "mrf.h5", scan)
+    header, acqs, _ = read_mrd_file(path)
+    session = Session(config="mrf", header_xml=header, acquisitions=acqs)
+    session.header = CreateFromDocument(header.encode())
+    at = _mrf_plane_geometry(session, _scan_from_session(session))
+    img = array_to_image(
+        np.ones((24, 24), np.float32),
+        series_index=1,
+        meta={"DataRole": "Quantitative", "SeriesDescription": "qmrkit_T1map", "Units": "ms"},
+        geometry=at(0),
+    )
+    (vol,) = maps_from_images([img])
+    np.testing.assert_allclose(vol.affine, read_mrd(path).affine, atol=1e-4)
