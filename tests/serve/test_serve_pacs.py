@@ -349,3 +349,32 @@ def test_2d_mrf_map_images_lie_where_qmrkit_mrf_puts_its_maps(tmp_path):
     )
     (vol,) = maps_from_images([img])
     np.testing.assert_allclose(vol.affine, read_mrd(path).affine, atol=1e-4)
+
+
+def test_isolated_pipelines_forward_their_maps_too(orthanc):
+    """With --isolate the maps come back from a worker process (pickled); they are forwarded
+    the same way."""
+    series = _molli(seed=4, shape=(5, 4))
+
+    def iso(stored):  # this test's instances (the module's Orthanc holds others too)
+        return {k: [ds for ds in v if ds.PatientID == "PAT-ISO"] for k, v in stored.items()}
+
+    with BackgroundServer(send_to=orthanc["pacs"], dicom_kind="pmap", isolate=True) as srv:
+        reply = asyncio.run(
+            exchange(
+                "127.0.0.1",
+                srv.port,
+                config="fit:molli",
+                header_xml=header_xml(ti=MOLLI_TI, patient="PAT-ISO"),
+                images=_images(series),
+            )
+        )
+        server = srv.server
+    assert not reply.errors and any("DICOM pmap)" in t for t in reply.texts), reply.texts
+    assert server.pacs.counts["sent"] == 1
+    stored = {k: v for k, v in iso(stored_instances(orthanc["url"])).items() if v}
+    assert sorted(stored) == sorted(f"{n} [{u}] qmrkit PMAP" for n, u in UNITS.items())
+    (pm,) = stored["T1map [ms] qmrkit PMAP"]
+    rwv = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    values = pm.pixel_array * float(rwv.RealWorldValueSlope) + float(rwv.RealWorldValueIntercept)
+    np.testing.assert_array_equal(values.astype(np.float32), _maps(reply)["T1map"].T)
