@@ -378,7 +378,8 @@ class PacsForwarder:
 
     # -- worker side ------------------------------------------------------------------------------
     def _count(self, result: str) -> None:
-        self.counts[result] += 1
+        with self._cond:  # workers and the event loop thread both count
+            self.counts[result] += 1
         if self.metrics is not None:
             self.metrics.pacs_sends.labels(result).inc()
 
