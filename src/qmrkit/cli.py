@@ -464,6 +464,34 @@ def _add_serve_parser(sub: Any) -> None:
         action="store_true",
         help="with --tls-cert but no --tls-ca: accept clients without a certificate",
     )
+    sv.add_argument(
+        "--send-to",
+        type=_pacs_url,
+        metavar="pacs://AET@HOST:PORT",
+        help="also write every finished map series (fit:<model>, mrf) as DICOM and send it to "
+        "this PACS by C-STORE, in the background after the reply; needs pip install "
+        "'qmrkit[dicom]'",
+    )
+    sv.add_argument(
+        "--calling-aet",
+        type=_ae_title,
+        default="QMRKIT",
+        help="qmrkit's AE title towards the PACS (default QMRKIT)",
+    )
+    sv.add_argument(
+        "--dicom-kind",
+        choices=("pmap", "mr", "both"),
+        default="both",
+        help="with --send-to: Parametric Map (float values, UCUM units), MR images with a "
+        "rescale slope, or both (default)",
+    )
+    sv.add_argument(
+        "--pacs-retries",
+        type=_count,
+        default=3,
+        help="with --send-to: further attempts when the PACS cannot be reached, 2, 4, 8 s "
+        "apart (default 3)",
+    )
     _add_common(sv, progress=False)
 
 
@@ -1539,6 +1567,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             scan_time_budget_s=args.scan_timeout,
             scan_memory_budget_bytes=int(args.scan_memory * 2**20) if args.scan_memory else None,
             pipeline_modules=tuple(args.pipelines_module),
+            send_to=args.send_to,
+            calling_aet=args.calling_aet,
+            dicom_kind=args.dicom_kind,
+            pacs_options={"retries": args.pacs_retries},
         )
     except OSError as exc:
         # binding is the one OSError a user causes here (busy port, privileged port, bad host)

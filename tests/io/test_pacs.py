@@ -4,13 +4,8 @@ over Orthanc's REST API, values and units compared with the NIfTI maps."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import socket
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,77 +16,20 @@ from qmrkit.errors import ParameterError, ServiceError
 from qmrkit.io import load_nifti, parse_pacs_url, send_dicom
 from qmrkit.sim import MOLLI_TI, molli_series
 
+from ..orthanc import free_port, http_get, running_orthanc, stored_instances
 from .dicom_files import oblique_affine, pydicom, write_classic
 
 pytest.importorskip("pynetdicom", reason="C-STORE needs the 'dicom' extra (pynetdicom)")
 pytest.importorskip("highdicom", reason="Parametric Maps need the 'dicom' extra (highdicom)")
 
-ORTHANC = shutil.which("Orthanc") or next(
-    (p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if Path(p).exists()), None
-)
 AET = "QMRKITTEST"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 10.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read()
 
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    """A private Orthanc: JSON config in a temporary folder, storage and index there, DICOM and
-    HTTP on free loopback ports, no remote access, no authentication, called AE title checked;
-    stopped (and its folder left to pytest) after the module's tests."""
-    if ORTHANC is None:
-        pytest.skip(
-            "the Orthanc server is not installed (Debian package 'orthanc'; .ci/run installs it)"
-        )
-    root = tmp_path_factory.mktemp("orthanc")
-    dicom_port, http_port = _free_port(), _free_port()
-    config = {
-        "Name": "qmrkit-test",
-        "DicomAet": AET,
-        "DicomPort": dicom_port,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "StorageDirectory": str(root / "storage"),
-        "IndexDirectory": str(root / "index"),
-        "DicomCheckCalledAet": True,
-        "Plugins": [],
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = (root / "orthanc.log").open("w")
-    proc = subprocess.Popen(
-        [ORTHANC, str(root / "orthanc.json")], cwd=root, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if json.loads(_get(url + "/system", 2))["DicomAet"] == AET:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("Orthanc did not start:\n" + (root / "orthanc.log").read_text()[-2000:])
-        time.sleep(0.2)
-    try:
-        yield {"url": url, "pacs": f"pacs://{AET}@127.0.0.1:{dicom_port}", "port": dicom_port}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    """A private Orthanc (:func:`tests.orthanc.running_orthanc`), stopped after the module."""
+    with running_orthanc(tmp_path_factory.mktemp("orthanc"), AET) as o:
+        yield o
 
 
 def _molli_dicom(tmp_path: Path) -> tuple[Path, np.ndarray]:
@@ -106,15 +44,6 @@ def _molli_dicom(tmp_path: Path) -> tuple[Path, np.ndarray]:
         slope=0.25,
     )
     return tmp_path / "molli", t1
-
-
-def _instances(url: str) -> dict[str, list]:
-    """SeriesDescription -> datasets stored by Orthanc (read back through GET .../file)."""
-    out: dict[str, list] = {}
-    for iid in json.loads(_get(url + "/instances")):
-        ds = pydicom.dcmread(io.BytesIO(_get(f"{url}/instances/{iid}/file")))
-        out.setdefault(str(ds.SeriesDescription), []).append(ds)
-    return out
 
 
 def test_fit_send_to_orthanc_and_read_back(orthanc, tmp_path, capsys):
@@ -139,7 +68,7 @@ def test_fit_send_to_orthanc_and_read_back(orthanc, tmp_path, capsys):
     assert rc == 0, text
     written = sorted((out / "dicom").rglob("*.dcm"))
     assert f"sent {len(written)} of {len(written)} DICOM files to {orthanc['pacs']}" in text
-    stored = _instances(orthanc["url"])
+    stored = stored_instances(orthanc["url"])
     assert sum(len(v) for v in stored.values()) == len(written)  # 4 maps x (1 pmap + 1 mr)
     src = pydicom.dcmread(next(folder.iterdir()))
     for name, unit in (("T1map", "ms"), ("T1starmap", "ms"), ("Amap", "[arb'U]")):
@@ -157,7 +86,7 @@ def test_fit_send_to_orthanc_and_read_back(orthanc, tmp_path, capsys):
         slope = float(mr.RescaleSlope)
         err = np.abs(mr.pixel_array * slope + float(mr.RescaleIntercept) - truth).max()
         assert err <= slope / 2 * (1 + 1e-6)
-    series = json.loads(_get(orthanc["url"] + "/series"))
+    series = json.loads(http_get(orthanc["url"] + "/series"))
     assert len(series) == len(stored) == 8
 
 
@@ -167,7 +96,7 @@ def test_refusals_are_clear(orthanc, tmp_path, capsys):
     wrong = orthanc["pacs"].replace(AET, "NOTTHISONE")
     with pytest.raises(ServiceError, match="rejected the association"):
         send_dicom([f], wrong)
-    closed = f"pacs://{AET}@127.0.0.1:{_free_port()}"
+    closed = f"pacs://{AET}@127.0.0.1:{free_port()}"
     with pytest.raises(ServiceError, match=f"PACS {closed}"):
         send_dicom([f], closed, timeout=5)
     report = send_dicom([f], orthanc["pacs"])

@@ -70,10 +70,13 @@ def test_mrf_over_the_wire_equals_direct_pipeline(tmp_path):
 def test_3d_mrf_over_the_wire_returns_one_image_per_partition(tmp_path):
     """A 3D stack of spirals (8 partitions) streamed to `mrf` with a stored 3D B1 map: one image
     per partition and map (image_index = partition), equal to the in-process pipeline."""
+    from qmrkit.io.geometry import ScanGeometry
     from qmrkit.io.mrd import read_mrd, write_mrd
     from qmrkit.serve import handlers
 
     scan = sim.mrf_scan_3d((8, 24, 24), n_coils=2, b1_amplitude=0.2, seed=3)
+    c, s = np.cos(0.4), np.sin(0.4)  # an oblique slab, so the map planes' geometry is checked
+    scan.geometry = ScanGeometry((5.0, -7.0, 20.0), (c, s, 0.0), (-s, c, 0.0), (0.0, 0.0, 1.0))
     path = write_mrd(tmp_path / "mrf3d.h5", scan)
     header, acqs, _ = read_mrd_file(path)
     header = with_ids(header)  # a stored calibration needs subject/device/session ids
@@ -120,4 +123,12 @@ def test_3d_mrf_over_the_wire_returns_one_image_per_partition(tmp_path):
     assert d.schedule.n_tr == schedule_from_header(header).n_tr
     direct = pipelines.mrf_maps(read_mrd(path), dictionary=d, b1_map=b1)
     np.testing.assert_allclose(t1, np.nan_to_num(direct.t1.numpy()), rtol=1e-5, atol=1e-3)
+    # the partition images carry where they lie: stacked again (as `serve --send-to` does before
+    # writing DICOM) they have the affine `qmrkit mrf` writes its NIfTI/DICOM maps with
+    from qmrkit.serve.pacs_out import maps_from_images
+
+    vols = {v.name: v for v in maps_from_images(reply.images)}
+    np.testing.assert_array_equal(vols["T1map"].array, t1)
+    assert vols["T1map"].unit == "ms" and vols["B1map"].unit == "fraction"
+    np.testing.assert_allclose(vols["T1map"].affine, read_mrd(path).affine, atol=1e-4)
     np.testing.assert_allclose(t2, np.nan_to_num(direct.t2.numpy()), rtol=1e-5, atol=1e-3)

@@ -444,7 +444,7 @@ def _from_mrd_header(ds: Any, header: Any) -> None:
         _set(ds, "PatientWeight", None if w is None else f"{float(w):.6g}")
     study = getattr(header, "studyInformation", None)
     if study is not None:
-        _set(ds, "StudyInstanceUID", getattr(study, "studyInstanceUID", None))
+        _set_uid(ds, "StudyInstanceUID", getattr(study, "studyInstanceUID", None))
         _set(ds, "StudyDate", _da(getattr(study, "studyDate", None)))
         _set(ds, "StudyTime", _tm(getattr(study, "studyTime", None)))
         _set(ds, "StudyID", getattr(study, "studyID", None))
@@ -453,7 +453,7 @@ def _from_mrd_header(ds: Any, header: Any) -> None:
         _set(ds, "StudyDescription", getattr(study, "studyDescription", None))
     meas = getattr(header, "measurementInformation", None)
     if meas is not None:
-        _set(ds, "FrameOfReferenceUID", getattr(meas, "frameOfReferenceUID", None))
+        _set_uid(ds, "FrameOfReferenceUID", getattr(meas, "frameOfReferenceUID", None))
         pos = getattr(meas, "patientPosition", None)
         _set(ds, "PatientPosition", None if pos is None else str(getattr(pos, "value", pos)))
     system = getattr(header, "acquisitionSystemInformation", None)
@@ -461,6 +461,25 @@ def _from_mrd_header(ds: Any, header: Any) -> None:
     _set(ds, "MagneticFieldStrength", None if field_t is None else f"{float(field_t):.6g}")
     if any(v.VR in ("PN", "LO", "SH", "ST", "LT", "UT") and not str(v.value).isascii() for v in ds):
         ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8 names from the MRD header
+
+
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def _set_uid(ds: Any, keyword: str, value: Any) -> None:
+    """Copy a UID from an MRD header; a value that is not a DICOM UID (MRD headers often hold
+    a text such as ``"FOR-1"``) becomes a UID derived from it, so every map of that study or
+    frame of reference still shares one valid UID, and a PACS gets no invalid UI value."""
+    if value is None or str(value).strip() == "":
+        return
+    text = str(value).strip()
+    if len(text) <= 64 and _UID.fullmatch(text):
+        setattr(ds, keyword, text)
+        return
+    pydicom = require("pydicom")
+    uid = pydicom.uid.generate_uid(entropy_srcs=[keyword, text])
+    log.info("%s %r in the MRD header is not a DICOM UID; using %s", keyword, text[:64], uid)
+    setattr(ds, keyword, uid)
 
 
 def _set(ds: Any, keyword: str, value: Any) -> None:

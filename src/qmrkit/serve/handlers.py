@@ -393,6 +393,7 @@ def _mrf(session: Session, arg: str | None) -> list[Any]:
     for stage, seconds in maps.stages.items():
         if stage != "total":
             session.stage(stage, seconds)
+    planes_at = _mrf_plane_geometry(session, scan)
     units = {"T1": "ms", "T2": "ms", "PD": "a.u.", "B1": "fraction", "score": ""}
     stems = {"T1": "T1map", "T2": "T2map", "PD": "M0map", "B1": "B1map", "score": "matchscore"}
     out: list[Any] = []
@@ -408,7 +409,7 @@ def _mrf(session: Session, arg: str | None) -> list[Any]:
         # 3D: one (x, y) image per partition, in slice order
         planes = [a] if a.ndim == 2 else [a[:, :, p] for p in range(a.shape[2])]
         out.extend(
-            array_to_image(plane, series_index=i, image_index=p, meta=meta)
+            array_to_image(plane, series_index=i, image_index=p, meta=meta, geometry=planes_at(p))
             for p, plane in enumerate(planes)
         )
     out.append(
@@ -416,6 +417,42 @@ def _mrf(session: Session, arg: str | None) -> list[Any]:
         + ", ".join(f"{k} {v:.2f} s" for k, v in maps.stages.items())
     )
     return out
+
+
+def _mrf_plane_geometry(session: Session, scan: Any) -> Callable[[int], Any]:
+    """Partition index → the geometry of that (x, y) map plane: where ``scan.affine`` (the
+    affine ``qmrkit mrf`` writes its NIfTI and DICOM maps with) puts it. Position = the world
+    point of voxel (x//2, y//2, p) in LPS, field of view = in-plane extent and the voxel depth,
+    directions from the scan; table position, measurement uid and counters from the readout
+    nearest the k-space centre."""
+    import dataclasses
+
+    from ..io.geometry import ScanGeometry
+
+    aff = scan.affine  # RAS, NIfTI order (x, y, z)
+    size = scan.image_size[::-1] + ((1,) if scan.ndim == 2 else ())
+    voxel = np.linalg.norm(aff[:3, :3], axis=0)
+    g = scan.geometry or ScanGeometry()
+    sources = _representative_acquisitions(session, scan)
+    base = image_geometry(session.header, next(iter(sources.values()), None))
+    lps = np.diag([-1.0, -1.0, 1.0])
+
+    def at(p: int) -> Any:
+        pos = lps @ (aff @ np.array([size[0] // 2, size[1] // 2, p, 1.0]))[:3]
+        return dataclasses.replace(
+            base,
+            field_of_view=(
+                float(voxel[0] * size[0]),
+                float(voxel[1] * size[1]),
+                float(voxel[2]),
+            ),
+            position=tuple(float(v) for v in pos),
+            read_dir=tuple(g.read_dir),
+            phase_dir=tuple(g.phase_dir),
+            slice_dir=tuple(g.slice_dir),
+        )
+
+    return at
 
 
 def _scan_from_session(session: Session) -> Any:

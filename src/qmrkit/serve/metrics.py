@@ -54,6 +54,28 @@ class Metrics:
             "Largest delay of the event loop seen since the server started",
             registry=r,
         )
+        # maps forwarded to a PACS (``qmrkit serve --send-to``), per finished session
+        self.pacs_sends = Counter(
+            "qmrkit_pacs_sends_total",
+            "Map sets of finished sessions forwarded to the PACS, by outcome (sent; failed after "
+            "retries or refused; dropped: queue full or shutting down; abandoned at shutdown)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("sent", "failed", "dropped", "abandoned"):
+            self.pacs_sends.labels(result)  # present (0) before the first send, for alerts
+        self.pacs_retries = Counter(
+            "qmrkit_pacs_retries_total", "Repeated C-STORE attempts after a failure", registry=r
+        )
+        self.pacs_queue = Gauge(
+            "qmrkit_pacs_queue_depth", "Map sets waiting for or being sent to the PACS", registry=r
+        )
+        self.pacs_stage = Histogram(
+            "qmrkit_pacs_stage_duration_seconds",
+            "Writing DICOM and sending it, per map set",
+            ["stage"],
+            registry=r,
+        )
         self.gpu_memory = Gauge(
             "qmrkit_gpu_memory_bytes", "GPU memory allocated by torch", registry=r
         )

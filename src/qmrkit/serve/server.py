@@ -112,6 +112,17 @@ class Server:
     pipeline_modules : tuple of str
         Modules that register extra pipelines (``@qmrkit.serve.register``), imported by the
         isolated workers too.
+    send_to : str, optional
+        ``pacs://AET@host:port``: every finished map series (``DataRole=Quantitative`` images:
+        ``fit:<model>``, ``mrf``) is also written as DICOM and sent there by C-STORE, in the
+        background after the reply (:class:`~qmrkit.serve.pacs_out.PacsForwarder`).
+    calling_aet : str
+        qmrkit's AE title towards the PACS.
+    dicom_kind : {"both", "pmap", "mr"}
+        Parametric Map, MR images with a rescale slope, or both.
+    pacs_options : dict, optional
+        Further :class:`~qmrkit.serve.pacs_out.PacsForwarder` settings (``retries``,
+        ``backoff_s``, ``timeout_s``, ``max_queue``, ``workers``, ``spool``).
     """
 
     def __init__(
@@ -130,6 +141,10 @@ class Server:
         scan_time_budget_s: float | None = None,
         scan_memory_budget_bytes: int | None = None,
         pipeline_modules: tuple[str, ...] = (),
+        send_to: str | None = None,
+        calling_aet: str = "QMRKIT",
+        dicom_kind: str = "both",
+        pacs_options: dict[str, Any] | None = None,
     ):
         if not isolate and (scan_time_budget_s is not None or scan_memory_budget_bytes):
             raise ParameterError(
@@ -152,6 +167,17 @@ class Server:
         self.scan_time_budget_s = scan_time_budget_s
         self.scan_memory_budget_bytes = scan_memory_budget_bytes
         self.pipeline_modules = tuple(pipeline_modules)
+        self.pacs = None
+        if send_to is not None:  # a bad address or a missing package fails here, at start
+            from .pacs_out import PacsForwarder
+
+            self.pacs = PacsForwarder(
+                send_to,
+                calling_aet=calling_aet,
+                dicom_kind=dicom_kind,
+                metrics=self.metrics,
+                **(pacs_options or {}),
+            )
         self._slots = asyncio.Semaphore(max_concurrent)
         self._executor = ThreadPoolExecutor(
             max_workers=max_concurrent, thread_name_prefix="qmrkit-recon"
@@ -194,6 +220,8 @@ class Server:
             self._on_connect, self.host, self.port, ssl=self.ssl_context, limit=1 << 20
         )
         self._background.append(asyncio.create_task(self._watch_loop_lag()))
+        if self.pacs is not None:
+            self.pacs.start()
         if self.store is not None and self.purge_interval_s > 0 and hasattr(self.store, "purge"):
             self._background.append(asyncio.create_task(self._purge_periodically()))
         log.info("listening on %s:%d%s", *self.address, " (TLS)" if self.ssl_context else "")
@@ -209,6 +237,7 @@ class Server:
         """Stop accepting, let in-flight scans finish (up to ``grace_s``), then end the rest:
         each gets an error TEXT and CLOSE."""
         self._draining = True
+        t_drain = time.monotonic()
         if self._server is not None:
             self._server.close()
         if self._active:
@@ -222,6 +251,9 @@ class Server:
                 for task in pending:
                     task.cancel()
                 await asyncio.wait(pending, timeout=10)
+        if self.pacs is not None:  # queued PACS sends get what is left of the grace period
+            left = max(grace_s - (time.monotonic() - t_drain), 0.0)
+            await asyncio.to_thread(self.pacs.close, left)
         for task in self._background:
             task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -331,6 +363,10 @@ class Server:
             log.exception("internal error in pipeline %r", handler_name(session.config))
             await self._reply_error(writer, f"internal error: {type(exc).__name__}: {exc}")
             return
+        if self.pacs is not None:  # queued only: the reply never waits for the PACS
+            line = self.pacs.submit(outputs, session.header_xml, _derivation(session.config))
+            if line:
+                outputs = [*outputs, line]
         try:
             for line in session.log:
                 await self._send(writer, encode_text(line))
@@ -442,6 +478,13 @@ class Server:
         return out
 
 
+def _derivation(config: str) -> str:
+    """DerivationDescription of forwarded maps: the pipeline (a registered name) and its model."""
+    name = handler_name(config)
+    _, _, arg = str(config).partition(":")
+    return f"qmrkit serve {name}" + (f":{shorten(arg.strip(), 32)}" if name == "fit" else "")
+
+
 def _decode_into(msg: Message, assembler: Any) -> None:
     assembler.add(msg.decoded().value)
     msg.value = None  # the samples now live in k-space only
@@ -502,6 +545,10 @@ def run_server(
     scan_time_budget_s: float | None = None,
     scan_memory_budget_bytes: int | None = None,
     pipeline_modules: tuple[str, ...] = (),
+    send_to: str | None = None,
+    calling_aet: str = "QMRKIT",
+    dicom_kind: str = "both",
+    pacs_options: dict[str, Any] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT, then drain gracefully (blocking; for the CLI).
 
@@ -530,6 +577,10 @@ def run_server(
             scan_time_budget_s=scan_time_budget_s,
             scan_memory_budget_bytes=scan_memory_budget_bytes,
             pipeline_modules=pipeline_modules,
+            send_to=send_to,
+            calling_aet=calling_aet,
+            dicom_kind=dicom_kind,
+            pacs_options=pacs_options,
         )
         if metrics_port is not None:
             server.metrics.start_http(metrics_port, addr=metrics_host)
