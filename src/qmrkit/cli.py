@@ -99,6 +99,27 @@ def _input_file(text: str) -> Path:
     return p
 
 
+def _fixed_arg(text: str) -> dict[str, float]:
+    """``--fix NAME=VALUE[,NAME=VALUE...]``: parameters held constant (physical units)."""
+    out: dict[str, float] = {}
+    for item in text.replace(" ", ",").split(","):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=VALUE pairs separated by commas (e.g. df_MW=5,df_AW=-2), "
+                f"got {text!r}"
+            ) from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE pairs, got {text!r}")
+    return out
+
+
 def _mask_arg(text: str) -> str | Path:
     """``--mask auto`` (the default), ``--mask none`` or a mask NIfTI file."""
     if text.strip().lower() in ("auto", "none"):
@@ -308,7 +329,29 @@ def _add_fit_parser(sub: Any) -> None:
     f.add_argument(
         "--b1",
         type=_input_file,
-        help="B1 map (fraction of nominal), NIfTI in the series' (x, y[, z]) shape (vfa)",
+        help="B1 map (fraction of nominal), NIfTI in the series' (x, y[, z]) shape (vfa, mcr-mwi)",
+    )
+    f.add_argument(
+        "--phase",
+        type=_input_file,
+        help="phase images in radians, NIfTI of --data's shape: --data is then the magnitude and "
+        "the complex series magnitude·exp(i·phase) is fitted (complex models: three-pool-gre, "
+        "mcr-mwi)",
+    )
+    f.add_argument(
+        "--surrogate",
+        type=_input_file,
+        help="mcr-mwi: EPG-X surrogate (.safetensors) from "
+        "qmrkit.models.myelin.train_mcr_mwi_surrogate for this TR (without it EPG-X is "
+        "simulated directly: exact but slow)",
+    )
+    f.add_argument(
+        "--fix",
+        dest="fixed",
+        type=_fixed_arg,
+        metavar="NAME=VALUE[,...]",
+        help="hold parameters constant, physical units (three-pool-gre, mcr-mwi), e.g. "
+        "df_MW=5,df_AW=-2",
     )
     f.add_argument(
         "--protocol",
@@ -667,6 +710,8 @@ _MODEL_EXAMPLES = {
     "t2star": {"te": [5, 10]},
     "r2star": {"te": [5, 10]},
     "monoexp": {"te": [10, 20]},
+    "three-pool-gre": {"te": [2, 4, 6, 8]},
+    "mcr-mwi": {"flip_angles": [5, 20], "te": [2, 4, 6, 8], "tr": 40},
 }
 
 
@@ -721,9 +766,23 @@ def _fit_settings(args: argparse.Namespace, dicom: Any = None) -> dict[str, Any]
             raise ParameterError(
                 f"the protocol is for model {proto_model!r} but {args.model!r} was asked"
             )
+    if settings.get("surrogate") is not None:
+        # a protocol's surrogate file is found next to the protocol unless it exists from here
+        sur = Path(str(settings["surrogate"]))
+        if not sur.is_absolute() and not sur.exists():
+            sur = Path(args.protocol).parent / sur
+        if not sur.is_file():
+            raise ParameterError(f"the protocol's surrogate file {settings['surrogate']} not found")
+        settings["surrogate"] = str(sur)
     for name in ("ti", "te", "flip_angles", "tr"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
+    if args.surrogate is not None:
+        settings["surrogate"] = str(args.surrogate)
+    if args.fixed is not None:  # per name over the protocol's
+        if not isinstance(settings.get("fixed") or {}, dict):
+            raise ParameterError("the protocol's 'fixed' must map parameter names to values")
+        settings["fixed"] = {**(settings.get("fixed") or {}), **args.fixed}
     if dicom is not None:
         settings = _merge_dicom_settings(key, settings, dicom)
     check_settings(key, {**settings, "b1": args.b1})
@@ -1054,16 +1113,24 @@ def _fit_series(args: argparse.Namespace, key: str, worker: Any) -> int:
             "measurement axis last (x, y[, z], n_meas)"
         )
     spatial = data.shape[:-1]
+    if args.phase is not None:
+        data = _with_phase(args, data)
     b1 = None
     if args.b1:
         b1, _ = load_nifti(args.b1)
         _check_map_shape("--b1", b1.shape, spatial)
     model = get(args.model, **settings, **({"b1": b1} if b1 is not None else {}))
+    _check_data_kind(args, model, data)
     if model.n_measurements != data.shape[-1]:
+        count = f"{model.n_measurements} {model.measurement_axis}"
+        if hasattr(model, "n_fa") and hasattr(model, "n_te"):  # MCR-MWI: say how it is made up
+            count = (
+                f"{model.n_fa} flip angles x {model.n_te} echo times = {model.n_measurements} "
+                "volumes (flip-angle-major: index = i_fa*n_te + i_te)"
+            )
         raise ShapeError(
             f"--data has {data.shape[-1]} measurements (last axis of shape {data.shape}) but the "
-            f"{model.name} model has {model.n_measurements} {model.measurement_axis}; give one "
-            "setting per image, measurement axis last"
+            f"{model.name} model has {count}; give one setting per image, measurement axis last"
         )
     stages.mark("read")
     mask, mask_info = _fit_mask(args, data, spatial)
@@ -1115,6 +1182,50 @@ def _fit_series(args: argparse.Namespace, key: str, worker: Any) -> int:
     _finish(args, written, worker, extra)
     print(f"wrote {len(written)} files to {args.out} in {time.perf_counter() - t0:.2f} s")
     return 0
+
+
+def _with_phase(args: argparse.Namespace, magnitude: Any) -> Any:
+    """``--data`` magnitude and ``--phase`` (radians) -> the complex64 series."""
+    import numpy as np
+
+    from .io.nifti import load_nifti
+
+    if _is_dicom_input(args.data) or np.iscomplexobj(magnitude):
+        raise ParameterError(
+            "--phase needs --data to be a real magnitude NIfTI (a complex --data already has "
+            "its phase)"
+        )
+    phase, _ = load_nifti(args.phase)
+    if phase.shape != magnitude.shape:
+        raise ShapeError(
+            f"--phase has shape {phase.shape} but --data has {magnitude.shape}; give one phase "
+            "image per magnitude image"
+        )
+    if np.nanmax(np.abs(phase)) > 2 * np.pi * 1.001:
+        raise ParameterError(
+            f"--phase must be in radians, but its values reach {np.nanmax(np.abs(phase)):.4g} "
+            "(scanner phase in integer units: rescale to [-pi, pi] first)"
+        )
+    return (magnitude * np.exp(1j * phase.astype(np.float64))).astype(np.complex64)
+
+
+def _check_data_kind(args: argparse.Namespace, model: Any, data: Any) -> None:
+    """Complex models need complex data and real models real data (one clear message each)."""
+    import numpy as np
+
+    wants = bool(getattr(model, "complex_data", False))
+    has = bool(np.iscomplexobj(data))
+    if wants and not has:
+        raise ShapeError(
+            f"model {model.name!r} fits complex GRE data, but --data {args.data} is real "
+            f"({data.dtype}); give a complex NIfTI (complex64, magnitude and phase) or the "
+            "magnitude as --data with --phase PHASE.nii.gz (radians)"
+        )
+    if has and not wants:
+        raise ShapeError(
+            f"--data {args.data} is complex ({data.dtype}) but model {model.name!r} fits real "
+            "data; give the magnitude images"
+        )
 
 
 def _figure_names(model: Any, maps: dict) -> list[str]:
@@ -1174,6 +1285,9 @@ def _check_dwi_files(args: argparse.Namespace, key: str) -> None:
             ("--tr", args.tr),
             ("--b1", args.b1),
             ("--series", args.series),
+            ("--phase", args.phase),
+            ("--surrogate", args.surrogate),
+            ("--fix", args.fixed),
         )
         if value is not None
     ]

@@ -6,7 +6,11 @@ Example ``protocol.yaml``::
     ti: [100, 180, 260, 1000, 1080, 1900, 2000, 2800]   # ms
 
 Recognised keys: ``model``, ``ti`` (ms), ``te`` (ms), ``tr`` (ms), ``flip_angles`` (degrees),
-``kind`` (for mono-exponential models), ``offset``.
+``kind`` (for mono-exponential models), ``offset``; for the myelin water models ``fixed``
+(parameter name -> value held constant, physical units) and, for ``mcr-mwi``, ``surrogate`` (a
+``.safetensors`` file from :func:`~qmrkit.models.myelin.train_mcr_mwi_surrogate`, relative to the
+protocol file) and the fixed EPG-X settings ``t1_mw``, ``t2_mw``, ``t2_iew`` (ms) and
+``spoil_increment`` (degrees).
 """
 
 from __future__ import annotations
@@ -16,7 +20,22 @@ from typing import Any
 
 from ..errors import DataFileError, ParameterError
 
-KNOWN_KEYS = {"model", "ti", "te", "tr", "flip_angles", "kind", "offset", "description"}
+KNOWN_KEYS = {
+    "model",
+    "ti",
+    "te",
+    "tr",
+    "flip_angles",
+    "kind",
+    "offset",
+    "description",
+    "fixed",
+    "surrogate",
+    "t1_mw",
+    "t2_mw",
+    "t2_iew",
+    "spoil_increment",
+}
 
 
 def load_protocol(path: str | Path) -> dict[str, Any]:

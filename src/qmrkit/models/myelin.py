@@ -110,6 +110,7 @@ class ThreePoolGRE(Model):
 
     name = "three-pool-gre"
     measurement_axis = "echo times (te)"
+    complex_data = True  # fitted to magnitude and phase (the CLI checks the input)
     parameters = (
         Parameter("A_MW", 0.0, 10.0, "a.u.", amplitude=True, description="myelin water amplitude"),
         Parameter("A_AW", 0.0, 10.0, "a.u.", amplitude=True, description="axonal water amplitude"),
@@ -297,6 +298,7 @@ class McrMwi(Model):
     """
 
     name = "mcr-mwi"
+    complex_data = True
     covariates = ("b1",)
     measurement_axis = "flip angles × echo times"
     map_names = {"MWF": "MWFmap", "T1_IEW": "T1map"}
@@ -363,7 +365,14 @@ class McrMwi(Model):
         mlo, mhi = rng["MWF"][0], rng["MWF"][1]
         self.parameters = (
             Parameter("S0", 0.0, 100.0, "a.u.", amplitude=True, description="proton density"),
-            Parameter("MWF", max(mlo, 1e-3), min(mhi, 0.6), "", start=0.1, description="MWF"),
+            Parameter(
+                "MWF",
+                max(mlo, 1e-3),
+                min(mhi, 0.6),
+                "",
+                start=0.1,
+                description="myelin water fraction",
+            ),
             Parameter("fAW", 0.0, 1.0, "", start=0.6, description="axonal share of IEW"),
             Parameter("T2s_MW", 1.0, 25.0, "ms", start=10.0, description="myelin water T2*"),
             Parameter("T2s_AW", 25.0, 200.0, "ms", start=64.0, description="axonal water T2*"),

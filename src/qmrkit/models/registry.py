@@ -20,6 +20,8 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "flip_angles": ("--fa", "flip angles in degrees"),
     "tr": ("--tr", "repetition time in ms"),
     "b1": ("--b1", "B1 map, fraction of nominal"),
+    "surrogate": ("--surrogate", "trained MCR-MWI EPG-X surrogate, .safetensors"),
+    "fixed": ("--fix", "parameters held constant, NAME=VALUE in physical units"),
 }
 
 # name: (class, fixed keyword arguments, description, required settings)
@@ -31,17 +33,19 @@ _MODELS: dict[str, tuple[type[Model], dict[str, Any], str, tuple[str, ...]]] = {
     "t2star": (MonoExp, {"kind": "T2star"}, "mono-exponential T2*", ("te",)),
     "r2star": (MonoExp, {"kind": "R2star"}, "mono-exponential R2* (1/s)", ("te",)),
     "monoexp": (MonoExp, {}, "mono-exponential decay of kind T2|T2star|R2|R2star", ("te",)),
-    "threepoolgre": (
+    "three-pool-gre": (
         ThreePoolGRE,
         {},
-        "three-pool complex multi-echo GRE myelin water (Nam 2015), complex data",
+        "three-pool complex multi-echo GRE myelin water (Nam 2015), complex data; MWF derived; "
+        "optional --fix (e.g. df_MW=5,df_AW=-2)",
         ("te",),
     ),
-    "mcrmwi": (
+    "mcr-mwi": (
         McrMwi,
         {},
-        "MCR-MWI myelin water (Chan & Marques 2020): multi-echo x multi-flip complex GRE with "
-        "EPG-X T1 weighting (direct; a surrogate via the Python API), optional --b1",
+        "MCR-MWI myelin water (Chan & Marques 2020): multi-echo x multi-flip complex GRE "
+        "(flip-angle-major), EPG-X T1 weighting (direct, slow, or --surrogate FILE), optional "
+        "--b1 and --fix",
         ("flip_angles", "te", "tr"),
     ),
 }
@@ -75,10 +79,29 @@ def required_settings(name: str) -> tuple[str, ...]:
     return _entry(check_name(name))[3]
 
 
+def _normal(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+#: other spellings (after lower-casing and dropping '-' and '_') -> registry key
+_ALIASES = {
+    "t2*": "t2star",
+    "inversionrecovery": "ir",
+    "despot1": "vfa",
+    "mcr": "mcr-mwi",
+    "mcrmwi": "mcr-mwi",
+    "threepool": "three-pool-gre",
+    "threepoolgre": "three-pool-gre",
+}
+
+
 def check_name(name: str) -> str:
-    """The registry key for ``name``, or an error listing the available models."""
-    key = name.lower().replace("-", "").replace("_", "")
-    key = {"t2*": "t2star", "inversionrecovery": "ir", "despot1": "vfa"}.get(key, key)
+    """The registry key for ``name``, or an error listing the available models.
+
+    Case, ``-`` and ``_`` do not matter (``MCR_MWI``, ``mcrmwi`` and ``mcr-mwi`` are one model).
+    """
+    key = _normal(name)
+    key = _ALIASES.get(key, key)
     if key not in _MODELS and key not in _DIFFUSION:
         raise UnknownNameError(
             f"unknown model {name!r}; available models: "
