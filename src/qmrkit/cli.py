@@ -1132,6 +1132,14 @@ def _fit_series(args: argparse.Namespace, key: str, worker: Any) -> int:
             f"--data has {data.shape[-1]} measurements (last axis of shape {data.shape}) but the "
             f"{model.name} model has {count}; give one setting per image, measurement axis last"
         )
+    if hasattr(model, "surrogate") and model.surrogate is None:
+        warnings.warn(
+            f"{model.name} without --surrogate simulates EPG-X directly in every iteration: "
+            "exact but slow (of the order of 10 s per voxel on one CPU core); train one with "
+            "qmrkit.models.myelin.train_mcr_mwi_surrogate(tr) for large volumes",
+            QmrkitWarning,
+            stacklevel=2,
+        )
     stages.mark("read")
     mask, mask_info = _fit_mask(args, data, spatial)
     stages.mark("mask")
@@ -1160,6 +1168,8 @@ def _fit_series(args: argparse.Namespace, key: str, worker: Any) -> int:
     if worker is not None:  # renders while the maps are written
         _submit_figure(worker, args.out, model, result.maps, result.units, result.solver)
     extra: dict[str, Any] = {"Input": str(args.data), "Acquisition": settings, "Mask": mask_info}
+    if getattr(model, "surrogate", None) is not None:
+        extra["Surrogate"] = _surrogate_record(model.surrogate, settings.get("surrogate"))
     if dicom is not None:
         extra["DicomSeries"] = {
             "SeriesInstanceUID": dicom.series_uid,
@@ -1182,6 +1192,22 @@ def _fit_series(args: argparse.Namespace, key: str, worker: Any) -> int:
     _finish(args, written, worker, extra)
     print(f"wrote {len(written)} files to {args.out} in {time.perf_counter() - t0:.2f} s")
     return 0
+
+
+def _surrogate_record(sur: Any, path: Any) -> dict[str, Any]:
+    """What fit.json records of a surrogate: file, fixed settings, ranges, held-out error."""
+    rec: dict[str, Any] = {
+        "File": None if path is None else str(path),
+        "Acquisition": dict(sur.acquisition),
+        "Ranges": {r.name: [r.lower, r.upper, r.unit] for r in sur.ranges},
+    }
+    if sur.report is not None:  # relative to the peak of what it learned (see docs/myelin.md)
+        rec["HeldOutRelError"] = {
+            "max": sur.report.max_rel_error,
+            "p99": sur.report.p99_rel_error,
+            "median": sur.report.median_rel_error,
+        }
+    return rec
 
 
 def _with_phase(args: argparse.Namespace, magnitude: Any) -> Any:

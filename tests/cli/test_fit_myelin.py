@@ -183,6 +183,8 @@ def test_mcr_mwi_cli_surrogate_equals_fit_maps_and_truth(mcr_files, tmp_path):
     assert json.loads((out / "T1map.json").read_text())["Units"] == "ms"
     fitjson = json.loads((out / "fit.json").read_text())
     assert fitjson["Model"] == "mcr-mwi" and fitjson["Acquisition"]["surrogate"] == str(sur)
+    assert fitjson["Surrogate"]["Acquisition"]["tr"] == TR
+    assert fitjson["Surrogate"]["Ranges"]["T1_IEW"][:2] == [700.0, 1500.0]
 
     # the same request from a protocol file naming the surrogate next to it
     (d / "mcr.yaml").write_text(
@@ -194,6 +196,24 @@ def test_mcr_mwi_cli_surrogate_equals_fit_maps_and_truth(mcr_files, tmp_path):
                  str(d / "mcr.yaml"), "--b1", str(d / "b1.nii.gz"), "--mask", "none",
                  "--out", str(out2)]) == 0  # fmt: skip
     np.testing.assert_array_equal(load_nifti(out2 / "MWFmap.nii.gz")[0], mwf_cli)
+
+
+@pytest.mark.slow
+def test_mcr_mwi_cli_direct_epgx(mcr_files, tmp_path, capsys):
+    """Without --surrogate: a warning line, and the exact model recovers the truth of two voxels
+    (one "WM", one "GM") simulated by the same direct EPG-X."""
+    d, z, b1 = mcr_files
+    two = z[[0, 2], [0, 0]][:, None]  # voxels 0 (MWF 0.15) and 8 (MWF 0.05): shape (2, 1, 1, n)
+    save_nifti(tmp_path / "two.nii.gz", two)
+    save_nifti(tmp_path / "b1.nii.gz", b1[[0, 2], [0, 0]][:, None])
+    out = tmp_path / "out"
+    assert main(["fit", "mcr-mwi", "--data", str(tmp_path / "two.nii.gz"), "--fa", _csv(FA),
+                 "--te", _csv(TE_MCR), "--tr", str(TR), "--b1", str(tmp_path / "b1.nii.gz"),
+                 "--fix", "df_MW=5,df_AW=-2", "--mask", "none", "--out", str(out), "--no-figure",
+                 "--threads", "1"]) == 0  # fmt: skip
+    assert "without --surrogate simulates EPG-X directly" in capsys.readouterr().err
+    mwf, _ = load_nifti(out / "MWFmap.nii.gz")
+    np.testing.assert_allclose(mwf.reshape(-1), [0.15, 0.05], atol=2e-3)
 
 
 def _error(capsys, args: list[str]) -> str:
@@ -232,4 +252,9 @@ def test_mcr_mwi_cli_errors(mcr_files, tmp_path, capsys):
     line = _error(capsys, [*base, "--tr", "45", "--data", str(d / "real.nii.gz"), "--phase",
                            str(tmp_path / "ph.nii.gz"), "--out", out])  # fmt: skip
     assert "--phase must be in radians" in line
+    # a protocol naming a surrogate file that is not there
+    (tmp_path / "p.yaml").write_text("model: mcr-mwi\ntr: 45\nsurrogate: nothere.safetensors\n")
+    line = _error(capsys, [*base, "--data", gre, "--protocol", str(tmp_path / "p.yaml"),
+                           "--out", out])  # fmt: skip
+    assert "surrogate file nothere.safetensors not found" in line
     assert not (tmp_path / "o").exists()
