@@ -400,6 +400,13 @@ def _add_fit_parser(sub: Any) -> None:
         type=_positive_int,
         help="maximum iterations (lm: 100, adam: its default); mcmc: steps (default 2000)",
     )
+    f.add_argument(
+        "--mcmc-preset",
+        choices=("gacelle-mh", "gacelle-ensemble"),
+        help="--solver mcmc: GACELLE's sampler settings (paper 004 table 1; 10%% burn-in, "
+        "thinning 100, 900 samples per voxel): gacelle-mh = Metropolis-Hastings, 4 chains x "
+        "25000 steps; gacelle-ensemble = 50 walkers x 2000 steps (--max-iter overrides the steps)",
+    )
     f.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cpu)")
     f.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
     f.add_argument("--out", required=True, type=Path, help="output folder")
@@ -957,6 +964,11 @@ def _named_maps(maps: dict[str, Any], names: dict[str, str], units: dict[str, st
 def _check_tv_flags(args: argparse.Namespace) -> None:
     if args.solver != "adam" and (args.tv is not None or args.loss is not None):
         raise ParameterError("--tv and --loss apply to --solver adam only")
+    if getattr(args, "mcmc_preset", None) is not None and args.solver != "mcmc":
+        raise ParameterError(
+            f"--mcmc-preset {args.mcmc_preset} applies to --solver mcmc only (got --solver "
+            f"{args.solver})"
+        )
     if args.tv_dims is not None and args.tv is None:
         raise ParameterError("--tv-dims needs --tv")
 
@@ -1398,6 +1410,7 @@ def _fit_dwi(args: argparse.Namespace, key: str, worker: Any) -> int:
         device=args.device,
         dtype=torch.float64 if args.float64 else torch.float32,
         progress=args.progress,
+        mcmc_preset=args.mcmc_preset,
     )
     stages.mark("fit")
     if worker is not None:  # renders while the maps are written

@@ -445,6 +445,7 @@ DWI_CASES = [
     (["fit", "nexi", *_D, *_P, "--solver", "adam", "--tv", "fx:0.01"], "no parameter 'fx'"),
     (["fit", "nexi", *_D, *_P, "--solver", "adam", "--tv", "fn:-1"], "LAMBDA >= 0"),
     (["fit", "nexi", *_D, *_P, "--solver", "adam", "--tv-dims", "2"], "--tv-dims needs --tv"),
+    (["fit", "nexi", *_D, *_P, "--mcmc-preset", "gacelle-mh"], "applies to --solver mcmc only"),
     (_dti(dwi="three_d.nii.gz"), "must be 4D (x, y, z, volumes)"),
     (_dti(bval="negative.bval"), "negative b-values"),
     (_dti(bval="nob0.bval"), "no b = 0 volume"),

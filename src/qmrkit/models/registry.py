@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import ParameterError, UnknownNameError
 from ..fit.model import Model
-from .diffusion import DTI, NEXI, SANDI, AxCaliberSMT
+from .diffusion import DKI, DTI, NEXI, SANDI, AxCaliberSMT
 from .myelin import McrMwi, ThreePoolGRE
 from .relaxometry import InversionRecovery, MolliT1, MonoExp, VfaT1
 
@@ -221,6 +221,13 @@ register_diffusion(
     "dti",
     DTI,
     "diffusion tensor (FA, MD, AD, RD, V1), fitted to the DWI volumes",
+    fit_to="series",
+)
+register_diffusion(
+    "dki",
+    DKI,
+    "diffusion kurtosis (FA, MD, AD, RD, MK, AK, RK), fitted to the DWI volumes; needs two or "
+    "more non-zero b-values",
     fit_to="series",
 )
 register_diffusion(

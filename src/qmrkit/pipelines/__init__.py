@@ -1,7 +1,7 @@
 """End-to-end functions (raw scan or series → maps/images); the server and CLI call these."""
 
 from .calibration import noise_statistics
-from .diffusion import DiffusionMaps, diffusion_maps
+from .diffusion import MCMC_PRESETS, DiffusionMaps, diffusion_maps
 from .masking import ObjectMask, object_mask
 from .mrf import MrfMaps, b1_grid, default_dictionary, mrf_image_size, mrf_maps
 from .series import fit_maps
@@ -9,6 +9,7 @@ from .series import fit_maps
 __all__ = [
     "fit_maps",
     "diffusion_maps",
+    "MCMC_PRESETS",
     "DiffusionMaps",
     "noise_statistics",
     "mrf_maps",

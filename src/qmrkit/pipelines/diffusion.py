@@ -36,6 +36,22 @@ from .masking import resolve_mask
 
 SOLVERS = ("lm", "adam", "mcmc", "dictionary")
 
+#: GACELLE's MCMC settings (paper 004, table 1, demo 2 AxCaliberSMT) as :func:`qmrkit.fit.mcmc`
+#: options: 10 % burn-in, thinning 100, and 900 posterior samples per voxel — MH: 4 independent
+#: chains ("proposals") × 25,000 iterations (4 × 22,500/100 = 900); ensemble: 50 walkers × 2,000
+#: iterations (50 × 1,800/100 = 900). The table gives no MH proposal widths: qmrkit's MH keeps
+#: its own (Laplace-correlated, adapted during burn-in; :func:`qmrkit.fit.mcmc`).
+MCMC_PRESETS: dict[str, dict[str, Any]] = {
+    "gacelle-mh": {"method": "mh", "n_walkers": 4, "n_steps": 25000, "burnin": 0.1, "thin": 100},
+    "gacelle-ensemble": {
+        "method": "ensemble",
+        "n_walkers": 50,
+        "n_steps": 2000,
+        "burnin": 0.1,
+        "thin": 100,
+    },
+}
+
 #: voxels per chunk of the invariants computation (bounds its float64 working set)
 INVARIANT_CHUNK = 16384
 
@@ -147,9 +163,11 @@ def check_request(
     tv: Any = None,
     has_small_delta: bool = True,
     has_big_delta: bool = True,
+    mcmc_preset: str | None = None,
 ) -> None:
     """Raise one clear error for a request that cannot run: unknown diffusion model or solver,
-    TV with a solver other than adam, timing (δ, Δ) the model needs but the files lack.
+    TV with a solver other than adam, an MCMC preset without ``solver="mcmc"`` or unknown, timing
+    (δ, Δ) the model needs but the files lack.
 
     Parameters
     ----------
@@ -161,12 +179,23 @@ def check_request(
         As in :func:`diffusion_maps`.
     has_small_delta, has_big_delta : bool
         Whether the DWI has δ / Δ for every volume.
+    mcmc_preset : str, optional
+        A key of :data:`MCMC_PRESETS`.
     """
     spec = diffusion_spec(model)
     if solver not in SOLVERS:
         raise ParameterError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     if tv is not None and solver != "adam":
         raise ParameterError("total variation (--tv) applies to --solver adam only")
+    if mcmc_preset is not None:
+        if mcmc_preset not in MCMC_PRESETS:
+            raise ParameterError(
+                f"MCMC preset must be one of {', '.join(MCMC_PRESETS)}, got {mcmc_preset!r}"
+            )
+        if solver != "mcmc":
+            raise ParameterError(
+                f"the MCMC preset (--mcmc-preset {mcmc_preset}) applies to --solver mcmc only"
+            )
     have = {"small_delta": has_small_delta, "big_delta": has_big_delta}
     missing = [n for n in spec.needs if not have[n]]
     if missing:
@@ -319,6 +348,7 @@ def diffusion_maps(
     dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
     solver_options: Mapping[str, Any] | None = None,
+    mcmc_preset: str | None = None,
 ) -> DiffusionMaps:
     """Fit a registered diffusion model to a DWI (module docs).
 
@@ -351,6 +381,9 @@ def diffusion_maps(
         As for the solvers (``dtype=torch.float64`` for reference-quality fits).
     solver_options : dict, optional
         More keyword arguments for the solver (e.g. ``{"method": "mh"}`` for mcmc).
+    mcmc_preset : {"gacelle-mh", "gacelle-ensemble"}, optional
+        ``solver="mcmc"`` only: GACELLE's table-1 sampler settings (:data:`MCMC_PRESETS`);
+        ``solver_options`` override single settings and ``max_iter`` the steps.
 
     Returns
     -------
@@ -363,6 +396,7 @@ def diffusion_maps(
         tv=tv,
         has_small_delta=dwi.small_delta is not None,
         has_big_delta=dwi.big_delta is not None,
+        mcmc_preset=mcmc_preset,
     )
     if loss is not None and solver != "adam":
         raise ParameterError("loss (--loss) applies to --solver adam only")
@@ -411,7 +445,7 @@ def diffusion_maps(
             },
         }
     regs = tv_regularizers(m, tv, tv_dims)
-    opts = dict(solver_options or {})
+    opts = {**MCMC_PRESETS.get(mcmc_preset or "", {}), **dict(solver_options or {})}
     common = {"mask": sel, "device": device, "dtype": dtype}
     if solver == "lm":
         if max_iter is not None:
@@ -429,6 +463,12 @@ def diffusion_maps(
     else:
         result = fit.dictionary_search(m, data, **common, **opts)
     provenance.update({"Model": model, "Solver": solver, "DataType": str(dtype).split(".")[-1]})
+    if mcmc_preset is not None:
+        provenance["McmcPreset"] = {
+            "name": mcmc_preset,
+            "settings": MCMC_PRESETS[mcmc_preset],
+            "source": "paper 004 (GACELLE) table 1",
+        }
     if auto is not None:
         provenance["Mask"] = auto.sidecar()
     if regs:

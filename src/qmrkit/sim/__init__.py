@@ -4,12 +4,18 @@ from .bids import bids_dataset
 from .brain import BRAIN_TISSUES, brain_phantom
 from .coils import coil_maps
 from .diffusion import (
+    AXCALIBER_SHELLS,
+    AXCALIBER_TISSUES,
     DWI_LABELS,
     DWI_TISSUES,
     NEXI_SHELLS,
+    SANDI_SHELLS,
+    SANDI_TISSUES,
     DwiPhantom,
     DwiProtocol,
+    dispersed_axcaliber_signal,
     dispersed_nexi_signal,
+    dispersed_sandi_signal,
     dwi_phantom,
     dwi_protocol,
     odf_p2,
@@ -52,6 +58,12 @@ __all__ = [
     "DWI_LABELS",
     "NEXI_SHELLS",
     "dispersed_nexi_signal",
+    "dispersed_axcaliber_signal",
+    "dispersed_sandi_signal",
+    "AXCALIBER_SHELLS",
+    "AXCALIBER_TISSUES",
+    "SANDI_SHELLS",
+    "SANDI_TISSUES",
     "odf_p2",
     "watson_orientations",
 ]

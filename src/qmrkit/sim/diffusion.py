@@ -39,6 +39,28 @@ The default protocol, :data:`NEXI_SHELLS`, is GACELLE's demo 1 / Chan 2025a NEXI
 (paper 004, table S1): Δ = 13, 21, 30 ms with b = 2.3, 3.5, 4.8, 6.5 ms/µm² each, plus 11.3 for
 Δ ≥ 21 ms and 17.3 for Δ = 30 ms (15 shells). δ = 6 ms is an assumption (the table gives none;
 NEXI's narrow-pulse fit does not use it).
+
+Other tissue models (``dwi_phantom(model=...)``)
+------------------------------------------------
+The same geometry, ODFs, S0 and noise, with the grey/white-matter signal of another model, each
+voxel's neurites (axons) along the discrete Watson ODF so that the DWI signal depends on the
+gradient direction and only its spherical mean is the model's (Funk–Hecke: the spherical mean of
+Σ_k w_k K(g·u_k) is that of K, whatever the ODF):
+
+* ``"axcalibersmt"`` (Fan 2020): ``(1 − fcsf)·[f·Σ_k w_k exp(−b(D_a ξ_k² + D_eff(a/2)(1 − ξ_k²)))
+  + (1 − f)·Σ_k w_k exp(−b(D_e,∥ ξ_k² + D_e,⊥(1 − ξ_k²)))] + fcsf·exp(−3b)`` with ξ_k = g·u_k and
+  D_eff the Van Gelderen cylinder (:func:`~qmrkit.models.diffusion.gpa_deff`, finite δ/Δ),
+  D_a = D_e,∥ = D0 = 1.7 µm²/ms as the model's defaults; CSF is fcsf = 1. Default protocol
+  :data:`AXCALIBER_SHELLS`: GACELLE demo 2 (paper 004, table S1), Δ = 13 and 30 ms, δ = 8 ms
+  (Fan 2020's δ; an assumption for Connectome 2.0), without the b = 0.05 ms/µm² shell, which
+  qmrkit (as DIPY) counts as b = 0 (b ≤ 50 s/mm²).
+* ``"sandi"`` (Palombo 2020): ``fs·exp(−b·D_eff,sphere(Rs, 3.0)) + (1 − fs)·[fnr·Σ_k w_k
+  exp(−b·Dn·ξ_k²) + (1 − fnr)·exp(−b·De)]``; CSF is free water (fs = fnr = 0, De = 3). Default
+  protocol :data:`SANDI_SHELLS`: b = 0.5–10 ms/µm² at Δ = 20 and 40 ms, δ = 8 ms (two diffusion
+  times: at one, soma and extra-cellular signals are degenerate).
+
+The truth maps are the model's parameters and derived maps (NaN where undefined), ``kappa``,
+``p2``, ``S0`` and ``direction``; the apparent-tensor maps (``MD``, ``FA``, ...) are NEXI's only.
 """
 
 from __future__ import annotations
@@ -89,6 +111,81 @@ DWI_TISSUES: dict[str, dict[str, tuple[float, float]]] = {
         "tex": (40.0, 70.0),
         "kappa": (5.0, 12.0),
     },
+}
+
+#: GACELLE demo 2 AxCaliberSMT protocol (paper 004, table S1) without b = 0.05 ms/µm² (a b = 0
+#: volume for qmrkit and DIPY): (Δ in ms, b-values in ms/µm²); δ = 8 ms (Fan 2020)
+AXCALIBER_SHELLS: tuple[tuple[float, tuple[float, ...]], ...] = (
+    (13.0, (0.35, 0.8, 1.5, 2.4, 3.45, 4.75, 6.0)),
+    (30.0, (0.2, 0.95, 2.3, 4.25, 6.75, 9.85, 13.5, 17.8)),
+)
+
+#: a SANDI protocol with two diffusion times (δ = 8 ms, Δ = 20 and 40 ms, b up to 10 ms/µm² as in
+#: Palombo 2020's human data)
+SANDI_SHELLS: tuple[tuple[float, tuple[float, ...]], ...] = (
+    (20.0, (0.5, 1.0, 2.5, 4.0, 5.5, 7.0, 8.5, 10.0)),
+    (40.0, (0.5, 1.0, 2.5, 4.0, 5.5, 7.0, 8.5, 10.0)),
+)
+
+#: AxCaliberSMT tissue ranges: a (µm, axon diameter; above the ≈ 2 µm resolution limit of these
+#: gradients), f = f_r/(f_r + f_h), fcsf, DeR (µm²/ms), kappa (Watson). Typical in-vivo values
+#: (Fan 2020 report 4–6 µm in white matter); grey matter gets fewer, thinner-looking "axons" and
+#: more free water, as an AxCaliberSMT fit of cortex does.
+AXCALIBER_TISSUES: dict[str, dict[str, tuple[float, float]]] = {
+    "gray_matter": {
+        "a": (3.0, 6.0),
+        "f": (0.35, 0.55),
+        "fcsf": (0.10, 0.25),
+        "DeR": (0.6, 1.0),
+        "kappa": (1.5, 3.5),
+    },
+    "white_matter": {
+        "a": (3.5, 8.0),
+        "f": (0.55, 0.75),
+        "fcsf": (0.03, 0.12),
+        "DeR": (0.3, 0.7),
+        "kappa": (5.0, 12.0),
+    },
+}
+
+#: SANDI tissue ranges: fs (soma fraction), fnr = f_n/(f_n + f_e), Dn, De (µm²/ms), Rs (µm),
+#: kappa. Grey matter: large soma fraction (Palombo 2020: f_s ≈ 0.3–0.5, R_s ≈ 6–10 µm in cortex);
+#: white matter: few somas.
+SANDI_TISSUES: dict[str, dict[str, tuple[float, float]]] = {
+    "gray_matter": {
+        "fs": (0.25, 0.45),
+        "fnr": (0.45, 0.65),
+        "Dn": (1.8, 2.4),
+        "Rs": (6.0, 10.0),
+        "De": (0.6, 1.0),
+        "kappa": (1.5, 3.5),
+    },
+    "white_matter": {
+        "fs": (0.08, 0.18),
+        "fnr": (0.6, 0.8),
+        "Dn": (2.0, 2.5),
+        "Rs": (4.0, 7.0),
+        "De": (0.6, 0.9),
+        "kappa": (5.0, 12.0),
+    },
+}
+
+#: models the phantom simulates -> (default tissue ranges, default shells, default δ in ms)
+PHANTOM_MODELS: dict[str, tuple[dict, tuple, float]] = {
+    "nexi": (DWI_TISSUES, NEXI_SHELLS, 6.0),
+    "axcalibersmt": (AXCALIBER_TISSUES, AXCALIBER_SHELLS, 8.0),
+    "sandi": (SANDI_TISSUES, SANDI_SHELLS, 8.0),
+}
+
+#: fixed diffusivities (µm²/ms) of the phantom's AxCaliberSMT and SANDI tissue: the models' defaults
+AXCALIBER_FIXED = {"Da": 1.7, "DeL": 1.7, "D0": 1.7, "Dcsf": FREE_WATER_D}
+SANDI_FIXED = {"Dsoma": 3.0}
+
+#: truth maps of each model (besides kappa, p2, S0, direction)
+TRUTH_NAMES = {
+    "nexi": ("f", "Dn", "De", "rn", "p2", "tex", "kappa"),
+    "axcalibersmt": ("a", "f", "fcsf", "DeR", "fr", "fh", "p2", "kappa"),
+    "sandi": ("fs", "fnr", "Dn", "Rs", "De", "fn", "fe", "p2", "kappa"),
 }
 
 #: labels of the phantom (as :data:`~qmrkit.sim.BRAIN_TISSUES`; scalp and skull are background)
@@ -359,6 +456,148 @@ def dispersed_nexi_signal(
     return out.numpy()
 
 
+def _odf_inputs(orientations: Any, bvals: Any, bvecs: Any, weights: Any):
+    """Common checks and float64 tensors of the dispersed-signal functions."""
+    u = torch.as_tensor(np.asarray(orientations, dtype=np.float64))
+    if u.ndim != 3 or u.shape[-1] != 3:
+        raise ShapeError(f"orientations must be (N, K, 3), got {tuple(u.shape)}")
+    b = torch.as_tensor(np.asarray(bvals, dtype=np.float64).reshape(-1))
+    g = torch.as_tensor(np.asarray(bvecs, dtype=np.float64)).reshape(-1, 3)
+    if g.shape[0] != b.shape[0]:
+        raise ShapeError(f"{b.shape[0]} b-values but {g.shape[0]} b-vectors")
+    n_k = u.shape[1]
+    if weights is None:
+        w = torch.full((1, n_k), 1.0 / n_k, dtype=torch.float64)
+    else:
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float64)).reshape(-1, n_k)
+    return u, b, g, w
+
+
+def _timing_per_volume(value: Any, n: int, name: str) -> np.ndarray:
+    arr = np.broadcast_to(np.asarray(value, dtype=np.float64).reshape(-1), (n,)).copy()
+    if not np.isfinite(arr).all() or (arr <= 0).any():
+        raise ParameterError(f"{name} must be positive ms for every volume, got {value}")
+    return arr
+
+
+def _gpa_per_volume(geometry: str, radius: np.ndarray, d0: float, sd, bd) -> torch.Tensor:
+    """D_eff (N, M) for radii (N,) µm at every volume's (δ, Δ), evaluated once per distinct
+    timing (float64)."""
+    from ..models.diffusion.restricted import gpa_deff
+
+    timing = np.stack([sd, bd], 1)
+    uniq, inv = np.unique(timing, axis=0, return_inverse=True)
+    r = torch.as_tensor(np.asarray(radius, dtype=np.float64).reshape(-1, 1))
+    deff = gpa_deff(geometry, r, d0, uniq[:, 0], uniq[:, 1])  # (N, n_timing)
+    return deff[:, torch.as_tensor(inv.reshape(-1))]
+
+
+def dispersed_axcaliber_signal(
+    orientations: Any,
+    params: Mapping[str, Any],
+    bvals: Any,
+    bvecs: Any,
+    small_delta: Any,
+    big_delta: Any,
+    *,
+    weights: Any = None,
+    Da: float = AXCALIBER_FIXED["Da"],
+    DeL: float = AXCALIBER_FIXED["DeL"],
+    D0: float = AXCALIBER_FIXED["D0"],
+    Dcsf: float = AXCALIBER_FIXED["Dcsf"],
+    chunk: int = 64,
+) -> np.ndarray:
+    """AxCaliberSMT tissue with discrete axon ODFs, per gradient direction (S/S0):
+    ``(1 − fcsf)·Σ_k w_k [f·exp(−b(D_a ξ² + D_eff(1 − ξ²))) + (1 − f)·exp(−b(D_e,∥ ξ² +
+    D_e,⊥(1 − ξ²)))] + fcsf·exp(−b·D_csf)``, ξ = g·u_k, D_eff the Van Gelderen cylinder of
+    radius a/2 at the volume's (δ, Δ).
+
+    Parameters
+    ----------
+    orientations : (N, K, 3) unit axon orientations per voxel.
+    params : dict with ``a`` (µm), ``f``, ``fcsf``, ``DeR`` (µm²/ms), each (N,).
+    bvals : (M,) ms/µm²; bvecs : (M, 3) unit directions (frame of ``orientations``).
+    small_delta, big_delta : (M,) or float, δ and Δ in ms.
+    weights : (N, K) or (K,), optional (equal weights by default).
+    Da, DeL, D0, Dcsf : float
+        Fixed diffusivities, µm²/ms (:class:`~qmrkit.models.diffusion.AxCaliberSMT`'s defaults).
+    chunk : int
+        Voxels per batch.
+
+    Returns
+    -------
+    ndarray (N, M), float64.
+    """
+    u, b, g, w = _odf_inputs(orientations, bvals, bvecs, weights)
+    m = b.shape[0]
+    sd = _timing_per_volume(small_delta, m, "small_delta")
+    bd = _timing_per_volume(big_delta, m, "big_delta")
+    p = {k: np.asarray(params[k], dtype=np.float64).reshape(-1) for k in ("a", "f", "fcsf", "DeR")}
+    deff = _gpa_per_volume("cylinder", 0.5 * p["a"], D0, sd, bd)  # (N, M)
+    t = {k: torch.as_tensor(v) for k, v in p.items()}
+    out = torch.empty((u.shape[0], m), dtype=torch.float64)
+    for s in range(0, u.shape[0], chunk):
+        sl = slice(s, min(s + chunk, u.shape[0]))
+        xi2 = (u[sl] @ g.T) ** 2  # (n, K, M)
+        ww = (w[sl] if w.shape[0] > 1 else w)[..., None]
+        r = torch.exp(-b * (Da * xi2 + deff[sl][:, None] * (1 - xi2)))
+        h = torch.exp(-b * (DeL * xi2 + t["DeR"][sl][:, None, None] * (1 - xi2)))
+        f = t["f"][sl][:, None]
+        tissue = f * (ww * r).sum(1) + (1 - f) * (ww * h).sum(1)
+        fc = t["fcsf"][sl][:, None]
+        out[sl] = (1 - fc) * tissue + fc * torch.exp(-b * Dcsf)
+    return out.numpy()
+
+
+def dispersed_sandi_signal(
+    orientations: Any,
+    params: Mapping[str, Any],
+    bvals: Any,
+    bvecs: Any,
+    small_delta: Any,
+    big_delta: Any,
+    *,
+    weights: Any = None,
+    Dsoma: float = SANDI_FIXED["Dsoma"],
+    chunk: int = 64,
+) -> np.ndarray:
+    """SANDI tissue with discrete neurite ODFs, per gradient direction (S/S0):
+    ``fs·exp(−b·D_eff,sphere(Rs)) + (1 − fs)·[fnr·Σ_k w_k exp(−b·Dn·(g·u_k)²) +
+    (1 − fnr)·exp(−b·De)]`` (Murday–Cotts sphere at the volume's (δ, Δ)).
+
+    Parameters
+    ----------
+    orientations : (N, K, 3) unit neurite orientations per voxel.
+    params : dict with ``fs``, ``fnr``, ``Dn`` (µm²/ms), ``Rs`` (µm), ``De`` (µm²/ms), each (N,).
+    bvals, bvecs, small_delta, big_delta, weights, chunk :
+        As :func:`dispersed_axcaliber_signal`.
+    Dsoma : float
+        Intrinsic soma diffusivity, µm²/ms (3.0, as :class:`~qmrkit.models.diffusion.SANDI`).
+
+    Returns
+    -------
+    ndarray (N, M), float64.
+    """
+    u, b, g, w = _odf_inputs(orientations, bvals, bvecs, weights)
+    m = b.shape[0]
+    sd = _timing_per_volume(small_delta, m, "small_delta")
+    bd = _timing_per_volume(big_delta, m, "big_delta")
+    keys = ("fs", "fnr", "Dn", "Rs", "De")
+    p = {k: np.asarray(params[k], dtype=np.float64).reshape(-1) for k in keys}
+    soma = torch.exp(-b * _gpa_per_volume("sphere", p["Rs"], Dsoma, sd, bd))  # (N, M)
+    t = {k: torch.as_tensor(v)[:, None] for k, v in p.items()}
+    out = torch.empty((u.shape[0], m), dtype=torch.float64)
+    for s in range(0, u.shape[0], chunk):
+        sl = slice(s, min(s + chunk, u.shape[0]))
+        xi2 = (u[sl] @ g.T) ** 2
+        ww = (w[sl] if w.shape[0] > 1 else w)[..., None]
+        stick = (ww * torch.exp(-b * t["Dn"][sl][..., None] * xi2)).sum(1)
+        ball = torch.exp(-b * t["De"][sl])
+        fs, fnr = t["fs"][sl], t["fnr"][sl]
+        out[sl] = fs * soma[sl] + (1 - fs) * (fnr * stick + (1 - fnr) * ball)
+    return out.numpy()
+
+
 # -------------------------------------------------------------------------------------------------
 # phantom
 # -------------------------------------------------------------------------------------------------
@@ -387,6 +626,9 @@ class DwiPhantom:
         Noise σ (0: noise-free); snr: the SNR it came from.
     affine : (4, 4)
         The affine :meth:`save` writes by default (2 mm isotropic, centred).
+    model : str
+        Tissue model of grey and white matter (``"nexi"``, ``"axcalibersmt"``, ``"sandi"``); the
+        truth maps are its parameters (module docs).
     """
 
     data: np.ndarray
@@ -402,6 +644,7 @@ class DwiPhantom:
     sigma: float = 0.0
     snr: float | None = None
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    model: str = "nexi"
 
     @property
     def protocol(self) -> DwiProtocol:
@@ -474,9 +717,40 @@ def default_affine(shape: Sequence[int], voxel_mm: float = 2.0) -> np.ndarray:
     return aff
 
 
+def _derive(model: str, vals: dict[str, np.ndarray]) -> None:
+    """Add the derived truth of one tissue's drawn parameters (in place)."""
+    if model == "nexi":
+        vals["rn"] = (1.0 - vals["f"]) / vals["tex"]
+    elif model == "axcalibersmt":
+        vals["fr"] = vals["f"] * (1.0 - vals["fcsf"])
+        vals["fh"] = (1.0 - vals["f"]) * (1.0 - vals["fcsf"])
+    else:
+        vals["fn"] = vals["fnr"] * (1.0 - vals["fs"])
+        vals["fe"] = (1.0 - vals["fnr"]) * (1.0 - vals["fs"])
+
+
+def _check_ranges(model: str, ranges: Mapping[str, Mapping[str, tuple[float, float]]]) -> None:
+    need = set(PHANTOM_MODELS[model][0]["gray_matter"])
+    for name in ("gray_matter", "white_matter"):
+        if name not in ranges or set(ranges[name]) != need:
+            raise ParameterError(
+                f"tissues must give {sorted(need)} ranges for gray_matter and white_matter "
+                f"(model {model!r})"
+            )
+        for key, (lo, hi) in ranges[name].items():
+            frac = key in ("f", "fcsf", "fs", "fnr")
+            if not (np.isfinite([lo, hi]).all() and 0 <= lo <= hi and (not frac or hi <= 1)):
+                raise ParameterError(
+                    f"tissues[{name!r}][{key!r}] must be (lo, hi) with 0 <= lo <= hi"
+                    + (" <= 1" if frac else "")
+                    + f", got {(lo, hi)}"
+                )
+
+
 def dwi_phantom(
     shape: Sequence[int] = (48, 48),
     *,
+    model: str = "nexi",
     protocol: DwiProtocol | None = None,
     snr: float | None = 50.0,
     n_orientations: int = 32,
@@ -485,26 +759,30 @@ def dwi_phantom(
     tissues: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
     seed: int | None = 0,
 ) -> DwiPhantom:
-    """Simulate a brain-like DWI scan with known NEXI parameters (module docs).
+    """Simulate a brain-like DWI scan with known tissue parameters (module docs).
 
     Parameters
     ----------
     shape : (nx, ny) or (nx, ny, nz)
         Image size in NIfTI order (2D or 3D).
+    model : {"nexi", "axcalibersmt", "sandi"}
+        Tissue model of grey and white matter (its signal per gradient direction, module docs).
     protocol : DwiProtocol, optional
-        Gradient table; default :func:`dwi_protocol` () (GACELLE's NEXI protocol, 32 directions
-        per shell, 2 b = 0 volumes per Δ: 486 volumes).
+        Gradient table; default :func:`dwi_protocol` on the model's shells (NEXI: GACELLE's NEXI
+        protocol, 32 directions per shell, 2 b = 0 volumes per Δ: 486 volumes; AxCaliberSMT:
+        :data:`AXCALIBER_SHELLS`, δ = 8 ms; SANDI: :data:`SANDI_SHELLS`, δ = 8 ms).
     snr : float or None
         S0/σ relative to the mean b = 0 signal of grey and white matter (Rician noise); None:
         noise-free.
     n_orientations : int
         Orientations K of each voxel's discrete ODF.
     wide_pulse : bool
-        Diffusion time Δ − δ/3 instead of Δ (as ``NEXI(wide_pulse=True)``).
+        NEXI only: diffusion time Δ − δ/3 instead of Δ (as ``NEXI(wide_pulse=True)``).
     s0 : float
         Signal scale: S0 = s0·PD·exp(−TE/T2).
     tissues : dict, optional
-        Parameter ranges per tissue, as :data:`DWI_TISSUES` (which is the default).
+        Parameter ranges per tissue, as :data:`DWI_TISSUES` / :data:`AXCALIBER_TISSUES` /
+        :data:`SANDI_TISSUES` (the model's default).
     seed : int
         One seed for the parameter fields, the orientations and the noise.
 
@@ -517,18 +795,23 @@ def dwi_phantom(
         raise ShapeError(
             f"shape must have 2 or 3 entries >= 4 (NIfTI order x, y[, z]), got {shape}"
         )
+    if model not in PHANTOM_MODELS:
+        raise ParameterError(f"model must be one of {', '.join(PHANTOM_MODELS)}, got {model!r}")
     if snr is not None and not snr > 0:
         raise ParameterError(f"snr must be > 0 (or None for noise-free data), got {snr}")
     if n_orientations < 1:
         raise ParameterError(f"n_orientations must be >= 1, got {n_orientations}")
-    ranges = dict(DWI_TISSUES if tissues is None else tissues)
-    for name in ("gray_matter", "white_matter"):
-        need = {"f", "Dn", "De", "tex", "kappa"}
-        if name not in ranges or set(ranges[name]) != need:
-            raise ParameterError(
-                f"tissues must give {sorted(need)} ranges for gray_matter and white_matter"
-            )
-    prot = dwi_protocol(seed=seed) if protocol is None else protocol
+    if wide_pulse and model != "nexi":
+        raise ParameterError(
+            f"wide_pulse applies to model='nexi' only ({model} uses δ and Δ themselves)"
+        )
+    default_ranges, default_shells, default_sd = PHANTOM_MODELS[model]
+    ranges = dict(default_ranges if tissues is None else tissues)
+    _check_ranges(model, ranges)
+    if protocol is None:
+        prot = dwi_protocol(default_shells, small_delta=default_sd, seed=seed)
+    else:
+        prot = protocol
     seeds = np.random.SeedSequence(seed).spawn(3)
     rng_fields, rng_odf = np.random.default_rng(seeds[0]), np.random.default_rng(seeds[1])
     noise_seed = int(seeds[2].generate_state(1)[0])
@@ -542,7 +825,7 @@ def dwi_phantom(
     n_sp = len(shape)
 
     nan = np.full(shape, np.nan)
-    truth = {k: nan.copy() for k in ("f", "Dn", "De", "rn", "p2", "tex", "kappa")}
+    truth = {k: nan.copy() for k in TRUTH_NAMES[model]}
     direction = np.zeros((*shape, 3))
     # white matter: tangents around the centre, tilted through-plane by a smooth angle
     r = np.sqrt(x * x + y * y)
@@ -563,7 +846,7 @@ def dwi_phantom(
         vals = {}
         for key, (lo, hi) in ranges[name].items():
             vals[key] = lo + (hi - lo) * _smooth_unit_field(coords, sel, rng_fields)
-        vals["rn"] = (1.0 - vals["f"]) / vals["tex"]
+        _derive(model, vals)
         u = watson_orientations(mean_dir[sel], vals["kappa"], n_orientations, rng_odf)
         orientations[sel] = u
         vals["p2"] = odf_p2(u)
@@ -571,8 +854,14 @@ def dwi_phantom(
             truth[key][sel] = vals[key]
         direction[sel] = mean_dir[sel]
     csf = labels == 3
-    truth["f"][csf] = 0.0
-    truth["De"][csf] = FREE_WATER_D
+    # CSF is free water, D = 3 µm²/ms, in each model's terms
+    csf_truth = {
+        "nexi": {"f": 0.0, "De": FREE_WATER_D},
+        "axcalibersmt": {"fcsf": 1.0, "fr": 0.0, "fh": 0.0},
+        "sandi": {"fs": 0.0, "fnr": 0.0, "fn": 0.0, "fe": 1.0, "De": FREE_WATER_D},
+    }[model]
+    for key, v in csf_truth.items():
+        truth[key][csf] = v
 
     # S0 = s0·PD·exp(−TE/T2)
     s0_map = np.zeros(shape)
@@ -581,32 +870,47 @@ def dwi_phantom(
         s0_map[labels == lab] = s0 * pd * np.exp(-TE_MS / t2)
     truth["S0"] = s0_map
 
-    t_diff = prot.big_delta - prot.small_delta / 3.0 if wide_pulse else prot.big_delta
     clean = np.zeros((*shape, prot.n_volumes))
     tissue = (labels == 4) | (labels == 5)
     if tissue.any():
-        sig = dispersed_nexi_signal(
-            orientations[tissue],
-            {k: truth[k][tissue] for k in ("f", "Dn", "De", "rn")},
-            prot.bvals,
-            prot.bvecs,
-            t_diff,
-        )
+        tp = {k: truth[k][tissue] for k in TRUTH_NAMES[model]}
+        if model == "nexi":
+            t_diff = prot.big_delta - prot.small_delta / 3.0 if wide_pulse else prot.big_delta
+            sig = dispersed_nexi_signal(orientations[tissue], tp, prot.bvals, prot.bvecs, t_diff)
+        elif model == "axcalibersmt":
+            sig = dispersed_axcaliber_signal(
+                orientations[tissue],
+                tp,
+                prot.bvals,
+                prot.bvecs,
+                prot.small_delta,
+                prot.big_delta,
+            )
+        else:
+            sig = dispersed_sandi_signal(
+                orientations[tissue],
+                tp,
+                prot.bvals,
+                prot.bvecs,
+                prot.small_delta,
+                prot.big_delta,
+            )
         clean[tissue] = s0_map[tissue][:, None] * sig
     clean[csf] = s0_map[csf][:, None] * np.exp(-prot.bvals * FREE_WATER_D)[None]
 
-    # the b → 0 apparent tensor (exact first cumulant of the Kärger signal)
-    tens = np.zeros((*shape, 3, 3))
-    tmat = np.einsum("...ki,...kj->...ij", orientations, orientations) / n_orientations
-    f0 = np.nan_to_num(truth["f"])
-    tens += (f0 * np.nan_to_num(truth["Dn"]))[..., None, None] * tmat
-    tens += ((1 - f0) * np.nan_to_num(truth["De"]))[..., None, None] * np.eye(3)
-    evals, evecs = tensor_eig(torch.as_tensor(tens))
-    dmaps = {k: v.numpy() for k, v in tensor_maps(evals).items()}
     brain = labels > 0
-    for k, v in dmaps.items():
-        truth[k] = np.where(brain, v, np.nan)
-    truth["V1"] = np.where(brain[..., None], evecs[..., :, 0].numpy(), np.nan)
+    if model == "nexi":
+        # the b → 0 apparent tensor (exact first cumulant of the Kärger signal)
+        tens = np.zeros((*shape, 3, 3))
+        tmat = np.einsum("...ki,...kj->...ij", orientations, orientations) / n_orientations
+        f0 = np.nan_to_num(truth["f"])
+        tens += (f0 * np.nan_to_num(truth["Dn"]))[..., None, None] * tmat
+        tens += ((1 - f0) * np.nan_to_num(truth["De"]))[..., None, None] * np.eye(3)
+        evals, evecs = tensor_eig(torch.as_tensor(tens))
+        dmaps = {k: v.numpy() for k, v in tensor_maps(evals).items()}
+        for k, v in dmaps.items():
+            truth[k] = np.where(brain, v, np.nan)
+        truth["V1"] = np.where(brain[..., None], evecs[..., :, 0].numpy(), np.nan)
     truth["direction"] = direction
 
     if snr is None:
@@ -628,4 +932,5 @@ def dwi_phantom(
         sigma=sigma,
         snr=snr,
         affine=default_affine(shape),
+        model=model,
     )

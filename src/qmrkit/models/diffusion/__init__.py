@@ -5,6 +5,7 @@ b-values in ms/µm², diffusivities in µm²/ms, times (δ, Δ) in ms, rates in 
 
 from .axcaliber import AxCaliberSMT
 from .compartments import axisymmetric_spherical_mean, stick_spherical_mean
+from .dki import DKI, dki_wls, kurtosis_maps
 from .dti import DTI, dti_wls, tensor_eig, tensor_from_cholesky, tensor_maps
 from .invariants import Invariants, Shell, find_shells, real_sh, rotational_invariants
 from .nexi import NEXI, karger_signal, karger_signal_and_derivatives, n_nodes_for
@@ -20,6 +21,9 @@ from .sandi import SANDI
 
 __all__ = [
     "DTI",
+    "DKI",
+    "dki_wls",
+    "kurtosis_maps",
     "NEXI",
     "karger_signal",
     "karger_signal_and_derivatives",
