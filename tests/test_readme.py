@@ -33,6 +33,8 @@ SKIPPED = {
     "qmrkit fit molli --send-to": "needs a PACS; tests/io/test_pacs.py sends to a real Orthanc",
     "qmrkit batch study --model molli --scheduler tcp": "needs a running Dask cluster; "
     "tests/dist/test_batch.py runs on a LocalCluster",
+    "qmrkit fit mcr-mwi": "needs a surrogate trained for the protocol (≈ 1 min); "
+    "tests/cli/test_fit_myelin.py trains one and runs this command on a simulated phantom",
 }
 
 # section -> reason, for python blocks known to fail at the time of writing (run, xfail if so)
