@@ -31,7 +31,7 @@ import torch
 from ...errors import ParameterError, ShapeError
 from ...fit.model import Model, Parameter
 from ...io.dwi import B0_THRESHOLD, check_gradients
-from .dti import MIN_SIGNAL, _lstsq, _tensor_from_six, tensor_eig, tensor_maps
+from .dti import DTI, MIN_SIGNAL, _lstsq, _tensor_from_six, tensor_eig, tensor_maps
 
 #: the six D entries, in design-matrix order
 D_NAMES = ("Dxx", "Dyy", "Dzz", "Dxy", "Dxz", "Dyz")
@@ -188,21 +188,8 @@ class DKI(Model):
         ),
     )
     map_names = {"S0": "S0map", **{k: k for k in ("FA", "MD", "AD", "RD", "MK", "AK", "RK")}}
-    derived_units = {
-        "FA": "",
-        "MD": "µm²/ms",
-        "AD": "µm²/ms",
-        "RD": "µm²/ms",
-        "L1": "µm²/ms",
-        "L2": "µm²/ms",
-        "L3": "µm²/ms",
-        "V1x": "",
-        "V1y": "",
-        "V1z": "",
-        "MK": "",
-        "AK": "",
-        "RK": "",
-    }
+    # the tensor maps are DTI's (same units); the kurtosis maps are dimensionless
+    derived_units = {**DTI.derived_units, "MK": "", "AK": "", "RK": ""}
 
     def __init__(self, bvals: Any, bvecs: Any, *, b0_threshold: float = B0_THRESHOLD):
         b, g = check_gradients(bvals, bvecs, b0_threshold=b0_threshold, source="DKI")
