@@ -225,24 +225,28 @@ def _damped_step(
 
 
 def _normal_equations(r: torch.Tensor, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``JᵀJ (v, P, P)`` and ``Jᵀr (v, P)`` in float64.
+    """``JᵀJ (v, P, P)`` and ``Jᵀr (v, P)``, returned in float64.
 
-    For few parameters each entry is one product-and-sum over the measurements of two Jacobian
-    columns (contiguous in the layout :meth:`Problem.model_jacobian` returns); batched matmul of
-    tiny matrices loops over the voxels and is several times slower."""
+    For few parameters each entry is one product of two Jacobian columns (contiguous in the
+    layout :meth:`Problem.model_jacobian` returns) summed over the measurements by a matrix-vector
+    product with ones (a reduction over a short last axis is several times slower; batched matmul
+    of tiny matrices loops over the voxels). The entries are formed in the Jacobian's precision:
+    each is a sum of m products, accurate to its rounding (≈1e-7 relative in float32), and the
+    damped systems built from them are solved in float64."""
     P = J.shape[-1]
-    Jt = J.transpose(1, 2).double()  # (v, P, m)
-    rd = r.double()
+    Jt = J.transpose(1, 2)  # (v, P, m)
     if P > _UNROLLED_MAX_P:
-        return Jt @ Jt.transpose(1, 2), (Jt @ rd[..., None])[..., 0]
+        Jd, rd = Jt.double(), r.double()
+        return Jd @ Jd.transpose(1, 2), (Jd @ rd[..., None])[..., 0]
+    ones = torch.ones(r.shape[-1], dtype=J.dtype, device=J.device)
     cols = Jt.unbind(1)
     entries: list[torch.Tensor | None] = [None] * (P * P)
     for i in range(P):
         for j in range(i + 1):
-            entries[i * P + j] = entries[j * P + i] = (cols[i] * cols[j]).sum(-1)
+            entries[i * P + j] = entries[j * P + i] = (cols[i] * cols[j]) @ ones
     H = torch.stack(entries, dim=-1).reshape(-1, P, P)  # type: ignore[arg-type]
-    g = (Jt * rd[:, None, :]).sum(-1)
-    return H, g
+    g = torch.stack([(c * r) @ ones for c in cols], dim=-1)
+    return H.double(), g.double()
 
 
 def _lm_chunk(

@@ -60,8 +60,8 @@ def _scalar(name: str, value: Any, unit: str) -> float:
 # -------------------------------------------------------------------------------------------------
 # shared closed-form start for |A − B·exp(−t/τ)| signals (MOLLI, inversion recovery)
 # -------------------------------------------------------------------------------------------------
-#: voxels per pass of :func:`recovery_start`'s grid search: its four (v, 5, n_tau) float64 buffers
-#: (≈2 MB each) stay in cache; larger passes run from memory
+#: voxels per pass of :func:`recovery_start`'s grid search: its (v, 5, n_tau) float32 projections
+#: (≈1 MB) stay in cache; larger passes run from memory
 _START_CHUNK = 1024
 
 
@@ -78,6 +78,13 @@ def recovery_start(
     squares in closed form; the combination with the smallest residual (refined between grid
     points by a parabola in log τ) wins. This resolves the magnitude sign ambiguity without
     iterating; LM refines from there.
+
+    How the grid search stays cheap: with q_τ the unit vector along the centred decay
+    e_τ − mean(e_τ), the least-squares residual of y ≈ A − B·e_τ is
+    ‖y‖² − M·ȳ² − c², c = q_τ·y, with B = −c/‖e_τ − ē_τ‖ and A = ȳ + B·ē_τ. So the whole
+    (voxel × candidate × τ) search is one float32 matrix product ``Y @ Qᵀ`` plus a feasibility
+    test (A, B > 0) and an argmax of c² — the cost's float64 cancellation (‖y‖² − …) is only
+    evaluated at each candidate's three best grid points.
     """
     order = torch.argsort(t)
     ts = t[order].to(torch.float64)
@@ -85,28 +92,60 @@ def recovery_start(
     V, M = d.shape
     kmin = d.argmin(dim=1, keepdim=True)
     k = torch.cat([torch.zeros_like(kmin), kmin - 1, kmin, kmin + 1, kmin + 2], dim=1).clamp(0, M)
-    pos = torch.arange(M, device=d.device)
-    signs = torch.where(pos[None, None, :] < k[..., None], -1.0, 1.0).to(torch.float64)
-    Y = signs * d[:, None, :]  # (V, K, M)
-    yy = (d * d).sum(-1)[:, None, None]
+    K = k.shape[1]
+    # candidate k's mean: (Σ d − 2·Σ_{m<k} d_m)/M, from one cumulative sum
+    head = torch.nn.functional.pad(d.cumsum(1), (1, 0))  # (V, M+1): Σ_{m<k} d_m
+    ybar = (head[:, -1:] - 2 * head.gather(1, k)) / M  # (V, K)
+    # ‖y − ȳ‖² per candidate: the residual of the constant-only fit
+    spread = (d * d).sum(-1)[:, None] - M * ybar * ybar
     log_lo, log_hi = math.log(tau_lo), math.log(tau_hi)
     logs = torch.linspace(log_lo, log_hi, n_tau, dtype=torch.float64, device=d.device)
-    taus = torch.exp(logs)[None, None, :]
-    # the (v, K, G) cost arrays are built chunk by chunk in the same cache-sized buffers and
-    # reduced at once to each candidate's three best grid points
-    chunk = max(1, min(V, _START_CHUNK))
-    work = [torch.empty((chunk, k.shape[1], n_tau), dtype=d.dtype, device=d.device) for _ in "sabc"]
-    g = torch.empty(k.shape + (1,), dtype=torch.long, device=d.device)
-    c_m, c_0, c_p = (torch.empty(k.shape, dtype=d.dtype, device=d.device) for _ in range(3))
-    for i in range(0, V, chunk):
-        j = min(V, i + chunk)
-        cost, _, _ = _varpro_costs(ts, Y[i:j], yy[i:j], taus, out=[w[: j - i] for w in work])
-        # refine each candidate's minimum by a parabola through its three best grid points (in
-        # log τ), so the choice between neighbouring polarity candidates is made at their minima
-        gi = cost.argmin(dim=-1, keepdim=True).clamp(1, n_tau - 2)
-        g[i:j] = gi
-        for o, c in zip((-1, 0, 1), (c_m, c_0, c_p), strict=True):
-            c[i:j] = cost.gather(-1, gi + o)[..., 0]
+    E = torch.exp(-ts[None, :] / torch.exp(logs)[:, None])  # (G, M)
+    ebar = E.mean(-1)  # (G,)
+    Ec = E - ebar[:, None]
+    norm = Ec.norm(dim=-1)  # (G,) ‖e − ē‖ > 0 for every finite τ
+    Q = Ec / norm[:, None]  # (G, M) orthonormal to the constant
+    # A > 0  <=>  c < ȳ·‖e − ē‖/ē ; B > 0  <=>  c < 0: both at once as c/ratio < min(ȳ, 0)
+    ratio = norm / ebar  # (G,)
+    # one product gives −c and −c/ratio, in the (τ, voxel·candidate) layout: every step below is
+    # a pass over contiguous rows, and the reduction over τ runs across rows (vectorised)
+    QQ = torch.cat([Q, Q / ratio[:, None]]).neg_().to(torch.float32)  # (2G, M)
+    n = V * K
+    # the candidates' signed data, built in the layout of the product: (M, V·K), float32
+    pos = torch.arange(M, device=d.device)
+    flip = pos[:, None, None] < k[None]  # (M, V, K)
+    Yt = torch.where(flip, -1.0, 1.0).to(torch.float32).mul_(d.T.to(torch.float32)[..., None])
+    Yt = Yt.reshape(M, n)
+    limit = (-ybar).clamp(min=0.0).reshape(1, n).to(torch.float32)
+    # the argmax over τ by one integer max: for non-negative floats the int32 bit patterns sort
+    # like the values, so the low 6 bits can carry the grid index (ties within 2⁻¹⁷ relative go
+    # to either neighbour; the parabola through the three points below sees both)
+    if n_tau > 64:
+        raise ParameterError(f"recovery_start: n_tau must be <= 64, got {n_tau}")
+    index_bits = torch.arange(n_tau, dtype=torch.int32, device=d.device)[:, None]
+    three = torch.arange(-1, 2, device=d.device)[:, None]
+    g = torch.empty(n, dtype=torch.long, device=d.device)
+    best3 = torch.empty((3, n), dtype=torch.float32, device=d.device)
+    chunk = max(1, min(n, _START_CHUNK * K))
+    work = torch.empty((2 * n_tau, chunk), dtype=torch.float32, device=d.device)
+    for i in range(0, n, chunk):
+        j = min(n, i + chunk)
+        both = torch.matmul(QQ, Yt[:, i:j], out=work[:, : j - i])
+        nc, ncr = both[:n_tau], both[n_tau:]
+        # feasible (A, B > 0) points keep −c > 0, the others become 0 (no better than a
+        # constant); the best grid point has the largest −c
+        score = nc.mul_(ncr.gt_(limit[:, i:j]))
+        key = score.clone().view(torch.int32)
+        gc = key.bitwise_and_(-64).bitwise_or_(index_bits).amax(dim=0).bitwise_and_(63).long()
+        gi = gc.clamp(1, n_tau - 2)[None, :] + three  # (3, v) the best point and neighbours
+        g[i:j] = gi[1]
+        best3[:, i:j] = score.gather(0, gi)
+    # each candidate's least-squares cost ‖y − ȳ‖² − c² at those points (float64: the
+    # difference is small against both terms); 0 marks an infeasible point
+    v3 = best3.to(torch.float64).T.reshape(V, K, 3)
+    cost = torch.where(v3 > 0, spread[..., None] - v3 * v3, float("inf"))
+    gi = g.reshape(V, K)
+    c_m, c_0, c_p = cost.unbind(-1)
     step = float(logs[1] - logs[0])
     curv = c_m - 2 * c_0 + c_p
     usable = torch.isfinite(c_m) & torch.isfinite(c_p) & (curv > 0)
@@ -115,10 +154,10 @@ def recovery_start(
     )
     c_min = torch.where(usable, c_0 - 0.25 * (c_m - c_p) * offset, c_0)
     best_k = c_min.argmin(dim=1, keepdim=True)  # (V, 1)
-    log_tau = logs[g[..., 0]] + offset * step
+    log_tau = logs[gi] + offset * step
     tau = torch.exp(log_tau.gather(1, best_k)[:, 0].clamp(log_lo, log_hi))
     # (A, B) in closed form for the chosen candidate at the refined τ
-    y = Y.gather(1, best_k[..., None].expand(V, 1, M))[:, 0]  # (V, M)
+    y = torch.where(pos[None, :] < k.gather(1, best_k), -d, d)  # (V, M)
     e = torch.exp(-ts[None, :] / tau[:, None])
     se, see, sy, sey = e.sum(1), (e * e).sum(1), y.sum(1), (e * y).sum(1)
     det = (M * see - se * se).clamp_min(1e-12)
@@ -127,38 +166,6 @@ def recovery_start(
     fail = ~torch.isfinite(c_min.gather(1, best_k)[:, 0]) | (a <= 0) | (b <= 0)
     a, b, tau = (torch.where(fail, torch.full_like(a, float("nan")), x) for x in (a, b, tau))
     return a.to(data.dtype), b.to(data.dtype), tau.to(data.dtype)
-
-
-def _varpro_costs(
-    ts: torch.Tensor,
-    Y: torch.Tensor,
-    yy: torch.Tensor,
-    taus: torch.Tensor,
-    out: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Least-squares cost and (A, B) of y ≈ A − B·exp(−t/τ) for sign candidates ``Y (V, K, M)``
-    and a shared grid of time constants ``taus`` of shape ``(1, 1, G)``.
-
-    The (V, K, G) arrays are the start's whole cost, so they are built in place, in the four
-    ``(V, K, G)`` buffers ``out`` when given (reused across chunks: a fresh multi-MB buffer costs
-    page faults on every call); the operations are memory-bound."""
-    E = torch.exp(-ts / taus[..., None])  # (.., G, M)
-    M = ts.numel()
-    se, see = E.sum(-1), (E * E).sum(-1)
-    sy = Y.sum(-1)[..., None]  # (V, K, 1)
-    if out is None:
-        shape = Y.shape[:2] + taus.shape[-1:]
-        out = [torch.empty(shape, dtype=Y.dtype, device=Y.device) for _ in range(4)]
-    sey, A, B, cost = out
-    torch.matmul(Y, E[0, 0].T, out=sey)  # (V, K, G)
-    # normal equations:  [M, −Σe; −Σe, Σe²][A; B] = [Σy; −Σey]
-    det = (M * see - se * se).clamp_min(1e-12)
-    torch.mul(see, sy, out=A).addcmul_(se, sey, value=-1.0).div_(det)  # (Σe²Σy − ΣeΣey)/det
-    torch.mul(se, sy, out=B).sub_(sey, alpha=M).div_(det)  # (ΣeΣy − MΣey)/det
-    torch.mul(A, sy, out=cost).addcmul_(B, sey, value=-1.0).neg_().add_(yy)  # ‖y‖² − bᵀx
-    # infeasible (A or B not positive, or NaN: NaN > 0 is False) -> inf; sey is free scratch now
-    cost.masked_fill_(~torch.minimum(A, B, out=sey).gt_(0).bool(), float("inf"))
-    return cost, A, B
 
 
 class MolliT1(Model):
