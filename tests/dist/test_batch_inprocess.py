@@ -104,3 +104,29 @@ def test_dwi_timing_is_inherited_into_the_fit_flags(study, tmp_path):
     side = argv[argv.index("--json") + 1]
     assert json.loads(open(side).read()) == {"SmallDelta": 0.0135, "BigDelta": 0.03}
     assert argv[:3] == ["nexi", "--dwi", str(item.files[0])]
+
+
+def test_voxel_blocks_keep_the_whole_volume_auto_mask(study, tmp_path):
+    """Blocks fit only the voxels the whole-volume auto mask keeps: background stays NaN exactly
+    where an unblocked fit leaves it NaN, tissue values agree to lm's tolerance, and the sidecar
+    records the whole volume's mask (not a block's)."""
+    from qmrkit.dist import run_batch
+
+    root, truth = study
+    kw = {"participant_label": ["01"], "progress": False, "scheduler": "inprocess"}
+    whole = run_batch(root, "molli", out=tmp_path / "whole", **kw)
+    blocked = run_batch(root, "molli", out=tmp_path / "blocks", block_voxels=20, **kw)
+    assert [r.blocks for r in whole.records] == [1] and [r.blocks for r in blocked.records] == [4]
+    name = "sub-01/anat/sub-01_T1map"
+    a = np.asarray(nib.load(str(tmp_path / "whole" / f"{name}.nii.gz")).dataobj)
+    b = np.asarray(nib.load(str(tmp_path / "blocks" / f"{name}.nii.gz")).dataobj)
+    side_a = json.loads((tmp_path / "whole" / f"{name}.json").read_text())
+    side_b = json.loads((tmp_path / "blocks" / f"{name}.json").read_text())
+    assert side_a["Mask"]["Method"] == "auto" and side_a["Mask"]["BackgroundFound"]
+    assert side_b["Mask"] == side_a["Mask"]
+    # 4 blocks of ≤ 20 voxels; the last (voxels 60-63) is all background and is not fitted
+    assert side_b["VoxelBlocks"] == 4
+    assert 0 < np.isnan(a).sum() == np.isnan(b).sum()
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    ok = ~np.isnan(a)
+    np.testing.assert_allclose(b[ok], a[ok], rtol=1e-3)

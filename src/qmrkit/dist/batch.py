@@ -246,9 +246,11 @@ def _failed(job: Job, exc: BaseException, t0: float) -> JobRecord:
 
 def fit_block(job: Job, index: int, block_voxels: int) -> dict[str, Any]:
     """Fit block ``index`` of ``job``'s input: ``qmrkit fit ... --mask`` of the voxels
-    ``[index·K, (index+1)·K)`` in C order of the image grid (``K = block_voxels``); returns the
-    folder it wrote (``"dir"``: ``mask.nii.gz`` and ``fit/``, under the job's work folder) and
-    the fit's wall time (``"seconds"``)."""
+    ``[index·K, (index+1)·K)`` in C order of the image grid (``K = block_voxels``) that the
+    job's own mask keeps (``--mask auto``, the default: the object mask of the WHOLE volume, so
+    background voxels stay NaN as in an unblocked fit; a mask file; or ``none``). Returns the
+    folder it wrote (``"dir"``: ``mask.nii.gz`` and ``fit/``, under the job's work folder), the
+    fit's wall time (``"seconds"``) and the whole-volume mask's sidecar entry (``"mask"``)."""
     import nibabel as nib
     import numpy as np
 
@@ -265,14 +267,44 @@ def fit_block(job: Job, index: int, block_voxels: int) -> dict[str, Any]:
     src = Path(argv[argv.index("--dwi" if "--dwi" in argv else "--data") + 1])
     img = nib.load(str(src))
     spatial = tuple(img.shape[:-1])
+    keep, info = _job_mask(job, img)
     flat = np.zeros(math.prod(spatial), dtype=np.uint8)
     flat[index * block_voxels : (index + 1) * block_voxels] = 1
+    if keep is not None:
+        flat &= keep.reshape(-1).astype(np.uint8)
+    if not flat.any():  # a block of background only: nothing to fit, its voxels stay NaN
+        return {"dir": str(bdir), "seconds": 0.0, "mask": info, "empty": True}
     mask = save_nifti(
         bdir / "mask.nii.gz", flat.reshape(spatial), affine=img.affine, like=img.header
     )
     t0 = time.perf_counter()
     run_fit([*argv, "--mask", str(mask)])
-    return {"dir": str(bdir), "seconds": time.perf_counter() - t0}
+    return {"dir": str(bdir), "seconds": time.perf_counter() - t0, "mask": info}
+
+
+def _job_mask(job: Job, img: Any) -> tuple[Any, dict[str, Any]]:
+    """The voxels ``qmrkit fit`` would fit in the whole volume under the job's ``--mask`` flag
+    (a boolean array in image shape, None for every voxel) and the ``"Mask"`` sidecar entry."""
+    import nibabel as nib
+    import numpy as np
+
+    from ..pipelines.masking import object_mask
+
+    word = "auto"  # qmrkit fit's default; the last --mask flag wins, as in argparse
+    flags = list(job.fit_flags)
+    for i, flag in enumerate(flags):
+        if flag == "--mask" and i + 1 < len(flags):
+            word = flags[i + 1]
+        elif flag.startswith("--mask="):
+            word = flag.split("=", 1)[1]
+    n = math.prod(img.shape[:-1])
+    if word.lower() == "none":
+        return None, {"Method": "none", "VoxelCount": n}
+    if word.lower() == "auto":
+        auto = object_mask(np.asarray(img.dataobj))
+        return auto.mask.cpu().numpy(), auto.sidecar()
+    keep = np.asarray(nib.load(word).dataobj) != 0
+    return keep, {"Method": "file", "File": word, "VoxelCount": int(keep.sum())}
 
 
 def n_voxels(job: Job) -> int:
@@ -303,7 +335,10 @@ def run_job(job: Job, blocks: Sequence[dict[str, Any]] = ()) -> JobRecord:
         fitted = work / "fit"
         shutil.rmtree(fitted, ignore_errors=True)
         if blocks:
-            _merge_blocks([Path(b["dir"]) for b in blocks], fitted)
+            fitted_blocks = [Path(b["dir"]) for b in blocks if not b.get("empty")]
+            if not fitted_blocks:
+                raise ShapeError("no voxel to fit: the mask keeps no voxel of any block")
+            _merge_blocks(fitted_blocks, fitted, blocks[0].get("mask"), len(blocks))
             printed = ""
         else:
             printed = run_fit(_fit_argv(job, work, fitted))
@@ -319,8 +354,16 @@ def run_job(job: Job, blocks: Sequence[dict[str, Any]] = ()) -> JobRecord:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _merge_blocks(block_dirs: Sequence[Path], dest: Path) -> None:
-    """Each block's maps where its mask is set; sidecars of the first block plus the count."""
+def _merge_blocks(
+    block_dirs: Sequence[Path],
+    dest: Path,
+    mask_info: dict[str, Any] | None = None,
+    n_blocks: int | None = None,
+) -> None:
+    """Each fitted block's maps where its mask is set (voxels of no fitted block keep the first
+    block's NaN); sidecars of the first block plus the block count ``n_blocks`` (default: the
+    fitted ones) and the whole volume's ``"Mask"`` entry (each block's own entry names its block
+    mask file)."""
     import nibabel as nib
     import numpy as np
 
@@ -336,7 +379,9 @@ def _merge_blocks(block_dirs: Sequence[Path], dest: Path) -> None:
             nib.save(nib.Nifti1Image(arr, None, header=img.header), str(dest / f.name))
         elif f.suffix == ".json":
             meta = json.loads(f.read_text())
-            meta["VoxelBlocks"] = len(block_dirs)
+            meta["VoxelBlocks"] = n_blocks or len(block_dirs)
+            if mask_info is not None and "Mask" in meta:
+                meta["Mask"] = mask_info
             (dest / f.name).write_text(json.dumps(meta, indent=2))
 
 
