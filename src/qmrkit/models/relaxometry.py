@@ -105,17 +105,19 @@ def recovery_start(
     Ec = E - ebar[:, None]
     norm = Ec.norm(dim=-1)  # (G,) ‖e − ē‖ > 0 for every finite τ
     Q = Ec / norm[:, None]  # (G, M) orthonormal to the constant
-    # A > 0  <=>  c < ȳ·‖e − ē‖/ē ; B > 0  <=>  c < 0: both at once as c/ratio < min(ȳ, 0)
+    # A > 0  <=>  c < ȳ·‖e − ē‖/ē ; B > 0  <=>  c < 0: both at once as c < min(ȳ, 0)·ratio
     ratio = norm / ebar  # (G,)
-    # one product gives −c and −c/ratio, in the (τ, voxel·candidate) layout: every step below is
-    # a pass over contiguous rows, and the reduction over τ runs across rows (vectorised)
-    QQ = torch.cat([Q, Q / ratio[:, None]]).neg_().to(torch.float32)  # (2G, M)
+    # one product gives −c for every τ, in the (τ, voxel·candidate) layout: every step below is a
+    # pass over contiguous rows, and the reduction over τ runs across rows (vectorised)
+    nQ = Q.neg().to(torch.float32)  # (G, M)
+    ratio32 = ratio.to(torch.float32)[:, None]  # (G, 1)
     n = V * K
     # the candidates' signed data, built in the layout of the product: (M, V·K), float32
     pos = torch.arange(M, device=d.device)
     flip = pos[:, None, None] < k[None]  # (M, V, K)
     Yt = torch.where(flip, -1.0, 1.0).to(torch.float32).mul_(d.T.to(torch.float32)[..., None])
     Yt = Yt.reshape(M, n)
+    # feasible  <=>  −c > max(−ȳ, 0)·ratio
     limit = (-ybar).clamp(min=0.0).reshape(1, n).to(torch.float32)
     # the argmax over τ by one integer max: for non-negative floats the int32 bit patterns sort
     # like the values, so the low 6 bits can carry the grid index (ties within 2⁻¹⁷ relative go
@@ -127,14 +129,14 @@ def recovery_start(
     g = torch.empty(n, dtype=torch.long, device=d.device)
     best3 = torch.empty((3, n), dtype=torch.float32, device=d.device)
     chunk = max(1, min(n, _START_CHUNK * K))
-    work = torch.empty((2 * n_tau, chunk), dtype=torch.float32, device=d.device)
+    work, thr = (torch.empty((n_tau, chunk), dtype=torch.float32, device=d.device) for _ in "ab")
     for i in range(0, n, chunk):
         j = min(n, i + chunk)
-        both = torch.matmul(QQ, Yt[:, i:j], out=work[:, : j - i])
-        nc, ncr = both[:n_tau], both[n_tau:]
+        nc = torch.matmul(nQ, Yt[:, i:j], out=work[:, : j - i])
         # feasible (A, B > 0) points keep −c > 0, the others become 0 (no better than a
         # constant); the best grid point has the largest −c
-        score = nc.mul_(ncr.gt_(limit[:, i:j]))
+        bound = torch.mul(ratio32, limit[:, i:j], out=thr[:, : j - i])
+        score = nc.mul_(bound.lt_(nc))
         key = score.clone().view(torch.int32)
         gc = key.bitwise_and_(-64).bitwise_or_(index_bits).amax(dim=0).bitwise_and_(63).long()
         gi = gc.clamp(1, n_tau - 2)[None, :] + three  # (3, v) the best point and neighbours
