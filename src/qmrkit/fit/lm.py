@@ -280,11 +280,22 @@ def _lm_chunk(
     cost = cost_all.clone()
     lam = torch.full((V,), lambda0, dtype=torch.float64, device=dev)
     nu = torch.full((V,), 2.0, dtype=torch.float64, device=dev)
+    # the cost's rounding floor: residuals r = f − d carry ≈ eps·|d| of rounding each, so a cost
+    # change below ≈ 2·eps·Σ|r|·|d| may not show (in float32 often 1e-5 of the cost, above ftol):
+    # a rejected step whose predicted gain is below it ends the voxel as converged at the
+    # working precision (instead of raising the damping ~10 times until "stalled")
+    data_abs = problem.data.abs()
+    if problem.weights is not None:  # the residual is weighted: sqrt(w)·(f − d)
+        data_abs = data_abs * problem.weights.sqrt()
+    if data_abs.shape != r.shape:  # complex residuals are stored as (re, im) pairs
+        data_abs = data_abs.repeat_interleave(r.shape[1] // data_abs.shape[1], dim=1)
+    eps = torch.finfo(r.dtype).eps
+    floor = 2 * eps * (r.abs().double() * data_abs.double()).sum(dim=1)
     exact = cost <= 1e-30
     status[exact] = 3
     if bool(exact.any()):
         keep = torch.nonzero(~exact).reshape(-1)
-        act, H, g, cost, lam, nu = (x[keep] for x in (act, H, g, cost, lam, nu))
+        act, H, g, cost, lam, nu, floor = (x[keep] for x in (act, H, g, cost, lam, nu, floor))
     # the bar counts finished voxels (not iterations up to max_iter): its ETA follows convergence
     if track:
         bar.update(V - act.numel())
@@ -313,7 +324,10 @@ def _lm_chunk(
         accept = ok & torch.isfinite(cost_t) & (actual > 0)
         rho = actual / predicted.clamp_min(1e-300)
         conv_f = (accept & (actual <= ftol * cost)) | (
-            ok & ~clipped & (lam <= 1.0) & (predicted <= ftol * cost)
+            ok
+            & ~clipped
+            & (lam <= 1.0)
+            & ((predicted <= ftol * cost) | (~accept & (predicted <= floor)))
         )
         conv_x = accept & (step.abs() <= xtol * (th_a.double().abs() + xtol)).all(dim=-1)
         # Nielsen's damping update
@@ -355,7 +369,7 @@ def _lm_chunk(
             bar.set_postfix(iteration=it, active=int(keep.sum()))
         if bool(done.any()):
             kpos = torch.nonzero(keep).reshape(-1)
-            act, H, g, cost, lam, nu = (x[kpos] for x in (act, H, g, cost, lam, nu))
+            act, H, g, cost, lam, nu, floor = (x[kpos] for x in (act, H, g, cost, lam, nu, floor))
     if track:
         bar.update(act.numel())  # voxels stopped by max_iter are finished too
     status[act] = -1
