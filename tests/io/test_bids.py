@@ -132,6 +132,18 @@ def test_derivative_names_and_rules(raw, tmp_path):
     write_dataset_description(out, ds, model="molli", solver="lm")
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "qmrkit"
+    readme = (out / "README").read_text()
+    assert "T1map, T2map, T2starmap in s" in readme and "times in ms" in readme
+    # the README qmrkit wrote while maps were in ms is replaced; a user's own README is kept
+    (out / "README").write_text(
+        "Parametric maps of x written by qmrkit 0.1. Times are in ms (each "
+        "sidecar's Units says so); logs/ holds one JSON record.\n"
+    )
+    write_dataset_description(out, ds, model="molli", solver="lm")
+    assert (out / "README").read_text() == readme
+    (out / "README").write_text("My study's maps.\n")
+    write_dataset_description(out, ds, model="molli", solver="lm")
+    assert (out / "README").read_text() == "My study's maps.\n"
     assert check_derivatives(out) == []
     # each rule catches its violation
     anat = out / "sub-01" / "anat"

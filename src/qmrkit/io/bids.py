@@ -691,6 +691,9 @@ def update_bidsignore(out: str | Path, patterns: Iterable[str]) -> None:
         _atomic_write_text(ignore, "\n".join(lines) + "\n")
 
 
+#: the sentence qmrkit's derivatives README had while BIDS maps were written in ms
+_LEGACY_README = "Times are in ms (each sidecar's Units says so)"
+
 #: folders of the derivatives that are not BIDS data (logs of the batch, temporary files)
 BIDSIGNORE = ("logs/", ".qmrkit-tmp/")
 
@@ -742,7 +745,9 @@ def write_dataset_description(
     }
     _atomic_write_text(desc, json.dumps(content, indent=2) + "\n")
     readme = outp / "README"
-    if not readme.exists():
+    # a README of ours from before BIDS units said the opposite of what the maps now are: replace
+    # it (any other existing README is the user's and is kept)
+    if not readme.exists() or _LEGACY_README in readme.read_text(errors="replace"):
         _atomic_write_text(
             readme,
             f"Parametric maps of {raw_desc.get('Name', raw.root.name)} written by qmrkit "
