@@ -2,8 +2,9 @@
 
 One batch run (module fixture) serves several tests: a worker is killed while it fits a subject,
 one extra subject has a corrupt file. The maps are compared with ``qmrkit fit`` run in this
-process on the same inputs (bit for bit), with the phantoms' known T1, and the tree with the
-BIDS-derivatives rules (and the BIDS validator when one is installed).
+process on the same inputs (bit for bit; the T1map in BIDS seconds = the fit's ms / 1000), with
+the phantoms' known T1, and the tree with the BIDS-derivatives rules (and the BIDS validator when
+one is installed).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def test_derivatives_tree_is_valid(batch):
     out = root / "derivatives" / "qmrkit"
     assert check_derivatives(out) == []
     side = json.loads((out / "sub-02" / "anat" / "sub-02_T1map.json").read_text())
-    assert side["Units"] == "ms" and side["Model"] == "molli" and side["Solver"] == "lm"
+    assert side["Units"] == "s" and side["Model"] == "molli" and side["Solver"] == "lm"
     assert side["Sources"][0] == "bids:raw:sub-02/anat/sub-02_inv-1_MOLLI.nii.gz" or all(
         s.startswith("bids:raw:sub-02/anat/") or s == "bids:raw:MOLLI.json" for s in side["Sources"]
     )
@@ -172,12 +173,16 @@ def test_maps_equal_single_process_fit_bit_for_bit(batch, tmp_path):
         for stem in MAPS:
             got = nib.load(str(out / sub / ses / "anat" / f"{label}_{stem}.nii.gz"))
             want = nib.load(str(ref / f"{stem}.nii.gz"))
-            np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(want.dataobj))
+            want_arr = np.asarray(want.dataobj)
+            if stem == "T1map":  # BIDS defines T1map in s: qmrkit fit's ms / 1000 in float32
+                want_arr = want_arr / np.float32(1000)
+            np.testing.assert_array_equal(np.asarray(got.dataobj), want_arr)
             np.testing.assert_array_equal(got.affine, want.affine)
-        # and the fit is right: T1 of the tissue voxels against the phantom's truth
+        # and the fit is right: T1 of the tissue voxels against the phantom's truth (ms -> s)
         t1 = np.asarray(nib.load(str(out / sub / ses / "anat" / f"{label}_T1map.nii.gz")).dataobj)
         tissue = truth[label]["M0"] > 500
-        rel = np.abs(t1[tissue] - truth[label]["T1"][tissue]) / truth[label]["T1"][tissue]
+        t1_true = truth[label]["T1"][tissue] / 1000.0
+        rel = np.abs(t1[tissue] - t1_true) / t1_true
         assert np.median(rel) < 0.03
 
 

@@ -30,14 +30,80 @@ def test_cli_batch_vfa_in_process(study, capsys):
     assert rc == 0, text
     assert "3 done, 0 skipped (done before), 0 failed" in text
     assert check_derivatives(out) == []
-    # Rician SNR 60 and 4 flip angles: VFA T1 within 5 % of the truth (median over tissue)
+    # Rician SNR 60 and 4 flip angles: VFA T1 within 5 % of the truth (median over tissue); the
+    # published T1map is in s as BIDS defines it, the truth in qmrkit's ms
     for label, folder in (("sub-01", "sub-01/anat"), ("sub-02_ses-pre", "sub-02/ses-pre/anat")):
         t1 = np.asarray(nib.load(str(out / folder / f"{label}_T1map.nii.gz")).dataobj)
-        want = truth[f"{label}/vfa"]["T1"]
+        want = truth[f"{label}/vfa"]["T1"] / 1000.0
         tissue = truth[f"{label}/vfa"]["M0"] > 500
         assert np.median(np.abs(t1[tissue] - want[tissue]) / want[tissue]) < 0.05
     side = json.loads((out / "sub-01/anat/sub-01_T1map.json").read_text())
+    assert side["Units"] == "s"
+    # the acquisition record stays in qmrkit's units (ms), as the fit used them
     assert side["Acquisition"] == {"flip_angles": [3.0, 8.0, 15.0, 20.0], "tr": 15.0}
+
+
+def test_published_maps_are_qmrkit_fit_in_bids_units(study, tmp_path):
+    """The published T1map is ``qmrkit fit``'s own T1map of the same input (run here, in this
+    process) divided by 1000 in float32, bit for bit, with ``Units: "s"``; the M0map is the fit's
+    unchanged (``"arbitrary"``), and the non-BIDS maps keep qmrkit's values and units."""
+    from qmrkit.dist import run_batch
+    from qmrkit.sim.bids import VFA_FLIPS, VFA_TR
+
+    root, _ = study
+    out = tmp_path / "deriv"
+    rep = run_batch(root, "vfa", out=out, scheduler="inprocess", participant_label=["01"])
+    assert [r.status for r in rep.records] == ["done"]
+    # the same input as qmrkit fit takes it: the flip- collection stacked in FlipAngle order
+    anat = root / "sub-01" / "anat"
+    imgs = [nib.load(str(anat / f"sub-01_flip-{i}_VFA.nii.gz")) for i in (1, 2, 3, 4)]
+    stacked = tmp_path / "sub-01_VFA.nii.gz"
+    data = np.stack([np.asarray(i.dataobj) for i in imgs], axis=-1)
+    nib.save(nib.Nifti1Image(data, imgs[0].affine, header=imgs[0].header), str(stacked))
+    ref = tmp_path / "fit"
+    fa = ",".join(repr(float(a)) for a in VFA_FLIPS)
+    argv = ["fit", "vfa", "--data", str(stacked), "--fa", fa, "--tr", repr(float(VFA_TR))]
+    assert cli.main([*argv, "--out", str(ref), "--no-figure", "-q"]) == 0
+
+    def load(path):
+        img = nib.load(str(path))
+        meta = json.loads(path.with_name(path.name[: -len(".nii.gz")] + ".json").read_text())
+        return np.asarray(img.dataobj), img.affine, meta
+
+    pub = out / "sub-01" / "anat"
+    t1, t1_affine, t1_side = load(pub / "sub-01_T1map.nii.gz")
+    t1_ms, ref_affine, ref_side = load(ref / "T1map.nii.gz")
+    assert ref_side["Units"] == "ms" and t1_side["Units"] == "s"
+    assert t1.dtype == t1_ms.dtype == np.float32
+    assert np.isfinite(t1).sum() > 20  # a real map (background NaN by the auto mask)
+    np.testing.assert_array_equal(t1, t1_ms / np.float32(1000))
+    np.testing.assert_array_equal(t1_affine, ref_affine)
+    for stem, unit in (("M0map", "arbitrary"), ("residual", "a.u."), ("converged", "")):
+        got, _, side = load(pub / f"sub-01_{stem}.nii.gz")
+        want, _, ref_meta = load(ref / f"{stem}.nii.gz")
+        np.testing.assert_array_equal(got, want)
+        assert side["Units"] == unit, (stem, side["Units"], ref_meta["Units"])
+
+
+def test_rerun_redoes_a_subject_published_in_ms(study, tmp_path):
+    """A derivatives tree whose T1map still says ms (written before the BIDS units) is refitted by
+    a rerun, not skipped, so one folder never mixes ms and s under the T1map suffix."""
+    from qmrkit.dist import run_batch
+
+    root, _ = study
+    out = tmp_path / "deriv"
+    kw = {"out": out, "scheduler": "inprocess", "participant_label": ["01"], "progress": False}
+    assert [r.status for r in run_batch(root, "vfa", **kw).records] == ["done"]
+    assert [r.status for r in run_batch(root, "vfa", **kw).records] == ["skipped"]
+    side = out / "sub-01/anat/sub-01_T1map.json"
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "Units": "ms"}))
+    assert check_derivatives(out) == [
+        "sub-01_T1map.json: Units is 'ms', but BIDS defines T1map in 's'"
+    ]
+    assert [r.status for r in run_batch(root, "vfa", **kw).records] == ["done"]
+    assert json.loads(side.read_text())["Units"] == "s"
+    assert check_derivatives(out) == []
 
 
 def test_batch_dti_from_dwi_folder(study):

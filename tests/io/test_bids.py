@@ -16,6 +16,7 @@ from qmrkit.io.bids import (
     derivative_name,
     find_inputs,
     parse_name,
+    to_bids_units,
     write_dataset_description,
 )
 from qmrkit.sim.bids import OTHER_TI, VFA_FLIPS, VFA_TR, bids_dataset
@@ -131,6 +132,18 @@ def test_derivative_names_and_rules(raw, tmp_path):
     write_dataset_description(out, ds, model="molli", solver="lm")
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "qmrkit"
+    readme = (out / "README").read_text()
+    assert "T1map, T2map, T2starmap in s" in readme and "times in ms" in readme
+    # the README qmrkit wrote while maps were in ms is replaced; a user's own README is kept
+    (out / "README").write_text(
+        "Parametric maps of x written by qmrkit 0.1. Times are in ms (each "
+        "sidecar's Units says so); logs/ holds one JSON record.\n"
+    )
+    write_dataset_description(out, ds, model="molli", solver="lm")
+    assert (out / "README").read_text() == readme
+    (out / "README").write_text("My study's maps.\n")
+    write_dataset_description(out, ds, model="molli", solver="lm")
+    assert (out / "README").read_text() == "My study's maps.\n"
     assert check_derivatives(out) == []
     # each rule catches its violation
     anat = out / "sub-01" / "anat"
@@ -143,5 +156,55 @@ def test_derivative_names_and_rules(raw, tmp_path):
     (anat / "sub-01_Foo.json").write_text("{}")
     problems = "\n".join(check_derivatives(out))
     assert "sub-01_T1map.json: lacks Sources" in problems
+    assert "sub-01_T1map.json: Units is 'ms', but BIDS defines T1map in 's'" in problems
     assert "run-1_sub-01_T2map.json: name does not start with its folders' entities" in problems
     assert "suffix 'Foo' is not a BIDS map and not in .bidsignore" in problems
+
+
+def test_to_bids_units_converts_bids_time_maps_only(tmp_path):
+    """BIDS defines T1map/T2map/T2starmap in s and the rates in 1/s (bids-specification
+    src/schema/objects/suffixes.yaml): qmrkit's ms maps are divided by 1000 in float32 (the
+    correctly rounded quotient, NaN kept, geometry kept); rates in 1/s and non-BIDS maps are left
+    byte for byte; a unit with no conversion is an error, not a guess."""
+    affine = np.diag([1.5, 1.5, 8.0, 1.0])
+    ms = np.array([[[1200.0], [np.nan]], [[45.3], [0.7]]], np.float32)  # (2, 2, 1)
+
+    def write(name: str, data: np.ndarray) -> object:
+        img = nib.Nifti1Image(data, affine)
+        img.set_sform(affine, code=1)
+        img.set_qform(affine, code=1)
+        nib.save(img, tmp_path / name)
+        return tmp_path / name
+
+    t1 = write("sub-01_T1map.nii.gz", ms)
+    meta = to_bids_units(t1, {"Units": "ms", "Description": "T1"})
+    assert meta == {"Units": "s", "Description": "T1"}
+    got = nib.load(t1)
+    arr = np.asarray(got.dataobj)
+    assert arr.dtype == np.float32
+    # the float64 quotient rounded once to float32 (exact: 53 >= 2*24 + 2 bits), NaN kept
+    want = (ms.astype(np.float64) / 1000.0).astype(np.float32)
+    np.testing.assert_array_equal(arr, want)
+    assert arr[0, 0, 0] == np.float32(1.2) and np.isnan(arr[0, 1, 0])
+    np.testing.assert_array_equal(got.affine, affine)
+    assert int(got.header["sform_code"]) == 1 and int(got.header["qform_code"]) == 1
+    assert got.header["descrip"].tobytes().rstrip(b"\0") == b"qmrkit T1map [s]"
+
+    # a rate already in 1/s, and a non-BIDS time map: Units kept, files not rewritten
+    for name, unit, bids_unit in (
+        ("sub-01_R2starmap.nii.gz", "1/s", "1/s"),
+        ("sub-01_T1starmap.nii.gz", "ms", "ms"),
+        ("sub-01_model-dti_param-MD_dwimap.nii.gz", "um^2/ms", "um^2/ms"),
+    ):
+        f = write(name, ms)
+        before = f.read_bytes()
+        assert to_bids_units(f, {"Units": unit})["Units"] == bids_unit
+        assert f.read_bytes() == before
+    assert to_bids_units(write("sub-01_M0map.nii.gz", ms), {"Units": "a.u."}) == {
+        "Units": "arbitrary"
+    }
+    t2 = write("sub-01_T2map.nii.gz", ms)
+    with pytest.raises(DataFileError, match="BIDS T2map is in 's', but the map is in 'min'"):
+        to_bids_units(t2, {"Units": "min"})
+    with pytest.raises(DataFileError, match="its sidecar has no Units"):
+        to_bids_units(t2, {})

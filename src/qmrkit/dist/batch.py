@@ -5,7 +5,10 @@ One path per job
 A job is exactly ``qmrkit fit <model> --data|--dwi ... --out TMP`` (the same parser and handler
 as the command line, :func:`run_fit`) on one subject/session's inputs, followed by renaming the
 files it wrote into the BIDS-derivatives tree. So a map of ``qmrkit batch`` is byte for byte the
-map ``qmrkit fit`` writes for the same inputs and flags, on any worker. Inputs that BIDS stores as a
+map ``qmrkit fit`` writes for the same inputs and flags, on any worker, except that maps named by a
+BIDS qMRI suffix are put in the unit BIDS defines for it (``T1map``/``T2map``/``T2starmap``: qmrkit's
+ms / 1000 = s, in float32; rates already 1/s) by :func:`qmrkit.io.bids.to_bids_units`, the one
+conversion path, with the sidecar's ``Units`` to match. Inputs that BIDS stores as a
 file collection (``inv-1``, ``inv-2``, ...) are first stacked into one 4D NIfTI in the job's
 temporary folder (values and affine unchanged, float32 as ``load_nifti`` reads them).
 
@@ -60,6 +63,8 @@ from ..io.bids import (
     derivative_name,
     find_inputs,
     ignore_patterns,
+    to_bids_units,
+    units_problem,
     update_bidsignore,
     write_dataset_description,
 )
@@ -386,7 +391,8 @@ def _merge_blocks(
 
 
 def _publish(job: Job, fitted: Path, t0: float) -> JobRecord:
-    """Rename ``qmrkit fit``'s files into the BIDS tree (each by ``os.replace``)."""
+    """Rename ``qmrkit fit``'s files into the BIDS tree (each by ``os.replace``), BIDS maps
+    converted to BIDS units by :func:`~qmrkit.io.bids.to_bids_units` on the way."""
     item = job.item
     summary = {}
     if (fitted / "fit.json").exists():
@@ -405,6 +411,8 @@ def _publish(job: Job, fitted: Path, t0: float) -> JobRecord:
         meta = json.loads((fitted / f"{stem}.json").read_text())
         for k in ("Input", "InputFiles"):  # temporary paths of the job: the BIDS URIs replace them
             meta.pop(k, None)
+        # BIDS maps in BIDS units (T1map in s, not qmrkit's ms), on the staged copy
+        meta = to_bids_units(stage / folder / name, meta)
         meta["Sources"] = list(item.sources)
         meta["qmrkitBatch"] = {
             "Job": item.label,
@@ -442,13 +450,25 @@ def _write_record(job: Job, record: JobRecord) -> None:
 
 
 def finished(job: Job) -> JobRecord | None:
-    """The record of an earlier run that completed ``job`` (all its files present), else None."""
+    """The record of an earlier run that completed ``job`` (all its files present, sidecars with
+    the units :func:`~qmrkit.io.bids.units_problem` accepts), else None."""
     try:
         rec = json.loads(job.record_path.read_text())
     except (OSError, ValueError):
         return None
-    if rec.get("status") != "done" or not all((job.out / f).exists() for f in rec.get("files", [])):
+    files = rec.get("files", [])
+    if rec.get("status") != "done" or not all((job.out / f).exists() for f in files):
         return None
+    # a tree written before BIDS maps were converted to BIDS units (T1map in ms) is redone, not
+    # kept: one derivatives folder must not mix ms and s under the same suffix
+    for f in files:
+        if f.endswith(".json"):
+            try:
+                meta = json.loads((job.out / f).read_text())
+            except (OSError, ValueError):
+                return None
+            if units_problem(Path(f).name, meta) is not None:
+                return None
     rec["status"] = "skipped"
     return JobRecord(**rec)
 

@@ -2,7 +2,14 @@
 raw data and images, surfaces and per-vertex data (GIfTI, FreeSurfer geometry, MGH), BIDS datasets
 in and derivatives out, and DICOM (pydicom, highdicom; series in, maps out, C-STORE to a PACS)."""
 
-from .bids import BidsDataset, BidsFile, SubjectInput, check_derivatives, find_inputs
+from .bids import (
+    BidsDataset,
+    BidsFile,
+    SubjectInput,
+    check_derivatives,
+    find_inputs,
+    to_bids_units,
+)
 from .dicom import DicomSeries, acquisition_values, is_dicom, read_dicom
 from .dicom_out import DicomMapSeries, write_dicom_maps, write_dicom_series
 from .dwi import DWI, load_dwi, save_dwi
@@ -80,4 +87,5 @@ __all__ = [
     "SubjectInput",
     "find_inputs",
     "check_derivatives",
+    "to_bids_units",
 ]

@@ -42,6 +42,14 @@ is a BIDS qMRI suffix (``T1map``, ``M0map``, ``T2map``, ``T2starmap``, ``R2starm
 are BIDS files; the others (the residual, the MOLLI ``A``/``B``/``T1star`` maps, diffusion maps in
 the BEP016 ``model-<m>_param-<p>_dwimap`` form, not yet in the released specification) are kept
 under the same naming rules and listed in ``.bidsignore``, as BIDS provides for such files.
+
+Units of the derivatives: BIDS maps are written in the units the specification defines for their
+suffix (``src/schema/objects/suffixes.yaml``: ``T1map``, ``T2map``, ``T2starmap`` in seconds,
+``R1map``, ``R2map``, ``R2starmap`` in 1/s, ``M0map``/``S0map``/``PDmap`` arbitrary), so qmrkit's
+ms maps are divided by 1000 on the way out (:func:`to_bids_units`, the one place this happens) and
+``Units`` says ``"s"``; the non-BIDS maps keep qmrkit's units (times in ms), stated in their
+``Units``. Both directions cross the boundary once: seconds in (sidecar times → ms, above),
+seconds out.
 """
 
 from __future__ import annotations
@@ -88,10 +96,37 @@ ENTITY_ORDER: tuple[str, ...] = (
 #: BIDS version the derivatives' dataset_description.json declares
 BIDS_VERSION = "1.10.0"
 
+#: the unit the BIDS specification defines for each quantitative-MRI map suffix qmrkit may write
+#: (bids-specification ``src/schema/objects/suffixes.yaml``, the ``unit`` of each suffix: relaxation
+#: times in seconds, rates in 1/s, amplitudes arbitrary; ``s`` and ``1/s`` are also the CMIXF
+#: spellings the common principles recommend for ``Units``)
+BIDS_MAP_UNITS: dict[str, str] = {
+    "T1map": "s",
+    "T2map": "s",
+    "T2starmap": "s",
+    "R1map": "1/s",
+    "R2map": "1/s",
+    "R2starmap": "1/s",
+    "PDmap": "arbitrary",
+    "M0map": "arbitrary",
+    "S0map": "arbitrary",
+}
+
 #: map stems (``FitResult.map_names`` values) that are BIDS quantitative-MRI suffixes
-BIDS_MAP_SUFFIXES = frozenset(
-    {"T1map", "R1map", "T2map", "R2map", "T2starmap", "R2starmap", "PDmap", "M0map", "S0map"}
-)
+BIDS_MAP_SUFFIXES = frozenset(BIDS_MAP_UNITS)
+
+#: (qmrkit unit, BIDS unit) -> (multiplier, divisor) taking a qmrkit value to the BIDS value.
+#: Integers, so that ms -> s is one correctly rounded float division by 1000 (``x * 1e-3`` would
+#: round twice and differ from ``x / 1000`` in the last bit for some values).
+_TO_BIDS_UNIT: dict[tuple[str, str], tuple[int, int]] = {
+    ("ms", "s"): (1, 1000),
+    ("s", "s"): (1, 1),
+    ("1/ms", "1/s"): (1000, 1),
+    ("1/s", "1/s"): (1, 1),
+    ("a.u.", "arbitrary"): (1, 1),
+    ("", "arbitrary"): (1, 1),
+    ("arbitrary", "arbitrary"): (1, 1),
+}
 
 _NAME = re.compile(
     r"^(?P<body>(?:[a-zA-Z0-9]+-[a-zA-Z0-9]+_)*)(?P<suffix>[a-zA-Z0-9]+)(?P<ext>\..+)$"
@@ -560,6 +595,82 @@ def derivative_name(item: SubjectInput, stem: str, extension: str, model: str) -
     return folder, name
 
 
+def to_bids_units(nifti: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Put one derivative map in the unit BIDS defines for its suffix (in place), returning its
+    sidecar metadata with ``Units`` set to match.
+
+    The one place where qmrkit's units (times in ms, see ``shared/DESIGN.md``) become BIDS units:
+    a map named by a BIDS qMRI suffix (:data:`BIDS_MAP_UNITS`) is converted, e.g. ``T1map``
+    from ms to s (each voxel ``/ 1000``, NaN kept, the file's float dtype kept), rates already in
+    1/s unchanged, amplitudes relabelled ``arbitrary``. Any other map (``Amap``, ``T1starmap``,
+    ``residual``, ``dwimap``... : listed in ``.bidsignore``) keeps qmrkit's unit, which its
+    ``Units`` states.
+
+    Parameters
+    ----------
+    nifti : str or Path
+        The map, already under its derivative name (``sub-01_T1map.nii.gz``): its suffix decides.
+        Rewritten when its values change (callers pass a staged copy, not a published file).
+    meta : mapping
+        Its sidecar as ``qmrkit fit`` wrote it; ``Units`` is the map's qmrkit unit.
+
+    Returns
+    -------
+    dict
+        A copy of ``meta`` with ``Units`` in BIDS's unit for BIDS maps.
+
+    Raises
+    ------
+    DataFileError
+        If the sidecar has no ``Units``, or a BIDS map's unit has no known conversion to BIDS's.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    path = Path(nifti)
+    _, suffix, _ = parse_name(path.name)
+    out = dict(meta)
+    if "Units" not in out:
+        raise DataFileError(f"{path.name}: its sidecar has no Units, so it cannot be put in BIDS")
+    if suffix not in BIDS_MAP_UNITS:
+        return out
+    unit, bids_unit = str(out["Units"]), BIDS_MAP_UNITS[suffix]
+    if (unit, bids_unit) not in _TO_BIDS_UNIT:
+        raise DataFileError(
+            f"{path.name}: a BIDS {suffix} is in {bids_unit!r}, but the map is in {unit!r} "
+            f"(known conversions to {bids_unit!r}: "
+            f"{sorted(u for u, b in _TO_BIDS_UNIT if b == bids_unit)})"
+        )
+    mul, div = _TO_BIDS_UNIT[(unit, bids_unit)]
+    out["Units"] = bids_unit
+    if mul == div == 1:
+        return out
+    img = nib.load(str(path))
+    arr = np.asarray(img.dataobj)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DataFileError(f"{path.name}: a {suffix} must hold floats to rescale, got {arr.dtype}")
+    # in the map's own dtype (float32 as qmrkit writes maps): one rounding per voxel
+    scaled = arr * arr.dtype.type(mul) if mul != 1 else arr
+    scaled = scaled / arr.dtype.type(div) if div != 1 else scaled
+    new = nib.Nifti1Image(scaled, None, header=img.header)  # same affine, codes, dtype
+    new.header["descrip"] = f"qmrkit {suffix} [{bids_unit}]".encode("ascii", "replace")[:80]
+    nib.save(new, str(path))
+    return out
+
+
+def units_problem(name: str, meta: Mapping[str, Any]) -> str | None:
+    """What is wrong with the ``Units`` of the derivative ``name``'s sidecar ``meta`` (None when
+    nothing): every map states its unit, and a BIDS map's is the one BIDS defines for its suffix
+    (a ``T1map`` in ``"ms"`` was written before qmrkit converted to BIDS units)."""
+    if "Units" not in meta:
+        return f"{name}: lacks Units"
+    _, suffix, _ = parse_name(name)
+    want = BIDS_MAP_UNITS.get(suffix)
+    if want is not None and meta["Units"] != want:
+        return f"{name}: Units is {meta['Units']!r}, but BIDS defines {suffix} in {want!r}"
+    return None
+
+
 def ignore_patterns(names: Iterable[str]) -> list[str]:
     """``.bidsignore`` patterns for the written files whose suffix is not a BIDS map."""
     out = []
@@ -579,6 +690,9 @@ def update_bidsignore(out: str | Path, patterns: Iterable[str]) -> None:
     if lines != have:
         _atomic_write_text(ignore, "\n".join(lines) + "\n")
 
+
+#: the sentence qmrkit's derivatives README had while BIDS maps were written in ms
+_LEGACY_README = "Times are in ms (each sidecar's Units says so)"
 
 #: folders of the derivatives that are not BIDS data (logs of the batch, temporary files)
 BIDSIGNORE = ("logs/", ".qmrkit-tmp/")
@@ -631,12 +745,17 @@ def write_dataset_description(
     }
     _atomic_write_text(desc, json.dumps(content, indent=2) + "\n")
     readme = outp / "README"
-    if not readme.exists():
+    # a README of ours from before BIDS units said the opposite of what the maps now are: replace
+    # it (any other existing README is the user's and is kept)
+    if not readme.exists() or _LEGACY_README in readme.read_text(errors="replace"):
         _atomic_write_text(
             readme,
             f"Parametric maps of {raw_desc.get('Name', raw.root.name)} written by qmrkit "
-            f"{__version__} ('qmrkit batch --model {model}', solver {solver}). Times are in ms (each sidecar's "
-            "Units says so); logs/ holds one JSON record per fitted input.\n",
+            f"{__version__} ('qmrkit batch --model {model}', solver {solver}). Maps named by a "
+            "BIDS qMRI suffix are in the units BIDS defines: T1map, T2map, T2starmap in s; "
+            "R1map, R2map, R2starmap in 1/s; M0map, S0map, PDmap arbitrary. The other maps "
+            "(listed in .bidsignore) keep qmrkit's units, times in ms. Each sidecar's Units "
+            "states its map's unit. logs/ holds one JSON record per fitted input.\n",
         )
     update_bidsignore(outp, ())
     return desc
@@ -658,7 +777,9 @@ def check_derivatives(out: str | Path) -> list[str]:
     ``"derivative"``, ``GeneratedBy`` (with ``Name``) and ``SourceDatasets``; every data file under
     ``sub-<label>[/ses-<label>]/<datatype>/`` whose name starts with its folders' entities, has
     entities in BIDS order and no repeats; every NIfTI with a JSON sidecar holding ``Units`` and
-    ``Sources``; files not covered by ``.bidsignore`` carry a BIDS qMRI suffix."""
+    ``Sources``, ``Units`` being BIDS's for a BIDS map (``"s"`` for ``T1map``/``T2map``/
+    ``T2starmap``, ``"1/s"`` for the rates: :data:`BIDS_MAP_UNITS`); files not covered by
+    ``.bidsignore`` carry a BIDS qMRI suffix."""
     import fnmatch
 
     outp = Path(out)
@@ -715,9 +836,10 @@ def check_derivatives(out: str | Path) -> list[str]:
                 problems.append(f"{rel}: no JSON sidecar")
                 continue
             meta = json.loads(side.read_text())
-            for k in ("Units", "Sources"):
-                if k not in meta:
-                    problems.append(f"{side.name}: lacks {k}")
+            if "Sources" not in meta:
+                problems.append(f"{side.name}: lacks Sources")
+            if (bad := units_problem(side.name, meta)) is not None:
+                problems.append(bad)
             if not all(
                 isinstance(s, str) and s.startswith("bids:") for s in meta.get("Sources", [])
             ):

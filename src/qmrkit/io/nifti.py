@@ -171,7 +171,8 @@ def save_map(
     The sidecar holds ``Units``, ``Description``, ``Sources`` / provenance (input files, model,
     solver, settings: whatever ``provenance`` gives) and ``GeneratedBy`` (software versions), the
     fields BIDS derivatives use for parametric maps. Units are qmrkit's (times in ms), stated in
-    ``Units``; BIDS quantitative maps in seconds would need a conversion the sidecar makes explicit.
+    ``Units``; BIDS defines ``T1map``/``T2map``/``T2starmap`` in seconds, so a BIDS-derivatives
+    writer converts them (:func:`qmrkit.io.bids.to_bids_units`, as ``qmrkit batch`` does).
 
     Parameters
     ----------
