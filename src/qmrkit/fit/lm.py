@@ -263,21 +263,21 @@ def _lm_chunk(
     V, P = theta0.shape
     dev = problem.device
     lower, upper = problem.lower.double(), problem.upper.double()
+    # results of finished voxels, written once when they finish
     theta = problem.clamp(theta0.detach().clone())
     status = torch.zeros(V, dtype=torch.int8, device=dev)
     iters = torch.zeros(V, dtype=torch.int32, device=dev)
-    act = torch.arange(V, device=dev)
     track = not isinstance(bar, _NullBar)  # counting finished voxels syncs a GPU: only for a bar
 
     # closed-form derivatives cost about one more forward pass, so with them every trial point
     # gets its Jacobian at once (one model call per iteration instead of two); with autodiff the
     # Jacobian is only worth computing where a step was accepted
-    fused = jacobian in ("auto", "model") and problem.model_jacobian(theta[:1], act[:1]) is not None
-    r, J = residual_and_jacobian(problem, theta, act, jacobian)
-    cost_all = 0.5 * r.double().pow(2).sum(dim=1)
-    history = [cost_all.sum()]  # 0-d tensors, read once at the end (no host sync per iteration)
+    fused = (
+        jacobian in ("auto", "model") and problem.model_jacobian(theta[:1], slice(0, 1)) is not None
+    )
+    r, J = residual_and_jacobian(problem, theta, None, jacobian)
+    cost = 0.5 * r.double().pow(2).sum(dim=1)
     H, g = _normal_equations(r, J)
-    cost = cost_all.clone()
     lam = torch.full((V,), lambda0, dtype=torch.float64, device=dev)
     nu = torch.full((V,), 2.0, dtype=torch.float64, device=dev)
     # the cost's rounding floor: residuals r = f − d carry ≈ eps·|d| of rounding each, so a cost
@@ -291,11 +291,32 @@ def _lm_chunk(
         data_abs = data_abs.repeat_interleave(r.shape[1] // data_abs.shape[1], dim=1)
     eps = torch.finfo(r.dtype).eps
     floor = 2 * eps * (r.abs().double() * data_abs.double()).sum(dim=1)
+    history = [cost.sum()]  # 0-d tensors, read once at the end (no host sync per iteration)
+
+    # The iteration works on compacted copies of the still-running voxels (``sub``: their data;
+    # ``th``, ``H``, ... their state; ``act``: their rows in the chunk): no gather or scatter of
+    # every voxel per iteration, only of those that finish.
+    sub, th, act = problem, theta.clone(), torch.arange(V, device=dev)
+    it_a = torch.zeros(V, dtype=torch.int32, device=dev)
+    done_cost = cost.new_zeros(())  # Σ final cost of finished voxels (the history's other part)
+
+    def retire(pos: torch.Tensor, code: torch.Tensor | int) -> None:
+        """Write the finished rows ``pos`` of the working state into the chunk's results."""
+        nonlocal done_cost
+        rows = act[pos]
+        theta[rows] = th[pos]
+        iters[rows] = it_a[pos]
+        status[rows] = code if isinstance(code, int) else code[pos]
+        done_cost = done_cost + cost[pos].sum()
+
     exact = cost <= 1e-30
-    status[exact] = 3
     if bool(exact.any()):
+        retire(torch.nonzero(exact).reshape(-1), 3)
         keep = torch.nonzero(~exact).reshape(-1)
-        act, H, g, cost, lam, nu, floor = (x[keep] for x in (act, H, g, cost, lam, nu, floor))
+        act, th, H, g, cost, lam, nu, floor, it_a = (
+            x[keep] for x in (act, th, H, g, cost, lam, nu, floor, it_a)
+        )
+        sub = sub.subset(keep)
     # the bar counts finished voxels (not iterations up to max_iter): its ETA follows convergence
     if track:
         bar.update(V - act.numel())
@@ -303,20 +324,19 @@ def _lm_chunk(
     for it in range(1, max_iter + 1):
         if act.numel() == 0:
             break
-        iters[act] += 1
-        th_a = theta[act]
-        delta, ok = _damped_step(H, g, lam, th_a, lower, upper)
-        raw = th_a + delta.to(theta.dtype)
-        trial = problem.clamp(raw)
+        it_a += 1
+        delta, ok = _damped_step(H, g, lam, th, lower, upper)
+        raw = th + delta.to(th.dtype)
+        trial = sub.clamp(raw)
         # a step cut by the box: its predicted gain (of the projected step) may be <= 0 although
         # the voxel is far from converged, so it must not count as "nothing left to gain"
         clipped = (trial != raw).any(dim=-1)
-        step = (trial - th_a).double()
+        step = (trial - th).double()
         if fused:
-            r_t, J_t = residual_and_jacobian(problem, trial, act, jacobian)
+            r_t, J_t = residual_and_jacobian(sub, trial, None, jacobian)
         else:
             with torch.no_grad():
-                r_t = problem.residual(trial, act)
+                r_t = sub.residual(trial)
         cost_t = 0.5 * r_t.double().pow(2).sum(dim=1)
         Hs = (H * step[:, None, :]).sum(-1)
         predicted = -(step * (g + 0.5 * Hs)).sum(-1)
@@ -329,7 +349,7 @@ def _lm_chunk(
             & (lam <= 1.0)
             & ((predicted <= ftol * cost) | (~accept & (predicted <= floor)))
         )
-        conv_x = accept & (step.abs() <= xtol * (th_a.double().abs() + xtol)).all(dim=-1)
+        conv_x = accept & (step.abs() <= xtol * (th.double().abs() + xtol)).all(dim=-1)
         # Nielsen's damping update
         lam = torch.where(
             accept, lam * torch.clamp(1 - (2 * rho - 1) ** 3, min=1.0 / 3.0), lam * nu
@@ -340,16 +360,10 @@ def _lm_chunk(
         # predicts no gain worth having, which also ends float32 voxels at their noise floor
         conv_e = accept & (cost_t <= 1e-30)
         stalled = ~accept & (lam > 1e16)
-        theta[act] = torch.where(accept[:, None], trial, th_a)
+        th = torch.where(accept[:, None], trial, th)
         cost = torch.where(accept, cost_t, cost)
-        cost_all[act] = cost
 
         done = conv_f | conv_x | conv_e | stalled
-        # the code of a finished voxel (running voxels keep 0), by precedence exact > ftol > xtol
-        code = torch.zeros_like(status[:1]).expand(act.numel()).clone()
-        code.masked_fill_(stalled, 4).masked_fill_(conv_x, 2).masked_fill_(conv_f, 1)
-        status[act] = code.masked_fill_(conv_e, 3)
-
         keep = ~done
         refresh = accept & keep  # moved and still iterating: new Jacobian needed
         if fused:
@@ -358,21 +372,30 @@ def _lm_chunk(
             g = torch.where(refresh[:, None], g_t, g)
         elif bool(refresh.any()):
             rpos = torch.nonzero(refresh).reshape(-1)
-            ridx = act[rpos]
-            r_new, J_new = residual_and_jacobian(problem, theta[ridx], ridx, jacobian)
+            r_new, J_new = residual_and_jacobian(sub, th[rpos], rpos, jacobian)
             H_new, g_new = _normal_equations(r_new, J_new)
             H = H.index_copy(0, rpos, H_new)
             g = g.index_copy(0, rpos, g_new)
-        history.append(cost_all.sum())
-        if track:
-            bar.update(int(done.sum()))
-            bar.set_postfix(iteration=it, active=int(keep.sum()))
-        if bool(done.any()):
+        n_done = int(done.sum())  # a host sync per iteration, as the loop's exit test needs one
+        if n_done:
+            # the code of a finished voxel, by precedence exact > ftol > xtol > stalled
+            code = torch.zeros_like(status[:1]).expand(act.numel()).clone()
+            code.masked_fill_(stalled, 4).masked_fill_(conv_x, 2).masked_fill_(conv_f, 1)
+            code.masked_fill_(conv_e, 3)
+            retire(torch.nonzero(done).reshape(-1), code)
             kpos = torch.nonzero(keep).reshape(-1)
-            act, H, g, cost, lam, nu, floor = (x[kpos] for x in (act, H, g, cost, lam, nu, floor))
+            act, th, H, g, cost, lam, nu, floor, it_a = (
+                x[kpos] for x in (act, th, H, g, cost, lam, nu, floor, it_a)
+            )
+            sub = sub.subset(kpos)
+        history.append(done_cost + cost.sum())
+        if track:
+            bar.update(n_done)
+            bar.set_postfix(iteration=it, active=act.numel())
     if track:
         bar.update(act.numel())  # voxels stopped by max_iter are finished too
-    status[act] = -1
+    if act.numel():
+        retire(torch.arange(act.numel(), device=dev), -1)
     return theta, status, iters, torch.stack(history).tolist()
 
 
