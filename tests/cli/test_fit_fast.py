@@ -124,3 +124,46 @@ def test_help_imports_neither_torch_nor_plotting():
 def test_figure_worker_module_does_not_import_torch():
     mods = _imports("import qmrkit._figure, matplotlib.figure")
     assert "torch" not in mods and "matplotlib.pyplot" not in mods
+
+
+def _entry(*argv: str) -> subprocess.CompletedProcess:
+    """The console script's function (``qmrkit = qmrkit.cli:entry``) in a fresh process."""
+    code = f"import sys; from qmrkit.cli import entry; sys.argv = {['qmrkit', *argv]!r}; entry()"
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+
+
+def test_console_entry_exits_with_main_status_and_complete_output(phantom_file):
+    """entry() ends with os._exit after main(): the files, stdout and exit status are those of
+    an in-process main() call (status 0, 2 for a user error) and nothing is lost unflushed."""
+    tmp, path, obj = phantom_file
+    out = tmp / "entry"
+    argv = ["fit", "molli", "--data", str(path), "--ti", TI_ARG, "--out", str(out)]
+    done = _entry(*argv, "--no-progress", "--timings")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("mask: auto, threshold ")
+    assert lines[0].endswith(f", {int(obj.sum())} voxels")
+    assert any(s.startswith("molli fitted by lm:") for s in lines)
+    assert lines[-2].startswith("timings: ") and lines[-1].startswith("wrote 14 files to ")
+    png = out / "maps.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    side = json.loads((out / "fit.json").read_text())
+    assert "figure_s" in side["Timings"] and side["VoxelsFitted"] == int(obj.sum())
+    for stem in ("T1map", "T1starmap", "Amap", "Bmap", "residual", "converged"):
+        assert (out / f"{stem}.nii.gz").is_file() and (out / f"{stem}.json").is_file()
+    bad = _entry("fit", "molli", "--data", str(path), "--ti", "100,200", "--out", str(tmp / "x"))
+    assert bad.returncode == 2 and "8 measurements" in bad.stderr
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    version = _entry("--version")
+    assert version.returncode == 0 and version.stdout.startswith("qmrkit ")
+
+
+def test_console_script_points_at_entry():
+    text = (Path(SRC).parent / "pyproject.toml").read_text()
+    assert 'qmrkit = "qmrkit.cli:entry"' in text
