@@ -167,3 +167,22 @@ def test_console_entry_exits_with_main_status_and_complete_output(phantom_file):
 def test_console_script_points_at_entry():
     text = (Path(SRC).parent / "pyproject.toml").read_text()
     assert 'qmrkit = "qmrkit.cli:entry"' in text
+
+
+def test_reading_nifti_and_masking_import_no_raw_data_or_dicom_code():
+    """qmrkit.io and qmrkit.pipelines import their members on first use: the NIfTI reader and
+    the object mask (what ``qmrkit fit`` needs) pull in neither the reconstruction nor DICOM/MRD."""
+    mods = _imports("import qmrkit.io.nifti, qmrkit.pipelines.masking")
+    unwanted = {"qmrkit.recon", "qmrkit.sim", "qmrkit.pipelines.calibration"}
+    unwanted |= {"qmrkit.io.dicom", "qmrkit.io.mrd", "qmrkit.io.bids", "h5py", "ismrmrd"}
+    assert not unwanted & mods
+    # the public names are the same objects as in their modules, submodules reachable as before
+    code = (
+        "import qmrkit.io as io, qmrkit.pipelines as pl\n"
+        "from qmrkit.io.mrd import read_mrd\nfrom qmrkit.pipelines.calibration import"
+        " noise_statistics\nfrom qmrkit.io import *\nfrom qmrkit.pipelines import *\n"
+        "assert io.read_mrd is read_mrd and pl.noise_statistics is noise_statistics\n"
+        "assert io.dicom.read_dicom is read_dicom and pl.diffusion.diffusion_maps is diffusion_maps\n"
+        "assert 'load_nifti' in dir(io) and 'fit_maps' in dir(pl)"
+    )
+    assert {"qmrkit.io.dicom", "qmrkit.pipelines.mrf"} <= _imports(code)
