@@ -13,6 +13,8 @@ every map and costs nothing; 100 dpi is enough for a quick-look PNG.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import pickle
@@ -70,6 +72,7 @@ def _display_range(
     return float(np.percentile(finite, 1)), float(np.percentile(finite, 99))
 
 
+@functools.lru_cache(maxsize=8)
 def _lut(name: str) -> tuple[np.ndarray, int]:
     """The colormap as a (N, 4) uint8 lookup table (matplotlib's colour of each of its N bins)."""
     import matplotlib
@@ -243,10 +246,12 @@ def save_map_figure(
         if p["unit"]:
             text(lab + 40, by + bh / 2, p["unit"], fontsize=8, ha="left", va="center", rotation=90)
     canvas.draw()
-    rgb = np.array(canvas.buffer_rgba())[..., :3]
+    rgb = np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
     # ... then the maps and colour bars pasted in (text never overlaps them; NaN stays white)
-    shown = image[..., 3] > 0
-    np.copyto(rgb, image[..., :3], where=shown[..., None])
+    for p in layout:
+        for left, top, w, h in (p["box"], p["bar"]):
+            src = image[top : top + h, left : left + w]
+            np.copyto(rgb[top : top + h, left : left + w], src[..., :3], where=src[..., 3:] > 0)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(out, format="png", compress_level=_PNG_LEVEL)
@@ -319,17 +324,22 @@ class FigureWorker:
     def cancel(self) -> None:
         """End the worker without a figure (safe to call more than once, or after wait).
 
-        After a :meth:`submit` the job already sent is finished (up to 5 s), as before."""
+        Without a job the worker is killed at once (it has written nothing; waiting for it to
+        finish importing matplotlib would delay an error message by a second). After a
+        :meth:`submit` the job already sent is finished (up to 5 s)."""
         if self._proc.poll() is None:
             try:
-                if self._writer is not None:
+                if self._writer is None:
+                    self._proc.kill()
+                else:
                     self._writer.join(timeout=5)
-                elif self._proc.stdin is not None and not self._proc.stdin.closed:
-                    self._proc.stdin.close()  # EOF before a job: the worker exits quietly
                 self._proc.wait(timeout=5)
             except (subprocess.TimeoutExpired, OSError):
                 self._proc.kill()
                 self._proc.wait()
+        if self._proc.stdin is not None and not self._proc.stdin.closed and self._writer is None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
         if self._writer is not None:
             self._writer.join()  # ends once the worker has read the job or died
         if self._proc.stderr is not None:
@@ -342,11 +352,27 @@ class FigureWorker:
         self.cancel()
 
 
+def _warm_up() -> None:
+    """Load what the first figure would load on the way (the font files, the colormap tables),
+    while the parent process is still importing torch and fitting."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1, 1), dpi=_DPI)
+    for size in (8, 10, 11):
+        fig.text(0.5, 0.5, "T1 ms 0.1", fontsize=size, rotation=90 if size == 8 else 0)
+    FigureCanvasAgg(fig).draw()
+    for name in ("magma", "gray"):
+        _lut(name)
+
+
 def _serve_one() -> int:
     """Worker main: import matplotlib, read one pickled job from stdin, render it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401 - import now
     from matplotlib.figure import Figure  # noqa: F401 - import now, render later
+    from PIL import Image  # noqa: F401 - import now
 
+    _warm_up()
     data = sys.stdin.buffer.read()
     if not data:  # cancelled
         return 0

@@ -1033,8 +1033,34 @@ def _figure_worker(args: argparse.Namespace) -> Iterator[Any]:
 
 def _start_figure(args: argparse.Namespace) -> Any:
     """The figure worker, started before the expensive work so that matplotlib's import overlaps
-    it (None with --no-figure)."""
+    it (None with --no-figure): the one :func:`main` started before parsing, else a new one."""
+    early = getattr(args, "_early_figure", None)
+    args._early_figure = None
     if args.no_figure:
+        if early is not None:
+            early.cancel()
+        return None
+    if early is not None:
+        return early
+    from ._figure import FigureWorker
+
+    return FigureWorker()
+
+
+def _early_figure(argv: Sequence[str]) -> Any:
+    """A figure worker for what looks like ``qmrkit fit`` with a figure, started before the
+    arguments are parsed (None otherwise).
+
+    Parsing ``fit`` imports torch (the model names are checked against the registry, which imports
+    the model classes): a worker started after parsing imports matplotlib after torch instead of
+    meanwhile, and ``qmrkit fit`` then waits ≈ 0.3-0.6 s for the figure. The guess is cheap when
+    wrong (a bad flag, an abbreviated ``--no-figure``): :func:`main` or :func:`_start_figure`
+    cancels the worker, which ends it at once as it has no job.
+    """
+    words = [a for a in argv if not a.startswith("-")]
+    if not words or words[0] != "fit" or "--no-figure" in argv:
+        return None
+    if any(a in ("-h", "--help", "--version") for a in argv):
         return None
     from ._figure import FigureWorker
 
@@ -1883,17 +1909,29 @@ _HANDLERS["batch"] = _cmd_batch
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qmrkit`` console script; returns the exit status (see the module
     docstring: 2 and one line for user mistakes, the traceback for bugs)."""
-    from ._progress import configure_logging, set_progress_default
     from ._threads import configure_process
 
     stages = _Stages()
     # before anything imports torch: OpenMP reads its wait policy when its runtime starts
     configure_process()
-    parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    early = _early_figure(argv)  # first: its matplotlib import overlaps everything below
+    parser = _parser()
     if not argv:
         parser.print_help(sys.stderr)
         return 2
+    try:
+        return _run(parser, argv, stages, early)
+    finally:
+        if early is not None:
+            early.cancel()  # no-op once the command has waited for its figure
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str], stages: _Stages, early: Any) -> int:
+    """:func:`main` after the start-up: parse the arguments and run the command."""
+    from ._progress import configure_logging, set_progress_default
+    from ._threads import configure_process
+
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a one-line usage error (status 2)
@@ -1903,6 +1941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     prog = f"qmrkit {args.command}"
     args._stages = stages
+    args._early_figure = early
     configure_logging(args.verbose, quiet=args.quiet)
     if args.quiet and hasattr(args, "progress"):
         args.progress = False

@@ -186,3 +186,46 @@ def test_reading_nifti_and_masking_import_no_raw_data_or_dicom_code():
         "assert 'load_nifti' in dir(io) and 'fit_maps' in dir(pl)"
     )
     assert {"qmrkit.io.dicom", "qmrkit.pipelines.mrf"} <= _imports(code)
+
+
+@pytest.mark.parametrize(
+    ("argv", "early"),
+    [
+        (["fit", "molli", "--data", "x.nii.gz"], True),
+        (["-v", "fit", "t2"], True),
+        (["fit", "molli", "--no-figure"], False),
+        (["fit", "--help"], False),
+        (["models"], False),
+        (["recon", "--raw", "fit"], False),
+        ([], False),
+    ],
+)
+def test_figure_worker_starts_before_parsing_only_for_fit(argv, early):
+    from qmrkit.cli import _early_figure
+
+    worker = _early_figure(argv)
+    try:
+        assert (worker is not None) == early
+    finally:
+        if worker is not None:
+            worker.cancel()
+            assert worker._proc.poll() is not None  # ended, not left behind
+
+
+def test_fit_user_error_ends_the_early_figure_worker(tmp_path, capsys, monkeypatch):
+    """A fit that fails on its flags cancels the worker started before parsing (no PNG)."""
+    from qmrkit import _figure
+
+    started = []
+
+    class Recorded(_figure.FigureWorker):
+        def __init__(self) -> None:
+            super().__init__()
+            started.append(self)
+
+    monkeypatch.setattr(_figure, "FigureWorker", Recorded)
+    argv = ["fit", "molli", "--data", str(tmp_path / "missing.nii.gz"), "--ti", "1,2"]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert "missing.nii.gz" in capsys.readouterr().err
+    assert len(started) == 1 and started[0]._proc.poll() is not None
+    assert not (tmp_path / "o" / "maps.png").exists()
