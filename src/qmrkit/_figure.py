@@ -268,8 +268,11 @@ def _font(points: int) -> Any:
     path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
     try:
         return ImageFont.truetype(str(path), pixels)
-    except OSError:  # a matplotlib without its fonts: Pillow's own
-        return ImageFont.load_default(pixels)
+    except OSError:  # a matplotlib without its fonts: Pillow's own (sized from Pillow 10.1)
+        try:
+            return ImageFont.load_default(pixels)
+        except TypeError:
+            return ImageFont.load_default()
 
 
 class FigureWorker:
