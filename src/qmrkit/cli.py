@@ -1064,7 +1064,10 @@ def _early_figure(argv: Sequence[str]) -> Any:
         return None
     from ._figure import FigureWorker
 
-    return FigureWorker()
+    try:
+        return FigureWorker()
+    except OSError:  # cannot start a process now: the command starts one (and reports) later
+        return None
 
 
 def _finish(
