@@ -1985,7 +1985,8 @@ def entry() -> None:
     that matters for the command is done here explicitly, in the same order as CPython's
     finalisation: wait for other non-daemon threads, run the ``atexit`` handlers (logging's
     shutdown, temporary folders, multiprocessing children), flush stdout and stderr; then
-    :func:`os._exit` skips only the teardown of the module objects. Exceptions escaping
+    :func:`os._exit` skips only the teardown of the module objects (``threading._shutdown`` and
+    ``atexit._run_exitfuncs`` are the functions CPython's own exit calls). Exceptions escaping
     :func:`main` (bugs: status 1 with the traceback) take the ordinary path. :func:`main` itself
     returns normally, so calling it in-process (tests, ``qmrkit.cli.main([...])``) is unchanged.
     """
@@ -1994,9 +1995,15 @@ def entry() -> None:
 
     status = main()
     status = 0 if status is None else int(status)  # as sys.exit() would read it
-    for thread in threading.enumerate():  # what the interpreter would wait for at exit
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # what the interpreter does first at exit: threading's exit callbacks (they stop idle
+    # concurrent.futures workers), then wait for every non-daemon thread
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None and threading.current_thread() is threading.main_thread():
+        shutdown()
+    else:  # not CPython's threading: join what can be joined
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()  # noqa: SLF001 - the handlers a normal exit runs (logging.shutdown...)
     try:
         sys.stdout.flush()

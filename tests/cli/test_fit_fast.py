@@ -165,6 +165,38 @@ def test_console_entry_exits_with_main_status_and_complete_output(phantom_file):
     assert version.returncode == 0 and version.stdout.startswith("qmrkit ")
 
 
+def test_console_entry_keeps_the_normal_exit_steps(tmp_path):
+    """Before os._exit: non-daemon threads finish, idle thread-pool workers are stopped (no hang),
+    atexit handlers run, buffered stdout is flushed; the status is main()'s."""
+    flag = tmp_path / "thread-done"
+    code = (
+        "import atexit, concurrent.futures, sys, threading, time\n"
+        "import qmrkit.cli as cli\n"
+        "pool = concurrent.futures.ThreadPoolExecutor(1)\n"
+        "pool.submit(int, 1).result()  # an idle worker thread left behind\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        f"    open({str(flag)!r}, 'w').write('x')\n"
+        "def main():\n"
+        "    threading.Thread(target=late).start()\n"
+        "    atexit.register(print, 'atexit ran')\n"
+        "    print('buffered line')\n"
+        "    return 3\n"
+        "cli.main = main\n"
+        "cli.entry()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.splitlines() == ["buffered line", "atexit ran"]
+    assert flag.read_text() == "x"
+
+
 def test_console_script_points_at_entry():
     text = (Path(SRC).parent / "pyproject.toml").read_text()
     assert 'qmrkit = "qmrkit.cli:entry"' in text
