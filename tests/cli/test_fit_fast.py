@@ -122,5 +122,143 @@ def test_help_imports_neither_torch_nor_plotting():
 
 
 def test_figure_worker_module_does_not_import_torch():
-    mods = _imports("import qmrkit._figure, matplotlib.figure")
-    assert "torch" not in mods and "matplotlib.pyplot" not in mods
+    # what the worker loads before its job: colormaps, fonts, Pillow; no Figure/Agg machinery
+    mods = _imports("import qmrkit._figure as f, PIL.ImageDraw\nf._warm_up()")
+    assert not {"torch", "matplotlib.pyplot", "matplotlib.figure", "matplotlib.axes"} & mods
+
+
+def _entry(*argv: str) -> subprocess.CompletedProcess:
+    """The console script's function (``qmrkit = qmrkit.cli:entry``) in a fresh process."""
+    code = f"import sys; from qmrkit.cli import entry; sys.argv = {['qmrkit', *argv]!r}; entry()"
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+
+
+def test_console_entry_exits_with_main_status_and_complete_output(phantom_file):
+    """entry() ends with os._exit after main(): the files, stdout and exit status are those of
+    an in-process main() call (status 0, 2 for a user error) and nothing is lost unflushed."""
+    tmp, path, obj = phantom_file
+    out = tmp / "entry"
+    argv = ["fit", "molli", "--data", str(path), "--ti", TI_ARG, "--out", str(out)]
+    done = _entry(*argv, "--no-progress", "--timings")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("mask: auto, threshold ")
+    assert lines[0].endswith(f", {int(obj.sum())} voxels")
+    assert any(s.startswith("molli fitted by lm:") for s in lines)
+    assert lines[-2].startswith("timings: ") and lines[-1].startswith("wrote 14 files to ")
+    png = out / "maps.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    side = json.loads((out / "fit.json").read_text())
+    assert "figure_s" in side["Timings"] and side["VoxelsFitted"] == int(obj.sum())
+    for stem in ("T1map", "T1starmap", "Amap", "Bmap", "residual", "converged"):
+        assert (out / f"{stem}.nii.gz").is_file() and (out / f"{stem}.json").is_file()
+    bad = _entry("fit", "molli", "--data", str(path), "--ti", "100,200", "--out", str(tmp / "x"))
+    assert bad.returncode == 2 and "8 measurements" in bad.stderr
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    version = _entry("--version")
+    assert version.returncode == 0 and version.stdout.startswith("qmrkit ")
+
+
+def test_console_entry_keeps_the_normal_exit_steps(tmp_path):
+    """Before os._exit: non-daemon threads finish, idle thread-pool workers are stopped (no hang),
+    atexit handlers run, buffered stdout is flushed; the status is main()'s."""
+    flag = tmp_path / "thread-done"
+    code = (
+        "import atexit, concurrent.futures, sys, threading, time\n"
+        "import qmrkit.cli as cli\n"
+        "pool = concurrent.futures.ThreadPoolExecutor(1)\n"
+        "pool.submit(int, 1).result()  # an idle worker thread left behind\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        f"    open({str(flag)!r}, 'w').write('x')\n"
+        "def main():\n"
+        "    threading.Thread(target=late).start()\n"
+        "    atexit.register(print, 'atexit ran')\n"
+        "    print('buffered line')\n"
+        "    return 3\n"
+        "cli.main = main\n"
+        "cli.entry()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.splitlines() == ["buffered line", "atexit ran"]
+    assert flag.read_text() == "x"
+
+
+def test_console_script_points_at_entry():
+    text = (Path(SRC).parent / "pyproject.toml").read_text()
+    assert 'qmrkit = "qmrkit.cli:entry"' in text
+
+
+def test_reading_nifti_and_masking_import_no_raw_data_or_dicom_code():
+    """qmrkit.io and qmrkit.pipelines import their members on first use: the NIfTI reader and
+    the object mask (what ``qmrkit fit`` needs) pull in neither the reconstruction nor DICOM/MRD."""
+    mods = _imports("import qmrkit.io.nifti, qmrkit.pipelines.masking")
+    unwanted = {"qmrkit.recon", "qmrkit.sim", "qmrkit.pipelines.calibration"}
+    unwanted |= {"qmrkit.io.dicom", "qmrkit.io.mrd", "qmrkit.io.bids", "h5py", "ismrmrd"}
+    assert not unwanted & mods
+    # the public names are the same objects as in their modules, submodules reachable as before
+    code = (
+        "import qmrkit.io as io, qmrkit.pipelines as pl\n"
+        "from qmrkit.io.mrd import read_mrd\nfrom qmrkit.pipelines.calibration import"
+        " noise_statistics\nfrom qmrkit.io import *\nfrom qmrkit.pipelines import *\n"
+        "assert io.read_mrd is read_mrd and pl.noise_statistics is noise_statistics\n"
+        "assert io.dicom.read_dicom is read_dicom and pl.diffusion.diffusion_maps is diffusion_maps\n"
+        "assert 'load_nifti' in dir(io) and 'fit_maps' in dir(pl)"
+    )
+    assert {"qmrkit.io.dicom", "qmrkit.pipelines.mrf"} <= _imports(code)
+
+
+@pytest.mark.parametrize(
+    ("argv", "early"),
+    [
+        (["fit", "molli", "--data", "x.nii.gz"], True),
+        (["-v", "fit", "t2"], True),
+        (["fit", "molli", "--no-figure"], False),
+        (["fit", "--help"], False),
+        (["models"], False),
+        (["recon", "--raw", "fit"], False),
+        ([], False),
+    ],
+)
+def test_figure_worker_starts_before_parsing_only_for_fit(argv, early):
+    from qmrkit.cli import _early_figure
+
+    worker = _early_figure(argv)
+    try:
+        assert (worker is not None) == early
+    finally:
+        if worker is not None:
+            worker.cancel()
+            assert worker._proc.poll() is not None  # ended, not left behind
+
+
+def test_fit_user_error_ends_the_early_figure_worker(tmp_path, capsys, monkeypatch):
+    """A fit that fails on its flags cancels the worker started before parsing (no PNG)."""
+    from qmrkit import _figure
+
+    started = []
+
+    class Recorded(_figure.FigureWorker):
+        def __init__(self) -> None:
+            super().__init__()
+            started.append(self)
+
+    monkeypatch.setattr(_figure, "FigureWorker", Recorded)
+    argv = ["fit", "molli", "--data", str(tmp_path / "missing.nii.gz"), "--ti", "1,2"]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert "missing.nii.gz" in capsys.readouterr().err
+    assert len(started) == 1 and started[0]._proc.poll() is not None
+    assert not (tmp_path / "o" / "maps.png").exists()

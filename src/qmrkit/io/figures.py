@@ -1,4 +1,4 @@
-"""PNG figures of parameter maps (matplotlib's Agg canvas, headless).
+"""PNG figures of parameter maps (numpy, matplotlib's colormaps, Pillow; headless).
 
 The implementation lives in :mod:`qmrkit._figure`, which imports neither torch nor pyplot so that
 the CLI can render in a separate, quickly started process (:class:`qmrkit._figure.FigureWorker`).

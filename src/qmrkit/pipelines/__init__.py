@@ -1,12 +1,40 @@
-"""End-to-end functions (raw scan or series → maps/images); the server and CLI call these."""
+"""End-to-end functions (raw scan or series → maps/images); the server and CLI call these.
 
-from .calibration import noise_statistics
-from .diffusion import MCMC_PRESETS, DiffusionMaps, diffusion_maps
-from .masking import ObjectMask, object_mask
-from .mrf import MrfMaps, b1_grid, default_dictionary, mrf_image_size, mrf_maps
-from .series import fit_maps
+The names below are imported from their modules on first use (module ``__getattr__``), so that
+``qmrkit.pipelines.masking`` — which ``qmrkit fit`` needs — does not pull in the raw-data
+reconstruction (``calibration`` → ``qmrkit.recon`` → ``qmrkit.sim``), the diffusion or the MRF
+pipelines.
+"""
 
-__all__ = [
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
+    from .calibration import noise_statistics
+    from .diffusion import MCMC_PRESETS, DiffusionMaps, diffusion_maps
+    from .masking import ObjectMask, object_mask
+    from .mrf import MrfMaps, b1_grid, default_dictionary, mrf_image_size, mrf_maps
+    from .series import fit_maps
+
+# public name -> the submodule defining it
+_EXPORTS = {
+    "fit_maps": "series",
+    "diffusion_maps": "diffusion",
+    "MCMC_PRESETS": "diffusion",
+    "DiffusionMaps": "diffusion",
+    "noise_statistics": "calibration",
+    "mrf_maps": "mrf",
+    "mrf_image_size": "mrf",
+    "MrfMaps": "mrf",
+    "default_dictionary": "mrf",
+    "b1_grid": "mrf",
+    "object_mask": "masking",
+    "ObjectMask": "masking",
+}
+
+__all__ = [  # literal, so that linters see the TYPE_CHECKING imports as the public API
     "fit_maps",
     "diffusion_maps",
     "MCMC_PRESETS",
@@ -20,3 +48,20 @@ __all__ = [
     "object_mask",
     "ObjectMask",
 ]
+# submodules, reachable as attributes as when this file imported them all
+_SUBMODULES = frozenset(_EXPORTS.values())
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
