@@ -127,6 +127,12 @@ class _FusedAdam:
         torch.sqrt(self.exp_avg_sq, out=self._denom).div_(bias_correction2_sqrt).add_(self.eps)
         u.addcdiv_(self.exp_avg, self._denom, value=-(self.lr / bias_correction1))
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop the state of the voxels (rows) not in the boolean ``rows``."""
+        self.exp_avg = self.exp_avg[rows]
+        self.exp_avg_sq = self.exp_avg_sq[rows]
+        self._denom = torch.empty_like(self.exp_avg)
+
 
 class _TorchUpdate:
     """SGD with momentum / RMSProp through ``torch.optim``, behind :class:`_FusedAdam`'s
@@ -162,9 +168,19 @@ class _ClosedFormGradient:
     measurements a matvec is about twice as fast as ``sum(dim=1)``.
     """
 
-    def __init__(self, problem: Problem, mapping: _Sigmoid, loss: str, delta: float):
+    def __init__(
+        self,
+        problem: Problem,
+        mapping: _Sigmoid,
+        loss: str,
+        delta: float,
+        n_total: int | None = None,
+    ):
         self.problem, self.mapping, self.loss, self.delta = problem, mapping, loss, delta
         v, m = problem.data.shape
+        # the loss is a mean over all n_total voxels even when ``problem`` holds only the active
+        # ones: the gradient's size matters to Adam through ε
+        n_total = v if n_total is None else n_total
         dt, dev = problem.dtype, problem.device
         n_par = len(problem.model.parameters)
         self.theta = torch.empty((v, n_par), dtype=dt, device=dev)
@@ -174,7 +190,7 @@ class _ClosedFormGradient:
         self.mean_w = torch.full((m,), 1.0 / m, dtype=dt, device=dev)
         # d(total)/dr = ρ'(r)/(V·M); l2's ρ' = 2r folds its 2 in; internal θ of a non-amplitude
         # parameter is physical, and ∂r/∂θ = (∂signal/∂θ)/scale
-        k = (2.0 if loss == "l2" else 1.0) / (v * m)
+        k = (2.0 if loss == "l2" else 1.0) / (n_total * m)
         self.col_w = [
             torch.full((m,), k if par.amplitude else k / problem.scale, dtype=dt, device=dev)
             for par in problem.model.parameters
@@ -231,6 +247,7 @@ def adam(
     convergence_value: float = 1e-5,
     convergence_window: int = 20,
     lr_decay: bool = True,
+    freeze_converged: bool = True,
     min_lr_factor: float = 1e-3,
     huber_delta: float = 0.01,
     regularizers: Sequence[Regularizer | Any] = (),
@@ -270,6 +287,14 @@ def adam(
     lr_decay : bool
         Halve the learning rate at each plateau and stop at a plateau once it has fallen to
         ``min_lr_factor`` of its start; if False, stop at the first plateau (askadam's rule).
+    freeze_converged : bool
+        Shrinking active set (Adam, closed-form derivatives, no regulariser, ``lr_decay``): at
+        each plateau check after the first learning-rate decay, a voxel whose own minimum loss
+        fell by less than ``convergence_value`` per iteration (relative, over the last
+        ``convergence_window`` iterations, the global plateau rule applied to one voxel) is
+        frozen at its minimum-loss iterate and costs nothing further; frozen voxels enter the
+        reported loss with that minimum. The run stops when none is left active (stop reason
+        ``"plateau"``; ``settings["n_frozen"]`` counts the frozen voxels) or by the global rule. False: every voxel iterates to the end.
     huber_delta : float
         Huber threshold in units of the data scale.
     regularizers : sequence
@@ -341,6 +366,7 @@ def adam(
     closed_form = not regs and problem.model_jacobian(theta0[:1], torch.arange(1)) is not None
     # the fused path handles real residuals; complex data go through Problem.model_jacobian
     fused = closed_form and not problem.data.is_complex()
+    n_all = problem.n_voxels
     cf_grad = _ClosedFormGradient(problem, mapping, loss, huber_delta) if fused else None
     if not closed_form:
         u.requires_grad_(True)
@@ -358,6 +384,15 @@ def adam(
         (problem.n_voxels,), float("inf"), dtype=problem.dtype, device=problem.device
     )
     better = torch.empty((problem.n_voxels,), dtype=torch.bool, device=problem.device)
+    # shrinking active set (see ``freeze_converged``): u, best_u, best_voxel and the optimiser
+    # state hold the active voxels only once some are frozen; ``*_full`` hold every voxel and
+    # ``active`` the active voxels' indices into them (None: all active)
+    freeze = freeze_converged and fused and optimizer == "adam" and lr_decay
+    u_full, best_u_full, best_voxel_full = u, best_u, best_voxel
+    active: torch.Tensor | None = None
+    sub = problem
+    frozen_sum = torch.zeros((), dtype=problem.dtype, device=problem.device)
+    best_at_check: torch.Tensor | None = None
     best_total = float("inf")
     history: list[float] = []
     converged = False
@@ -368,7 +403,7 @@ def adam(
         for it in range(1, max_iter + 1):
             if cf_grad is not None:
                 vloss, grad = cf_grad(u)
-                total = vloss.mean()
+                total = vloss.mean() if active is None else (vloss.sum() + frozen_sum) / n_all
             elif closed_form:
                 # the model's own derivatives: the gradient is Jᵀ·ρ'(r) chained through the
                 # sigmoid map, without building and walking an autograd graph every iteration
@@ -417,6 +452,31 @@ def adam(
                 converged, reason = True, "tol"
                 break
             w = convergence_window
+            if freeze and it % w == 0:
+                if best_at_check is not None and update.lr < lr:
+                    # the global plateau rule applied to each voxel's own minimum loss
+                    done = (best_at_check - best_voxel) < convergence_value * w * best_voxel
+                    if bool(done.any()):
+                        if active is None:
+                            active = torch.arange(n_all, device=problem.device)
+                        else:
+                            u_full[active] = u
+                            best_u_full[active] = best_u
+                            best_voxel_full[active] = best_voxel
+                        u_full[active[done]] = best_u[done]  # frozen at its best iterate
+                        frozen_sum = frozen_sum + best_voxel[done].sum()
+                        keep = ~done
+                        active = active[keep]
+                        u, best_u, best_voxel = u[keep], best_u[keep], best_voxel[keep]
+                        better = torch.empty_like(best_voxel, dtype=torch.bool)
+                        update.keep(keep)  # type: ignore[union-attr]
+                        sub = sub.subset(keep)
+                        cf_grad = _ClosedFormGradient(sub, mapping, loss, huber_delta, n_all)
+                        if active.numel() == 0:
+                            # every voxel reached its own plateau
+                            converged, reason = True, "plateau"
+                            break
+                best_at_check = best_voxel.clone()
             if len(history) >= 2 * w and it % w == 0:
                 prev = sum(history[-2 * w : -w]) / w
                 cur = sum(history[-w:]) / w
@@ -428,6 +488,12 @@ def adam(
                         converged, reason = True, "plateau"
                         break
                 bar.set_postfix(loss=f"{tv:.3e}", lr=f"{update.lr:.1e}")
+    active_n = 0 if active is None else active.numel()
+    if active is not None:
+        u_full[active] = u.detach()
+        best_u_full[active] = best_u
+        best_voxel_full[active] = best_voxel
+        u, best_u = u_full, best_u_full
     if not converged and reason == "max_iter":
         warnings.warn(
             f"adam: stopped at max_iter={max_iter} before the loss plateaued; raise max_iter or lr",
@@ -462,6 +528,8 @@ def adam(
             "convergence_value": convergence_value,
             "convergence_window": convergence_window,
             "lr_decay": lr_decay,
+            "freeze_converged": freeze,
+            "n_frozen": n_all - (n_all if active is None else int(active_n)),
             "stop_reason": reason,
             "start": origin,
             "regularizers": [type(r).__name__ for r in regs],
