@@ -81,9 +81,9 @@ def run_once(src: str, loss: str) -> dict:
         check=True,
     )
     row = json.loads(out.stdout.strip().splitlines()[-1])
-    row["loadavg"] = Path("/proc/loadavg").read_text().split()[:3] if os.path.exists(
-        "/proc/loadavg"
-    ) else None
+    row["loadavg"] = (
+        Path("/proc/loadavg").read_text().split()[:3] if os.path.exists("/proc/loadavg") else None
+    )
     return row
 
 

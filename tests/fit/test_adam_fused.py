@@ -92,7 +92,8 @@ def _maps_loss(model, res, data):
 def test_active_set_loss_not_above_full_run():
     """Freezing converged voxels leaves the fit where the full run puts it: the reported loss
     (minimum of the history) is not above the full run's, and the loss of the returned maps,
-    evaluated independently in float64, is within 1e-5 relative of it."""
+    evaluated independently in float64, is the full run's to 1e-6 relative (float32 rounding
+    alone, e.g. reordering a sum, moves it by ~6e-8; measured here: +1.8e-7)."""
     model, data, t1 = _molli(2000, seed=7)
     full = fit.adam(model, data, loss="l2", freeze_converged=False, progress=False)
     act = fit.adam(model, data, loss="l2", progress=False)
@@ -101,12 +102,14 @@ def test_active_set_loss_not_above_full_run():
     assert act.iterations <= full.iterations
     assert min(act.loss_history) <= min(full.loss_history)
     lf, la = _maps_loss(model, full, data), _maps_loss(model, act, data)
-    assert la <= lf * (1 + 1e-5), (la, lf)
-    # the T1 maps agree voxel by voxel far below the noise-driven error (≈1 % median)
+    assert la <= lf * (1 + 1e-6), (la, lf)
+    # the T1 maps agree voxel by voxel far below the noise-driven error (≈1 % median); most
+    # voxels are bit-identical
     rel = np.abs(act["T1"].numpy() - full["T1"].numpy()) / full["T1"].numpy()
-    assert np.median(rel) < 1e-4 and rel.max() < 5e-3, (np.median(rel), rel.max())
+    assert np.median(rel) < 1e-6 and rel.max() < 1e-3, (np.median(rel), rel.max())
     # frozen voxels' last iterate is their best one
-    np.testing.assert_array_equal(act["T1"].numpy(), act.final_maps["T1"].numpy())
+    same = act["T1"].numpy() == act.final_maps["T1"].numpy()
+    assert same.sum() >= act.settings["n_frozen"]
 
 
 def test_without_freezing_matches_autograd_engine():
@@ -117,9 +120,10 @@ def test_without_freezing_matches_autograd_engine():
     t2 = rng.uniform(20, 150, 50)
     data = add_noise(800.0 * np.exp(-TE / t2[:, None]), 8.0, kind="gaussian", seed=3)
     kw = dict(loss="l2", dtype=torch.float64, max_iter=120, progress=False)
-    fused = fit.adam(model, data, freeze_converged=False, **kw)
     zero = fit.Prior("T2", mu=80.0, sigma=50.0, weight=0.0)
     with pytest.warns(Warning):  # 120 iterations are not enough to plateau: both warn
+        fused = fit.adam(model, data, freeze_converged=False, **kw)
+    with pytest.warns(Warning):
         ref = fit.adam(model, data, regularizers=[zero], **kw)
     np.testing.assert_allclose(fused.loss_history, ref.loss_history, rtol=1e-9)
     np.testing.assert_allclose(fused.final_maps["T2"], ref.final_maps["T2"], rtol=1e-8)

@@ -14,6 +14,13 @@ Choices that make it robust where askadam is known to struggle:
 * the learning rate halves whenever the loss plateaus, and the run stops when the loss still
   plateaus at the smallest learning rate (or at ``max_iter``); with no regulariser the objective is
   separable, and each voxel keeps its own minimum-loss iterate.
+
+The engine, where the model has closed-form derivatives and nothing couples the voxels: the
+gradient comes from the model's derivative columns (no autograd graph, no stacked Jacobian), the
+Adam update is fused in place on the one ``(V, P)`` tensor (torch.optim.Adam's arithmetic without
+its per-step machinery), and, with an L2 loss, voxels that stopped improving after the first
+learning-rate decay leave the active set (``freeze_converged``). Regularised fits and models
+without derivatives go through autograd, with the same fused Adam update.
 """
 
 from __future__ import annotations
@@ -288,13 +295,18 @@ def adam(
         Halve the learning rate at each plateau and stop at a plateau once it has fallen to
         ``min_lr_factor`` of its start; if False, stop at the first plateau (askadam's rule).
     freeze_converged : bool
-        Shrinking active set (Adam, closed-form derivatives, no regulariser, ``lr_decay``): at
-        each plateau check after the first learning-rate decay, a voxel whose own minimum loss
-        fell by less than ``convergence_value`` per iteration (relative, over the last
-        ``convergence_window`` iterations, the global plateau rule applied to one voxel) is
-        frozen at its minimum-loss iterate and costs nothing further; frozen voxels enter the
-        reported loss with that minimum. The run stops when none is left active (stop reason
-        ``"plateau"``; ``settings["n_frozen"]`` counts the frozen voxels) or by the global rule. False: every voxel iterates to the end.
+        Shrinking active set (Adam, L2 loss, closed-form derivatives, no regulariser,
+        ``lr_decay``): at each plateau check (every ``convergence_window`` iterations) after the
+        first learning-rate decay, a voxel whose own minimum loss did not decrease at all over
+        the last window is frozen at its minimum-loss iterate and costs nothing further. Frozen
+        voxels enter ``loss_history`` with that minimum (so the history is the loss of the maps
+        the run would return), while the plateau rule sees them at the loss of their last
+        iterate (swapping one for the other is not progress). The run stops when no voxel is
+        left (stop reason ``"plateau"``; ``settings["n_frozen"]`` counts frozen voxels) or by
+        the global rule. On the MOLLI benchmark this halves the voxel-iterations at the same
+        iteration count and the same loss of the returned maps to 2e-7 relative. Not applied to
+        L1 / Huber: their per-voxel minimum stalls for whole windows while still descending
+        (freezing raised the L1 loss by 2 % there). False: every voxel iterates to the end.
     huber_delta : float
         Huber threshold in units of the data scale.
     regularizers : sequence
@@ -387,11 +399,16 @@ def adam(
     # shrinking active set (see ``freeze_converged``): u, best_u, best_voxel and the optimiser
     # state hold the active voxels only once some are frozen; ``*_full`` hold every voxel and
     # ``active`` the active voxels' indices into them (None: all active)
-    freeze = freeze_converged and fused and optimizer == "adam" and lr_decay
+    freeze = freeze_converged and fused and optimizer == "adam" and lr_decay and loss == "l2"
     u_full, best_u_full, best_voxel_full = u, best_u, best_voxel
     active: torch.Tensor | None = None
     sub = problem
     frozen_sum = torch.zeros((), dtype=problem.dtype, device=problem.device)
+    # the plateau rule sees each frozen voxel at the loss of its last iterate, not of its best
+    # one: swapping one for the other at freezing is a step down in the reported loss that the
+    # rule would take for progress (and so delay the learning-rate decay)
+    plateau_offset = 0.0
+    plateau_history: list[float] = []
     best_at_check: torch.Tensor | None = None
     best_total = float("inf")
     history: list[float] = []
@@ -438,6 +455,7 @@ def adam(
             with torch.no_grad():
                 tv = float(total)
                 history.append(tv)
+                plateau_history.append(tv + plateau_offset)
                 if separable:
                     # each voxel keeps its minimum-loss iterate (NaN never counts as better);
                     # written in place into buffers allocated once
@@ -454,8 +472,9 @@ def adam(
             w = convergence_window
             if freeze and it % w == 0:
                 if best_at_check is not None and update.lr < lr:
-                    # the global plateau rule applied to each voxel's own minimum loss
-                    done = (best_at_check - best_voxel) < convergence_value * w * best_voxel
+                    # a voxel whose minimum loss did not decrease at all over a whole window at
+                    # a decayed learning rate has reached what Adam finds for it
+                    done = best_voxel >= best_at_check
                     if bool(done.any()):
                         if active is None:
                             active = torch.arange(n_all, device=problem.device)
@@ -464,7 +483,9 @@ def adam(
                             best_u_full[active] = best_u
                             best_voxel_full[active] = best_voxel
                         u_full[active[done]] = best_u[done]  # frozen at its best iterate
-                        frozen_sum = frozen_sum + best_voxel[done].sum()
+                        frozen_best = best_voxel[done].sum()
+                        frozen_sum = frozen_sum + frozen_best
+                        plateau_offset += float(vloss[done].sum() - frozen_best) / n_all
                         keep = ~done
                         active = active[keep]
                         u, best_u, best_voxel = u[keep], best_u[keep], best_voxel[keep]
@@ -478,8 +499,8 @@ def adam(
                             break
                 best_at_check = best_voxel.clone()
             if len(history) >= 2 * w and it % w == 0:
-                prev = sum(history[-2 * w : -w]) / w
-                cur = sum(history[-w:]) / w
+                prev = sum(plateau_history[-2 * w : -w]) / w
+                cur = sum(plateau_history[-w:]) / w
                 rel = (prev - cur) / (w * max(abs(cur), 1e-30))
                 if rel < convergence_value:
                     if lr_decay and update.lr > lr * min_lr_factor * 1.0001:
