@@ -218,6 +218,8 @@ class _ClosedFormGradient:
             col.exp_()
             dtheta[:, c].mul_(col)
         sig, grads = pb.model.jacobian(pb.param_dict(theta))
+        # signal/scale − data as the other paths compute it: a one-op form (−data + signal·(1/s))
+        # rounds differently and moves the trajectory (and the final loss by ~1e-6 relative)
         r = torch.div(sig, pb.scale).sub_(pb.data)
         if self.sw is not None:
             r.mul_(self.sw)
@@ -441,7 +443,9 @@ def adam(
                 ctx = _context(problem, theta, mapping.normalized(u), spatial_mask)
                 for reg in regs:
                     total = total + reg(ctx)
-            if not torch.isfinite(total):
+            # one host sync per iteration: the float serves the finiteness test and the history
+            tv = float(total.detach())
+            if not math.isfinite(tv):
                 reason = "non-finite loss"
                 warnings.warn(
                     "adam: the loss became non-finite; returning the best iterate so far",
@@ -453,7 +457,6 @@ def adam(
                 total.backward()
                 grad = u.grad
             with torch.no_grad():
-                tv = float(total)
                 history.append(tv)
                 plateau_history.append(tv + plateau_offset)
                 if separable:
