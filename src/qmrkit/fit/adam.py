@@ -467,7 +467,7 @@ def adam(
                     torch.where(better[:, None], u.detach(), best_u, out=best_u)
                 elif tv < best_total:
                     best_total, best_u = tv, u.detach().clone()
-            update.step(u.data if u.requires_grad else u, grad)
+            update.step(u, grad)
             bar.update(1)
             if tol is not None and tv <= tol:
                 converged, reason = True, "tol"
