@@ -14,6 +14,13 @@ Choices that make it robust where askadam is known to struggle:
 * the learning rate halves whenever the loss plateaus, and the run stops when the loss still
   plateaus at the smallest learning rate (or at ``max_iter``); with no regulariser the objective is
   separable, and each voxel keeps its own minimum-loss iterate.
+
+The engine, where the model has closed-form derivatives and nothing couples the voxels: the
+gradient comes from the model's derivative columns (no autograd graph, no stacked Jacobian), the
+Adam update is fused in place on the one ``(V, P)`` tensor (torch.optim.Adam's arithmetic without
+its per-step machinery), and, with an L2 loss, voxels that stopped improving after the first
+learning-rate decay leave the active set (``freeze_converged``). Regularised fits and models
+without derivatives go through autograd, with the same fused Adam update.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ class _Sigmoid:
         lo, hi = problem.lower.clone(), problem.upper.clone()
         self.lo = torch.where(self.log, torch.log(lo.clamp_min(1e-30)), lo).to(dt)
         self.hi = torch.where(self.log, torch.log(hi.clamp_min(1e-30)), hi).to(dt)
+        self.width = self.hi - self.lo
+        # column indices of the log-scaled parameters, for the in-place closed-form path
+        self.log_cols = [j for j, p in enumerate(params) if p.log_scale]
 
     def normalized(self, u: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(u)
@@ -94,6 +104,142 @@ def _loss_derivative(r: torch.Tensor, loss: str, delta: float) -> torch.Tensor:
     return torch.where(r.abs() <= delta, r, delta * torch.sign(r))
 
 
+class _FusedAdam:
+    """Adam on one ``(V, P)`` tensor, updated in place.
+
+    The same arithmetic as ``torch.optim.Adam`` (defaults: β = (0.9, 0.999), ε = 1e-8, bias
+    correction, no weight decay, no AMSGrad; its single-tensor CPU kernel op for op), without the
+    optimiser's generic per-step machinery (parameter groups, state dicts, step tensors,
+    profiler hooks), which costs as much as the arithmetic at a few thousand voxels.
+    Buffers are allocated once.
+    """
+
+    def __init__(self, u: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.lr = float(lr)
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.t = 0
+        self.exp_avg = torch.zeros_like(u, memory_format=torch.preserve_format)
+        self.exp_avg_sq = torch.zeros_like(u, memory_format=torch.preserve_format)
+        self._denom = torch.empty_like(u)
+
+    @torch.no_grad()
+    def step(self, u: torch.Tensor, grad: torch.Tensor) -> None:
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        self.exp_avg.lerp_(grad, 1 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        bias_correction1 = 1 - b1**self.t
+        bias_correction2_sqrt = (1 - b2**self.t) ** 0.5
+        torch.sqrt(self.exp_avg_sq, out=self._denom).div_(bias_correction2_sqrt).add_(self.eps)
+        u.addcdiv_(self.exp_avg, self._denom, value=-(self.lr / bias_correction1))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop the state of the voxels (rows) not in the boolean ``rows``."""
+        self.exp_avg = self.exp_avg[rows]
+        self.exp_avg_sq = self.exp_avg_sq[rows]
+        self._denom = torch.empty_like(self.exp_avg)
+
+
+class _TorchUpdate:
+    """SGD with momentum / RMSProp through ``torch.optim``, behind :class:`_FusedAdam`'s
+    interface (``lr`` attribute, ``step(u, grad)``)."""
+
+    def __init__(self, optimizer: str, u: torch.Tensor, lr: float):
+        kwargs: dict[str, Any] = {"lr": lr}
+        if optimizer == "sgdm":
+            kwargs["momentum"] = 0.9
+        self._opt = OPTIMIZERS[optimizer]([u], **kwargs)
+
+    @property
+    def lr(self) -> float:
+        return float(self._opt.param_groups[0]["lr"])
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for g in self._opt.param_groups:
+            g["lr"] = value
+
+    def step(self, u: torch.Tensor, grad: torch.Tensor) -> None:
+        u.grad = grad
+        self._opt.step()
+
+
+class _ClosedFormGradient:
+    """Per-voxel losses and ∂loss/∂u from the model's own derivatives (real data, no
+    regulariser): ρ'(r)·∂r/∂θ per parameter, chained through the sigmoid map.
+
+    Works on the model's derivative columns directly (no ``(V, M, P)`` Jacobian is stacked) and
+    reduces over the measurements as matrix–vector products with a constant weight vector (the
+    loss normalisation and the internal-unit factor 1/scale folded in): for a handful of
+    measurements a matvec is about twice as fast as ``sum(dim=1)``.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        mapping: _Sigmoid,
+        loss: str,
+        delta: float,
+        n_total: int | None = None,
+    ):
+        self.problem, self.mapping, self.loss, self.delta = problem, mapping, loss, delta
+        v, m = problem.data.shape
+        # the loss is a mean over all n_total voxels even when ``problem`` holds only the active
+        # ones: the gradient's size matters to Adam through ε
+        n_total = v if n_total is None else n_total
+        dt, dev = problem.dtype, problem.device
+        n_par = len(problem.model.parameters)
+        self.theta = torch.empty((v, n_par), dtype=dt, device=dev)
+        self.dtheta = torch.empty((v, n_par), dtype=dt, device=dev)
+        self._tmp = torch.empty((v, n_par), dtype=dt, device=dev)
+        self.sw = None if problem.weights is None else problem.weights.sqrt()
+        self.mean_w = torch.full((m,), 1.0 / m, dtype=dt, device=dev)
+        # d(total)/dr = ρ'(r)/(V·M); l2's ρ' = 2r folds its 2 in; internal θ of a non-amplitude
+        # parameter is physical, and ∂r/∂θ = (∂signal/∂θ)/scale
+        k = (2.0 if loss == "l2" else 1.0) / (n_total * m)
+        self.col_w = [
+            torch.full((m,), k if par.amplitude else k / problem.scale, dtype=dt, device=dev)
+            for par in problem.model.parameters
+        ]
+        self.names = problem.model.parameter_names
+
+    @torch.no_grad()
+    def __call__(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(vloss (V,), grad (V, P))`` at ``u``."""
+        mp, pb = self.mapping, self.problem
+        s = torch.sigmoid(u, out=self.dtheta)
+        theta = torch.addcmul(mp.lo, mp.width, s, out=self.theta)
+        # ∂x/∂u = width·s·(1 − s); ∂θ/∂x = θ for log-scaled columns
+        torch.neg(s, out=self._tmp).add_(1.0)
+        dtheta = s.mul_(self._tmp).mul_(mp.width)
+        for c in mp.log_cols:
+            col = theta[:, c]
+            col.exp_()
+            dtheta[:, c].mul_(col)
+        sig, grads = pb.model.jacobian(pb.param_dict(theta))
+        # signal/scale − data as the other paths compute it: a one-op form (−data + signal·(1/s))
+        # rounds differently and moves the trajectory (and the final loss by ~1e-6 relative)
+        r = torch.div(sig, pb.scale).sub_(pb.data)
+        if self.sw is not None:
+            r.mul_(self.sw)
+        if self.loss == "l2":
+            vloss = torch.mul(r, r) @ self.mean_w
+            dr = r
+        elif self.loss == "l1":
+            vloss = r.abs() @ self.mean_w
+            dr = r.sign_()
+        else:
+            vloss = _voxel_loss(r, self.loss, self.delta)
+            dr = r.clamp_(-self.delta, self.delta)  # Huber ρ'(r) = clip(r, ±δ)
+        if self.sw is not None:
+            dr = dr.mul_(self.sw)
+        grad = torch.stack(
+            [(dr * grads[n]) @ w for n, w in zip(self.names, self.col_w, strict=True)], dim=1
+        )
+        return vloss, grad.mul_(dtheta)
+
+
 def adam(
     model: Any,
     data: Any,
@@ -110,6 +256,7 @@ def adam(
     convergence_value: float = 1e-5,
     convergence_window: int = 20,
     lr_decay: bool = True,
+    freeze_converged: bool = True,
     min_lr_factor: float = 1e-3,
     huber_delta: float = 0.01,
     regularizers: Sequence[Regularizer | Any] = (),
@@ -149,6 +296,19 @@ def adam(
     lr_decay : bool
         Halve the learning rate at each plateau and stop at a plateau once it has fallen to
         ``min_lr_factor`` of its start; if False, stop at the first plateau (askadam's rule).
+    freeze_converged : bool
+        Shrinking active set (Adam, L2 loss, closed-form derivatives, no regulariser,
+        ``lr_decay``): at each plateau check (every ``convergence_window`` iterations) after the
+        first learning-rate decay, a voxel whose own minimum loss did not decrease at all over
+        the last window is frozen at its minimum-loss iterate and costs nothing further. Frozen
+        voxels enter ``loss_history`` with that minimum (so the history is the loss of the maps
+        the run would return), while the plateau rule sees them at the loss of their last
+        iterate (swapping one for the other is not progress). The run stops when no voxel is
+        left (stop reason ``"plateau"``; ``settings["n_frozen"]`` counts frozen voxels) or by
+        the global rule. On the MOLLI benchmark this halves the voxel-iterations at the same
+        iteration count and the same loss of the returned maps to 2e-7 relative. Not applied to
+        L1 / Huber: their per-voxel minimum stalls for whole windows while still descending
+        (freezing raised the L1 loss by 2 % there). False: every voxel iterates to the end.
     huber_delta : float
         Huber threshold in units of the data scale.
     regularizers : sequence
@@ -214,14 +374,19 @@ def adam(
             )
     theta0, origin = initial_theta(problem, init, start=start, n_atoms=n_atoms, seed=seed)
     mapping = _Sigmoid(problem)
-    u = mapping.inverse(theta0).detach().requires_grad_(True)
+    u = mapping.inverse(theta0).detach()
     # closed-form gradients where the model has derivatives and the loss is separable (no
     # regulariser couples the voxels); autograd otherwise
     closed_form = not regs and problem.model_jacobian(theta0[:1], torch.arange(1)) is not None
-    opt_kwargs: dict[str, Any] = {"lr": lr}
-    if optimizer == "sgdm":
-        opt_kwargs["momentum"] = 0.9
-    opt = OPTIMIZERS[optimizer]([u], **opt_kwargs)
+    # the fused path handles real residuals; complex data go through Problem.model_jacobian
+    fused = closed_form and not problem.data.is_complex()
+    n_all = problem.n_voxels
+    cf_grad = _ClosedFormGradient(problem, mapping, loss, huber_delta) if fused else None
+    if not closed_form:
+        u.requires_grad_(True)
+    update: _FusedAdam | _TorchUpdate = (
+        _FusedAdam(u, lr) if optimizer == "adam" else _TorchUpdate(optimizer, u, lr)
+    )
     separable = not regs
     spatial_mask = problem.mask.reshape(-1).clone()
     spatial_mask[:] = False
@@ -232,6 +397,21 @@ def adam(
     best_voxel = torch.full(
         (problem.n_voxels,), float("inf"), dtype=problem.dtype, device=problem.device
     )
+    better = torch.empty((problem.n_voxels,), dtype=torch.bool, device=problem.device)
+    # shrinking active set (see ``freeze_converged``): u, best_u, best_voxel and the optimiser
+    # state hold the active voxels only once some are frozen; ``*_full`` hold every voxel and
+    # ``active`` the active voxels' indices into them (None: all active)
+    freeze = freeze_converged and fused and optimizer == "adam" and lr_decay and loss == "l2"
+    u_full, best_u_full, best_voxel_full = u, best_u, best_voxel
+    active: torch.Tensor | None = None
+    sub = problem
+    frozen_sum = torch.zeros((), dtype=problem.dtype, device=problem.device)
+    # the plateau rule sees each frozen voxel at the loss of its last iterate, not of its best
+    # one: swapping one for the other at freezing is a step down in the reported loss that the
+    # rule would take for progress (and so delay the learning-rate decay)
+    plateau_offset = 0.0
+    plateau_history: list[float] = []
+    best_at_check: torch.Tensor | None = None
     best_total = float("inf")
     history: list[float] = []
     converged = False
@@ -240,8 +420,10 @@ def adam(
     bar = progress_bar(total=max_iter, desc=f"{optimizer}", progress=progress)
     with bar:
         for it in range(1, max_iter + 1):
-            opt.zero_grad(set_to_none=True)
-            if closed_form:
+            if cf_grad is not None:
+                vloss, grad = cf_grad(u)
+                total = vloss.mean() if active is None else (vloss.sum() + frozen_sum) / n_all
+            elif closed_form:
                 # the model's own derivatives: the gradient is Jᵀ·ρ'(r) chained through the
                 # sigmoid map, without building and walking an autograd graph every iteration
                 with torch.no_grad():
@@ -250,9 +432,9 @@ def adam(
                     vloss = _voxel_loss(r, loss, huber_delta)
                     total = vloss.mean()
                     dr = _loss_derivative(r, loss, huber_delta) / r.numel()
-                    grad = (J.transpose(1, 2) * dr[:, None, :]).sum(-1)  # Jᵀ·ρ'(r), (V, P)
-                    u.grad = grad * dtheta
+                    grad = (J.transpose(1, 2) * dr[:, None, :]).sum(-1) * dtheta  # (V, P)
             else:
+                u.grad = None
                 theta = mapping.theta(u)
                 r = problem.residual(theta)
                 vloss = _voxel_loss(r, loss, huber_delta)
@@ -261,7 +443,9 @@ def adam(
                 ctx = _context(problem, theta, mapping.normalized(u), spatial_mask)
                 for reg in regs:
                     total = total + reg(ctx)
-            if not torch.isfinite(total):
+            # one host sync per iteration: the float serves the finiteness test and the history
+            tv = float(total.detach())
+            if not math.isfinite(tv):
                 reason = "non-finite loss"
                 warnings.warn(
                     "adam: the loss became non-finite; returning the best iterate so far",
@@ -271,33 +455,69 @@ def adam(
                 break
             if not closed_form:
                 total.backward()
+                grad = u.grad
             with torch.no_grad():
-                tv = float(total)
                 history.append(tv)
+                plateau_history.append(tv + plateau_offset)
                 if separable:
-                    better = vloss < best_voxel
-                    best_voxel = torch.where(better, vloss.detach(), best_voxel)
-                    best_u = torch.where(better[:, None], u.detach(), best_u)
+                    # each voxel keeps its minimum-loss iterate (NaN never counts as better);
+                    # written in place into buffers allocated once
+                    torch.lt(vloss, best_voxel, out=better)
+                    torch.where(better, vloss.detach(), best_voxel, out=best_voxel)
+                    torch.where(better[:, None], u.detach(), best_u, out=best_u)
                 elif tv < best_total:
                     best_total, best_u = tv, u.detach().clone()
-            opt.step()
+            update.step(u, grad)
             bar.update(1)
             if tol is not None and tv <= tol:
                 converged, reason = True, "tol"
                 break
             w = convergence_window
+            if freeze and it % w == 0:
+                if best_at_check is not None and update.lr < lr:
+                    # a voxel whose minimum loss did not decrease at all over a whole window at
+                    # a decayed learning rate has reached what Adam finds for it
+                    done = best_voxel >= best_at_check
+                    if bool(done.any()):
+                        if active is None:
+                            active = torch.arange(n_all, device=problem.device)
+                        else:
+                            u_full[active] = u
+                            best_u_full[active] = best_u
+                            best_voxel_full[active] = best_voxel
+                        u_full[active[done]] = best_u[done]  # frozen at its best iterate
+                        frozen_best = best_voxel[done].sum()
+                        frozen_sum = frozen_sum + frozen_best
+                        plateau_offset += float(vloss[done].sum() - frozen_best) / n_all
+                        keep = ~done
+                        active = active[keep]
+                        u, best_u, best_voxel = u[keep], best_u[keep], best_voxel[keep]
+                        better = torch.empty_like(best_voxel, dtype=torch.bool)
+                        update.keep(keep)  # type: ignore[union-attr]
+                        sub = sub.subset(keep)
+                        cf_grad = _ClosedFormGradient(sub, mapping, loss, huber_delta, n_all)
+                        if active.numel() == 0:
+                            # every voxel reached its own plateau
+                            converged, reason = True, "plateau"
+                            break
+                best_at_check = best_voxel.clone()
             if len(history) >= 2 * w and it % w == 0:
-                prev = sum(history[-2 * w : -w]) / w
-                cur = sum(history[-w:]) / w
+                prev = sum(plateau_history[-2 * w : -w]) / w
+                cur = sum(plateau_history[-w:]) / w
                 rel = (prev - cur) / (w * max(abs(cur), 1e-30))
                 if rel < convergence_value:
-                    if lr_decay and opt.param_groups[0]["lr"] > lr * min_lr_factor * 1.0001:
-                        for g in opt.param_groups:
-                            g["lr"] = max(g["lr"] * 0.5, lr * min_lr_factor)
+                    if lr_decay and update.lr > lr * min_lr_factor * 1.0001:
+                        update.lr = max(update.lr * 0.5, lr * min_lr_factor)
                     else:
                         converged, reason = True, "plateau"
                         break
-                bar.set_postfix(loss=f"{tv:.3e}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+                bar.set_postfix(loss=f"{tv:.3e}", lr=f"{update.lr:.1e}")
+    active_n = 0 if active is None else active.numel()
+    if active is not None:
+        u_full[active] = u.detach()
+        best_u_full[active] = best_u
+        best_voxel_full[active] = best_voxel
+        u, best_u = u_full, best_u_full
     if not converged and reason == "max_iter":
         warnings.warn(
             f"adam: stopped at max_iter={max_iter} before the loss plateaued; raise max_iter or lr",
@@ -332,6 +552,8 @@ def adam(
             "convergence_value": convergence_value,
             "convergence_window": convergence_window,
             "lr_decay": lr_decay,
+            "freeze_converged": freeze,
+            "n_frozen": n_all - (n_all if active is None else int(active_n)),
             "stop_reason": reason,
             "start": origin,
             "regularizers": [type(r).__name__ for r in regs],
