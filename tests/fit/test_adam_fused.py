@@ -104,9 +104,13 @@ def test_active_set_loss_not_above_full_run():
     lf, la = _maps_loss(model, full, data), _maps_loss(model, act, data)
     assert la <= lf * (1 + 1e-6), (la, lf)
     # the T1 maps agree voxel by voxel far below the noise-driven error (≈1 % median); most
-    # voxels are bit-identical
+    # voxels are bit-identical. The learning-rate schedule is global and frozen voxels shift
+    # when it decays, so a still-running voxel may end at another point of its flat valley:
+    # measured (closed-form start of this commit) 99.9th percentile 5.7e-5, one voxel 1.4e-3
+    # with a 5e-5 relative loss difference (the previous start: max < 1e-3)
     rel = np.abs(act["T1"].numpy() - full["T1"].numpy()) / full["T1"].numpy()
-    assert np.median(rel) < 1e-6 and rel.max() < 1e-3, (np.median(rel), rel.max())
+    assert np.median(rel) < 1e-6 and np.percentile(rel, 99.9) < 1e-4, np.percentile(rel, 99.9)
+    assert rel.max() < 5e-3, rel.max()
     # frozen voxels' last iterate is their best one
     same = act["T1"].numpy() == act.final_maps["T1"].numpy()
     assert same.sum() >= act.settings["n_frozen"]
