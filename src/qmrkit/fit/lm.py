@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -157,23 +158,34 @@ def _cholesky_solve_small(A: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tenso
     """Solve ``A x = b`` for SPD ``A (V, P, P)`` and ``b (V, P)``; also returns a ``(V,)`` flag that
     is False where the factorisation fails (a pivot ≤ 0 or NaN, LAPACK's ``potrf`` rule)."""
     P = A.shape[-1]
+    entries = [[A[:, i, j] for j in range(P)] for i in range(P)]
+    x, ok = _cholesky_solve_entries(entries, b.unbind(-1))
+    return torch.stack(x, dim=-1), ok
+
+
+def _cholesky_solve_entries(
+    A: Sequence[Sequence[torch.Tensor]], b: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`_cholesky_solve_small` on the entries ``A[i][j]`` and ``b[i]`` (each ``(V,)``), as
+    (V,)-vector operations; returns the columns of ``x`` and the success flag."""
+    P = len(b)
     L: list[list[torch.Tensor]] = [[] for _ in range(P)]  # L[i][k], k <= i
-    ok = torch.ones(A.shape[0], dtype=torch.bool, device=A.device)
+    ok = None
     for j in range(P):
-        s = A[:, j, j]
+        s = A[j][j]
         for k in range(j):
             s = s - L[j][k] * L[j][k]
-        ok = ok & (s > 0)
+        ok = (s > 0) if ok is None else ok & (s > 0)
         d = torch.sqrt(s)
         for i in range(j + 1, P):
-            t = A[:, i, j]
+            t = A[i][j]
             for k in range(j):
                 t = t - L[i][k] * L[j][k]
             L[i].append(t / d)
         L[j].append(d)
     y: list[torch.Tensor] = []
     for i in range(P):  # L y = b
-        t = b[:, i]
+        t = b[i]
         for k in range(i):
             t = t - L[i][k] * y[k]
         y.append(t / L[i][i])
@@ -183,7 +195,8 @@ def _cholesky_solve_small(A: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tenso
         for k in range(i + 1, P):
             t = t - L[k][i] * x[k]
         x[i] = t / L[i][i]
-    return torch.stack(x, dim=-1), ok
+    assert ok is not None
+    return x, ok
 
 
 def _damped_step(
@@ -208,18 +221,31 @@ def _damped_step(
         free = (~active).double()
         H = H * free[:, :, None] * free[:, None, :] + torch.diag_embed(active.double())
         g = g * free
-    d = torch.diagonal(H, dim1=-2, dim2=-1)
-    floor = d.amax(dim=-1, keepdim=True) * 1e-12 + 1e-300
-    D = torch.maximum(d, floor)
-    A = H + torch.diag_embed(lam[:, None] * D)
-    if A.shape[-1] <= _UNROLLED_MAX_P:
-        delta, ok = _cholesky_solve_small(A, -g)
+    P = H.shape[-1]
+    if P <= _UNROLLED_MAX_P:
+        # entry by entry: (V,)-vector operations on views of H, no (V, P, P) temporaries, and
+        # no reductions over the short last axis (each costs as much as several vector ops)
+        entries = [[H[:, i, j] for j in range(P)] for i in range(P)]
+        diag = [entries[j][j] for j in range(P)]
+        top = diag[0]
+        for dj in diag[1:]:
+            top = torch.maximum(top, dj)
+        floor = top * 1e-12 + 1e-300
+        for j in range(P):
+            entries[j][j] = diag[j] + lam * torch.maximum(diag[j], floor)
+        cols, ok = _cholesky_solve_entries(entries, (-g).unbind(-1))
+        total = cols[0]
+        for c in cols[1:]:
+            total = total + c
+        ok = ok & torch.isfinite(total)  # a NaN or Inf in any column reaches the sum
+        delta = torch.stack(cols, dim=-1)
     else:
+        d = torch.diagonal(H, dim1=-2, dim2=-1)
+        floor = d.amax(dim=-1, keepdim=True) * 1e-12 + 1e-300
+        A = H + torch.diag_embed(lam[:, None] * torch.maximum(d, floor))
         L, info = torch.linalg.cholesky_ex(A)
-        ok = info == 0
         delta = torch.cholesky_solve(-g[..., None], L)[..., 0]
-    finite = torch.isfinite(delta).all(dim=-1)
-    ok = ok & finite
+        ok = (info == 0) & torch.isfinite(delta).all(dim=-1)
     delta = torch.where(ok[:, None], delta, torch.zeros_like(delta))
     return delta, ok
 
@@ -292,6 +318,7 @@ def _lm_chunk(
     eps = torch.finfo(r.dtype).eps
     floor = 2 * eps * (r.abs().double() * data_abs.double()).sum(dim=1)
     history = [cost.sum()]  # 0-d tensors, read once at the end (no host sync per iteration)
+    ones_p = torch.ones(P, dtype=torch.float64, device=dev)
 
     # The iteration works on compacted copies of the still-running voxels (``sub``: their data;
     # ``th``, ``H``, ... their state; ``act``: their rows in the chunk): no gather or scatter of
@@ -338,8 +365,10 @@ def _lm_chunk(
             with torch.no_grad():
                 r_t = sub.residual(trial)
         cost_t = 0.5 * r_t.double().pow(2).sum(dim=1)
-        Hs = (H * step[:, None, :]).sum(-1)
-        predicted = -(step * (g + 0.5 * Hs)).sum(-1)
+        # predicted gain −(s·g + ½ sᵀHs); einsum and a matrix-vector sum instead of reductions
+        # over the short last axis (5× faster at P = 3)
+        Hs = torch.einsum("vij,vj->vi", H, step)
+        predicted = -((step * (g + 0.5 * Hs)) @ ones_p)
         actual = cost - cost_t
         accept = ok & torch.isfinite(cost_t) & (actual > 0)
         rho = actual / predicted.clamp_min(1e-300)

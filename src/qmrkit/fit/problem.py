@@ -45,14 +45,17 @@ def _to_tensor(x: Any, name: str) -> torch.Tensor:
 
 
 def _quantile(x: torch.Tensor, q: float) -> float:
-    """``torch.quantile(x, q)`` (linear interpolation) of a 1-D tensor by two selections instead of
-    a full sort: O(n), ≈50× faster at 10⁵ values, which matters on every solver call."""
+    """``torch.quantile(x, q)`` (linear interpolation) of a 1-D tensor by a selection instead of a
+    full sort: the ``n − lo`` largest values hold both order statistics the interpolation needs
+    (for the 99th percentile the top 1 %), ≈4× faster than two ``kthvalue`` selections and far
+    faster than sorting, which matters on every solver call."""
     n = x.numel()
     pos = (n - 1) * q
     lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
-    v_lo = torch.kthvalue(x, lo + 1).values
-    v_hi = torch.kthvalue(x, hi + 1).values if hi != lo else v_lo
+    top = torch.topk(x, n - lo, sorted=False).values  # order statistics lo+1 .. n
+    two = torch.topk(top, min(2, top.numel()), largest=False).values  # ascending
+    v_lo = two[0]
+    v_hi = two[1] if two.numel() > 1 else v_lo
     return float(torch.lerp(v_lo, v_hi, torch.tensor(pos - lo, dtype=x.dtype, device=x.device)))
 
 
