@@ -238,12 +238,15 @@ def case_cart3d(work: Path, have_bart: bool, env, shape, lams) -> list[dict]:
         write_cfl(work / "maps3", ours_to_bart(maps.numpy()))
     for lam in lams:
         case = f"sense-cart-3d-{tag}" + (f"-lam{lam:g}" if lam > 0 else "")
+
         # the first call pays ‖AᴴA‖ (Lanczos) for λ > 0; later calls with the same maps
         # and mask find it cached (both reported; "time_s" is the best of --repeat calls)
-        sense_mod._NORM2_CACHE.clear()
-        t0 = time.perf_counter()
-        res = recon.sense(y, maps, mask=mask, lam=lam, max_iter=iters, tol=0)
-        first = time.perf_counter() - t0
+        # "first": best of --repeat solves, each with the cache emptied (a new operator)
+        def first_solve(lam=lam):
+            sense_mod._NORM2_CACHE.clear()
+            return recon.sense(y, maps, mask=mask, lam=lam, max_iter=iters, tol=0)
+
+        first, res = timed(first_solve)
         t, res = timed(
             lambda lam=lam: recon.sense(y, maps, mask=mask, lam=lam, max_iter=iters, tol=0)
         )
