@@ -106,14 +106,21 @@ def lanczos_max_eig(
     if dtype.is_complex:
         v = torch.complex(v, torch.randn(shape, generator=gen, dtype=real))
     v = (v / norm(v)).to(dev).reshape(-1)
-    # the Krylov basis, one row per step; torch.empty leaves untouched rows unallocated by the OS
-    basis = torch.empty((n_iter, v.numel()), dtype=v.dtype, device=dev)
+    # the Krylov basis, one row per step; room for 8 rows first (most estimates stop by then),
+    # doubled when needed, so that n_iter = 20 does not reserve 20 images (on a GPU it would)
+    basis = torch.empty((min(n_iter, 8), v.numel()), dtype=v.dtype, device=dev)
     alpha: list[float] = []
     beta: list[float] = []
     history: list[float] = []
     theta, bound, k = 0.0, float("inf"), 0
     with torch.no_grad():
         for k in range(1, n_iter + 1):
+            if k > basis.shape[0]:
+                grown = torch.empty(
+                    (min(2 * basis.shape[0], n_iter), v.numel()), dtype=v.dtype, device=dev
+                )
+                grown[: basis.shape[0]] = basis
+                basis = grown
             basis[k - 1] = v
             w = normal(v.reshape(shape)).reshape(-1)
             a = float(torch.vdot(v, w).real)  # real for Hermitian M (rounding aside)
