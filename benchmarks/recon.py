@@ -238,12 +238,15 @@ def case_cart3d(work: Path, have_bart: bool, env, shape, lams) -> list[dict]:
         write_cfl(work / "maps3", ours_to_bart(maps.numpy()))
     for lam in lams:
         case = f"sense-cart-3d-{tag}" + (f"-lam{lam:g}" if lam > 0 else "")
-        # the first call pays ‖AᴴA‖ (power iteration) for λ > 0; later calls with the same maps
+
+        # the first call pays ‖AᴴA‖ (Lanczos) for λ > 0; later calls with the same maps
         # and mask find it cached (both reported; "time_s" is the best of --repeat calls)
-        sense_mod._NORM2_CACHE.clear()
-        t0 = time.perf_counter()
-        res = recon.sense(y, maps, mask=mask, lam=lam, max_iter=iters, tol=0)
-        first = time.perf_counter() - t0
+        # "first": best of --repeat solves, each with the cache emptied (a new operator)
+        def first_solve(lam=lam):
+            sense_mod._NORM2_CACHE.clear()
+            return recon.sense(y, maps, mask=mask, lam=lam, max_iter=iters, tol=0)
+
+        first, res = timed(first_solve)
         t, res = timed(
             lambda lam=lam: recon.sense(y, maps, mask=mask, lam=lam, max_iter=iters, tol=0)
         )
@@ -453,10 +456,14 @@ def main() -> int:
             peers = [b for b in peers if f"T:3:0:{lam_tag}" in b["detail"]]
         if peers:
             r["time_ratio_vs_bart"] = r["time_s"] / peers[0]["time_s"]
+            if "time_first_s" in r:  # first solve with a new operator (‖AᴴA‖ not cached)
+                r["first_ratio_vs_bart"] = r["time_first_s"] / peers[0]["time_s"]
             r["nrmse_bart"] = peers[0]["nrmse"]
     print(f"{'case':<20} {'tool':<26} {'time s':>8} {'NRMSE':>8} {'t/t_BART':>9}  detail")
     for r in rows:
         ratio = f"{r['time_ratio_vs_bart']:.2f}" if "time_ratio_vs_bart" in r else "-"
+        if "first_ratio_vs_bart" in r:
+            ratio += f" (1st {r['first_ratio_vs_bart']:.2f})"
         print(
             f"{r['case']:<20} {r['tool']:<26} {r['time_s']:8.2f} {r['nrmse']:8.4f} "
             f"{ratio:>9}  {r['detail']}"

@@ -77,15 +77,15 @@ def test_fused_operator_gradient_matches_composition():
 
 
 def test_lambda_norm_is_cached_by_content(monkeypatch):
-    """λ > 0 runs the power iteration once per (maps, mask); equal content (a fresh copy) hits
+    """λ > 0 runs the Lanczos estimate once per (maps, mask); equal content (a fresh copy) hits
     the cache with the identical λ_abs and image; other maps miss."""
     x, maps, _ = phantom(32, 4)
     mask = cartesian_mask((32, 32), 2, calib=8)
     y = cfft(maps * x) * mask
     calls = []
-    real = sense_mod._operator_norm2
+    real = sense_mod._lanczos_norm2
     monkeypatch.setattr(
-        sense_mod, "_operator_norm2", lambda *a, **k: calls.append(1) or real(*a, **k)
+        sense_mod, "_lanczos_norm2", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     sense_mod._NORM2_CACHE.clear()
     a = recon.sense(y, maps, mask=mask, lam=0.05, max_iter=10, tol=0)
@@ -93,7 +93,7 @@ def test_lambda_norm_is_cached_by_content(monkeypatch):
     assert len(calls) == 1
     assert a.settings["lam_absolute"] == b.settings["lam_absolute"] > 0
     torch.testing.assert_close(2 * a.image, b.image, rtol=1e-5, atol=1e-6)
-    # the value equals an uncached power iteration on the same operator
+    # the value equals an uncached estimate on the same operator
     sense_mod._NORM2_CACHE.clear()
     c = recon.sense(y, maps, mask=mask, lam=0.05, max_iter=10, tol=0)
     assert len(calls) == 2 and c.settings["lam_absolute"] == a.settings["lam_absolute"]

@@ -146,6 +146,10 @@ def rdot(a: torch.Tensor, b: torch.Tensor, batch_ndim: int = 0) -> torch.Tensor:
     if a.is_complex() or b.is_complex():
         dt = torch.promote_types(a.dtype, b.dtype)
         ar, br = _real_view(a.to(dt)), _real_view(b.to(dt))
+        if batch_ndim == 0 and a.shape == b.shape:
+            # one fused pass (BLAS dot) instead of a product tensor and its sum: half the time
+            # of the per-iteration inner products of CG on large 3D images
+            return torch.dot(ar.reshape(-1), br.reshape(-1)).reshape((1,) * a.ndim)
         prod = ar * br  # re·re and im·im: their sum is Re(conj(a)·b)
         dims = tuple(range(batch_ndim, a.ndim + 1))
         return prod.sum(dim=dims, keepdim=True).squeeze(-1)

@@ -105,7 +105,8 @@ def cg(
 
     def M(v):
         out = normal(v)
-        return out + lam * v if lam else out
+        # one fused pass (out + λ·v) instead of a product and a sum
+        return torch.add(out, v, alpha=lam) if lam else out
 
     t0 = time.perf_counter()
     if x0 is None:
@@ -132,8 +133,10 @@ def cg(
             Ap = M(p)
             pAp = rdot(p, Ap, nb)
             alpha = torch.where(active & (pAp > 0), rs / torch.where(pAp > 0, pAp, 1), 0)
-            x = x + alpha * p
-            r = r - alpha * Ap
+            # fused multiply-adds: one pass over each vector, no temporary (out of place, so CG
+            # stays differentiable when unrolled)
+            x = torch.addcmul(x, alpha, p)
+            r = torch.addcmul(r, alpha, Ap, value=-1)
             rs_new = rdot(r, r, nb)
             rel = torch.where(active, rs_new.sqrt() / bnorm, rel)
             worst = float(rel.max())
@@ -141,7 +144,7 @@ def cg(
             if stop:
                 break
             beta = torch.where(active & (rs > 0), rs_new / torch.where(rs > 0, rs, 1), 0)
-            p = r + beta * p
+            p = torch.addcmul(r, beta, p)
             rs = torch.where(active, rs_new, rs)
     synchronize(x.device)
     elapsed = time.perf_counter() - t0
