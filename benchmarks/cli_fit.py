@@ -4,7 +4,10 @@ Each run is a fresh process calling the console script's function (``qmrkit.cli:
 ``--function main``, ``sys.exit(main())`` as before issue 17 item 3) with ``--timings``. Recorded
 per run: wall time from ``fork`` to the process's exit (every file written), the CPU time of the
 process and its children (the figure worker), the per-stage ``Timings`` from ``fit.json``, the
-files written and the load average before the run. Writes benchmarks/results/cli_fit.json.
+files written and the load average before the run. Anchor, measured right before each run in
+the same way: ``python -c "import torch"`` (process start to exit), the floor no torch-based
+command can go below; the CLI's time above it is what qmrkit itself costs. Writes
+benchmarks/results/cli_fit.json.
 
     PYTHONPATH=src python benchmarks/cli_fit.py [--runs 3] [--function entry|main] [--threads 2]
 
@@ -68,6 +71,13 @@ def run_once(function: str, threads: int, out: Path) -> dict:
     }
 
 
+def torch_floor() -> float:
+    """Wall time of a process that only imports torch and exits (the anchor)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -79,11 +89,15 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):
+            floor = torch_floor()
             r = run_once(args.function, args.threads, Path(tmp) / f"run{i}")
+            r["import_torch_process_s"] = round(floor, 3)
+            r["above_torch_s"] = round(r["wall_s"] - floor, 3)
             runs.append(r)
             stages = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["timings"].items())
             print(
-                f"run {i}: wall {r['wall_s']:.2f} s, cpu {r['cpu_s']:.2f} s, load "
+                f"run {i}: wall {r['wall_s']:.2f} s (python -c 'import torch': {floor:.2f} s, "
+                f"above it {r['above_torch_s']:.2f} s), cpu {r['cpu_s']:.2f} s, load "
                 f"{r['load_before']:.2f}, {r['files']} files; {stages}"
             )
     walls = sorted(r["wall_s"] for r in runs)
@@ -94,10 +108,18 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "median_wall_s": walls[len(walls) // 2],
+        "median_import_torch_process_s": sorted(r["import_torch_process_s"] for r in runs)[
+            len(runs) // 2
+        ],
+        "median_above_torch_s": sorted(r["above_torch_s"] for r in runs)[len(runs) // 2],
         "runs": runs,
     }
     Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"median wall {record['median_wall_s']:.2f} s -> {args.output}")
+    print(
+        f"median wall {record['median_wall_s']:.2f} s, import-torch process "
+        f"{record['median_import_torch_process_s']:.2f} s, above it "
+        f"{record['median_above_torch_s']:.2f} s -> {args.output}"
+    )
 
 
 if __name__ == "__main__":
