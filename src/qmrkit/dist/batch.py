@@ -223,7 +223,10 @@ def _fit_argv(job: Job, work: Path, out: Path, mask: Path | None = None) -> list
 
 
 def _set_threads(job: Job) -> None:
-    if job.torch_threads:
+    if job.torch_threads:  # on a cluster worker (in-process runs leave the caller's settings)
+        from .._threads import keep_heap
+
+        keep_heap()  # the process policy's heap rule, once per worker process
         import torch
 
         torch.set_num_threads(job.torch_threads)

@@ -90,14 +90,17 @@ def recovery_start(
     ts = t[order].to(torch.float64)
     d = data[:, order].abs().to(torch.float64)
     V, M = d.shape
-    kmin = d.argmin(dim=1, keepdim=True)
-    k = torch.cat([torch.zeros_like(kmin), kmin - 1, kmin, kmin + 1, kmin + 2], dim=1).clamp(0, M)
-    K = k.shape[1]
+    # candidate-major layout (K, V) throughout: reductions over the 5 candidates and over τ run
+    # across contiguous rows (a reduction over a short last axis costs several vector passes)
+    dT = d.T.contiguous()  # (M, V)
+    kmin = d.argmin(dim=1)
+    k = torch.stack([torch.zeros_like(kmin), kmin - 1, kmin, kmin + 1, kmin + 2]).clamp(0, M)
+    K = k.shape[0]
     # candidate k's mean: (Σ d − 2·Σ_{m<k} d_m)/M, from one cumulative sum
-    head = torch.nn.functional.pad(d.cumsum(1), (1, 0))  # (V, M+1): Σ_{m<k} d_m
-    ybar = (head[:, -1:] - 2 * head.gather(1, k)) / M  # (V, K)
+    head = torch.nn.functional.pad(dT.cumsum(0), (0, 0, 1, 0))  # (M+1, V): Σ_{m<k} d_m
+    ybar = (head[-1] - 2 * head.gather(0, k)) / M  # (K, V)
     # ‖y − ȳ‖² per candidate: the residual of the constant-only fit
-    spread = (d * d).sum(-1)[:, None] - M * ybar * ybar
+    spread = (dT * dT).sum(0) - M * ybar * ybar  # (K, V)
     log_lo, log_hi = math.log(tau_lo), math.log(tau_hi)
     logs = torch.linspace(log_lo, log_hi, n_tau, dtype=torch.float64, device=d.device)
     E = torch.exp(-ts[None, :] / torch.exp(logs)[:, None])  # (G, M)
@@ -107,15 +110,15 @@ def recovery_start(
     Q = Ec / norm[:, None]  # (G, M) orthonormal to the constant
     # A > 0  <=>  c < ȳ·‖e − ē‖/ē ; B > 0  <=>  c < 0: both at once as c < min(ȳ, 0)·ratio
     ratio = norm / ebar  # (G,)
-    # one product gives −c for every τ, in the (τ, voxel·candidate) layout: every step below is a
+    # one product gives −c for every τ, in the (τ, candidate·voxel) layout: every step below is a
     # pass over contiguous rows, and the reduction over τ runs across rows (vectorised)
     nQ = Q.neg().to(torch.float32)  # (G, M)
     ratio32 = ratio.to(torch.float32)[:, None]  # (G, 1)
-    n = V * K
-    # the candidates' signed data, built in the layout of the product: (M, V·K), float32
+    n = K * V
+    # the candidates' signed data, built in the layout of the product: (M, K·V), float32
     pos = torch.arange(M, device=d.device)
-    flip = pos[:, None, None] < k[None]  # (M, V, K)
-    Yt = torch.where(flip, -1.0, 1.0).to(torch.float32).mul_(d.T.to(torch.float32)[..., None])
+    flip = pos[:, None, None] < k[None]  # (M, K, V)
+    Yt = torch.where(flip, -1.0, 1.0).to(torch.float32).mul_(dT.to(torch.float32)[:, None, :])
     Yt = Yt.reshape(M, n)
     # feasible  <=>  −c > max(−ȳ, 0)·ratio
     limit = (-ybar).clamp(min=0.0).reshape(1, n).to(torch.float32)
@@ -144,10 +147,8 @@ def recovery_start(
         best3[:, i:j] = score.gather(0, gi)
     # each candidate's least-squares cost ‖y − ȳ‖² − c² at those points (float64: the
     # difference is small against both terms); 0 marks an infeasible point
-    v3 = best3.to(torch.float64).T.reshape(V, K, 3)
-    cost = torch.where(v3 > 0, spread[..., None] - v3 * v3, float("inf"))
-    gi = g.reshape(V, K)
-    c_m, c_0, c_p = cost.unbind(-1)
+    v3 = best3.to(torch.float64).reshape(3, K, V)
+    c_m, c_0, c_p = torch.where(v3 > 0, spread - v3 * v3, float("inf")).unbind(0)  # (K, V) each
     step = float(logs[1] - logs[0])
     curv = c_m - 2 * c_0 + c_p
     usable = torch.isfinite(c_m) & torch.isfinite(c_p) & (curv > 0)
@@ -155,17 +156,26 @@ def recovery_start(
         -1, 1
     )
     c_min = torch.where(usable, c_0 - 0.25 * (c_m - c_p) * offset, c_0)
-    best_k = c_min.argmin(dim=1, keepdim=True)  # (V, 1)
-    log_tau = logs[gi] + offset * step
-    tau = torch.exp(log_tau.gather(1, best_k)[:, 0].clamp(log_lo, log_hi))
-    # (A, B) in closed form for the chosen candidate at the refined τ
-    y = torch.where(pos[None, :] < k.gather(1, best_k), -d, d)  # (V, M)
+    # the best candidate per voxel (the first of equal ones, as argmin), row by row
+    best_c, best_k = c_min[0], torch.zeros(V, dtype=torch.long, device=d.device)
+    for j in range(1, K):
+        better = c_min[j] < best_c
+        best_c = torch.where(better, c_min[j], best_c)
+        best_k = best_k.masked_fill(better, j)
+    pick = best_k[None]  # (1, V)
+    log_tau = logs[g.reshape(K, V).gather(0, pick)[0]] + offset.gather(0, pick)[0] * step
+    tau = torch.exp(log_tau.clamp(log_lo, log_hi))
+    # (A, B) in closed form for the chosen candidate at the refined τ (sums over the M samples
+    # as matrix-vector products)
+    y = torch.where(pos[None, :] < k.gather(0, pick)[0][:, None], -d, d)  # (V, M)
     e = torch.exp(-ts[None, :] / tau[:, None])
-    se, see, sy, sey = e.sum(1), (e * e).sum(1), y.sum(1), (e * y).sum(1)
+    ones = torch.ones(M, dtype=torch.float64, device=d.device)
+    se, see, sey = e @ ones, (e * e) @ ones, (e * y) @ ones
+    sy = ybar.gather(0, pick)[0] * M
     det = (M * see - se * se).clamp_min(1e-12)
     a = (see * sy - se * sey) / det
     b = (se * sy - M * sey) / det
-    fail = ~torch.isfinite(c_min.gather(1, best_k)[:, 0]) | (a <= 0) | (b <= 0)
+    fail = ~torch.isfinite(best_c) | (a <= 0) | (b <= 0)
     a, b, tau = (torch.where(fail, torch.full_like(a, float("nan")), x) for x in (a, b, tau))
     return a.to(data.dtype), b.to(data.dtype), tau.to(data.dtype)
 
