@@ -1,7 +1,9 @@
 """Linear operators (autograd-safe): the base class, composition, the dot test, and the concrete
 operators of reconstruction: FFT, sampling masks, coil sensitivities, finite differences,
-diagonal weights, dense matrices, reshapes and vertical stacks."""
+diagonal weights, dense matrices, reshapes and vertical stacks; ``TensorCache``, the per-device/
+dtype copy of an operator's data, for operators defined in other packages (``recon``)."""
 
+from ._util import TensorCache
 from .base import Adjoint, Compose, Identity, LinearOperator, Scale, Sum, check_adjoint
 from .diff import FiniteDifference
 from .elementwise import Diagonal, Matrix, Reshape
@@ -26,4 +28,5 @@ __all__ = [
     "Matrix",
     "Reshape",
     "Vstack",
+    "TensorCache",
 ]

@@ -11,8 +11,7 @@ import torch
 from .._device import as_tensor, resolve_device
 from .._shapes import broadcast_shapes
 from ..errors import DTypeError, ParameterError, ShapeError
-from ..ops import FFT, LinearOperator, Mask, Sense
-from ..ops._util import TensorCache
+from ..ops import FFT, LinearOperator, Mask, Sense, TensorCache
 
 
 class Lift(LinearOperator):
