@@ -149,9 +149,14 @@ def send_dicom(
     except Exception as exc:  # socket errors: DNS, refused
         raise ServiceError(f"cannot reach the PACS {addr}: {exc}") from exc
     if not assoc.is_established:
-        why = "rejected the association" if assoc.is_rejected else "did not answer"
-        if assoc.is_aborted:
-            why = "aborted the association"
+        # a PACS that refuses (wrong AE title) sends A-ASSOCIATE-RJ and closes the connection;
+        # when the close reaches pynetdicom first (a busy machine) it reports an abort instead,
+        # so both are "refused", with what was seen in brackets
+        why = "did not answer"
+        if assoc.is_rejected:
+            why = "refused the association (A-ASSOCIATE-RJ)"
+        elif assoc.is_aborted:
+            why = "refused the association (it closed or aborted the connection)"
         raise ServiceError(
             f"the PACS {addr} {why} (calling AE title {calling!r}; check that it knows this AE "
             "title and the called AE title, and that it listens on that port)"
