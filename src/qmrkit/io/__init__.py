@@ -9,8 +9,9 @@ PACS or surface readers and their dependencies.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
     from .bids import (
@@ -148,19 +149,4 @@ __all__ = [  # literal, so that linters see the TYPE_CHECKING imports as the pub
     "to_bids_units",
 ]
 # submodules, reachable as attributes as when this file imported them all
-_SUBMODULES = frozenset({*_EXPORTS.values(), "figures"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later look-ups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, {*_EXPORTS.values(), "figures"}, __all__)

@@ -15,12 +15,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .._device import resolve_device
 from ..errors import ParameterError
 from ..ops.base import LinearOperator
 from ._common import check_max_iter, check_tol, norm
-
-_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+from .power import normal_and_start
 
 
 def _vdot(a: torch.Tensor, b: torch.Tensor) -> complex:
@@ -87,25 +85,8 @@ def lanczos_max_eig(
         raise ParameterError(
             f"lanczos_max_eig: min_iter must be a positive integer, got {min_iter!r}"
         )
-    if isinstance(op, LinearOperator):
-        normal = op.normal
-        shape = tuple(op.ishape) if ishape is None else tuple(ishape)
-    elif callable(op):
-        if ishape is None:
-            raise ParameterError("lanczos_max_eig: ishape is required when op is a callable")
-        normal = op
-        shape = tuple(ishape)
-    else:
-        raise ParameterError(
-            f"lanczos_max_eig: expected a LinearOperator or a callable, got {type(op).__name__}"
-        )
-    dev = resolve_device(device)
-    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
-    real = _REAL.get(dtype, dtype)
-    v = torch.randn(shape, generator=gen, dtype=real)
-    if dtype.is_complex:
-        v = torch.complex(v, torch.randn(shape, generator=gen, dtype=real))
-    v = (v / norm(v)).to(dev).reshape(-1)
+    normal, v = normal_and_start(op, ishape, seed, dtype, device, "lanczos_max_eig")
+    shape, dev, v = v.shape, v.device, v.reshape(-1)
     # the Krylov basis, one row per step; room for 8 rows first (most estimates stop by then),
     # doubled when needed, so that n_iter = 20 does not reserve 20 images (on a GPU it would)
     basis = torch.empty((min(n_iter, 8), v.numel()), dtype=v.dtype, device=dev)

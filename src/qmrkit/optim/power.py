@@ -14,6 +14,38 @@ from ._common import check_max_iter, check_tol, norm, rdot
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
+def normal_and_start(
+    op: LinearOperator | Callable[[torch.Tensor], torch.Tensor],
+    ishape: Sequence[int] | None,
+    seed: int | torch.Generator,
+    dtype: torch.dtype,
+    device,
+    who: str,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """The normal operator ``AᴴA`` of ``op`` (or ``op`` itself when it is a callable) and a seeded
+    random unit start vector of its input shape on ``device``: what every eigenvalue estimator
+    (:func:`power_iteration`, :func:`~qmrkit.optim.lanczos_max_eig`) starts from. The vector is
+    drawn on the CPU, so a seed gives the same start on every device."""
+    if isinstance(op, LinearOperator):
+        normal = op.normal
+        shape = tuple(op.ishape) if ishape is None else tuple(ishape)
+    elif callable(op):
+        if ishape is None:
+            raise ParameterError(f"{who}: ishape is required when op is a callable")
+        normal = op
+        shape = tuple(ishape)
+    else:
+        raise ParameterError(
+            f"{who}: expected a LinearOperator or a callable, got {type(op).__name__}"
+        )
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+    real = _REAL.get(dtype, dtype)
+    x = torch.randn(shape, generator=gen, dtype=real)
+    if dtype.is_complex:
+        x = torch.complex(x, torch.randn(shape, generator=gen, dtype=real))
+    return normal, (x / norm(x)).to(resolve_device(device))
+
+
 def power_iteration(
     op: LinearOperator | Callable[[torch.Tensor], torch.Tensor],
     ishape: Sequence[int] | None = None,
@@ -52,26 +84,7 @@ def power_iteration(
     """
     n_iter = check_max_iter(n_iter, "power_iteration")
     tol = check_tol(tol, "power_iteration")
-    if isinstance(op, LinearOperator):
-        normal = op.normal
-        shape = tuple(op.ishape) if ishape is None else tuple(ishape)
-    elif callable(op):
-        if ishape is None:
-            raise ParameterError("power_iteration: ishape is required when op is a callable")
-        normal = op
-        shape = tuple(ishape)
-    else:
-        raise ParameterError(
-            f"power_iteration: expected a LinearOperator or a callable, got {type(op).__name__}"
-        )
-    dev = resolve_device(device)
-    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
-    real = _REAL.get(dtype, dtype)
-    x = torch.randn(shape, generator=gen, dtype=real)
-    if dtype.is_complex:
-        x = torch.complex(x, torch.randn(shape, generator=gen, dtype=real))
-    x = x.to(dev)
-    x = x / norm(x)
+    normal, x = normal_and_start(op, ishape, seed, dtype, device, "power_iteration")
     est = 0.0
     with torch.no_grad():
         for _ in range(n_iter):
