@@ -17,6 +17,7 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -199,6 +200,12 @@ def _cholesky_solve_entries(
     return x, ok
 
 
+def _pair(i: int, j: int) -> int:
+    """Row of entry (i, j) of a symmetric P×P matrix stored as its lower triangle, row by row."""
+    i, j = max(i, j), min(i, j)
+    return i * (i + 1) // 2 + j
+
+
 def _damped_step(
     H: torch.Tensor,
     g: torch.Tensor,
@@ -207,72 +214,80 @@ def _damped_step(
     lower: torch.Tensor,
     upper: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve (H + λ·diag(H)) δ = −g per voxel over the free parameters; returns δ and a flag.
+    """Solve (H + λ·diag(H)) δ = −g per voxel over the free parameters; returns δ ``(P, v)`` and a
+    ``(v,)`` flag.
 
-    Box constraints by an active set: a parameter on a bound whose gradient points out of the box
-    is held fixed (its row and column removed), so the step for the others is the correct reduced
-    Levenberg–Marquardt step rather than a projection of an infeasible one (which can stall).
-    ``lower``/``upper`` are float64.
+    Parameter-major layout: ``H (P(P+1)/2, v)`` holds the lower triangle of every voxel's JᵀJ
+    (row :func:`_pair`), ``g (P, v)``, ``theta (P, v)``, ``lam (v,)``, bounds ``(P, 1)``; every
+    operation is over contiguous voxel rows. Box constraints by an active set: a parameter on a
+    bound whose gradient points out of the box is held fixed (its row and column removed), so the
+    step for the others is the correct reduced Levenberg–Marquardt step rather than a projection
+    of an infeasible one (which can stall). ``H``, ``g``, bounds are float64.
     """
+    P = g.shape[0]
     th = theta.double()
     tiny = 1e-12 * (th.abs() + 1.0)
     active = ((th <= lower + tiny) & (g > 0)) | ((th >= upper - tiny) & (g < 0))
+    entries = [[H[_pair(i, j)] for j in range(P)] for i in range(P)]
+    rhs = list((-g).unbind(0))
     if bool(active.any()):
         free = (~active).double()
-        H = H * free[:, :, None] * free[:, None, :] + torch.diag_embed(active.double())
-        g = g * free
-    P = H.shape[-1]
+        for i in range(P):
+            for j in range(P):
+                entries[i][j] = entries[i][j] * free[i] * free[j]
+            entries[i][i] = entries[i][i] + active[i].double()
+            rhs[i] = rhs[i] * free[i]
+    diag = [entries[j][j] for j in range(P)]
+    top = diag[0]
+    for dj in diag[1:]:
+        top = torch.maximum(top, dj)
+    floor = top * 1e-12 + 1e-300
+    for j in range(P):
+        entries[j][j] = diag[j] + lam * torch.maximum(diag[j], floor)
     if P <= _UNROLLED_MAX_P:
-        # entry by entry: (V,)-vector operations on views of H, no (V, P, P) temporaries, and
-        # no reductions over the short last axis (each costs as much as several vector ops)
-        entries = [[H[:, i, j] for j in range(P)] for i in range(P)]
-        diag = [entries[j][j] for j in range(P)]
-        top = diag[0]
-        for dj in diag[1:]:
-            top = torch.maximum(top, dj)
-        floor = top * 1e-12 + 1e-300
-        for j in range(P):
-            entries[j][j] = diag[j] + lam * torch.maximum(diag[j], floor)
-        cols, ok = _cholesky_solve_entries(entries, (-g).unbind(-1))
+        # entry by entry: (v,)-vector operations, no (v, P, P) temporaries
+        cols, ok = _cholesky_solve_entries(entries, rhs)
         total = cols[0]
         for c in cols[1:]:
             total = total + c
         ok = ok & torch.isfinite(total)  # a NaN or Inf in any column reaches the sum
-        delta = torch.stack(cols, dim=-1)
+        delta = torch.stack(cols, dim=0)
     else:
-        d = torch.diagonal(H, dim1=-2, dim2=-1)
-        floor = d.amax(dim=-1, keepdim=True) * 1e-12 + 1e-300
-        A = H + torch.diag_embed(lam[:, None] * torch.maximum(d, floor))
+        A = torch.stack([torch.stack(row, dim=-1) for row in entries], dim=-2)  # (v, P, P)
         L, info = torch.linalg.cholesky_ex(A)
-        delta = torch.cholesky_solve(-g[..., None], L)[..., 0]
-        ok = (info == 0) & torch.isfinite(delta).all(dim=-1)
-    delta = torch.where(ok[:, None], delta, torch.zeros_like(delta))
+        delta = torch.cholesky_solve(torch.stack(rhs, dim=-1)[..., None], L)[..., 0].T
+        ok = (info == 0) & torch.isfinite(delta).all(dim=0)
+    delta = torch.where(ok, delta, torch.zeros_like(delta))
     return delta, ok
 
 
-def _normal_equations(r: torch.Tensor, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``JᵀJ (v, P, P)`` and ``Jᵀr (v, P)``, returned in float64.
+def _normal_equations(
+    r: torch.Tensor, cols: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower triangle of ``JᵀJ`` as ``(P(P+1)/2, v)`` (rows :func:`_pair`) and ``Jᵀr (P, v)``,
+    float64, from the residual ``(v, m)`` and the Jacobian's columns (each ``(v, m)``).
 
-    For few parameters each entry is one product of two Jacobian columns (contiguous in the
-    layout :meth:`Problem.model_jacobian` returns) summed over the measurements by a matrix-vector
-    product with ones (a reduction over a short last axis is several times slower; batched matmul
-    of tiny matrices loops over the voxels). The entries are formed in the Jacobian's precision:
-    each is a sum of m products, accurate to its rounding (≈1e-7 relative in float32), and the
-    damped systems built from them are solved in float64."""
-    P = J.shape[-1]
-    Jt = J.transpose(1, 2)  # (v, P, m)
-    if P > _UNROLLED_MAX_P:
-        Jd, rd = Jt.double(), r.double()
-        return Jd @ Jd.transpose(1, 2), (Jd @ rd[..., None])[..., 0]
-    ones = torch.ones(r.shape[-1], dtype=J.dtype, device=J.device)
-    cols = Jt.unbind(1)
-    entries: list[torch.Tensor | None] = [None] * (P * P)
-    for i in range(P):
-        for j in range(i + 1):
-            entries[i * P + j] = entries[j * P + i] = (cols[i] * cols[j]) @ ones
-    H = torch.stack(entries, dim=-1).reshape(-1, P, P)  # type: ignore[arg-type]
-    g = torch.stack([(c * r) @ ones for c in cols], dim=-1)
+    Each entry is one product of two columns summed over the measurements by a matrix-vector
+    product with ones (a reduction over a short last axis is several times slower). The entries
+    are formed in the Jacobian's precision: each is a sum of m products, accurate to its rounding
+    (≈1e-7 relative in float32), and the damped systems built from them are solved in float64."""
+    P = len(cols)
+    ones = torch.ones(r.shape[-1], dtype=r.dtype, device=r.device)
+    H = torch.stack([(cols[i] * cols[j]) @ ones for i in range(P) for j in range(i + 1)])
+    g = torch.stack([(c * r) @ ones for c in cols])
     return H.double(), g.double()
+
+
+def _residual_and_columns(
+    problem: Problem, theta: torch.Tensor, jacobian: str
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Residual ``(v, m)`` and Jacobian columns (P tensors ``(v, m)``) at ``theta (P, v)``."""
+    if jacobian in ("auto", "model"):
+        own = problem.model_jacobian_columns(theta.T)
+        if own is not None:
+            return own
+    r, J = residual_and_jacobian(problem, theta.T, None, jacobian)
+    return r, [c.contiguous() for c in J.unbind(-1)]
 
 
 def _lm_chunk(
@@ -286,11 +301,24 @@ def _lm_chunk(
     bar: Any,
     jacobian: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+    """Levenberg–Marquardt on one chunk of voxels, from ``theta0 (V, P)``.
+
+    The state is parameter-major: ``th (P, v)``, the normal equations' lower triangle
+    ``H (P(P+1)/2, v)`` and ``g (P, v)``, per-voxel scalars ``(v,)``; every operation runs over
+    contiguous voxel rows (a (v, P)-layout operation with a per-voxel mask, or a reduction over
+    its short last axis, costs several times more). Returns θ ``(V, P)``, status, iterations and
+    the cost history."""
     V, P = theta0.shape
     dev = problem.device
-    lower, upper = problem.lower.double(), problem.upper.double()
-    # results of finished voxels, written once when they finish
-    theta = problem.clamp(theta0.detach().clone())
+    lower = problem.lower.double()[:, None]
+    upper = problem.upper.double()[:, None]
+    lo_w, hi_w = problem.lower[:, None], problem.upper[:, None]  # working precision
+
+    def clamp(t: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(t, hi_w), lo_w)
+
+    # results (parameter-major), written once per voxel when it finishes
+    theta = clamp(theta0.detach().T.contiguous())
     status = torch.zeros(V, dtype=torch.int8, device=dev)
     iters = torch.zeros(V, dtype=torch.int32, device=dev)
     track = not isinstance(bar, _NullBar)  # counting finished voxels syncs a GPU: only for a bar
@@ -299,11 +327,14 @@ def _lm_chunk(
     # gets its Jacobian at once (one model call per iteration instead of two); with autodiff the
     # Jacobian is only worth computing where a step was accepted
     fused = (
-        jacobian in ("auto", "model") and problem.model_jacobian(theta[:1], slice(0, 1)) is not None
+        jacobian in ("auto", "model")
+        and problem.model_jacobian_columns(theta[:, :1].T, slice(0, 1)) is not None
     )
-    r, J = residual_and_jacobian(problem, theta, None, jacobian)
-    cost = 0.5 * r.double().pow(2).sum(dim=1)
-    H, g = _normal_equations(r, J)
+    r, cols = _residual_and_columns(problem, theta, jacobian)
+    ones_m = torch.ones(r.shape[1], dtype=torch.float64, device=dev)
+    r64 = r.double()
+    cost = 0.5 * ((r64 * r64) @ ones_m)
+    H, g = _normal_equations(r, cols)
     lam = torch.full((V,), lambda0, dtype=torch.float64, device=dev)
     nu = torch.full((V,), 2.0, dtype=torch.float64, device=dev)
     # the cost's rounding floor: residuals r = f − d carry ≈ eps·|d| of rounding each, so a cost
@@ -316,34 +347,49 @@ def _lm_chunk(
     if data_abs.shape != r.shape:  # complex residuals are stored as (re, im) pairs
         data_abs = data_abs.repeat_interleave(r.shape[1] // data_abs.shape[1], dim=1)
     eps = torch.finfo(r.dtype).eps
-    floor = 2 * eps * (r.abs().double() * data_abs.double()).sum(dim=1)
+    floor = 2 * eps * ((r64.abs() * data_abs.double()) @ ones_m)
     history = [cost.sum()]  # 0-d tensors, read once at the end (no host sync per iteration)
-    ones_p = torch.ones(P, dtype=torch.float64, device=dev)
+    # the predicted gain's quadratic term sᵀHs over the stored lower triangle: off-diagonal
+    # entries count twice
+    rows_i = torch.tensor([i for i in range(P) for j in range(i + 1)], device=dev)
+    rows_j = torch.tensor([j for i in range(P) for j in range(i + 1)], device=dev)
+    twice = torch.tensor(
+        [1.0 if i == j else 2.0 for i in range(P) for j in range(i + 1)],
+        dtype=torch.float64,
+        device=dev,
+    )[:, None]
 
     # The iteration works on compacted copies of the still-running voxels (``sub``: their data;
-    # ``th``, ``H``, ... their state; ``act``: their rows in the chunk): no gather or scatter of
+    # ``th``, ``H``, ... their state; ``act``: their columns in the chunk): no gather or scatter of
     # every voxel per iteration, only of those that finish.
     sub, th, act = problem, theta.clone(), torch.arange(V, device=dev)
     it_a = torch.zeros(V, dtype=torch.int32, device=dev)
     done_cost = cost.new_zeros(())  # Σ final cost of finished voxels (the history's other part)
 
     def retire(pos: torch.Tensor, code: torch.Tensor | int) -> None:
-        """Write the finished rows ``pos`` of the working state into the chunk's results."""
+        """Write the finished voxels ``pos`` of the working state into the chunk's results."""
         nonlocal done_cost
-        rows = act[pos]
-        theta[rows] = th[pos]
-        iters[rows] = it_a[pos]
-        status[rows] = code if isinstance(code, int) else code[pos]
-        done_cost = done_cost + cost[pos].sum()
+        rows = act.index_select(0, pos)
+        theta.index_copy_(1, rows, th.index_select(1, pos))
+        iters.index_copy_(0, rows, it_a.index_select(0, pos))
+        if isinstance(code, int):
+            status.index_fill_(0, rows, code)
+        else:
+            status.index_copy_(0, rows, code.index_select(0, pos))
+        done_cost = done_cost + cost.index_select(0, pos).sum()
+
+    def compact(kpos: torch.Tensor) -> None:
+        """Keep only the working state's voxels ``kpos``."""
+        nonlocal sub, act, th, H, g, cost, lam, nu, floor, it_a
+        act, th, H, g, cost, lam, nu, floor, it_a = (
+            x.index_select(-1, kpos) for x in (act, th, H, g, cost, lam, nu, floor, it_a)
+        )
+        sub = sub.subset(kpos)
 
     exact = cost <= 1e-30
     if bool(exact.any()):
         retire(torch.nonzero(exact).reshape(-1), 3)
-        keep = torch.nonzero(~exact).reshape(-1)
-        act, th, H, g, cost, lam, nu, floor, it_a = (
-            x[keep] for x in (act, th, H, g, cost, lam, nu, floor, it_a)
-        )
-        sub = sub.subset(keep)
+        compact(torch.nonzero(~exact).reshape(-1))
     # the bar counts finished voxels (not iterations up to max_iter): its ETA follows convergence
     if track:
         bar.update(V - act.numel())
@@ -354,21 +400,21 @@ def _lm_chunk(
         it_a += 1
         delta, ok = _damped_step(H, g, lam, th, lower, upper)
         raw = th + delta.to(th.dtype)
-        trial = sub.clamp(raw)
+        trial = clamp(raw)
         # a step cut by the box: its predicted gain (of the projected step) may be <= 0 although
         # the voxel is far from converged, so it must not count as "nothing left to gain"
-        clipped = (trial != raw).any(dim=-1)
+        clipped = (trial != raw).any(dim=0)
         step = (trial - th).double()
         if fused:
-            r_t, J_t = residual_and_jacobian(sub, trial, None, jacobian)
+            r_t, cols_t = _residual_and_columns(sub, trial, jacobian)
         else:
             with torch.no_grad():
-                r_t = sub.residual(trial)
-        cost_t = 0.5 * r_t.double().pow(2).sum(dim=1)
-        # predicted gain −(s·g + ½ sᵀHs); einsum and a matrix-vector sum instead of reductions
-        # over the short last axis (5× faster at P = 3)
-        Hs = torch.einsum("vij,vj->vi", H, step)
-        predicted = -((step * (g + 0.5 * Hs)) @ ones_p)
+                r_t = sub.residual(trial.T)
+        r64 = r_t.double()
+        cost_t = 0.5 * ((r64 * r64) @ ones_m)
+        # predicted gain −(s·g + ½ sᵀHs), as sums over the parameter rows
+        quad = (H * twice * (step.index_select(0, rows_i) * step.index_select(0, rows_j))).sum(0)
+        predicted = -((step * g).sum(0) + 0.5 * quad)
         actual = cost - cost_t
         accept = ok & torch.isfinite(cost_t) & (actual > 0)
         rho = actual / predicted.clamp_min(1e-300)
@@ -378,7 +424,7 @@ def _lm_chunk(
             & (lam <= 1.0)
             & ((predicted <= ftol * cost) | (~accept & (predicted <= floor)))
         )
-        conv_x = accept & (step.abs() <= xtol * (th.double().abs() + xtol)).all(dim=-1)
+        conv_x = accept & (step.abs() <= xtol * (th.double().abs() + xtol)).all(dim=0)
         # Nielsen's damping update
         lam = torch.where(
             accept, lam * torch.clamp(1 - (2 * rho - 1) ** 3, min=1.0 / 3.0), lam * nu
@@ -389,22 +435,22 @@ def _lm_chunk(
         # predicts no gain worth having, which also ends float32 voxels at their noise floor
         conv_e = accept & (cost_t <= 1e-30)
         stalled = ~accept & (lam > 1e16)
-        th = torch.where(accept[:, None], trial, th)
+        th = torch.where(accept, trial, th)
         cost = torch.where(accept, cost_t, cost)
 
         done = conv_f | conv_x | conv_e | stalled
         keep = ~done
         refresh = accept & keep  # moved and still iterating: new Jacobian needed
         if fused:
-            H_t, g_t = _normal_equations(r_t, J_t)
-            H = torch.where(refresh[:, None, None], H_t, H)
-            g = torch.where(refresh[:, None], g_t, g)
+            H_t, g_t = _normal_equations(r_t, cols_t)
+            H = torch.where(refresh, H_t, H)
+            g = torch.where(refresh, g_t, g)
         elif bool(refresh.any()):
             rpos = torch.nonzero(refresh).reshape(-1)
-            r_new, J_new = residual_and_jacobian(sub, th[rpos], rpos, jacobian)
-            H_new, g_new = _normal_equations(r_new, J_new)
-            H = H.index_copy(0, rpos, H_new)
-            g = g.index_copy(0, rpos, g_new)
+            r_new, J_new = residual_and_jacobian(sub, th.index_select(1, rpos).T, rpos, jacobian)
+            H_new, g_new = _normal_equations(r_new, [c.contiguous() for c in J_new.unbind(-1)])
+            H = H.index_copy(1, rpos, H_new)
+            g = g.index_copy(1, rpos, g_new)
         n_done = int(done.sum())  # a host sync per iteration, as the loop's exit test needs one
         if n_done:
             # the code of a finished voxel, by precedence exact > ftol > xtol > stalled
@@ -412,11 +458,7 @@ def _lm_chunk(
             code.masked_fill_(stalled, 4).masked_fill_(conv_x, 2).masked_fill_(conv_f, 1)
             code.masked_fill_(conv_e, 3)
             retire(torch.nonzero(done).reshape(-1), code)
-            kpos = torch.nonzero(keep).reshape(-1)
-            act, th, H, g, cost, lam, nu, floor, it_a = (
-                x[kpos] for x in (act, th, H, g, cost, lam, nu, floor, it_a)
-            )
-            sub = sub.subset(kpos)
+            compact(torch.nonzero(keep).reshape(-1))
         history.append(done_cost + cost.sum())
         if track:
             bar.update(n_done)
@@ -425,7 +467,7 @@ def _lm_chunk(
         bar.update(act.numel())  # voxels stopped by max_iter are finished too
     if act.numel():
         retire(torch.arange(act.numel(), device=dev), -1)
-    return theta, status, iters, torch.stack(history).tolist()
+    return theta.T, status, iters, torch.stack(history).tolist()
 
 
 def _add_histories(a: list[float], b: list[float]) -> list[float]:
@@ -436,6 +478,41 @@ def _add_histories(a: list[float], b: list[float]) -> list[float]:
     a = a + [a[-1]] * (n - len(a))
     b = b + [b[-1]] * (n - len(b))
     return [x + y for x, y in zip(a, b, strict=True)]
+
+
+#: the fewest voxels worth a part of their own in :func:`lm`'s split across CPU threads: below
+#: it, per-operation overhead outweighs the second thread
+_MIN_PART_VOXELS = 4096
+
+
+def _parts(problem: Problem, workers: int | None) -> list[torch.Tensor | None]:
+    """Contiguous voxel ranges fitted side by side (``[None]``: the whole problem at once)."""
+    if problem.device.type != "cpu":
+        return [None]
+    n = torch.get_num_threads() if workers is None else int(workers)
+    n = min(n, problem.n_voxels // _MIN_PART_VOXELS)
+    if n <= 1:
+        return [None]
+    edges = [round(i * problem.n_voxels / n) for i in range(n + 1)]
+    return [
+        torch.arange(a, b, device=problem.device)
+        for a, b in zip(edges[:-1], edges[1:], strict=True)
+    ]
+
+
+class _LockedBar:
+    """A progress bar shared by the parts' threads: one update at a time."""
+
+    def __init__(self, bar: Any):
+        self._bar, self._lock = bar, threading.Lock()
+
+    def update(self, n: float = 1) -> None:
+        with self._lock:
+            self._bar.update(n)
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        with self._lock:
+            self._bar.set_postfix(*args, **kwargs)
 
 
 def lm(
@@ -458,6 +535,7 @@ def lm(
     dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
     jacobian: str = "auto",
+    workers: int | None = None,
 ) -> FitResult:
     """Fit a model to every voxel by batched Levenberg–Marquardt (least squares).
 
@@ -499,6 +577,12 @@ def lm(
         when it has one (``"auto"``, ``"model"``), else forward-mode autodiff in one stacked pass,
         or reverse mode (one backward pass per measurement; avoids torch's ≈1.5 s one-off load of
         its forward-mode machinery, worth it for few measurements).
+    workers : int, optional
+        On CPU, how many parts of the volume are started and fitted side by side, each in its own
+        thread (default: torch's intra-op thread count, ``torch.get_num_threads()``, set by
+        :func:`qmrkit.configure_process`; at most one part per 4,096 voxels). The per-voxel
+        arithmetic is too small for torch to split one operation across threads, so the voxels
+        are split instead. Every voxel's result is the same whatever the split. Ignored on GPUs.
 
     Returns
     -------
@@ -515,38 +599,64 @@ def lm(
         raise ParameterError(f"ftol and xtol must be >= 0, got ftol={ftol}, xtol={xtol}")
     if jacobian not in JACOBIAN_MODES:
         raise ParameterError(f"jacobian must be one of {JACOBIAN_MODES}, got {jacobian!r}")
+    if workers is not None and int(workers) < 1:
+        raise ParameterError(f"workers must be >= 1, got {workers}")
     t0 = time.perf_counter()
     problem = make_problem(
         model, data, mask=mask, weights=weights, device=device, dtype=dtype, solver="lm"
     )
-    theta0, origin = initial_theta(problem, init, start=start, n_atoms=n_atoms, seed=seed)
     V, P, M = problem.n_voxels, problem.model.n_params, problem.n_meas
+    parts = _parts(problem, workers)
     if batch_size is None:
         per_voxel = 8 * (4 * M * (P + 2) + 6 * P * P + 16 * P + 16)
-        batch_size = max(1024, int(memory_budget // per_voxel))
+        batch_size = max(1024, int(memory_budget // (per_voxel * len(parts))))
     if batch_size < 1:
         raise ParameterError(f"batch_size must be >= 1, got {batch_size}")
-    theta = torch.empty_like(theta0)
+    theta = torch.empty((V, P), dtype=problem.dtype, device=problem.device)
     status = torch.empty(V, dtype=torch.int8, device=problem.device)
     iters = torch.empty(V, dtype=torch.int32, device=problem.device)
     history: list[float] = []
     bar = progress_bar(total=V, desc="lm", progress=progress, unit="voxel")
-    with bar:
-        for c0 in range(0, V, batch_size):
-            idx = torch.arange(c0, min(V, c0 + batch_size), device=problem.device)
-            sub = problem.subset(idx) if batch_size < V else problem
-            th, st, it, hist = _lm_chunk(
-                sub,
-                theta0[idx],
+
+    def fit_part(idx: torch.Tensor | None) -> tuple[list[float], str]:
+        """Start and fit the voxels ``idx`` (None: all), chunk by chunk; returns the part's cost
+        history and where it started."""
+        part = problem if idx is None else problem.subset(idx)
+        theta0, origin = initial_theta(part, init, start=start, n_atoms=n_atoms, seed=seed)
+        rows = torch.arange(part.n_voxels, device=problem.device)
+        rows = rows if idx is None else idx
+        hist: list[float] = []
+        for c0 in range(0, part.n_voxels, batch_size):
+            sel = slice(c0, min(part.n_voxels, c0 + batch_size))
+            chunk = part
+            if batch_size < part.n_voxels:
+                chunk = part.subset(torch.arange(sel.start, sel.stop, device=problem.device))
+            th, st, it, h = _lm_chunk(
+                chunk,
+                theta0[sel],
                 max_iter=max_iter,
                 ftol=ftol,
                 xtol=xtol,
                 lambda0=lambda0,
-                bar=bar,
+                bar=locked_bar,
                 jacobian=jacobian,
             )
-            theta[idx], status[idx], iters[idx] = th, st, it
-            history = _add_histories(history, hist)
+            out = rows[sel]
+            theta[out], status[out], iters[out] = th, st, it
+            hist = _add_histories(hist, h)
+        return hist, origin
+
+    with bar:
+        shared = len(parts) > 1 and not isinstance(bar, _NullBar)
+        locked_bar = _LockedBar(bar) if shared else bar
+        if len(parts) == 1:
+            outcomes = [fit_part(None)]
+        else:
+            with ThreadPoolExecutor(len(parts), thread_name_prefix="qmrkit-lm") as pool:
+                outcomes = list(pool.map(fit_part, parts))
+    for hist, _ in outcomes:
+        history = _add_histories(history, hist)
+    origin = outcomes[0][1]
     n_unconv = int((status == -1).sum())
     if n_unconv:
         warnings.warn(
@@ -576,5 +686,6 @@ def lm(
             "batch_size": batch_size,
             "reasons": reasons,
             "jacobian": jacobian,
+            "workers": len(parts),
         },
     )

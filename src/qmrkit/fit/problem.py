@@ -127,11 +127,15 @@ class Problem:
             r = torch.view_as_real(r).flatten(-2)
         return r
 
-    def model_jacobian(
+    def model_jacobian_columns(
         self, theta: torch.Tensor, idx: torch.Tensor | slice | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Residual ``(v, m)`` and Jacobian ``(v, m, P)`` from the model's own derivatives
-        (:meth:`Model.jacobian`), in internal units; None if the model has none."""
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        """Residual ``(v, m)`` and the Jacobian's P columns (each ``(v, m)``, contiguous) from the
+        model's own derivatives (:meth:`Model.jacobian`), in internal units; None if the model has
+        none. Complex residuals come as (re, im) pairs, ``m = 2·n_meas``.
+
+        Column by column because the solvers work per parameter: a column is a contiguous block
+        (reductions over it run across rows), and no (v, m, P) copy is made."""
         with torch.no_grad():
             out = self.model.jacobian(self.param_dict(theta, idx))
         if out is None:
@@ -141,20 +145,31 @@ class Problem:
         r = sig / self.scale - self.data[sel]
         # internal θ: amplitudes are value/scale, the residual is signal/scale
         cols = [
-            grads[par.name] if par.amplitude else grads[par.name] / self.scale
+            (grads[par.name] if par.amplitude else grads[par.name] / self.scale).expand_as(sig)
             for par in self.model.parameters
         ]
+        if self.weights is not None:
+            sw = self.weights[sel].sqrt()
+            r = r * sw
+            cols = [c * sw for c in cols]
+        if r.is_complex():
+            r = torch.view_as_real(r).flatten(-2)
+            cols = [torch.view_as_real(c.contiguous()).flatten(-2) for c in cols]
+        return r, [c.contiguous() for c in cols]
+
+    def model_jacobian(
+        self, theta: torch.Tensor, idx: torch.Tensor | slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Residual ``(v, m)`` and Jacobian ``(v, m, P)`` from the model's own derivatives
+        (:meth:`model_jacobian_columns` stacked), in internal units; None if the model has none."""
+        out = self.model_jacobian_columns(theta, idx)
+        if out is None:
+            return None
+        r, cols = out
         # (v, m, P) as a view of (v, P, m) storage: stacking whole columns is a contiguous copy
         # (stacking along a new last axis is a strided scatter, several times slower), and each
         # parameter's column stays contiguous for the solvers' per-parameter reductions
-        J = torch.stack(cols, dim=1).transpose(1, 2)
-        if self.weights is not None:
-            sw = self.weights[sel].sqrt()
-            r, J = r * sw, J * sw[..., None]
-        if r.is_complex():
-            r = torch.view_as_real(r).flatten(-2)
-            J = torch.view_as_real(J.transpose(-1, -2)).flatten(-2).transpose(-1, -2)
-        return r, J
+        return r, torch.stack(cols, dim=1).transpose(1, 2)
 
     # -- conversions -----------------------------------------------------------------------------
     def to_physical(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:

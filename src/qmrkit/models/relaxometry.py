@@ -88,12 +88,16 @@ def recovery_start(
     """
     order = torch.argsort(t)
     ts = t[order].to(torch.float64)
-    d = data[:, order].abs().to(torch.float64)
-    V, M = d.shape
-    # candidate-major layout (K, V) throughout: reductions over the 5 candidates and over τ run
-    # across contiguous rows (a reduction over a short last axis costs several vector passes)
-    dT = d.T.contiguous()  # (M, V)
-    kmin = d.argmin(dim=1)
+    # samples in time order, in the (M, V) layout used throughout: reductions over the M samples
+    # and over the 5 candidates run across contiguous voxel rows (a reduction over a short last
+    # axis, or a per-voxel mask broadcast along it, costs several vector passes)
+    dT = data.T.index_select(0, order).abs().to(torch.float64)  # (M, V)
+    M, V = dT.shape
+    # the first smallest sample (argmin's rule), row by row
+    smallest, kmin = dT[0], torch.zeros(V, dtype=torch.long, device=dT.device)
+    for m in range(1, M):
+        kmin = kmin.masked_fill(dT[m] < smallest, m)
+        smallest = torch.minimum(smallest, dT[m])
     k = torch.stack([torch.zeros_like(kmin), kmin - 1, kmin, kmin + 1, kmin + 2]).clamp(0, M)
     K = k.shape[0]
     # candidate k's mean: (Σ d − 2·Σ_{m<k} d_m)/M, from one cumulative sum
@@ -102,7 +106,7 @@ def recovery_start(
     # ‖y − ȳ‖² per candidate: the residual of the constant-only fit
     spread = (dT * dT).sum(0) - M * ybar * ybar  # (K, V)
     log_lo, log_hi = math.log(tau_lo), math.log(tau_hi)
-    logs = torch.linspace(log_lo, log_hi, n_tau, dtype=torch.float64, device=d.device)
+    logs = torch.linspace(log_lo, log_hi, n_tau, dtype=torch.float64, device=dT.device)
     E = torch.exp(-ts[None, :] / torch.exp(logs)[:, None])  # (G, M)
     ebar = E.mean(-1)  # (G,)
     Ec = E - ebar[:, None]
@@ -116,10 +120,11 @@ def recovery_start(
     ratio32 = ratio.to(torch.float32)[:, None]  # (G, 1)
     n = K * V
     # the candidates' signed data, built in the layout of the product: (M, K·V), float32
-    pos = torch.arange(M, device=d.device)
-    flip = pos[:, None, None] < k[None]  # (M, K, V)
-    Yt = torch.where(flip, -1.0, 1.0).to(torch.float32).mul_(dT.to(torch.float32)[:, None, :])
-    Yt = Yt.reshape(M, n)
+    # sign(m + ½ − k) is −1 for the first k samples, +1 after (a multiply: a boolean select is
+    # several times slower on this many elements)
+    half = torch.arange(M, dtype=torch.float32, device=dT.device) + 0.5
+    sgn = torch.sign(half[:, None, None] - k[None].to(torch.float32))  # (M, K, V)
+    Yt = sgn.mul_(dT.to(torch.float32)[:, None, :]).reshape(M, n)
     # feasible  <=>  −c > max(−ȳ, 0)·ratio
     limit = (-ybar).clamp(min=0.0).reshape(1, n).to(torch.float32)
     # the argmax over τ by one integer max: for non-negative floats the int32 bit patterns sort
@@ -127,12 +132,12 @@ def recovery_start(
     # to either neighbour; the parabola through the three points below sees both)
     if n_tau > 64:
         raise ParameterError(f"recovery_start: n_tau must be <= 64, got {n_tau}")
-    index_bits = torch.arange(n_tau, dtype=torch.int32, device=d.device)[:, None]
-    three = torch.arange(-1, 2, device=d.device)[:, None]
-    g = torch.empty(n, dtype=torch.long, device=d.device)
-    best3 = torch.empty((3, n), dtype=torch.float32, device=d.device)
+    index_bits = torch.arange(n_tau, dtype=torch.int32, device=dT.device)[:, None]
+    three = torch.arange(-1, 2, device=dT.device)[:, None]
+    g = torch.empty(n, dtype=torch.long, device=dT.device)
+    best3 = torch.empty((3, n), dtype=torch.float32, device=dT.device)
     chunk = max(1, min(n, _START_CHUNK * K))
-    work, thr = (torch.empty((n_tau, chunk), dtype=torch.float32, device=d.device) for _ in "ab")
+    work, thr = (torch.empty((n_tau, chunk), dtype=torch.float32, device=dT.device) for _ in "ab")
     for i in range(0, n, chunk):
         j = min(n, i + chunk)
         nc = torch.matmul(nQ, Yt[:, i:j], out=work[:, : j - i])
@@ -140,15 +145,16 @@ def recovery_start(
         # constant); the best grid point has the largest −c
         bound = torch.mul(ratio32, limit[:, i:j], out=thr[:, : j - i])
         score = nc.mul_(bound.lt_(nc))
-        key = score.clone().view(torch.int32)
-        gc = key.bitwise_and_(-64).bitwise_or_(index_bits).amax(dim=0).bitwise_and_(63).long()
+        key = score.view(torch.int32).bitwise_and(-64)  # a new tensor: score stays intact
+        gc = key.bitwise_or_(index_bits).amax(dim=0).bitwise_and_(63).long()
         gi = gc.clamp(1, n_tau - 2)[None, :] + three  # (3, v) the best point and neighbours
         g[i:j] = gi[1]
         best3[:, i:j] = score.gather(0, gi)
     # each candidate's least-squares cost ‖y − ȳ‖² − c² at those points (float64: the
     # difference is small against both terms); 0 marks an infeasible point
     v3 = best3.to(torch.float64).reshape(3, K, V)
-    c_m, c_0, c_p = torch.where(v3 > 0, spread - v3 * v3, float("inf")).unbind(0)  # (K, V) each
+    cost3 = torch.addcmul(spread, v3, v3, value=-1.0).masked_fill_(v3 <= 0, float("inf"))
+    c_m, c_0, c_p = cost3.unbind(0)  # (K, V) each
     step = float(logs[1] - logs[0])
     curv = c_m - 2 * c_0 + c_p
     usable = torch.isfinite(c_m) & torch.isfinite(c_p) & (curv > 0)
@@ -157,7 +163,7 @@ def recovery_start(
     )
     c_min = torch.where(usable, c_0 - 0.25 * (c_m - c_p) * offset, c_0)
     # the best candidate per voxel (the first of equal ones, as argmin), row by row
-    best_c, best_k = c_min[0], torch.zeros(V, dtype=torch.long, device=d.device)
+    best_c, best_k = c_min[0], torch.zeros(V, dtype=torch.long, device=dT.device)
     for j in range(1, K):
         better = c_min[j] < best_c
         best_c = torch.where(better, c_min[j], best_c)
@@ -166,11 +172,11 @@ def recovery_start(
     log_tau = logs[g.reshape(K, V).gather(0, pick)[0]] + offset.gather(0, pick)[0] * step
     tau = torch.exp(log_tau.clamp(log_lo, log_hi))
     # (A, B) in closed form for the chosen candidate at the refined τ (sums over the M samples
-    # as matrix-vector products)
-    y = torch.where(pos[None, :] < k.gather(0, pick)[0][:, None], -d, d)  # (V, M)
-    e = torch.exp(-ts[None, :] / tau[:, None])
-    ones = torch.ones(M, dtype=torch.float64, device=d.device)
-    se, see, sey = e @ ones, (e * e) @ ones, (e * y) @ ones
+    # as sums of contiguous rows)
+    half64 = torch.arange(M, dtype=torch.float64, device=dT.device) + 0.5
+    y = torch.sign(half64[:, None] - k.gather(0, pick).to(torch.float64)).mul_(dT)  # (M, V)
+    e = torch.exp(-ts[:, None] / tau[None, :])  # (M, V)
+    se, see, sey = e.sum(0), (e * e).sum(0), (e * y).sum(0)
     sy = ybar.gather(0, pick)[0] * M
     det = (M * see - se * se).clamp_min(1e-12)
     a = (see * sy - se * sey) / det
