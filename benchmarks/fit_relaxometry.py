@@ -244,6 +244,16 @@ def run_problem(name: str, args, n: int) -> list[dict]:
             "iters": float(np.median(r_lm.iterations.numpy())),
         }
     )
+    # the same call without the CPU split into parts fitted side by side (fit.lm's workers)
+    t_one, r_one = best_time(lambda: fit.lm(model, series, progress=False, workers=1))
+    rows.append(
+        {
+            "method": "qmrkit fit.lm, warm (float32), one part (workers=1)",
+            "seconds": t_one,
+            **errors(r_one[prob["key"]].numpy().ravel(), truth),
+            "iters": float(np.median(r_one.iterations.numpy())),
+        }
+    )
     if name == "molli":
         t64, r64 = best_time(lambda: fit.lm(model, series, dtype=torch.float64, progress=False))
         rows.append(
