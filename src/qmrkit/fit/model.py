@@ -103,6 +103,22 @@ def _as_float64(name: str, value: Any) -> torch.Tensor:
     return t
 
 
+def scratch(
+    work: dict[str, torch.Tensor] | None, key: str, shape: tuple[int, ...], like: torch.Tensor
+) -> torch.Tensor:
+    """A buffer of ``shape`` with ``like``'s dtype and device, kept in ``work`` under ``key``.
+
+    Reused when ``work`` already holds one of that shape, dtype and device; a fresh
+    ``torch.empty`` when ``work`` is None. For :meth:`Model.jacobian_by_measurement`.
+    """
+    if work is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    buf = work.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = work[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
 class Model:
     """Base class of signal models.
 
@@ -233,6 +249,28 @@ class Model:
         (None) lets solvers differentiate :meth:`forward` by autodiff; a model whose forward pass is
         costly to differentiate that way (many small elementwise operations per measurement) can
         return closed-form derivatives here, which must agree with autodiff (test them).
+        """
+        return None
+
+    def jacobian_by_measurement(
+        self, p: Mapping[str, torch.Tensor], work: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """Optional :meth:`jacobian` in measurement-major layout, for whole-volume solvers.
+
+        ``p`` maps each parameter (and covariate) name to a ``(1, V)`` row. Returns
+        ``(signal (n_meas, V), {name: ∂signal/∂name})``, each derivative ``(n_meas, V)`` or
+        broadcastable to it, per unit of the parameter in physical units: the transpose of
+        :meth:`jacobian`'s arrays. On the CPU, operations that broadcast a per-voxel factor over
+        the measurements, and reductions over the measurements, run several times faster on
+        ``(n_meas, V)`` rows than on ``(V, n_meas)`` (short last axis), which ``fit.adam`` uses
+        when the model provides this.
+
+        ``work`` is a dict that a caller evaluating many times at the same ``V`` keeps between
+        calls: the model may hold its ``(n_meas, V)`` arrays there (see :func:`scratch`) and
+        return them, valid until the next call with the same ``work``. Fresh arrays of this size
+        (a few hundred kB) would come from ``mmap`` and page-fault on every call, which costs more
+        than the arithmetic. The default (None) means "not provided"; an implementation must
+        agree with :meth:`jacobian` (test it).
         """
         return None
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import ParameterError, ShapeError, UnitsWarning
-from ..fit.model import Model, Parameter
+from ..fit.model import Model, Parameter, scratch
 
 
 def _vector(name: str, values: Any, *, positive: bool = True, unit: str = "") -> np.ndarray:
@@ -232,6 +232,26 @@ class MolliT1(Model):
             "A": sgn.expand_as(u),
             "B": -sgn * e,
             "T1star": -sgn * be * self.ti / (t * t),
+        }
+
+    def jacobian_by_measurement(self, p, work=None):
+        """:meth:`jacobian` transposed: ``p`` holds ``(1, V)`` rows, arrays are ``(n_ti, V)``.
+
+        Few operations on ``(n_ti, V)`` arrays, in ``work``'s buffers and in place: the
+        per-voxel factors (−1/T1*, 1/T1*²) are formed on ``(1, V)`` rows first.
+        """
+        t = p["T1star"]
+        ti = self.ti[:, None]  # (n_ti, 1)
+        shape = (ti.shape[0], t.shape[1])
+        e = torch.mul(ti, -1.0 / t, out=scratch(work, "molli.e", shape, t)).exp_()
+        be = torch.mul(p["B"], e, out=scratch(work, "molli.be", shape, t))
+        u = torch.sub(p["A"], be, out=scratch(work, "molli.u", shape, t))
+        sgn = torch.sign(u, out=scratch(work, "molli.sgn", shape, t))
+        nsgn = torch.neg(sgn, out=scratch(work, "molli.nsgn", shape, t))
+        return u.abs_(), {
+            "A": sgn,
+            "B": e.mul_(nsgn),  # −sign·e
+            "T1star": be.mul_(nsgn).mul_(ti).mul_(1.0 / (t * t)),  # −sign·B·e·TI/T1*²
         }
 
     def initial_guess(self, data, inputs):
