@@ -290,9 +290,15 @@ class _MeasurementMajorGradient:
         self.vloss = torch.empty((v,), dtype=dt, device=dev)
         self.grad = torch.empty((n_par, v), dtype=dt, device=dev)
         self.mean_w = torch.full((m,), 1.0 / m, dtype=dt, device=dev)
+        sc = problem.scale
+        self.data_scaled = self.data * sc
+        self.mean_w_l1 = torch.full((m,), 1.0 / (m * sc), dtype=dt, device=dev)
+        self.mean_w_l2 = torch.full((m,), 1.0 / (m * sc * sc), dtype=dt, device=dev)
         k = (2.0 if loss == "l2" else 1.0) / (n_total * m)
+        # L2's dr is the residual in data units here: one more factor 1/scale
+        k_r = k / sc if loss == "l2" else k
         self.col_w = [
-            torch.full((m,), k if par.amplitude else k / problem.scale, dtype=dt, device=dev)
+            torch.full((m,), k_r if par.amplitude else k_r / sc, dtype=dt, device=dev)
             for par in params
         ]
         self.names = problem.model.parameter_names
@@ -305,10 +311,10 @@ class _MeasurementMajorGradient:
         """``(vloss (V,), grad (V, P))`` at ``u`` (``(V, P)`` view of ``(P, V)`` storage); the
         gradient is a view of a buffer overwritten by the next call."""
         ut = u.T
-        s = torch.sigmoid(ut, out=self.dtheta)
+        s = torch.sigmoid(ut, out=self._tmp)
         theta = torch.addcmul(self.lo, self.width, s, out=self.theta)
-        torch.neg(s, out=self._tmp).add_(1.0)
-        dtheta = s.mul_(self._tmp).mul_(self.width)
+        # ∂x/∂u = width·s·(1 − s) = width·(s − s²)
+        dtheta = torch.addcmul(s, s, s, value=-1.0, out=self.dtheta).mul_(self.width)
         for c in self.log_rows:
             row = theta[c]
             row.exp_()
@@ -320,20 +326,26 @@ class _MeasurementMajorGradient:
             p[name] = row * scale if self.amplitude[j] else row
         p.update(self.inputs)
         sig, grads = self.problem.model.jacobian_by_measurement(p, self.work)
-        # signal/scale − data in the same two roundings as _ClosedFormGradient
-        r = torch.div(sig, scale, out=self._r).sub_(self.data)
-        if self.sw is not None:
-            r.mul_(self.sw)
         prod, vloss = self._prod, self.vloss
         # reductions over the measurements: w·X over M contiguous rows, as mv on Xᵀ (a (1, M)
         # @ (M, V) matmul goes through mm, 2× slower)
-        if self.loss == "l2":
-            torch.mv(torch.mul(r, r, out=prod).T, self.mean_w, out=vloss)
-            dr = r
-        elif self.loss == "l1":
-            torch.mv(torch.abs(r, out=prod).T, self.mean_w, out=vloss)
-            dr = r.sign_()
+        if self.loss != "huber":
+            # L1 and L2 take the residual in data units, signal − data·scale (one operation);
+            # the factors 1/scale go into the reduction weights
+            r = torch.sub(sig, self.data_scaled, out=self._r)
+            if self.sw is not None:
+                r.mul_(self.sw)
+            if self.loss == "l2":
+                torch.mv(torch.mul(r, r, out=prod).T, self.mean_w_l2, out=vloss)
+                dr = r
+            else:
+                torch.mv(torch.abs(r, out=prod).T, self.mean_w_l1, out=vloss)
+                dr = r.sign_()
         else:
+            # signal/scale − data in the same two roundings as _ClosedFormGradient
+            r = torch.div(sig, scale, out=self._r).sub_(self.data)
+            if self.sw is not None:
+                r.mul_(self.sw)
             a = r.abs()
             torch.mv(
                 torch.where(a <= self.delta, 0.5 * r * r, self.delta * (a - 0.5 * self.delta)).T,
@@ -346,6 +358,20 @@ class _MeasurementMajorGradient:
         for j, (name, w) in enumerate(zip(self.names, self.col_w, strict=True)):
             torch.mv(torch.mul(dr, grads[name], out=prod).T, w, out=self.grad[j])
         return vloss, self.grad.mul_(dtheta).T
+
+
+def _separable_loss(
+    cf_grad: _ClosedFormGradient | _MeasurementMajorGradient | None,
+    problem: Problem,
+    mapping: _Sigmoid,
+    u: torch.Tensor,
+    loss: str,
+    delta: float,
+) -> torch.Tensor:
+    """Per-voxel loss ``(V,)`` at ``u`` (no regulariser), a tensor of its own."""
+    if cf_grad is not None:
+        return cf_grad(u)[0].clone()
+    return _voxel_loss(problem.residual(mapping.theta(u)), loss, delta)
 
 
 def _parameter_major(x: torch.Tensor) -> torch.Tensor:
@@ -370,6 +396,7 @@ def adam(
     convergence_window: int = 20,
     lr_decay: bool = True,
     freeze_converged: bool = True,
+    average_windows: bool = True,
     min_lr_factor: float = 1e-3,
     huber_delta: float = 0.01,
     regularizers: Sequence[Regularizer | Any] = (),
@@ -535,6 +562,8 @@ def adam(
     plateau_offset = 0.0
     plateau_history: list[float] = []
     best_at_check: torch.Tensor | None = None
+    window_sum = torch.zeros_like(u.detach()) if separable and average_windows else None
+    n_window = 0
     best_total = float("inf")
     history: list[float] = []
     converged = False
@@ -590,12 +619,27 @@ def adam(
                     torch.where(better[:, None], u.detach(), best_u, out=best_u)
                 elif tv < best_total:
                     best_total, best_u = tv, u.detach().clone()
+            if window_sum is not None:
+                window_sum.add_(u.detach())  # the iterate whose loss this iteration measured
+                n_window += 1
             update.step(u, grad)
             bar.update(1)
             if tol is not None and tv <= tol:
                 converged, reason = True, "tol"
                 break
             w = convergence_window
+            if window_sum is not None and it % w == 0:
+                # the window's mean iterate is a candidate for each voxel's best: with an L1
+                # loss Adam's iterates oscillate about the kink at a distance ∝ lr, and their
+                # mean sits closer to it (iterate averaging); the trajectory is unchanged
+                with torch.no_grad():
+                    mean_u = window_sum.div_(n_window)
+                    cand = _separable_loss(cf_grad, problem, mapping, mean_u, loss, huber_delta)
+                    torch.lt(cand, best_voxel, out=better)
+                    torch.where(better, cand, best_voxel, out=best_voxel)
+                    torch.where(better[:, None], mean_u, best_u, out=best_u)
+                    window_sum.zero_()
+                    n_window = 0
             if freeze and it % w == 0:
                 if best_at_check is not None and update.lr < lr:
                     # a voxel whose minimum loss did not decrease at all over a whole window at
@@ -618,6 +662,8 @@ def adam(
                         if pmajor:
                             u, best_u = _parameter_major(u), _parameter_major(best_u)
                         better = torch.empty_like(best_voxel, dtype=torch.bool)
+                        if window_sum is not None:
+                            window_sum = torch.zeros_like(u)
                         update.keep(keep)  # type: ignore[union-attr]
                         sub = sub.subset(keep)
                         cf_grad = gradient_type(sub, mapping, loss, huber_delta, n_all)

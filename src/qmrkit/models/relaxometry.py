@@ -247,12 +247,10 @@ class MolliT1(Model):
         be = torch.mul(p["B"], e, out=scratch(work, "molli.be", shape, t))
         u = torch.sub(p["A"], be, out=scratch(work, "molli.u", shape, t))
         sgn = torch.sign(u, out=scratch(work, "molli.sgn", shape, t))
-        nsgn = torch.neg(sgn, out=scratch(work, "molli.nsgn", shape, t))
-        return u.abs_(), {
-            "A": sgn,
-            "B": e.mul_(nsgn),  # −sign·e
-            "T1star": be.mul_(nsgn).mul_(ti).mul_(1.0 / (t * t)),  # −sign·B·e·TI/T1*²
-        }
+        d_b = torch.neg(sgn, out=scratch(work, "molli.nsgn", shape, t)).mul_(e)  # −sign·e
+        # −sign·e · TI·B/T1*², the factor an outer product of (n_ti, 1) and (1, V) rows
+        d_t = torch.mul(ti, p["B"] / (t * t), out=be).mul_(d_b)
+        return u.abs_(), {"A": sgn, "B": d_b, "T1star": d_t}
 
     def initial_guess(self, data, inputs):
         lo, hi = self.parameter("T1star").lower, self.parameter("T1star").upper
