@@ -247,17 +247,19 @@ class _ClosedFormGradient:
 
 
 class _MeasurementMajorGradient:
-    """:class:`_ClosedFormGradient` in parameter-major / measurement-major layout.
+    """:class:`_ClosedFormGradient` in parameter-major / measurement-major layout, through the
+    model's :meth:`~qmrkit.fit.Model.vjp_by_measurement`.
 
-    For models with :meth:`~qmrkit.fit.Model.jacobian_by_measurement`. ``u`` is a ``(V, P)``
-    view of ``(P, V)`` storage (see :func:`_parameter_major`), so that θ, ∂θ/∂u, the gradient and
-    the optimiser state are ``P`` contiguous rows; the model's signal and derivatives are
-    ``(M, V)``; the reductions over the measurements are vector–matrix products ``w·X`` over
-    ``M`` contiguous rows. On one CPU thread at 16k voxels × 8 measurements, broadcasting a
-    per-voxel factor over a ``(V, M)`` array costs 3–7× the same operation on ``(M, V)`` rows,
-    and ``X @ w`` over a short last axis 3× ``w·X`` over rows; this layout avoids both.
-    Same arithmetic as :class:`_ClosedFormGradient`, up to float rounding (the reductions sum in
-    another order).
+    ``u`` is a ``(V, P)`` view of ``(P, V)`` storage (see :func:`_parameter_major`), so that θ,
+    ∂θ/∂u, the gradient and the optimiser state are ``P`` contiguous rows; the model's signal is
+    ``(M, V)``, and the reductions over the measurements (the loss, the model's contraction of
+    its derivatives with ρ'(r)) are vector–matrix products ``w·X`` over ``M`` contiguous rows.
+    On one CPU thread at 16k voxels × 8 measurements, broadcasting a per-voxel factor over a
+    ``(V, M)`` array costs 3–7× the same operation on ``(M, V)`` rows, and ``X @ w`` over a
+    short last axis 3× ``w·X`` over rows; this layout avoids both. Every ``(M, V)`` array lives
+    in a buffer kept between iterations. Same arithmetic as :class:`_ClosedFormGradient` up to
+    float rounding (other summation orders; L1/L2 residuals in data units, the factors 1/scale
+    folded into the weights).
     """
 
     def __init__(
@@ -270,51 +272,55 @@ class _MeasurementMajorGradient:
     ):
         self.problem, self.loss, self.delta = problem, loss, delta
         v, m = problem.data.shape
+        # the loss is a mean over all n_total voxels (see _ClosedFormGradient)
         n_total = v if n_total is None else n_total
         dt, dev = problem.dtype, problem.device
         params = problem.model.parameters
         n_par = len(params)
+        sc = problem.scale
         self.data = problem.data.T.contiguous()  # (M, V)
+        self.data_scaled = self.data * sc
         self.sw = None if problem.weights is None else problem.weights.sqrt().T.contiguous()
         self.lo = mapping.lo[:, None].contiguous()  # (P, 1)
         self.width = mapping.width[:, None].contiguous()
         self.log_rows = mapping.log_cols
+        # d(total)/dr = ρ'(r)/(V·M) for r in internal units; L1 and L2 here take the residual in
+        # data units (r·scale: sign unchanged, L2's ρ' one factor scale larger), and ∂r/∂θ is
+        # (∂signal/∂θ)/scale for a non-amplitude θ. The per-parameter factor goes into ∂θ/∂u's
+        # row factor (width) so that the model's contraction needs one weight vector.
+        k = (2.0 if loss == "l2" else 1.0) / (n_total * m)
+        k_r = k / sc if loss == "l2" else k
+        row_c = torch.tensor(
+            [1.0 if par.amplitude else 1.0 / sc for par in params], dtype=dt, device=dev
+        )
+        self.width_c = (self.width * row_c[:, None]).contiguous()
+        self.w = torch.full((m,), k_r, dtype=dt, device=dev)
+        self.mean_w = torch.full((m,), 1.0 / m, dtype=dt, device=dev)
+        self.mean_w_l1 = torch.full((m,), 1.0 / (m * sc), dtype=dt, device=dev)
+        self.mean_w_l2 = torch.full((m,), 1.0 / (m * sc * sc), dtype=dt, device=dev)
         self.theta = torch.empty((n_par, v), dtype=dt, device=dev)
         self.dtheta = torch.empty((n_par, v), dtype=dt, device=dev)
         self._tmp = torch.empty((n_par, v), dtype=dt, device=dev)
-        # every (M, V) array lives in a buffer kept between iterations (the model's too, in
-        # ``work``): a fresh one of this size comes from mmap and page-faults at each iteration
         self._r = torch.empty((m, v), dtype=dt, device=dev)
         self._prod = torch.empty((m, v), dtype=dt, device=dev)
         self.work: dict[str, torch.Tensor] = {}
         self.vloss = torch.empty((v,), dtype=dt, device=dev)
         self.grad = torch.empty((n_par, v), dtype=dt, device=dev)
-        self.mean_w = torch.full((m,), 1.0 / m, dtype=dt, device=dev)
-        sc = problem.scale
-        self.data_scaled = self.data * sc
-        self.mean_w_l1 = torch.full((m,), 1.0 / (m * sc), dtype=dt, device=dev)
-        self.mean_w_l2 = torch.full((m,), 1.0 / (m * sc * sc), dtype=dt, device=dev)
-        k = (2.0 if loss == "l2" else 1.0) / (n_total * m)
-        # L2's dr is the residual in data units here: one more factor 1/scale
-        k_r = k / sc if loss == "l2" else k
-        self.col_w = [
-            torch.full((m,), k_r if par.amplitude else k_r / sc, dtype=dt, device=dev)
-            for par in params
-        ]
         self.names = problem.model.parameter_names
+        self.rows = {name: self.grad[j] for j, name in enumerate(self.names)}
         self.amplitude = [par.amplitude for par in params]
         # per-voxel covariates, (V, 1) -> (1, V) rows
         self.inputs = {name: val.T for name, val in problem.inputs.items()}
 
     @torch.no_grad()
     def __call__(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(vloss (V,), grad (V, P))`` at ``u`` (``(V, P)`` view of ``(P, V)`` storage); the
-        gradient is a view of a buffer overwritten by the next call."""
+        """``(vloss (V,), grad (V, P))`` at ``u`` (``(V, P)`` view of ``(P, V)`` storage); both
+        are views of buffers that the next call overwrites."""
         ut = u.T
         s = torch.sigmoid(ut, out=self._tmp)
         theta = torch.addcmul(self.lo, self.width, s, out=self.theta)
-        # ∂x/∂u = width·s·(1 − s) = width·(s − s²)
-        dtheta = torch.addcmul(s, s, s, value=-1.0, out=self.dtheta).mul_(self.width)
+        # ∂x/∂u = width·s·(1 − s) = width·(s − s²), times the gradient's per-parameter factor
+        dtheta = torch.addcmul(s, s, s, value=-1.0, out=self.dtheta).mul_(self.width_c)
         for c in self.log_rows:
             row = theta[c]
             row.exp_()
@@ -325,13 +331,12 @@ class _MeasurementMajorGradient:
             row = theta[j : j + 1]
             p[name] = row * scale if self.amplitude[j] else row
         p.update(self.inputs)
-        sig, grads = self.problem.model.jacobian_by_measurement(p, self.work)
+        sig, vjp = self.problem.model.vjp_by_measurement(p, self.work)
         prod, vloss = self._prod, self.vloss
         # reductions over the measurements: w·X over M contiguous rows, as mv on Xᵀ (a (1, M)
         # @ (M, V) matmul goes through mm, 2× slower)
         if self.loss != "huber":
-            # L1 and L2 take the residual in data units, signal − data·scale (one operation);
-            # the factors 1/scale go into the reduction weights
+            # residual in data units, signal − data·scale, in one operation
             r = torch.sub(sig, self.data_scaled, out=self._r)
             if self.sw is not None:
                 r.mul_(self.sw)
@@ -342,7 +347,6 @@ class _MeasurementMajorGradient:
                 torch.mv(torch.abs(r, out=prod).T, self.mean_w_l1, out=vloss)
                 dr = r.sign_()
         else:
-            # signal/scale − data in the same two roundings as _ClosedFormGradient
             r = torch.div(sig, scale, out=self._r).sub_(self.data)
             if self.sw is not None:
                 r.mul_(self.sw)
@@ -355,8 +359,7 @@ class _MeasurementMajorGradient:
             dr = r.clamp_(-self.delta, self.delta)
         if self.sw is not None:
             dr = dr.mul_(self.sw)
-        for j, (name, w) in enumerate(zip(self.names, self.col_w, strict=True)):
-            torch.mv(torch.mul(dr, grads[name], out=prod).T, w, out=self.grad[j])
+        vjp(dr, self.w, self.rows)
         return vloss, self.grad.mul_(dtheta).T
 
 
@@ -523,7 +526,7 @@ def adam(
     n_all = problem.n_voxels
     # parameter-major layout where the model offers measurement-major derivatives
     pmajor = fused and (
-        problem.model.jacobian_by_measurement(
+        problem.model.vjp_by_measurement(
             {k: v.T for k, v in problem.param_dict(theta0[:1], torch.arange(1)).items()}
         )
         is not None

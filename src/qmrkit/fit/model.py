@@ -109,7 +109,7 @@ def scratch(
     """A buffer of ``shape`` with ``like``'s dtype and device, kept in ``work`` under ``key``.
 
     Reused when ``work`` already holds one of that shape, dtype and device; a fresh
-    ``torch.empty`` when ``work`` is None. For :meth:`Model.jacobian_by_measurement`.
+    ``torch.empty`` when ``work`` is None. For :meth:`Model.vjp_by_measurement`.
     """
     if work is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
@@ -252,25 +252,28 @@ class Model:
         """
         return None
 
-    def jacobian_by_measurement(
+    def vjp_by_measurement(
         self, p: Mapping[str, torch.Tensor], work: dict[str, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-        """Optional :meth:`jacobian` in measurement-major layout, for whole-volume solvers.
+    ) -> tuple[torch.Tensor, Callable[..., dict[str, torch.Tensor]]] | None:
+        """Optional signal and vector–Jacobian product in measurement-major layout.
 
-        ``p`` maps each parameter (and covariate) name to a ``(1, V)`` row. Returns
-        ``(signal (n_meas, V), {name: ∂signal/∂name})``, each derivative ``(n_meas, V)`` or
-        broadcastable to it, per unit of the parameter in physical units: the transpose of
-        :meth:`jacobian`'s arrays. On the CPU, operations that broadcast a per-voxel factor over
-        the measurements, and reductions over the measurements, run several times faster on
-        ``(n_meas, V)`` rows than on ``(V, n_meas)`` (short last axis), which ``fit.adam`` uses
-        when the model provides this.
+        For whole-volume gradient solvers (``fit.adam``). ``p`` maps each parameter (and
+        covariate) name to a ``(1, V)`` row. Returns ``(signal (n_meas, V), vjp)``, where
+        ``vjp(q, w, out)`` takes ``q (n_meas, V)`` and weights ``w (n_meas,)`` and writes
+        ``out[name][v] = Σ_m w[m]·q[m, v]·∂signal[m, v]/∂name[v]`` into the ``(V,)`` tensors of the
+        dict ``out`` (one per parameter, physical units), returning ``out``: the gradient of a
+        separable loss with ``q = ∂loss/∂signal``, i.e. :meth:`jacobian` contracted with ``q``.
+        ``vjp`` is valid until the next call with the same ``work``.
 
-        ``work`` is a dict that a caller evaluating many times at the same ``V`` keeps between
-        calls: the model may hold its ``(n_meas, V)`` arrays there (see :func:`scratch`) and
-        return them, valid until the next call with the same ``work``. Fresh arrays of this size
-        (a few hundred kB) would come from ``mmap`` and page-fault on every call, which costs more
-        than the arithmetic. The default (None) means "not provided"; an implementation must
-        agree with :meth:`jacobian` (test it).
+        On the CPU, operations that broadcast a per-voxel factor over the measurements, and
+        reductions over the measurements, run several times faster on ``(n_meas, V)`` rows than
+        on ``(V, n_meas)`` (a short last axis), and a product written for the contraction shares
+        factors between parameters that a stacked Jacobian repeats. ``work`` is a dict that a
+        caller evaluating many times at the same ``V`` keeps between calls: the model holds its
+        ``(n_meas, V)`` arrays there (see :func:`scratch`); fresh arrays of this size (a few
+        hundred kB) come from ``mmap`` and page-fault on every call, which costs more than the
+        arithmetic. The default (None) means "not provided"; an implementation must agree with
+        :meth:`jacobian` (test it).
         """
         return None
 

@@ -234,23 +234,30 @@ class MolliT1(Model):
             "T1star": -sgn * be * self.ti / (t * t),
         }
 
-    def jacobian_by_measurement(self, p, work=None):
-        """:meth:`jacobian` transposed: ``p`` holds ``(1, V)`` rows, arrays are ``(n_ti, V)``.
+    def vjp_by_measurement(self, p, work=None):
+        """Signal ``(n_ti, V)`` and its vector–Jacobian product (see
+        :meth:`~qmrkit.fit.Model.vjp_by_measurement`) from ``(1, V)`` rows.
 
-        Few operations on ``(n_ti, V)`` arrays, in ``work``'s buffers and in place: the
-        per-voxel factors (−1/T1*, 1/T1*²) are formed on ``(1, V)`` rows first.
+        With g = q·sign(u): Σ w·q·∂|u|/∂A = w·g, ∂/∂B = −w·(g·e), ∂/∂T1* = −(B/T1*²)·(w·TI)·(g·e):
+        the product g·e serves B and T1*, so the contraction costs two ``(n_ti, V)`` products.
         """
-        t = p["T1star"]
+        t, b = p["T1star"], p["B"]
         ti = self.ti[:, None]  # (n_ti, 1)
         shape = (ti.shape[0], t.shape[1])
         e = torch.mul(ti, -1.0 / t, out=scratch(work, "molli.e", shape, t)).exp_()
-        be = torch.mul(p["B"], e, out=scratch(work, "molli.be", shape, t))
-        u = torch.sub(p["A"], be, out=scratch(work, "molli.u", shape, t))
+        u = torch.mul(b, e, out=scratch(work, "molli.u", shape, t))
+        torch.sub(p["A"], u, out=u)  # u = A − B·e
         sgn = torch.sign(u, out=scratch(work, "molli.sgn", shape, t))
-        d_b = torch.neg(sgn, out=scratch(work, "molli.nsgn", shape, t)).mul_(e)  # −sign·e
-        # −sign·e · TI·B/T1*², the factor an outer product of (n_ti, 1) and (1, V) rows
-        d_t = torch.mul(ti, p["B"] / (t * t), out=be).mul_(d_b)
-        return u.abs_(), {"A": sgn, "B": d_b, "T1star": d_t}
+
+        def vjp(q, w, out):
+            g = torch.mul(q, sgn, out=scratch(work, "molli.g", shape, t))
+            torch.mv(g.T, w, out=out["A"])
+            g.mul_(e)
+            torch.mv(g.T, -w, out=out["B"])
+            torch.mv(g.T, w * self.ti, out=out["T1star"]).mul_((b / (t * t)).reshape(-1).neg_())
+            return out
+
+        return u.abs_(), vjp
 
     def initial_guess(self, data, inputs):
         lo, hi = self.parameter("T1star").lower, self.parameter("T1star").upper
