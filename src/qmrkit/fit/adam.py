@@ -19,7 +19,12 @@ The engine, where the model has closed-form derivatives and nothing couples the 
 gradient comes from the model's derivative columns (no autograd graph, no stacked Jacobian), the
 Adam update is fused in place on the one ``(V, P)`` tensor (torch.optim.Adam's arithmetic without
 its per-step machinery), and, with an L2 loss, voxels that stopped improving after the first
-learning-rate decay leave the active set (``freeze_converged``). Regularised fits and models
+learning-rate decay leave the active set (``freeze_converged``). Where the model also offers
+:meth:`~qmrkit.fit.Model.vjp_by_measurement`, the engine runs parameter-major: the optimiser state
+is ``(P, V)`` rows, the model's arrays ``(M, V)`` rows, kept in buffers between iterations, and
+the model contracts its own derivatives with ρ'(r) (several times cheaper per iteration on the
+CPU than ``(V, M)`` arrays with a short last axis). At every plateau check the mean iterate of the
+window just ended is a candidate for each voxel's best point (``average_windows``). Regularised fits and models
 without derivatives go through autograd, with the same fused Adam update.
 """
 
@@ -452,6 +457,14 @@ def adam(
         iteration count and the same loss of the returned maps to 2e-7 relative. Not applied to
         L1 / Huber: their per-voxel minimum stalls for whole windows while still descending
         (freezing raised the L1 loss by 2 % there). False: every voxel iterates to the end.
+    average_windows : bool
+        Separable fits (no regulariser): at each plateau check (every ``convergence_window``
+        iterations) the mean of the window's iterates is evaluated once, and each voxel whose
+        loss is lower there takes it as its best point. The trajectory is unchanged, so no
+        voxel's returned loss rises. With an L1 loss Adam's iterates oscillate about the kink of
+        the objective at a distance that scales with the learning rate, and their mean lies
+        closer to it: on the MOLLI benchmark (16,384 voxels) the loss of the returned maps drops
+        by 1.5e-5 relative for one extra evaluation per window (5 % more evaluations).
     huber_delta : float
         Huber threshold in units of the data scale.
     regularizers : sequence
@@ -464,8 +477,9 @@ def adam(
     Returns
     -------
     FitResult
-        ``maps`` hold the minimum-loss iterate (per voxel without regularisers, global with them),
-        ``final_maps`` the last iterate; ``loss_history`` the loss per iteration.
+        ``maps`` hold the minimum-loss iterate (per voxel without regularisers, global with them)
+        or window mean (see ``average_windows``), ``final_maps`` the last iterate;
+        ``loss_history`` the loss per iteration.
 
     Examples
     --------
