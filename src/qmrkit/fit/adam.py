@@ -460,8 +460,9 @@ def adam(
     average_windows : bool
         Separable fits (no regulariser): at each plateau check (every ``convergence_window``
         iterations) the mean of the window's iterates is evaluated once, and each voxel whose
-        loss is lower there takes it as its best point. The trajectory is unchanged, so no
-        voxel's returned loss rises. With an L1 loss Adam's iterates oscillate about the kink of
+        loss is lower there takes it as its best point. Without freezing the trajectory is
+        unchanged, so no voxel's returned loss rises (with ``freeze_converged`` a better
+        window mean counts as progress of that voxel's minimum). With an L1 loss Adam's iterates oscillate about the kink of
         the objective at a distance that scales with the learning rate, and their mean lies
         closer to it: on the MOLLI benchmark (16,384 voxels) the loss of the returned maps drops
         by 1.5e-5 relative for one extra evaluation per window (5 % more evaluations).
@@ -650,6 +651,9 @@ def adam(
                 # loss Adam's iterates oscillate about the kink at a distance ∝ lr, and their
                 # mean sits closer to it (iterate averaging); the trajectory is unchanged
                 with torch.no_grad():
+                    # the parameter-major gradient returns views of its buffers, which the
+                    # evaluation below overwrites; the freeze rule still needs this iteration's
+                    vloss = vloss.clone()
                     mean_u = window_sum.div_(n_window)
                     cand = _separable_loss(cf_grad, problem, mapping, mean_u, loss, huber_delta)
                     torch.lt(cand, best_voxel, out=better)
