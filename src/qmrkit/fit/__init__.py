@@ -12,7 +12,7 @@ from .adam import adam
 from .dictionary import dictionary_search
 from .lm import lm
 from .mcmc import McmcResult, mcmc
-from .model import FunctionModel, Model, Parameter, model_from_function
+from .model import FunctionModel, Model, Parameter, model_from_function, scratch
 from .problem import Problem, make_problem
 from .regularizers import (
     CustomRegularizer,
@@ -30,6 +30,7 @@ __all__ = [
     "Parameter",
     "FunctionModel",
     "model_from_function",
+    "scratch",
     "Problem",
     "make_problem",
     "FitResult",

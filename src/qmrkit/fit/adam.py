@@ -19,7 +19,12 @@ The engine, where the model has closed-form derivatives and nothing couples the 
 gradient comes from the model's derivative columns (no autograd graph, no stacked Jacobian), the
 Adam update is fused in place on the one ``(V, P)`` tensor (torch.optim.Adam's arithmetic without
 its per-step machinery), and, with an L2 loss, voxels that stopped improving after the first
-learning-rate decay leave the active set (``freeze_converged``). Regularised fits and models
+learning-rate decay leave the active set (``freeze_converged``). Where the model also offers
+:meth:`~qmrkit.fit.Model.vjp_by_measurement`, the engine runs parameter-major: the optimiser state
+is ``(P, V)`` rows, the model's arrays ``(M, V)`` rows, kept in buffers between iterations, and
+the model contracts its own derivatives with ρ'(r) (several times cheaper per iteration on the
+CPU than ``(V, M)`` arrays with a short last axis). At every plateau check the mean iterate of the
+window just ended is a candidate for each voxel's best point (``average_windows``). Regularised fits and models
 without derivatives go through autograd, with the same fused Adam update.
 """
 
@@ -136,8 +141,14 @@ class _FusedAdam:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop the state of the voxels (rows) not in the boolean ``rows``."""
+        # indexing returns row-major copies; keep the layout the state had (parameter-major
+        # state stays parameter-major)
+        layout = self.exp_avg.stride()
         self.exp_avg = self.exp_avg[rows]
         self.exp_avg_sq = self.exp_avg_sq[rows]
+        if layout[0] == 1 and self.exp_avg.dim() == 2:
+            self.exp_avg = self.exp_avg.T.contiguous().T
+            self.exp_avg_sq = self.exp_avg_sq.T.contiguous().T
         self._denom = torch.empty_like(self.exp_avg)
 
 
@@ -240,6 +251,142 @@ class _ClosedFormGradient:
         return vloss, grad.mul_(dtheta)
 
 
+class _MeasurementMajorGradient:
+    """:class:`_ClosedFormGradient` in parameter-major / measurement-major layout, through the
+    model's :meth:`~qmrkit.fit.Model.vjp_by_measurement`.
+
+    ``u`` is a ``(V, P)`` view of ``(P, V)`` storage (see :func:`_parameter_major`), so that θ,
+    ∂θ/∂u, the gradient and the optimiser state are ``P`` contiguous rows; the model's signal is
+    ``(M, V)``, and the reductions over the measurements (the loss, the model's contraction of
+    its derivatives with ρ'(r)) are vector–matrix products ``w·X`` over ``M`` contiguous rows.
+    On one CPU thread at 16k voxels × 8 measurements, broadcasting a per-voxel factor over a
+    ``(V, M)`` array costs 3–7× the same operation on ``(M, V)`` rows, and ``X @ w`` over a
+    short last axis 3× ``w·X`` over rows; this layout avoids both. Every ``(M, V)`` array lives
+    in a buffer kept between iterations. Same arithmetic as :class:`_ClosedFormGradient` up to
+    float rounding (other summation orders; L1/L2 residuals in data units, the factors 1/scale
+    folded into the weights).
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        mapping: _Sigmoid,
+        loss: str,
+        delta: float,
+        n_total: int | None = None,
+    ):
+        self.problem, self.loss, self.delta = problem, loss, delta
+        v, m = problem.data.shape
+        # the loss is a mean over all n_total voxels (see _ClosedFormGradient)
+        n_total = v if n_total is None else n_total
+        dt, dev = problem.dtype, problem.device
+        params = problem.model.parameters
+        n_par = len(params)
+        sc = problem.scale
+        self.data = problem.data.T.contiguous()  # (M, V)
+        self.data_scaled = self.data * sc
+        self.sw = None if problem.weights is None else problem.weights.sqrt().T.contiguous()
+        self.lo = mapping.lo[:, None].contiguous()  # (P, 1)
+        self.width = mapping.width[:, None].contiguous()
+        self.log_rows = mapping.log_cols
+        # d(total)/dr = ρ'(r)/(V·M) for r in internal units; L1 and L2 here take the residual in
+        # data units (r·scale: sign unchanged, L2's ρ' one factor scale larger), and ∂r/∂θ is
+        # (∂signal/∂θ)/scale for a non-amplitude θ. The per-parameter factor goes into ∂θ/∂u's
+        # row factor (width) so that the model's contraction needs one weight vector.
+        k = (2.0 if loss == "l2" else 1.0) / (n_total * m)
+        k_r = k / sc if loss == "l2" else k
+        row_c = torch.tensor(
+            [1.0 if par.amplitude else 1.0 / sc for par in params], dtype=dt, device=dev
+        )
+        self.width_c = (self.width * row_c[:, None]).contiguous()
+        self.w = torch.full((m,), k_r, dtype=dt, device=dev)
+        self.mean_w = torch.full((m,), 1.0 / m, dtype=dt, device=dev)
+        self.mean_w_l1 = torch.full((m,), 1.0 / (m * sc), dtype=dt, device=dev)
+        self.mean_w_l2 = torch.full((m,), 1.0 / (m * sc * sc), dtype=dt, device=dev)
+        self.theta = torch.empty((n_par, v), dtype=dt, device=dev)
+        self.dtheta = torch.empty((n_par, v), dtype=dt, device=dev)
+        self._tmp = torch.empty((n_par, v), dtype=dt, device=dev)
+        self._r = torch.empty((m, v), dtype=dt, device=dev)
+        self._prod = torch.empty((m, v), dtype=dt, device=dev)
+        self.work: dict[str, torch.Tensor] = {}
+        self.vloss = torch.empty((v,), dtype=dt, device=dev)
+        self.grad = torch.empty((n_par, v), dtype=dt, device=dev)
+        self.names = problem.model.parameter_names
+        self.rows = {name: self.grad[j] for j, name in enumerate(self.names)}
+        self.amplitude = [par.amplitude for par in params]
+        # per-voxel covariates, (V, 1) -> (1, V) rows
+        self.inputs = {name: val.T for name, val in problem.inputs.items()}
+
+    @torch.no_grad()
+    def __call__(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(vloss (V,), grad (V, P))`` at ``u`` (``(V, P)`` view of ``(P, V)`` storage); both
+        are views of buffers that the next call overwrites."""
+        ut = u.T
+        s = torch.sigmoid(ut, out=self._tmp)
+        theta = torch.addcmul(self.lo, self.width, s, out=self.theta)
+        # ∂x/∂u = width·s·(1 − s) = width·(s − s²), times the gradient's per-parameter factor
+        dtheta = torch.addcmul(s, s, s, value=-1.0, out=self.dtheta).mul_(self.width_c)
+        for c in self.log_rows:
+            row = theta[c]
+            row.exp_()
+            dtheta[c].mul_(row)
+        scale = self.problem.scale
+        p: dict[str, torch.Tensor] = {}
+        for j, name in enumerate(self.names):
+            row = theta[j : j + 1]
+            p[name] = row * scale if self.amplitude[j] else row
+        p.update(self.inputs)
+        sig, vjp = self.problem.model.vjp_by_measurement(p, self.work)
+        prod, vloss = self._prod, self.vloss
+        # reductions over the measurements: w·X over M contiguous rows, as mv on Xᵀ (a (1, M)
+        # @ (M, V) matmul goes through mm, 2× slower)
+        if self.loss != "huber":
+            # residual in data units, signal − data·scale, in one operation
+            r = torch.sub(sig, self.data_scaled, out=self._r)
+            if self.sw is not None:
+                r.mul_(self.sw)
+            if self.loss == "l2":
+                torch.mv(torch.mul(r, r, out=prod).T, self.mean_w_l2, out=vloss)
+                dr = r
+            else:
+                torch.mv(torch.abs(r, out=prod).T, self.mean_w_l1, out=vloss)
+                dr = r.sign_()
+        else:
+            r = torch.div(sig, scale, out=self._r).sub_(self.data)
+            if self.sw is not None:
+                r.mul_(self.sw)
+            a = r.abs()
+            torch.mv(
+                torch.where(a <= self.delta, 0.5 * r * r, self.delta * (a - 0.5 * self.delta)).T,
+                self.mean_w,
+                out=vloss,
+            )
+            dr = r.clamp_(-self.delta, self.delta)
+        if self.sw is not None:
+            dr = dr.mul_(self.sw)
+        vjp(dr, self.w, self.rows)
+        return vloss, self.grad.mul_(dtheta).T
+
+
+def _separable_loss(
+    cf_grad: _ClosedFormGradient | _MeasurementMajorGradient | None,
+    problem: Problem,
+    mapping: _Sigmoid,
+    u: torch.Tensor,
+    loss: str,
+    delta: float,
+) -> torch.Tensor:
+    """Per-voxel loss ``(V,)`` at ``u`` (no regulariser), a tensor of its own."""
+    if cf_grad is not None:
+        return cf_grad(u)[0].clone()
+    return _voxel_loss(problem.residual(mapping.theta(u)), loss, delta)
+
+
+def _parameter_major(x: torch.Tensor) -> torch.Tensor:
+    """The ``(V, P)`` tensor ``x`` as a ``(V, P)`` view of contiguous ``(P, V)`` storage."""
+    return x.T.contiguous().T
+
+
 def adam(
     model: Any,
     data: Any,
@@ -257,6 +404,7 @@ def adam(
     convergence_window: int = 20,
     lr_decay: bool = True,
     freeze_converged: bool = True,
+    average_windows: bool = True,
     min_lr_factor: float = 1e-3,
     huber_delta: float = 0.01,
     regularizers: Sequence[Regularizer | Any] = (),
@@ -309,6 +457,15 @@ def adam(
         iteration count and the same loss of the returned maps to 2e-7 relative. Not applied to
         L1 / Huber: their per-voxel minimum stalls for whole windows while still descending
         (freezing raised the L1 loss by 2 % there). False: every voxel iterates to the end.
+    average_windows : bool
+        Separable fits (no regulariser): at each plateau check (every ``convergence_window``
+        iterations) the mean of the window's iterates is evaluated once, and each voxel whose
+        loss is lower there takes it as its best point. Without freezing the trajectory is
+        unchanged, so no voxel's returned loss rises (with ``freeze_converged`` a better
+        window mean counts as progress of that voxel's minimum). With an L1 loss Adam's iterates oscillate about the kink of
+        the objective at a distance that scales with the learning rate, and their mean lies
+        closer to it: on the MOLLI benchmark (16,384 voxels) the loss of the returned maps drops
+        by 1.5e-5 relative for one extra evaluation per window (5 % more evaluations).
     huber_delta : float
         Huber threshold in units of the data scale.
     regularizers : sequence
@@ -321,8 +478,9 @@ def adam(
     Returns
     -------
     FitResult
-        ``maps`` hold the minimum-loss iterate (per voxel without regularisers, global with them),
-        ``final_maps`` the last iterate; ``loss_history`` the loss per iteration.
+        ``maps`` hold the minimum-loss iterate (per voxel without regularisers, global with them)
+        or window mean (see ``average_windows``), ``final_maps`` the last iterate;
+        ``loss_history`` the loss per iteration.
 
     Examples
     --------
@@ -381,7 +539,17 @@ def adam(
     # the fused path handles real residuals; complex data go through Problem.model_jacobian
     fused = closed_form and not problem.data.is_complex()
     n_all = problem.n_voxels
-    cf_grad = _ClosedFormGradient(problem, mapping, loss, huber_delta) if fused else None
+    # parameter-major layout where the model offers measurement-major derivatives
+    pmajor = fused and (
+        problem.model.vjp_by_measurement(
+            {k: v.T for k, v in problem.param_dict(theta0[:1], torch.arange(1)).items()}
+        )
+        is not None
+    )
+    gradient_type = _MeasurementMajorGradient if pmajor else _ClosedFormGradient
+    if pmajor:
+        u = _parameter_major(u)
+    cf_grad = gradient_type(problem, mapping, loss, huber_delta) if fused else None
     if not closed_form:
         u.requires_grad_(True)
     update: _FusedAdam | _TorchUpdate = (
@@ -412,6 +580,8 @@ def adam(
     plateau_offset = 0.0
     plateau_history: list[float] = []
     best_at_check: torch.Tensor | None = None
+    window_sum = torch.zeros_like(u.detach()) if separable and average_windows else None
+    n_window = 0
     best_total = float("inf")
     history: list[float] = []
     converged = False
@@ -467,12 +637,30 @@ def adam(
                     torch.where(better[:, None], u.detach(), best_u, out=best_u)
                 elif tv < best_total:
                     best_total, best_u = tv, u.detach().clone()
+            if window_sum is not None:
+                window_sum.add_(u.detach())  # the iterate whose loss this iteration measured
+                n_window += 1
             update.step(u, grad)
             bar.update(1)
             if tol is not None and tv <= tol:
                 converged, reason = True, "tol"
                 break
             w = convergence_window
+            if window_sum is not None and it % w == 0:
+                # the window's mean iterate is a candidate for each voxel's best: with an L1
+                # loss Adam's iterates oscillate about the kink at a distance ∝ lr, and their
+                # mean sits closer to it (iterate averaging); the trajectory is unchanged
+                with torch.no_grad():
+                    # the parameter-major gradient returns views of its buffers, which the
+                    # evaluation below overwrites; the freeze rule still needs this iteration's
+                    vloss = vloss.clone()
+                    mean_u = window_sum.div_(n_window)
+                    cand = _separable_loss(cf_grad, problem, mapping, mean_u, loss, huber_delta)
+                    torch.lt(cand, best_voxel, out=better)
+                    torch.where(better, cand, best_voxel, out=best_voxel)
+                    torch.where(better[:, None], mean_u, best_u, out=best_u)
+                    window_sum.zero_()
+                    n_window = 0
             if freeze and it % w == 0:
                 if best_at_check is not None and update.lr < lr:
                     # a voxel whose minimum loss did not decrease at all over a whole window at
@@ -492,10 +680,14 @@ def adam(
                         keep = ~done
                         active = active[keep]
                         u, best_u, best_voxel = u[keep], best_u[keep], best_voxel[keep]
+                        if pmajor:
+                            u, best_u = _parameter_major(u), _parameter_major(best_u)
                         better = torch.empty_like(best_voxel, dtype=torch.bool)
+                        if window_sum is not None:
+                            window_sum = torch.zeros_like(u)
                         update.keep(keep)  # type: ignore[union-attr]
                         sub = sub.subset(keep)
-                        cf_grad = _ClosedFormGradient(sub, mapping, loss, huber_delta, n_all)
+                        cf_grad = gradient_type(sub, mapping, loss, huber_delta, n_all)
                         if active.numel() == 0:
                             # every voxel reached its own plateau
                             converged, reason = True, "plateau"

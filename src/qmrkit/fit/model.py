@@ -103,6 +103,22 @@ def _as_float64(name: str, value: Any) -> torch.Tensor:
     return t
 
 
+def scratch(
+    work: dict[str, torch.Tensor] | None, key: str, shape: tuple[int, ...], like: torch.Tensor
+) -> torch.Tensor:
+    """A buffer of ``shape`` with ``like``'s dtype and device, kept in ``work`` under ``key``.
+
+    Reused when ``work`` already holds one of that shape, dtype and device; a fresh
+    ``torch.empty`` when ``work`` is None. For :meth:`Model.vjp_by_measurement`.
+    """
+    if work is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    buf = work.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = work[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
 class Model:
     """Base class of signal models.
 
@@ -233,6 +249,31 @@ class Model:
         (None) lets solvers differentiate :meth:`forward` by autodiff; a model whose forward pass is
         costly to differentiate that way (many small elementwise operations per measurement) can
         return closed-form derivatives here, which must agree with autodiff (test them).
+        """
+        return None
+
+    def vjp_by_measurement(
+        self, p: Mapping[str, torch.Tensor], work: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, Callable[..., dict[str, torch.Tensor]]] | None:
+        """Optional signal and vector–Jacobian product in measurement-major layout.
+
+        For whole-volume gradient solvers (``fit.adam``). ``p`` maps each parameter (and
+        covariate) name to a ``(1, V)`` row. Returns ``(signal (n_meas, V), vjp)``, where
+        ``vjp(q, w, out)`` takes ``q (n_meas, V)`` and weights ``w (n_meas,)`` and writes
+        ``out[name][v] = Σ_m w[m]·q[m, v]·∂signal[m, v]/∂name[v]`` into the ``(V,)`` tensors of the
+        dict ``out`` (one per parameter, physical units), returning ``out``: the gradient of a
+        separable loss with ``q = ∂loss/∂signal``, i.e. :meth:`jacobian` contracted with ``q``.
+        ``vjp`` is valid until the next call with the same ``work``.
+
+        On the CPU, operations that broadcast a per-voxel factor over the measurements, and
+        reductions over the measurements, run several times faster on ``(n_meas, V)`` rows than
+        on ``(V, n_meas)`` (a short last axis), and a product written for the contraction shares
+        factors between parameters that a stacked Jacobian repeats. ``work`` is a dict that a
+        caller evaluating many times at the same ``V`` keeps between calls: the model holds its
+        ``(n_meas, V)`` arrays there (see :func:`scratch`); fresh arrays of this size (a few
+        hundred kB) come from ``mmap`` and page-fault on every call, which costs more than the
+        arithmetic. The default (None) means "not provided"; an implementation must agree with
+        :meth:`jacobian` (test it).
         """
         return None
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import ParameterError, ShapeError, UnitsWarning
-from ..fit.model import Model, Parameter
+from ..fit.model import Model, Parameter, scratch
 
 
 def _vector(name: str, values: Any, *, positive: bool = True, unit: str = "") -> np.ndarray:
@@ -239,6 +239,31 @@ class MolliT1(Model):
             "B": -sgn * e,
             "T1star": -sgn * be * self.ti / (t * t),
         }
+
+    def vjp_by_measurement(self, p, work=None):
+        """Signal ``(n_ti, V)`` and its vector–Jacobian product (see
+        :meth:`~qmrkit.fit.Model.vjp_by_measurement`) from ``(1, V)`` rows.
+
+        With g = q·sign(u): Σ w·q·∂|u|/∂A = w·g, ∂/∂B = −w·(g·e), ∂/∂T1* = −(B/T1*²)·(w·TI)·(g·e):
+        the product g·e serves B and T1*, so the contraction costs two ``(n_ti, V)`` products.
+        """
+        t, b = p["T1star"], p["B"]
+        ti = self.ti[:, None]  # (n_ti, 1)
+        shape = (ti.shape[0], t.shape[1])
+        e = torch.mul(ti, -1.0 / t, out=scratch(work, "molli.e", shape, t)).exp_()
+        u = torch.mul(b, e, out=scratch(work, "molli.u", shape, t))
+        torch.sub(p["A"], u, out=u)  # u = A − B·e
+        sgn = torch.sign(u, out=scratch(work, "molli.sgn", shape, t))
+
+        def vjp(q, w, out):
+            g = torch.mul(q, sgn, out=scratch(work, "molli.g", shape, t))
+            torch.mv(g.T, w, out=out["A"])
+            g.mul_(e)
+            torch.mv(g.T, -w, out=out["B"])
+            torch.mv(g.T, w * self.ti, out=out["T1star"]).mul_((b / (t * t)).reshape(-1).neg_())
+            return out
+
+        return u.abs_(), vjp
 
     def initial_guess(self, data, inputs):
         lo, hi = self.parameter("T1star").lower, self.parameter("T1star").upper
