@@ -36,13 +36,14 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(VPY) -m qmrkit.demo --out demo-output
 
-## test: the whole suite (slow tests included), as CI runs it.
+## test: the whole suite (slow tests included), as CI runs it. Whole files per worker, in the order
+## tests/conftest.py puts them (files with slow tests first), so the two workers finish together.
 test: $(VENV)/.installed-test
-	$(VPY) -m pytest -q -n 2 --dist loadfile
+	$(VPY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 ## test-fast: skip the tests marked slow (for development).
 test-fast: $(VENV)/.installed-test
-	$(VPY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(VPY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 ## bench: every benchmark script (NUFFT in its --quick form; the full run takes ~40 min on 2 cores:
 ## `.venv/bin/python benchmarks/nufft.py`); tables printed, numbers written to benchmarks/results/.

@@ -34,6 +34,13 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    # Files with a test marked slow run first, each file's tests in their own order. `make test`
+    # runs `-n 2 --dist loadfile --no-loadscope-reorder`: whole files go to the 2 workers in this
+    # order, so the minute-long files start early and the many short ones fill the gaps at the end
+    # (xdist's default reorder sends files with the most tests first, which left the long MRF
+    # and README files to run last on one worker while the other idled).
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable sort: collection order kept
 
 
 @pytest.fixture(params=DEVICES)

@@ -65,8 +65,19 @@ def test_cuda_parametrised_tests_carry_the_gpu_mark():
     assert gpu == expected
 
 
-def test_cpu_mode_states_what_it_skipped(tmp_path):
-    report = _run(tmp_path, "--parts", "env,tests", "--scale", "4")
+@pytest.fixture(scope="module")
+def full_cpu_report(tmp_path_factory) -> dict:
+    """One end-to-end CPU-mode run (every part, ``--scale 4``) shared by the tests that read its
+    report: the env and tests parts run the same code whether or not the other parts follow (the
+    ``--parts`` selection itself is exercised by the budget test), so a second run of those two
+    alone (≈ 15-35 s, mostly importing every package and collecting the gpu tests) adds nothing."""
+    # budgets sized for a GPU machine; 2 CPU cores are slow
+    return _run(tmp_path_factory.mktemp("gpu_check"), "--scale", "4")
+
+
+@pytest.mark.slow
+def test_cpu_mode_states_what_it_skipped(full_cpu_report):
+    report = full_cpu_report
     assert report["mode"] == "cpu" and report["mode_reason"] == "--cpu given"
     assert (
         report["wheels"]["status"] == "skipped" and "does not exist" in report["wheels"]["reason"]
@@ -88,9 +99,9 @@ def test_spent_budget_skips_the_rest_with_the_reason(tmp_path):
 
 
 @pytest.mark.slow
-def test_cpu_mode_end_to_end_sanity_figures(tmp_path):
+def test_cpu_mode_end_to_end_sanity_figures(full_cpu_report):
     """Every benchmark part runs its small CPU version; its figures are checked against truth."""
-    report = _run(tmp_path, "--scale", "4")  # budgets sized for a GPU machine; 2 CPU cores are slow
+    report = full_cpu_report
     parts = report["parts"]
     assert set(parts) == {"env", "tests", "nufft", "lm", "mcmc", "mrf", "mel"}
     assert report["ok"] is True, {k: v.get("reason") for k, v in parts.items()}

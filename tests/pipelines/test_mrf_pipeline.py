@@ -81,18 +81,21 @@ def test_frames_must_match_schedule(scan_and_dictionary):
         pipelines.mrf_maps(scan, dictionary=d, schedule=short)
 
 
-def test_3d_stack_of_spirals_with_partition_undersampling():
+def test_3d_stack_of_spirals_with_partition_undersampling(scan_and_dictionary):
     """3D stack of spirals, ×2 interleaved partition undersampling, ±30 % B1: similar accuracy."""
     scan = sim.mrf_scan_3d((8, 48, 48), n_coils=4, partition_undersampling=2, seed=0)
     truth = scan.meta["truth"]
     assert scan.traj.shape[-1] == 3 and scan.meta["partition_undersampling"] == 2
-    d = mrf.Dictionary.build(
-        scan.meta["schedule"],
-        t1=mrf.log_grid(10, 4000, 0.08),
-        t2=mrf.log_grid(1, 500, 0.08),
-        b1=pipelines.b1_grid(truth["B1"], 0.1),
-        keep_atoms=False,
-    )
+    # the 2D scan's dictionary serves: the same schedule and T1/T2 grid (step 0.08), and B1
+    # values 0.6–1.4 in steps of 0.1 that contain this scan's b1_grid (0.8–1.3), so every voxel
+    # is matched among the same atoms as with a dictionary built for this scan's B1 range alone
+    d = scan_and_dictionary[1]
+    for k in ("flip_angles", "tr", "te"):
+        np.testing.assert_array_equal(getattr(d.schedule, k), getattr(scan.meta["schedule"], k))
+    assert d.schedule.ti == scan.meta["schedule"].ti
+    np.testing.assert_allclose(d.grid[0], mrf.log_grid(10, 4000, 0.08))
+    np.testing.assert_allclose(d.grid[1], mrf.log_grid(1, 500, 0.08))
+    assert set(pipelines.b1_grid(truth["B1"], 0.1)) <= set(np.round(d.grid[2], 4))
     maps = pipelines.mrf_maps(scan, dictionary=d, b1_map=nifti(truth["B1"]))
     assert maps.t1.shape == (48, 48, 8)  # NIfTI order (x, y, z)
     e1, e2 = [], []

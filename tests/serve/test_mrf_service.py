@@ -4,9 +4,10 @@ import asyncio
 
 import numpy as np
 import pytest
+import torch
 
 from qmrkit import pipelines, sim
-from qmrkit.mrf import Dictionary, log_grid, schedule_from_header
+from qmrkit.mrf import epg_fisp, log_grid, schedule_from_header
 from qmrkit.serve import DirectoryStore, exchange
 from qmrkit.serve.client import read_mrd_file
 from qmrkit.serve.mrd_images import array_to_image, image_to_array
@@ -14,6 +15,28 @@ from qmrkit.serve.mrd_images import array_to_image, image_to_array
 from .helpers import BackgroundServer, with_ids
 
 pytestmark = pytest.mark.slow
+
+
+def _check_server_dictionary(d, sched, b1):
+    """The dictionary the server cached is the one ``dictionary_step`` 0.12 and ``b1_step`` 0.1
+    define for this schedule: its grids, and the atoms of some of its entries equal to a fresh
+    build of those entries alone."""
+    np.testing.assert_allclose(np.unique(d.t1.numpy()), log_grid(10, 4000, 0.12), rtol=1e-6)
+    np.testing.assert_allclose(np.unique(d.t2.numpy()), log_grid(1, 500, 0.12), rtol=1e-6)
+    np.testing.assert_allclose(np.unique(d.b1.numpy()), pipelines.b1_grid(b1, 0.1), rtol=1e-6)
+    for k in ("flip_angles", "tr", "te"):
+        np.testing.assert_array_equal(getattr(d.schedule, k), getattr(sched, k))
+    assert d.schedule.ti == sched.ti
+    assert d.energy >= 0.9999  # Dictionary.build's default SVD compression
+    idx = torch.linspace(0, d.n_atoms - 1, 7).round().long()
+    # the float64 grid values the build simulated (d.t1 etc. hold them rounded to float32)
+    t1, t2, b1v = (g[d.grid_index[idx, j].numpy()] for j, g in enumerate(d.grid))
+    fresh = epg_fisp(sched, t1, t2, b1v, tol=1e-5)
+    norms = torch.linalg.vector_norm(fresh, dim=1)
+    np.testing.assert_allclose(d.norms[idx].numpy(), norms.numpy(), rtol=1e-5)
+    c = d.project(fresh / norms[:, None])
+    c = c / torch.linalg.vector_norm(c, dim=1, keepdim=True)
+    np.testing.assert_allclose(c.numpy(), d.coeffs[idx].numpy(), atol=1e-5)
 
 
 def test_mrf_over_the_wire_equals_direct_pipeline(tmp_path):
@@ -49,16 +72,14 @@ def test_mrf_over_the_wire_equals_direct_pipeline(tmp_path):
     assert not reply.errors, reply.texts
     assert "mrf: using the stored B1 map" in reply.texts
     got = {str(im.meta["SeriesDescription"]): image_to_array(im) for im in reply.images}
-    # the same computation called directly
+    # the same computation called directly, with the dictionary the server built (checked to be
+    # the one these parameters define: grids, and atoms equal to a fresh EPG simulation of a few
+    # of its entries) rather than a second identical build of all ≈ 10,000 atoms
+    from qmrkit.serve import handlers
+
     sched = schedule_from_header(header)
-    b1_values = pipelines.b1_grid(b1, 0.1)
-    d = Dictionary.build(
-        sched,
-        t1=log_grid(10, 4000, 0.12),
-        t2=log_grid(1, 500, 0.12),
-        b1=b1_values,
-        keep_atoms=False,
-    )
+    (d,) = handlers._DICTIONARY_CACHE.values()
+    _check_server_dictionary(d, sched, b1)
     direct = pipelines.mrf_maps(read_mrd(path), dictionary=d, b1_map=b1, schedule=sched)
     ref_t1 = np.nan_to_num(direct.t1.numpy())  # maps are NIfTI order, like MRD images
     np.testing.assert_allclose(got["qmrkit_T1map"], ref_t1, rtol=1e-5, atol=1e-3)
@@ -117,10 +138,7 @@ def test_3d_mrf_over_the_wire_returns_one_image_per_partition(tmp_path):
     # the in-process pipeline on the same file, with the dictionary the server built (checked to
     # be the one these parameters define) rather than a second identical build
     (d,) = handlers._DICTIONARY_CACHE.values()
-    np.testing.assert_allclose(np.unique(d.t1.numpy()), log_grid(10, 4000, 0.12), rtol=1e-6)
-    np.testing.assert_allclose(np.unique(d.t2.numpy()), log_grid(1, 500, 0.12), rtol=1e-6)
-    np.testing.assert_allclose(np.unique(d.b1.numpy()), pipelines.b1_grid(b1, 0.1), rtol=1e-6)
-    assert d.schedule.n_tr == schedule_from_header(header).n_tr
+    _check_server_dictionary(d, schedule_from_header(header), b1)
     direct = pipelines.mrf_maps(read_mrd(path), dictionary=d, b1_map=b1)
     np.testing.assert_allclose(t1, np.nan_to_num(direct.t1.numpy()), rtol=1e-5, atol=1e-3)
     # the partition images carry where they lie: stacked again (as `serve --send-to` does before
