@@ -70,16 +70,10 @@ def test_split_fit_equals_whole_fit(small_parts, name, workers, batch_size):
     assert np.nanmedian(rel) < 1e-5
 
 
-def test_default_split_follows_torch_threads(small_parts):
+def test_default_is_one_part(small_parts):
+    """Splitting pays only on a loaded machine (see fit.lm's docstring): it is opt-in."""
     model, data = models.MonoExp(TE), _t2(1200)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        assert fit.lm(model, data, progress=False).settings["workers"] == 2
-        torch.set_num_threads(1)
-        assert fit.lm(model, data, progress=False).settings["workers"] == 1
-    finally:
-        torch.set_num_threads(before)
+    assert fit.lm(model, data, progress=False).settings["workers"] == 1
 
 
 def test_small_volumes_are_not_split():

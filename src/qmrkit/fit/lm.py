@@ -485,12 +485,11 @@ def _add_histories(a: list[float], b: list[float]) -> list[float]:
 _MIN_PART_VOXELS = 4096
 
 
-def _parts(problem: Problem, workers: int | None) -> list[torch.Tensor | None]:
+def _parts(problem: Problem, workers: int) -> list[torch.Tensor | None]:
     """Contiguous voxel ranges fitted side by side (``[None]``: the whole problem at once)."""
     if problem.device.type != "cpu":
         return [None]
-    n = torch.get_num_threads() if workers is None else int(workers)
-    n = min(n, problem.n_voxels // _MIN_PART_VOXELS)
+    n = min(int(workers), problem.n_voxels // _MIN_PART_VOXELS)
     if n <= 1:
         return [None]
     edges = [round(i * problem.n_voxels / n) for i in range(n + 1)]
@@ -535,7 +534,7 @@ def lm(
     dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
     jacobian: str = "auto",
-    workers: int | None = None,
+    workers: int = 1,
 ) -> FitResult:
     """Fit a model to every voxel by batched Levenberg–Marquardt (least squares).
 
@@ -577,12 +576,14 @@ def lm(
         when it has one (``"auto"``, ``"model"``), else forward-mode autodiff in one stacked pass,
         or reverse mode (one backward pass per measurement; avoids torch's ≈1.5 s one-off load of
         its forward-mode machinery, worth it for few measurements).
-    workers : int, optional
+    workers : int
         On CPU, how many parts of the volume are started and fitted side by side, each in its own
-        thread (default: torch's intra-op thread count, ``torch.get_num_threads()``, set by
-        :func:`qmrkit.configure_process`; at most one part per 4,096 voxels). The per-voxel
-        arithmetic is too small for torch to split one operation across threads, so the voxels
-        are split instead. Every voxel's result is the same whatever the split. Ignored on GPUs.
+        Python thread (at most one part per 4,096 voxels; every voxel's result is the same
+        whatever the split; ignored on GPUs). Default 1. Worth raising only on a machine loaded by
+        other work: on 2 cores at load ≈ 5, two parts fitted 128² MOLLI voxels 3–5× faster than
+        one part with 2 torch threads (whose OpenMP workers wait for descheduled peers); on a
+        quiet machine the two threads contend for the GIL and for torch's OpenMP pool and one
+        part was faster (56–62 ms against 88–96 ms; docs/performance.md).
 
     Returns
     -------
@@ -599,7 +600,7 @@ def lm(
         raise ParameterError(f"ftol and xtol must be >= 0, got ftol={ftol}, xtol={xtol}")
     if jacobian not in JACOBIAN_MODES:
         raise ParameterError(f"jacobian must be one of {JACOBIAN_MODES}, got {jacobian!r}")
-    if workers is not None and int(workers) < 1:
+    if int(workers) < 1:
         raise ParameterError(f"workers must be >= 1, got {workers}")
     t0 = time.perf_counter()
     problem = make_problem(
