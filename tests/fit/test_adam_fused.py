@@ -8,67 +8,30 @@ import pytest
 import torch
 
 from qmrkit import fit, models
-from qmrkit.fit.problem import make_problem
-from qmrkit.sim import MOLLI_TI, add_noise
+from qmrkit.sim import add_noise
+
+from .helpers import adam_problem_and_u, assert_fused_adam_follows_torch, molli_series
 
 adam_mod = importlib.import_module("qmrkit.fit.adam")
 TE = np.array([5.0, 10, 20, 35, 55, 80])
 
 
-def _molli(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    ti = np.asarray(MOLLI_TI)
-    t1 = rng.uniform(300, 2000, n)
-    ratio = rng.uniform(0.8, 0.9, n)
-    a = 1000.0 * ratio
-    b = a * (1 + 1 / ratio)
-    clean = a[:, None] - b[:, None] * np.exp(-ti / (ratio * t1)[:, None])
-    return models.MolliT1(ti), add_noise(clean, 20.0, kind="rician", seed=seed + 1), t1
-
-
-def _problem_and_u(model, data, dtype=torch.float64, weights=None):
-    problem = make_problem(
-        model, data, weights=weights, dtype=dtype, need_finite_bounds=True, solver="adam"
-    )
-    theta0, _ = adam_mod.initial_theta(problem, None, start="auto", n_atoms=500, seed=0)
-    mapping = adam_mod._Sigmoid(problem)
-    return problem, mapping, mapping.inverse(theta0).detach()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_adam_follows_torch_adam(dtype):
     """50 steps of the fused update on the MOLLI closed-form gradient retrace torch.optim.Adam."""
-    model, data, _ = _molli(32)
-    problem, mapping, u0 = _problem_and_u(model, data, dtype=dtype)
+    model, data, _ = molli_series(32)
+    problem, mapping, u0 = adam_problem_and_u(model, data, dtype=dtype)
     grad_fn = adam_mod._ClosedFormGradient(problem, mapping, "l2", 0.01)
-    # away from the (good) closed-form start, so that the 50 steps travel
-    gen = torch.Generator().manual_seed(0)
-    u0 = u0 + 0.5 * torch.randn(u0.shape, generator=gen, dtype=u0.dtype)
-    u_ref = u0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([u_ref], lr=0.05)
-    u = u0.clone()
-    fused = adam_mod._FusedAdam(u, 0.05)
-    for step in range(50):
-        if step == 30:  # a learning-rate change mid-run, as the plateau rule makes
-            opt.param_groups[0]["lr"] = fused.lr = 0.025
-        _, g_ref = grad_fn(u_ref.detach())
-        u_ref.grad = g_ref.clone()
-        opt.step()
-        _, g = grad_fn(u)
-        fused.step(u, g)
-        rel = float(((u - u_ref.detach()).abs() / u_ref.detach().abs().clamp_min(1e-3)).max())
-        assert rel < 1e-6, (step, rel)
-    # the trajectory really moved (a no-op update would also "agree")
-    assert float((u - u0).abs().max()) > 0.1
+    assert_fused_adam_follows_torch(grad_fn, u0)
 
 
 @pytest.mark.parametrize("loss", ["l1", "l2", "huber"])
 def test_closed_form_gradient_matches_autograd(loss):
     """Per-voxel losses and ∂loss/∂u of the fused path equal autograd's through the sigmoid map,
     with weights (√w scaling) and a non-amplitude log-scaled parameter."""
-    model, data, _ = _molli(40, seed=4)
+    model, data, _ = molli_series(40, seed=4)
     w = np.random.default_rng(5).uniform(0.5, 2.0, data.shape)
-    problem, mapping, u0 = _problem_and_u(model, data, weights=w)
+    problem, mapping, u0 = adam_problem_and_u(model, data, weights=w)
     u0 = u0 + 0.3 * torch.randn(
         u0.shape, generator=torch.Generator().manual_seed(1), dtype=u0.dtype
     )
@@ -94,7 +57,7 @@ def test_active_set_loss_not_above_full_run():
     (minimum of the history) is not above the full run's, and the loss of the returned maps,
     evaluated independently in float64, is the full run's to 1e-6 relative (float32 rounding
     alone, e.g. reordering a sum, moves it by ~6e-8; measured here: +1.8e-7)."""
-    model, data, t1 = _molli(2000, seed=7)
+    model, data, t1 = molli_series(2000, seed=7)
     full = fit.adam(model, data, loss="l2", freeze_converged=False, progress=False)
     act = fit.adam(model, data, loss="l2", progress=False)
     assert act.settings["freeze_converged"] and not full.settings["freeze_converged"]

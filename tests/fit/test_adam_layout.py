@@ -11,30 +11,11 @@ import torch
 from scipy.optimize import minimize
 
 from qmrkit import fit, models
-from qmrkit.fit.problem import make_problem
-from qmrkit.sim import MOLLI_TI, add_noise
+from qmrkit.sim import MOLLI_TI
+
+from .helpers import adam_problem_and_u, assert_fused_adam_follows_torch, molli_series
 
 adam_mod = importlib.import_module("qmrkit.fit.adam")
-
-
-def _molli(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    ti = np.asarray(MOLLI_TI)
-    t1 = rng.uniform(300, 2000, n)
-    ratio = rng.uniform(0.8, 0.9, n)
-    a = 1000.0 * ratio
-    b = a * (1 + 1 / ratio)
-    clean = a[:, None] - b[:, None] * np.exp(-ti / (ratio * t1)[:, None])
-    return models.MolliT1(ti), add_noise(clean, 20.0, kind="rician", seed=seed + 1), t1
-
-
-def _problem_and_u(model, data, dtype=torch.float64, weights=None):
-    problem = make_problem(
-        model, data, weights=weights, dtype=dtype, need_finite_bounds=True, solver="adam"
-    )
-    theta0, _ = adam_mod.initial_theta(problem, None, start="auto", n_atoms=500, seed=0)
-    mapping = adam_mod._Sigmoid(problem)
-    return problem, mapping, mapping.inverse(theta0).detach()
 
 
 def test_molli_vjp_by_measurement_is_the_contracted_jacobian():
@@ -69,9 +50,9 @@ def test_molli_vjp_by_measurement_is_the_contracted_jacobian():
 def test_measurement_major_gradient_matches_autograd(loss):
     """Per-voxel losses and ∂loss/∂u of the parameter-major path equal autograd's through the
     sigmoid map, with weights (√w scaling)."""
-    model, data, _ = _molli(40, seed=4)
+    model, data, _ = molli_series(40, seed=4)
     w = np.random.default_rng(5).uniform(0.5, 2.0, data.shape)
-    problem, mapping, u0 = _problem_and_u(model, data, weights=w)
+    problem, mapping, u0 = adam_problem_and_u(model, data, weights=w)
     u0 = u0 + 0.3 * torch.randn(
         u0.shape, generator=torch.Generator().manual_seed(1), dtype=u0.dtype
     )
@@ -94,27 +75,10 @@ def test_measurement_major_gradient_matches_autograd(loss):
 def test_parameter_major_adam_follows_torch_adam():
     """50 fused Adam steps on a ``(V, P)`` view of ``(P, V)`` storage, with the parameter-major
     L1 gradient, retrace torch.optim.Adam (float64), state layout kept."""
-    model, data, _ = _molli(32)
-    problem, mapping, u0 = _problem_and_u(model, data)
+    model, data, _ = molli_series(32)
+    problem, mapping, u0 = adam_problem_and_u(model, data)
     grad_fn = adam_mod._MeasurementMajorGradient(problem, mapping, "l1", 0.01)
-    gen = torch.Generator().manual_seed(0)
-    u0 = u0 + 0.5 * torch.randn(u0.shape, generator=gen, dtype=u0.dtype)
-    u_ref = u0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([u_ref], lr=0.05)
-    u = adam_mod._parameter_major(u0.clone())
-    fused = adam_mod._FusedAdam(u, 0.05)
-    assert fused.exp_avg.stride() == u.stride()
-    for step in range(50):
-        if step == 30:
-            opt.param_groups[0]["lr"] = fused.lr = 0.025
-        _, g_ref = grad_fn(adam_mod._parameter_major(u_ref.detach()))
-        u_ref.grad = g_ref.clone()
-        opt.step()
-        _, g = grad_fn(u)
-        fused.step(u, g)
-        rel = float(((u - u_ref.detach()).abs() / u_ref.detach().abs().clamp_min(1e-3)).max())
-        assert rel < 1e-6, (step, rel)
-    assert float((u - u0).abs().max()) > 0.1
+    u = assert_fused_adam_follows_torch(grad_fn, u0, layout=adam_mod._parameter_major)
     assert u.T.is_contiguous()
 
 
@@ -127,7 +91,7 @@ def test_l1_fit_against_scipy_and_window_means():
     """The L1 fit (float64) reaches, voxel by voxel, the minimum that a float64 Nelder–Mead fit
     of the same objective finds from the truth and from adam's answer; the window-mean
     candidates leave the trajectory alone and raise no voxel's loss."""
-    model, data, _ = _molli(24, seed=11)
+    model, data, _ = molli_series(24, seed=11)
     kw = dict(loss="l1", dtype=torch.float64, progress=False)
     res = fit.adam(model, data, **kw)
     plain = fit.adam(model, data, average_windows=False, **kw)
@@ -177,7 +141,7 @@ def test_parameter_major_engine_matches_row_major_engine(loss, monkeypatch):
     """Whole fits (float64, default rules: window means, and for L2 the frozen active set) in
     the parameter-major engine retrace the ``(V, P)`` engine (stacked per-parameter
     derivatives, another code path) to float64 rounding."""
-    model, data, _ = _molli(300, seed=21)
+    model, data, _ = molli_series(300, seed=21)
     ref_model = _MolliWithoutVjp(np.asarray(MOLLI_TI))
     kw = dict(loss=loss, dtype=torch.float64, progress=False)
     calls = []

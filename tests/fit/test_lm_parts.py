@@ -11,19 +11,15 @@ from qmrkit import fit, models
 from qmrkit.errors import ParameterError
 from qmrkit.sim import MOLLI_TI, add_noise
 
+from .helpers import molli_series
+
 lm_module = sys.modules["qmrkit.fit.lm"]
 TI = np.array(MOLLI_TI)
 TE = np.array([10.0, 20, 30, 40, 60, 80, 100, 120])
 
 
 def _molli(n, seed=0):
-    rng = np.random.default_rng(seed)
-    t1 = rng.uniform(300, 2000, n)
-    ratio = rng.uniform(0.8, 0.9, n)
-    a = 1000.0 * ratio
-    b = a * (1 + 1 / ratio)
-    clean = a[:, None] - b[:, None] * np.exp(-TI / (ratio * t1)[:, None])
-    return add_noise(clean, 20.0, kind="rician", seed=seed + 1).reshape(30, 40, -1)
+    return molli_series(n, seed)[1].reshape(30, 40, -1)
 
 
 def _t2(n, seed=0):
