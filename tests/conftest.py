@@ -1,5 +1,6 @@
 """Shared fixtures: the compute device(s) and thread settings."""
 
+import logging
 import os
 
 # the library's thread policy (qmrkit._threads, as the CLI and server apply it): OpenMP workers
@@ -47,3 +48,17 @@ def pytest_collection_modifyitems(config, items):
 def device(request):
     """Every device-agnostic test runs on the CPU and, when present, on CUDA."""
     return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _restore_qmrkit_logger():
+    """Give every test the ``qmrkit`` logger as it found it: the CLI run in-process
+    (``qmrkit.cli.main``) configures it for a console (``--quiet``: errors only), and a later test
+    on the same worker that checks a logged warning with ``caplog`` would otherwise see nothing
+    (seen: tests/nufft/test_planner.py::test_wisdom_unwritable_is_not_fatal after a CLI test)."""
+    logger = logging.getLogger("qmrkit")
+    level, handlers, propagate = logger.level, list(logger.handlers), logger.propagate
+    yield
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+    logger.propagate = propagate
