@@ -5,14 +5,15 @@ benchmark of ``adam_ab.py``.
 
 Each (checkout, problem, loss) runs in a fresh subprocess with one torch thread; the loss of the
 returned maps is evaluated independently in float64 (``maps_loss``, as in ``adam_ab.py``); CPU
-time (``time.process_time``) of one call is reported for orientation only (use ``adam_ab.py``
-for timings). ``--extra`` passes keyword arguments to the new checkout's ``fit.adam`` as a third
+time (``time.process_time``) of the first call is reported for orientation only (use ``adam_ab.py``
+for timings); with ``--repeats N`` each process runs the fit N times and also reports the fastest
+warm call. ``--extra`` passes keyword arguments to the new checkout's ``fit.adam`` as a third
 variant (e.g. ``"average_windows=False"``).
 
 Usage::
 
     python benchmarks/adam_problems.py --base /path/to/old/src [--new src] [--n 4096]
-        [--extra "average_windows=False"] [--out adam_problems]
+        [--extra "average_windows=False"] [--repeats 5] [--out adam_problems]
 """
 
 from __future__ import annotations
@@ -41,27 +42,31 @@ warnings.simplefilter("ignore")
 spec = PROBLEMS[{problem!r}]
 data, truth = spec["data"]({n})
 model = spec["model"]()
-c0 = time.process_time()
-res = fit.adam(model, data, loss={loss!r}, progress=False, **{kwargs})
-cpu = time.process_time() - c0
+cpus = []
+for _ in range({repeats}):
+    c0 = time.process_time()
+    res = fit.adam(model, data, loss={loss!r}, progress=False, **{kwargs})
+    cpus.append(time.process_time() - c0)
+cpu = cpus[0]
 pd = {{par.name: torch.as_tensor(np.asarray(res[par.name]), dtype=torch.float64).reshape(-1, 1)
       for par in model.parameters}}
 r = (model.forward(pd).numpy() - data.reshape(data.shape[0], -1)) / res.settings["data_scale"]
 maps_loss = float(np.mean(r * r)) if {loss!r} == "l2" else float(np.mean(np.abs(r)))
 e = np.abs(res[spec["key"]].double().numpy().reshape(-1) - truth) / truth
-print(json.dumps({{"cpu_s": cpu, "iterations": int(np.max(np.asarray(res.iterations))),
+print(json.dumps({{"cpu_s": cpu, "cpu_warm_min_s": min(cpus[1:] or cpus), "iterations": int(np.max(np.asarray(res.iterations))),
     "maps_loss": maps_loss, "err_median_pct": 100 * float(np.median(e)),
     "stop_reason": res.settings.get("stop_reason")}}))
 """
 
 
-def run(src: str, problem: str, loss: str, n: int, kwargs: str) -> dict:
+def run(src: str, problem: str, loss: str, n: int, kwargs: str, repeats: int = 1) -> dict:
     env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     code = CHILD.format(
         bench=str(Path(__file__).resolve().parent),
         problem=problem,
         loss=loss,
         n=n,
+        repeats=repeats,
         kwargs="dict(" + kwargs + ")",
     )
     out = subprocess.run(
@@ -78,21 +83,34 @@ def main() -> None:
     ap.add_argument("--problems", default="molli,vfa,t2")
     ap.add_argument("--losses", default="l1,l2")
     ap.add_argument("--extra", default="", help="kwargs for a third variant of the new code")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="calls per run in one process; cpu_warm_min_s is the fastest after the first",
+    )
     ap.add_argument("--out", default="adam_problems")
     args = ap.parse_args()
     variants = [("base", args.base, ""), ("new", args.new, "")]
     if args.extra:
         variants.append(("new+" + args.extra, args.new, args.extra))
-    payload: dict = {"base_src": args.base, "new_src": args.new, "n": args.n, "results": {}}
+    payload: dict = {
+        "base_src": args.base,
+        "new_src": args.new,
+        "n": args.n,
+        "repeats": args.repeats,
+        "results": {},
+    }
     for problem in args.problems.split(","):
         for loss in args.losses.split(","):
             rows = {}
             for name, src, kw in variants:
-                rows[name] = run(src, problem, loss, args.n, kw)
+                rows[name] = run(src, problem, loss, args.n, kw, args.repeats)
                 r = rows[name]
                 print(
                     f"{problem} {loss} {name}: maps loss {r['maps_loss']:.9e}, it "
-                    f"{r['iterations']}, err {r['err_median_pct']:.3f} %, cpu {r['cpu_s']:.2f} s",
+                    f"{r['iterations']}, err {r['err_median_pct']:.3f} %, cpu {r['cpu_s']:.2f} s "
+                    f"(warm min {r['cpu_warm_min_s']:.3f} s)",
                     flush=True,
                 )
             rel = rows["new"]["maps_loss"] / rows["base"]["maps_loss"] - 1
