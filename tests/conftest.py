@@ -51,14 +51,15 @@ def device(request):
 
 
 @pytest.fixture(autouse=True)
-def _restore_qmrkit_logger():
-    """Give every test the ``qmrkit`` logger as it found it: the CLI run in-process
-    (``qmrkit.cli.main``) configures it for a console (``--quiet``: errors only), and a later test
-    on the same worker that checks a logged warning with ``caplog`` would otherwise see nothing
-    (seen: tests/nufft/test_planner.py::test_wisdom_unwritable_is_not_fatal after a CLI test)."""
+def _library_logging():
+    """Start every test with the ``qmrkit`` logger as a library leaves it (no handler, level
+    unset, records propagating to the root, where ``caplog`` listens). The CLI run in-process
+    (``qmrkit.cli.main``, also from module-scoped fixtures) configures it for a console
+    (``--quiet``: errors only) and that would otherwise last for the rest of the xdist worker:
+    seen as tests/nufft/test_planner.py::test_wisdom_unwritable_is_not_fatal missing its logged
+    warning after a CLI test file on the same worker."""
     logger = logging.getLogger("qmrkit")
-    level, handlers, propagate = logger.level, list(logger.handlers), logger.propagate
+    logger.setLevel(logging.NOTSET)
+    logger.handlers[:] = []
+    logger.propagate = True
     yield
-    logger.setLevel(level)
-    logger.handlers[:] = handlers
-    logger.propagate = propagate
