@@ -13,7 +13,12 @@ from scipy.optimize import minimize
 from qmrkit import fit, models
 from qmrkit.sim import MOLLI_TI
 
-from .helpers import adam_problem_and_u, assert_fused_adam_follows_torch, molli_series
+from .helpers import (
+    adam_problem_and_u,
+    assert_fused_adam_follows_torch,
+    fit_through_both_adam_engines,
+    molli_series,
+)
 
 adam_mod = importlib.import_module("qmrkit.fit.adam")
 
@@ -143,26 +148,7 @@ def test_parameter_major_engine_matches_row_major_engine(loss, monkeypatch):
     derivatives, another code path) to float64 rounding."""
     model, data, _ = molli_series(300, seed=21)
     ref_model = _MolliWithoutVjp(np.asarray(MOLLI_TI))
-    kw = dict(loss=loss, dtype=torch.float64, progress=False)
-    calls = []
-    engine = adam_mod._MeasurementMajorGradient.__call__
-    monkeypatch.setattr(
-        adam_mod._MeasurementMajorGradient,
-        "__call__",
-        lambda self, u: calls.append(1) or engine(self, u),
-    )
-    new = fit.adam(model, data, **kw)
-    n_new = len(calls)
-    ref = fit.adam(ref_model, data, **kw)
-    assert n_new > new.iterations and len(calls) == n_new  # which engine ran which fit
-    assert new.iterations == ref.iterations
-    # freezing is an exact test ("the voxel's minimum did not decrease at all over a window"):
-    # a voxel on a flat plateau flips either way on float64 rounding differences between the
-    # engines (seen: 59 against 61 of 300 after a 1e-15 change in the start), so the counts agree
-    # to a few voxels while the maps below agree to 1e-7
-    assert abs(new.settings["n_frozen"] - ref.settings["n_frozen"]) <= 6
-    if loss == "l2":
-        assert new.settings["n_frozen"] > 0  # the active set shrank in both
+    new, ref = fit_through_both_adam_engines(model, ref_model, data, loss, monkeypatch)
     np.testing.assert_allclose(new.loss_history, ref.loss_history, rtol=1e-9)
     for name in ("A", "B", "T1star"):
         np.testing.assert_allclose(np.asarray(new[name]), np.asarray(ref[name]), rtol=1e-7)
