@@ -23,9 +23,10 @@ learning-rate decay leave the active set (``freeze_converged``). Where the model
 :meth:`~qmrkit.fit.Model.vjp_by_measurement`, the engine runs parameter-major: the optimiser state
 is ``(P, V)`` rows, the model's arrays ``(M, V)`` rows, kept in buffers between iterations, and
 the model contracts its own derivatives with ρ'(r) (several times cheaper per iteration on the
-CPU than ``(V, M)`` arrays with a short last axis). At every plateau check the mean iterate of the
-window just ended is a candidate for each voxel's best point (``average_windows``). Regularised fits and models
-without derivatives go through autograd, with the same fused Adam update.
+CPU than ``(V, M)`` arrays with a short last axis). At every plateau check the mean iterate of
+the window just ended is a candidate for each voxel's best point (``average_windows``).
+Regularised fits and models without derivatives go through autograd, with the same fused Adam
+update.
 """
 
 from __future__ import annotations
@@ -462,9 +463,9 @@ def adam(
         iterations) the mean of the window's iterates is evaluated once, and each voxel whose
         loss is lower there takes it as its best point. Without freezing the trajectory is
         unchanged, so no voxel's returned loss rises (with ``freeze_converged`` a better
-        window mean counts as progress of that voxel's minimum). With an L1 loss Adam's iterates oscillate about the kink of
-        the objective at a distance that scales with the learning rate, and their mean lies
-        closer to it: on the MOLLI benchmark (16,384 voxels) the loss of the returned maps drops
+        window mean counts as progress of that voxel's minimum). With an L1 loss Adam's
+        iterates oscillate about the kink of the objective at a distance that scales with the
+        learning rate, and their mean lies closer to it: on the MOLLI benchmark (16,384 voxels) the loss of the returned maps drops
         by 1.5e-5 relative for one extra evaluation per window (5 % more evaluations).
     huber_delta : float
         Huber threshold in units of the data scale.

@@ -624,8 +624,8 @@ def lm(
         history and where it started."""
         part = problem if idx is None else problem.subset(idx)
         theta0, origin = initial_theta(part, init, start=start, n_atoms=n_atoms, seed=seed)
-        rows = torch.arange(part.n_voxels, device=problem.device)
-        rows = rows if idx is None else idx
+        # the part's voxels among the problem's (the results' rows)
+        rows = torch.arange(part.n_voxels, device=problem.device) if idx is None else idx
         hist: list[float] = []
         for c0 in range(0, part.n_voxels, batch_size):
             sel = slice(c0, min(part.n_voxels, c0 + batch_size))
