@@ -339,15 +339,23 @@ def _lm_chunk(
     nu = torch.full((V,), 2.0, dtype=torch.float64, device=dev)
     # the cost's rounding floor: residuals r = f − d carry ≈ eps·|d| of rounding each, so a cost
     # change below ≈ 2·eps·Σ|r|·|d| may not show (in float32 often 1e-5 of the cost, above ftol):
-    # a rejected step whose predicted gain is below it ends the voxel as converged at the
-    # working precision (instead of raising the damping ~10 times until "stalled")
+    # a step whose predicted gain is below it ends the voxel as converged at the working
+    # precision (instead of accepting steps that gain by rounding, or of raising the damping ~10
+    # times until "stalled"). It shrinks with the residual, so it follows every accepted step.
     data_abs = problem.data.abs()
     if problem.weights is not None:  # the residual is weighted: sqrt(w)·(f − d)
         data_abs = data_abs * problem.weights.sqrt()
     if data_abs.shape != r.shape:  # complex residuals are stored as (re, im) pairs
         data_abs = data_abs.repeat_interleave(r.shape[1] // data_abs.shape[1], dim=1)
     eps = torch.finfo(r.dtype).eps
-    floor = 2 * eps * ((r64.abs() * data_abs.double()) @ ones_m)
+    data_abs = data_abs.to(r.dtype)
+    ones_w = torch.ones(r.shape[1], dtype=r.dtype, device=dev)
+
+    def rounding_floor(res: torch.Tensor) -> torch.Tensor:
+        """2·eps·Σ|r|·|d| per voxel (float64) for residuals ``res (v, m)`` of the running voxels."""
+        return ((res.abs() * data_abs) @ ones_w).double().mul_(2 * eps)
+
+    floor = rounding_floor(r)
     history = [cost.sum()]  # 0-d tensors, read once at the end (no host sync per iteration)
     # the predicted gain's quadratic term sᵀHs over the stored lower triangle: off-diagonal
     # entries count twice
@@ -380,10 +388,11 @@ def _lm_chunk(
 
     def compact(kpos: torch.Tensor) -> None:
         """Keep only the working state's voxels ``kpos``."""
-        nonlocal sub, act, th, H, g, cost, lam, nu, floor, it_a
+        nonlocal sub, act, th, H, g, cost, lam, nu, floor, it_a, data_abs
         act, th, H, g, cost, lam, nu, floor, it_a = (
             x.index_select(-1, kpos) for x in (act, th, H, g, cost, lam, nu, floor, it_a)
         )
+        data_abs = data_abs.index_select(0, kpos)
         sub = sub.subset(kpos)
 
     exact = cost <= 1e-30
@@ -419,10 +428,7 @@ def _lm_chunk(
         accept = ok & torch.isfinite(cost_t) & (actual > 0)
         rho = actual / predicted.clamp_min(1e-300)
         conv_f = (accept & (actual <= ftol * cost)) | (
-            ok
-            & ~clipped
-            & (lam <= 1.0)
-            & ((predicted <= ftol * cost) | (~accept & (predicted <= floor)))
+            ok & ~clipped & (lam <= 1.0) & (predicted <= torch.maximum(ftol * cost, floor))
         )
         conv_x = accept & (step.abs() <= xtol * (th.double().abs() + xtol)).all(dim=0)
         # Nielsen's damping update
@@ -432,11 +438,15 @@ def _lm_chunk(
         nu = torch.where(accept, 2.0, nu * 2)
 
         # converged: an accepted step gained little, or (mildly damped) the quadratic model
-        # predicts no gain worth having, which also ends float32 voxels at their noise floor
+        # predicts no gain worth having, which also ends float32 voxels at their noise floor.
+        # Stalled: rejected, and even the (heavily) damped step predicts no gain above the
+        # rounding floor: larger damping only shortens the step, so nothing measurable is left
+        # (without this the voxel would be rejected ~10 more times until λ > 1e16)
         conv_e = accept & (cost_t <= 1e-30)
-        stalled = ~accept & (lam > 1e16)
+        stalled = ~accept & ((lam > 1e16) | (ok & ~clipped & (predicted <= floor)))
         th = torch.where(accept, trial, th)
         cost = torch.where(accept, cost_t, cost)
+        floor = torch.where(accept, rounding_floor(r_t), floor)
 
         done = conv_f | conv_x | conv_e | stalled
         keep = ~done
@@ -558,7 +568,9 @@ def lm(
     ftol, xtol : float, optional
         Stop a voxel when an accepted step lowers its cost by less than ``ftol``·cost, or changes
         every parameter by less than ``xtol``·(|θ| + xtol). Defaults: 1e-8 in float64, 1e-6 in
-        float32 (the float32 noise floor).
+        float32 (the float32 noise floor). A voxel also stops when a step's predicted gain is
+        below the cost's rounding floor 2·eps·Σ|r|·|d| (reason "ftol" when mildly damped, else
+        "stalled"): no step can then change its cost measurably in the working precision.
     lambda0 : float
         Initial damping (relative to the Jacobian's diagonal).
     batch_size : int, optional
