@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,117 @@ def _scalar(name: str, value: Any, unit: str) -> float:
 #: voxels per pass of :func:`recovery_start`'s grid search: its (v, 5, n_tau) float32 projections
 #: (≈1 MB) stay in cache; larger passes run from memory
 _START_CHUNK = 1024
+
+
+#: a shape basis h(s) and, when asked, its first two derivatives in s (each ``(M, V)``)
+ShapeFn = Callable[[torch.Tensor, bool], tuple[torch.Tensor, Any, Any]]
+
+
+@torch.no_grad()
+def polish_on_shape(
+    y: torch.Tensor,
+    shape: ShapeFn,
+    s: torch.Tensor,
+    *,
+    constant: bool,
+    max_step: float,
+    s_lo: float,
+    s_hi: float,
+    feasible: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    steps: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One safeguarded Newton step on the nonlinear parameter of y ≈ c + β·h(s) (variable
+    projection), for the starts of signals with one nonlinear parameter and linear amplitudes.
+
+    Parameters
+    ----------
+    y : (M, V) float64
+        Data, measurements along rows (contiguous voxel rows: reductions over M are row sums).
+    shape : callable
+        ``shape(s, derivatives)`` → h, h', h'' ``(M, V)`` (h' and h'' ``None`` without
+        derivatives), derivatives in s.
+    s : (V,) float64
+        The nonlinear parameter (e.g. log τ) from a grid or a linearised fit.
+    constant : bool
+        Whether the model has a free constant c (it is then projected out by centring); without
+        it c = 0.
+    max_step, s_lo, s_hi : float
+        The largest step in s (e.g. the grid spacing) and the range of s.
+    feasible : callable
+        ``feasible(c, beta)`` → ``(V,)`` bool: where the amplitudes are acceptable.
+    steps : int
+        Newton steps (one from a fine grid; two from a linearised fit, which can be further off).
+
+    Returns
+    -------
+    s, c, beta : (V,) each
+        The polished parameter and the least-squares amplitudes there.
+
+    With the amplitudes eliminated the cost is ‖y − c̄‖² − F(s), F = u²/w, u = h̃·y, w = h̃·h̃
+    (h̃ = h minus its mean when there is a constant, else h). F' = (2uu'w − u²w')/w² and
+    F'' = 2(u'² + uu'')/w − 4uu'w'/w² − u²w''/w² + 2u²w'²/w³. The step −F'/F'', bounded by
+    ``max_step``, is kept only where F'' < 0 (a maximum), F grew and the amplitudes stay
+    feasible; elsewhere ``s`` stays. From a grid point near the optimum one step reaches it to
+    float32 precision, so Levenberg–Marquardt's first iteration only confirms it.
+    """
+    M = y.shape[0]
+    sy = y.sum(0)
+    k = 1.0 / M if constant else 0.0  # weight of the mean terms (centring)
+
+    def projection(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        sh, shy, shh = h.sum(0), (h * y).sum(0), (h * h).sum(0)
+        return sh, shy - k * sh * sy, shh - k * sh * sh  # Σh, u, w
+
+    def amplitudes(sh, u, w):
+        beta = u / w
+        return k * (sy - beta * sh), beta
+
+    for _ in range(steps - 1):
+        s = polish_on_shape(
+            y,
+            shape,
+            s,
+            constant=constant,
+            max_step=max_step,
+            s_lo=s_lo,
+            s_hi=s_hi,
+            feasible=feasible,
+        )[0]
+    h, h1, h2 = shape(s, True)
+    sh, u, w = projection(h)
+    s1, s2 = h1.sum(0), h2.sum(0)
+    u1 = (h1 * y).sum(0) - k * s1 * sy
+    u2 = (h2 * y).sum(0) - k * s2 * sy
+    w1 = 2.0 * ((h1 * h).sum(0) - k * s1 * sh)
+    w2 = 2.0 * ((h2 * h).sum(0) - k * s2 * sh + (h1 * h1).sum(0) - k * s1 * s1)
+    ww = w * w
+    f1 = (2 * u * u1 * w - u * u * w1) / ww
+    f2 = 2 * (u1 * u1 + u * u2) / w - (4 * u * u1 * w1 + u * u * w2) / ww
+    f2 = f2 + 2 * u * u * w1 * w1 / (ww * w)
+    trial = (s - (f1 / f2).clamp(-max_step, max_step)).clamp(s_lo, s_hi)
+    sh_t, u_t, w_t = projection(shape(trial, False)[0])
+    c0, b0 = amplitudes(sh, u, w)
+    c1, b1 = amplitudes(sh_t, u_t, w_t)
+    better = (f2 < 0) & (u_t * u_t / w_t > u * u / w) & feasible(c1, b1)
+    return (
+        torch.where(better, trial, s),
+        torch.where(better, c1, c0),
+        torch.where(better, b1, b0),
+    )
+
+
+def _recovery_shape(ts: torch.Tensor) -> ShapeFn:
+    """h = exp(−t/τ) in s = log τ: h' = h·a, h'' = h'·(a − 1) with a = t/τ (``ts (M,)``)."""
+
+    def shape(s: torch.Tensor, derivatives: bool):
+        a = ts[:, None] * torch.exp(-s)[None, :]
+        h = torch.exp(-a)
+        if not derivatives:
+            return h, None, None
+        h1 = h * a
+        return h, h1, h1 * (a - 1.0)
+
+    return shape
 
 
 @torch.no_grad()
@@ -170,18 +281,24 @@ def recovery_start(
         best_k = best_k.masked_fill(better, j)
     pick = best_k[None]  # (1, V)
     log_tau = logs[g.reshape(K, V).gather(0, pick)[0]] + offset.gather(0, pick)[0] * step
-    tau = torch.exp(log_tau.clamp(log_lo, log_hi))
-    # (A, B) in closed form for the chosen candidate at the refined τ (sums over the M samples
-    # as sums of contiguous rows)
+    log_tau = log_tau.clamp(log_lo, log_hi)
     half64 = torch.arange(M, dtype=torch.float64, device=dT.device) + 0.5
     y = torch.sign(half64[:, None] - k.gather(0, pick).to(torch.float64)).mul_(dT)  # (M, V)
-    e = torch.exp(-ts[:, None] / tau[None, :])  # (M, V)
-    se, see, sey = e.sum(0), (e * e).sum(0), (e * y).sum(0)
-    sy = ybar.gather(0, pick)[0] * M
-    det = (M * see - se * se).clamp_min(1e-12)
-    a = (see * sy - se * sey) / det
-    b = (se * sy - M * sey) / det
+    # (A, B) in closed form for the chosen candidate (y ≈ A − B·e), at τ polished by one Newton
+    # step on the projected cost
+    log_tau, a, b = polish_on_shape(
+        y,
+        _recovery_shape(ts),
+        log_tau,
+        constant=True,
+        max_step=step,
+        s_lo=log_lo,
+        s_hi=log_hi,
+        feasible=lambda c, beta: (c > 0) & (beta < 0),
+    )
+    b = -b
     fail = ~torch.isfinite(best_c) | (a <= 0) | (b <= 0)
+    tau = log_tau.exp()
     a, b, tau = (torch.where(fail, torch.full_like(a, float("nan")), x) for x in (a, b, tau))
     return a.to(data.dtype), b.to(data.dtype), tau.to(data.dtype)
 
@@ -512,7 +629,43 @@ class VfaT1(Model):
         t1 = (-self.tr / torch.log(e1)).clamp(1.0, 10000.0)
         m0 = intercept / (1 - e1)
         bad = ~torch.isfinite(m0) | (m0 <= 0)
-        return {"M0": torch.where(bad, torch.full_like(m0, float("nan")), m0), "T1": t1}
+        # the linearised (DESPOT1) fit weights the samples unevenly; one Newton step on the
+        # least-squares cost in log T1 moves it to the optimum LM would reach
+        log_t1, _, m0_ls = polish_on_shape(
+            data.T.to(torch.float64),
+            self._log_t1_shape(a.T.to(torch.float64)),
+            torch.log(t1).to(torch.float64),
+            constant=False,
+            max_step=0.5,
+            s_lo=0.0,
+            s_hi=math.log(10000.0),
+            feasible=lambda c, beta: beta > 0,
+            steps=2,
+        )
+        m0 = torch.where(bad, float("nan"), m0_ls.to(data.dtype))
+        return {"M0": m0, "T1": log_t1.exp().to(data.dtype)}
+
+    def _log_t1_shape(self, angles: torch.Tensor) -> Callable:
+        """h = sin α·(1 − E1)/(1 − cos α·E1) and its derivatives in s = log T1, for
+        :func:`polish_on_shape`; ``angles (M, V)`` or ``(M, 1)`` in radians (B1 applied).
+
+        With E1 = exp(−b), b = TR/T1: dE1/ds = E1·b, d²E1/ds² = E1·b·(b − 1); dh/dE1 =
+        sin α·(cos α − 1)/D², d²h/dE1² = 2·cos α·(dh/dE1)/D, D = 1 − cos α·E1."""
+        sin_a, cos_a, tr = torch.sin(angles), torch.cos(angles), self.tr
+
+        def shape(s: torch.Tensor, derivatives: bool):
+            b = tr * torch.exp(-s)  # (V,)
+            e1 = torch.exp(-b)
+            den = 1.0 - cos_a * e1
+            h = sin_a * (1.0 - e1) / den
+            if not derivatives:
+                return h, None, None
+            dh = sin_a * (cos_a - 1.0) / (den * den)
+            d2h = 2.0 * cos_a * dh / den
+            e1s = e1 * b
+            return h, dh * e1s, d2h * e1s * e1s + dh * (e1s * (b - 1.0))
+
+        return shape
 
 
 _DECAY_KINDS = {
@@ -654,6 +807,23 @@ class MonoExp(Model):
         rate = (-slope).clamp_min(1e-6)  # 1/ms
         s0 = torch.exp(ym + rate * tm)
         lo, hi = self.parameter(self._pname).lower, self.parameter(self._pname).upper
+        if not self.offset:
+            # the log-linear fit is not the least-squares one: one Newton step on the
+            # least-squares cost in log T2 moves it to the optimum LM would reach
+            lo_ms, hi_ms = (1000.0 / hi, 1000.0 / lo) if self._is_rate else (lo, hi)
+            log_t2, _, s0_ls = polish_on_shape(
+                (data.abs() if data.is_complex() else data).T.to(torch.float64),
+                _recovery_shape(self.te.to(torch.float64)),
+                (-torch.log(rate)).to(torch.float64).clamp(math.log(lo_ms), math.log(hi_ms)),
+                constant=False,
+                max_step=0.5,
+                s_lo=math.log(lo_ms),
+                s_hi=math.log(hi_ms),
+                feasible=lambda c, beta: beta > 0,
+                steps=2,
+            )
+            rate = torch.exp(-log_t2).to(data.dtype)
+            s0 = torch.where(torch.isfinite(s0), s0_ls.to(data.dtype), s0)
         val = (rate * 1000.0) if self._is_rate else 1.0 / rate
         out = {"S0": s0, self._pname: val.clamp(lo, hi)}
         if self.offset:
