@@ -451,17 +451,27 @@ def _lm_chunk(
         done = conv_f | conv_x | conv_e | stalled
         keep = ~done
         refresh = accept & keep  # moved and still iterating: new Jacobian needed
-        if fused:
+        # one host sync per iteration, as the loop's exit test needs one
+        n_done, n_refresh = torch.stack([done.sum(), refresh.sum()]).tolist()
+        if fused and 2 * n_refresh > refresh.numel():
             H_t, g_t = _normal_equations(r_t, cols_t)
             H = torch.where(refresh, H_t, H)
             g = torch.where(refresh, g_t, g)
-        elif bool(refresh.any()):
+        elif n_refresh:
+            # few voxels move on (typically after the first iteration from a polished start):
+            # their normal equations only
             rpos = torch.nonzero(refresh).reshape(-1)
-            r_new, J_new = residual_and_jacobian(sub, th.index_select(1, rpos).T, rpos, jacobian)
-            H_new, g_new = _normal_equations(r_new, [c.contiguous() for c in J_new.unbind(-1)])
+            if fused:
+                r_new = r_t.index_select(0, rpos)
+                cols_new = [c.index_select(0, rpos) for c in cols_t]
+            else:
+                r_new, J_new = residual_and_jacobian(
+                    sub, th.index_select(1, rpos).T, rpos, jacobian
+                )
+                cols_new = [c.contiguous() for c in J_new.unbind(-1)]
+            H_new, g_new = _normal_equations(r_new, cols_new)
             H = H.index_copy(1, rpos, H_new)
             g = g.index_copy(1, rpos, g_new)
-        n_done = int(done.sum())  # a host sync per iteration, as the loop's exit test needs one
         if n_done:
             # the code of a finished voxel, by precedence exact > ftol > xtol > stalled
             code = torch.zeros_like(status[:1]).expand(act.numel()).clone()

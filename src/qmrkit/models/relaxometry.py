@@ -62,7 +62,7 @@ def _scalar(name: str, value: Any, unit: str) -> float:
 # -------------------------------------------------------------------------------------------------
 #: voxels per pass of :func:`recovery_start`'s grid search: its (v, 5, n_tau) float32 projections
 #: (≈1 MB) stay in cache; larger passes run from memory
-_START_CHUNK = 1024
+_START_CHUNK = 2048
 
 
 #: a shape basis h(s) and, when asked, its first two derivatives in s (each ``(M, V)``)
