@@ -414,6 +414,30 @@ def _lm_chunk(
         # the voxel is far from converged, so it must not count as "nothing left to gain"
         clipped = (trial != raw).any(dim=0)
         step = (trial - th).double()
+        # predicted gain −(s·g + ½ sᵀHs), as sums over the parameter rows
+        quad = (H * twice * (step.index_select(0, rows_i) * step.index_select(0, rows_j))).sum(0)
+        predicted = -((step * g).sum(0) + 0.5 * quad)
+        # converged before the trial point is evaluated: (mildly damped, not cut by the box) the
+        # quadratic model predicts a gain below ftol·cost. Such a voxel ends at the trial point
+        # without evaluating it — the last Gauss–Newton step near a minimum, whose gain is below
+        # the tolerance either way — so from a polished start almost every voxel costs no
+        # second model evaluation.
+        mild = ok & ~clipped & (lam <= 1.0)
+        settled = mild & (predicted <= ftol * cost)
+        n_settled = int(settled.sum())
+        if n_settled:
+            th = torch.where(settled, trial, th)
+            retire(torch.nonzero(settled).reshape(-1), 1)
+            going = torch.nonzero(~settled).reshape(-1)
+            compact(going)
+            trial, step, predicted, ok, clipped, mild = (
+                x.index_select(-1, going) for x in (trial, step, predicted, ok, clipped, mild)
+            )
+            if track:
+                bar.update(n_settled)
+            if act.numel() == 0:
+                history.append(done_cost + cost.sum())
+                break
         if fused:
             r_t, cols_t = _residual_and_columns(sub, trial, jacobian)
         else:
@@ -421,15 +445,10 @@ def _lm_chunk(
                 r_t = sub.residual(trial.T)
         r64 = r_t.double()
         cost_t = 0.5 * ((r64 * r64) @ ones_m)
-        # predicted gain −(s·g + ½ sᵀHs), as sums over the parameter rows
-        quad = (H * twice * (step.index_select(0, rows_i) * step.index_select(0, rows_j))).sum(0)
-        predicted = -((step * g).sum(0) + 0.5 * quad)
         actual = cost - cost_t
         accept = ok & torch.isfinite(cost_t) & (actual > 0)
         rho = actual / predicted.clamp_min(1e-300)
-        conv_f = (accept & (actual <= ftol * cost)) | (
-            ok & ~clipped & (lam <= 1.0) & (predicted <= torch.maximum(ftol * cost, floor))
-        )
+        conv_f = (accept & (actual <= ftol * cost)) | (mild & (predicted <= floor))
         conv_x = accept & (step.abs() <= xtol * (th.double().abs() + xtol)).all(dim=0)
         # Nielsen's damping update
         lam = torch.where(
@@ -437,9 +456,7 @@ def _lm_chunk(
         )
         nu = torch.where(accept, 2.0, nu * 2)
 
-        # converged: an accepted step gained little, or (mildly damped) the quadratic model
-        # predicts no gain worth having, which also ends float32 voxels at their noise floor.
-        # Stalled: rejected, and even the (heavily) damped step predicts no gain above the
+        # converged: an accepted step gained little. Stalled: rejected, and even the (heavily) damped step predicts no gain above the
         # rounding floor: larger damping only shortens the step, so nothing measurable is left
         # (without this the voxel would be rejected ~10 more times until λ > 1e16)
         conv_e = accept & (cost_t <= 1e-30)
