@@ -332,7 +332,10 @@ def make_problem(
         )
     dv = flat[index]
     mags = dv.abs().reshape(-1)
-    stride = max(1, mags.numel() // 1_000_000)  # quantile of a strided subsample: cheap, robust
+    # the 99th percentile of a strided subsample of at most ~65k values: robust and cheap (a
+    # selection over all 131k values of a 128² × 8 series took 1 ms, a quarter of a warm fit's
+    # overhead outside the solver)
+    stride = max(1, mags.numel() // 65_536)
     scale = _quantile(mags[::stride].to(torch.float64), 0.99)
     if not scale > 0:
         scale = float(dv.abs().max())
