@@ -4,7 +4,14 @@
 from .diffusion import DKI, DTI
 from .myelin import McrMwi, ThreePoolGRE, train_mcr_mwi_surrogate
 from .registry import available, get
-from .relaxometry import InversionRecovery, MolliT1, MonoExp, VfaT1, recovery_start
+from .relaxometry import (
+    InversionRecovery,
+    MolliT1,
+    MonoExp,
+    VfaT1,
+    polish_on_shape,
+    recovery_start,
+)
 
 __all__ = [
     "DTI",
@@ -13,6 +20,7 @@ __all__ = [
     "InversionRecovery",
     "VfaT1",
     "MonoExp",
+    "polish_on_shape",
     "recovery_start",
     "ThreePoolGRE",
     "McrMwi",
