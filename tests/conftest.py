@@ -51,6 +51,16 @@ def device(request):
 
 
 @pytest.fixture(autouse=True)
+def _one_thread_per_worker():
+    """Under xdist, every test starts with one torch thread: code run in-process that applies the
+    process policy (the README's ``qmrkit.configure_process()``, the CLI's entry) sets the
+    machine's CPU count, which would otherwise last for the rest of the worker."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _library_logging():
     """Start every test with the ``qmrkit`` logger as a library leaves it (no handler, level
     unset, records propagating to the root, where ``caplog`` listens). The CLI run in-process

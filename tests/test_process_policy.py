@@ -70,3 +70,24 @@ def test_keep_heap_respects_the_opt_out():
     env = {**os.environ, "PYTHONPATH": SRC, "MALLOC_TRIM_THRESHOLD_": "1000000"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False"
+
+
+def test_public_configure_process_applies_the_policy_before_torch():
+    # qmrkit.configure_process is the opt-in for scripts and notebooks: threads, the OpenMP wait
+    # policy (set before torch starts its OpenMP runtime) and, on glibc, the heap rule
+    code = (
+        "import json, os, qmrkit; n = qmrkit.configure_process(1); import torch; "
+        "from qmrkit import _threads; print(json.dumps([n, os.environ['OMP_WAIT_POLICY'], "
+        "os.environ['OMP_NUM_THREADS'], torch.get_num_threads(), _threads._HEAP_DONE]))"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC}
+    for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "QMRKIT_NUM_THREADS", "QMRKIT_MALLOC"):
+        env.pop(k, None)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    n, wait, omp, torch_threads, heap = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (n, wait, omp, torch_threads) == (1, "PASSIVE", "1", 1)
+    assert heap is sys.platform.startswith("linux")
