@@ -456,9 +456,11 @@ def _lm_chunk(
         )
         nu = torch.where(accept, 2.0, nu * 2)
 
-        # converged: an accepted step gained little. Stalled: rejected, and even the (heavily) damped step predicts no gain above the
-        # rounding floor: larger damping only shortens the step, so nothing measurable is left
-        # (without this the voxel would be rejected ~10 more times until λ > 1e16)
+        # converged: an accepted step gained little, or (mildly damped) the step predicted no gain
+        # above the cost's rounding floor, which ends float32 voxels at their noise floor.
+        # Stalled: rejected, and even the (heavily) damped step predicts no gain above the floor:
+        # larger damping only shortens the step, so nothing measurable is left (without this the
+        # voxel would be rejected ~10 more times until λ > 1e16)
         conv_e = accept & (cost_t <= 1e-30)
         stalled = ~accept & ((lam > 1e16) | (ok & ~clipped & (predicted <= floor)))
         th = torch.where(accept, trial, th)
@@ -468,7 +470,8 @@ def _lm_chunk(
         done = conv_f | conv_x | conv_e | stalled
         keep = ~done
         refresh = accept & keep  # moved and still iterating: new Jacobian needed
-        # one host sync per iteration, as the loop's exit test needs one
+        # the iteration's second host sync (the first counted the settled voxels); the loop's
+        # exit test needs one anyway
         n_done, n_refresh = torch.stack([done.sum(), refresh.sum()]).tolist()
         if fused and 2 * n_refresh > refresh.numel():
             H_t, g_t = _normal_equations(r_t, cols_t)
@@ -597,7 +600,9 @@ def lm(
         every parameter by less than ``xtol``·(|θ| + xtol). Defaults: 1e-8 in float64, 1e-6 in
         float32 (the float32 noise floor). A voxel also stops when a step's predicted gain is
         below the cost's rounding floor 2·eps·Σ|r|·|d| (reason "ftol" when mildly damped, else
-        "stalled"): no step can then change its cost measurably in the working precision.
+        "stalled"): no step can then change its cost measurably in the working precision. A
+        step whose predicted gain is below ``ftol``·cost (mildly damped, inside the bounds) is
+        taken without evaluating its cost, and ends the voxel.
     lambda0 : float
         Initial damping (relative to the Jacobian's diagonal).
     batch_size : int, optional
