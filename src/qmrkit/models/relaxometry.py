@@ -189,7 +189,8 @@ def recovery_start(
     TIs straddle it. For every candidate and every τ on a log grid, (A, B) follow by linear least
     squares in closed form; the combination with the smallest residual (refined between grid
     points by a parabola in log τ) wins. This resolves the magnitude sign ambiguity without
-    iterating; LM refines from there.
+    iterating. One Newton step on the winner's projected cost (:func:`polish_on_shape`) then
+    takes τ to its least-squares optimum, so LM's first iteration usually only confirms it.
 
     How the grid search stays cheap: with q_τ the unit vector along the centred decay
     e_τ − mean(e_τ), the least-squares residual of y ≈ A − B·e_τ is
